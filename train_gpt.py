@@ -227,6 +227,51 @@ def parse_args(argv):
     return Config(**values)
 
 # ------------------------------------------------------------------------------------------------
+# Kernels: fused Triton kernels for CUDA and their plain torch twins (the CPU path and reference)
+# ------------------------------------------------------------------------------------------------
+
+
+class TorchOps:
+    """Plain torch versions of every fused op; the reference the Triton kernels are tested against."""
+
+    name = "torch"
+
+    @staticmethod
+    def sym_mm(a):
+        """a @ a^T for a batch of matrices [..., m, n] -> [..., m, m]."""
+        return a @ a.mT
+
+    @staticmethod
+    def sym_axpby(a, b, c):
+        """b * a + c * (a @ a^T) for symmetric square a [..., m, m]."""
+        return b * a + c * (a @ a.mT)
+
+    @staticmethod
+    def linear_relu2(x, w):
+        """relu(x @ w^T)^2, the MLP up projection and its activation."""
+        return F.relu(F.linear(x, w)).square()
+
+    @staticmethod
+    def softcap_mtp_ce(logits, targets, weights, cap, temp):
+        """Per-token multi-token cross-entropy of softcapped logits.
+
+        logits [N, V] (raw z), targets [N] (next tokens); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}])
+        over the k with i + k < N, where l = cap * sigmoid(z / temp) (l = z when cap is 0).
+        """
+        z = logits.float()
+        l = cap * torch.sigmoid(z / temp) if cap > 0 else z
+        lse = torch.logsumexp(l, dim=-1)
+        n = targets.numel()
+        loss = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        for k, w in enumerate(weights):
+            if w == 0 or k >= n:
+                continue
+            picked = l[: n - k].gather(1, targets[k:, None]).squeeze(1)
+            loss = loss + F.pad(w * (lse[: n - k] - picked), (0, k))
+        return loss
+
+
+# ------------------------------------------------------------------------------------------------
 # Data: shards, the BOS-aligned training loader, the validation loader
 # ------------------------------------------------------------------------------------------------
 
