@@ -25,6 +25,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: TritonOps is then unusable, TorchOps still works
+    triton = None
+
 # ------------------------------------------------------------------------------------------------
 # Configuration and presets
 # ------------------------------------------------------------------------------------------------
@@ -269,6 +275,277 @@ class TorchOps:
             picked = l[: n - k].gather(1, targets[k:, None]).squeeze(1)
             loss = loss + F.pad(w * (lse[: n - k] - picked), (0, k))
         return loss
+
+
+# Launch shapes, chosen so every kernel assembles for sm_90a without register spills
+# (tests/aot_sm90.py checks registers, spills, shared memory and wgmma at the record's shapes).
+SYM_BLOCK = 128  # output tile of the symmetric products (square, so it can be mirrored)
+SYM_BLOCK_K = 64
+SYM_WARPS = 8
+SYM_STAGES = 3
+MM_BLOCK_M = 128
+MM_BLOCK_N = 128
+MM_BLOCK_K = 64
+MM_GROUP_M = 8  # row tiles swept together so their weight tiles stay in L2
+MM_WARPS = 8
+MM_STAGES = 4
+CE_BLOCK_V = 2048  # vocabulary columns per step of the per-row pass
+CE_WARPS = 8
+CE_MAX_WEIGHTS = 3  # multi-token-prediction weights the CE kernels take
+
+# FP8 lm_head scales: a tensor is divided by its scale before the cast, so scale = the largest
+# magnitude expected / the largest finite value of the format (448 for e4m3, 57344 for e5m2).
+FP8_X_SCALE = 768**0.5 / 448  # RMS-normed rows of width 768 have no entry above sqrt(768)
+FP8_W_SCALE = 1.0 / 448  # head weights start at std 0.005 and stay well inside +-1
+FP8_GRAD_SCALE = 2.0**-24 * 57344 / 448  # logit gradients are O(1/tokens per step)
+
+
+class _FP8Linear(torch.autograd.Function):
+    """x @ w^T with both operands cast to e4m3 and the output gradient to e5m2 (torch._scaled_mm)."""
+
+    @staticmethod
+    def forward(ctx, x, w, x_scale, w_scale, grad_scale):
+        shape = x.shape
+        x_f8 = (x.reshape(-1, shape[-1]) / x_scale).to(torch.float8_e4m3fn)
+        w_f8 = (w / w_scale).to(torch.float8_e4m3fn)
+        xs, ws = (torch.tensor(s, dtype=torch.float32, device=x.device) for s in (x_scale, w_scale))
+        # _scaled_mm wants its first operand row-major and its second column-major: w_f8.T is.
+        out = torch._scaled_mm(x_f8, w_f8.T, scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, use_fast_accum=True)
+        ctx.save_for_backward(x_f8, w_f8, xs, ws)
+        ctx.grad_scale, ctx.shape, ctx.w_dtype = grad_scale, shape, w.dtype
+        return out.reshape(*shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x_f8, w_f8, xs, ws = ctx.saved_tensors
+        gs = torch.tensor(ctx.grad_scale, dtype=torch.float32, device=grad.device)
+        g_f8 = (grad.reshape(-1, grad.shape[-1]) / ctx.grad_scale).to(torch.float8_e5m2)
+        grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
+        grad_w = torch._scaled_mm(g_f8.T.contiguous(), x_f8.T.contiguous().T, scale_a=gs, scale_b=xs, out_dtype=torch.float32)
+        return grad_x.reshape(ctx.shape), grad_w.to(ctx.w_dtype), None, None, None
+
+
+def fp8_linear(x, w, x_scale=FP8_X_SCALE, w_scale=FP8_W_SCALE, grad_scale=FP8_GRAD_SCALE):
+    """The lm_head matmul in FP8 (bf16 output): half the bytes and twice the tensor-core rate of bf16."""
+    return _FP8Linear.apply(x, w, x_scale, w_scale, grad_scale)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sym_mm_kernel(a_ptr, out_ptr, m, n, s_ab, s_am, s_an, s_ob, s_om, s_on, alpha, beta,
+                       AXPBY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Tile (i, j), j <= i, of a @ a^T (or alpha * a + beta * a @ a^T), stored at (i, j) and (j, i).
+
+        The product is symmetric, so tiles above the diagonal are never computed: about half the FLOPs.
+        """
+        pid_i, pid_j = tl.program_id(0), tl.program_id(1)
+        if pid_j > pid_i:
+            return
+        a_ptr += tl.program_id(2).to(tl.int64) * s_ab
+        out_ptr += tl.program_id(2).to(tl.int64) * s_ob
+        rows = pid_i * BLOCK + tl.arange(0, BLOCK)
+        cols = pid_j * BLOCK + tl.arange(0, BLOCK)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k0 in range(0, n, BLOCK_K):
+            k = k0 + ks
+            a_i = tl.load(a_ptr + rows[:, None] * s_am + k[None, :] * s_an, mask=(rows[:, None] < m) & (k[None, :] < n), other=0.0)
+            a_jt = tl.load(a_ptr + k[:, None] * s_an + cols[None, :] * s_am, mask=(k[:, None] < n) & (cols[None, :] < m), other=0.0)
+            acc = tl.dot(a_i, a_jt, acc)
+        if AXPBY:  # a is square and symmetric here, so the (j, i) tile of a is the transpose of this one
+            a_ij = tl.load(a_ptr + rows[:, None] * s_am + cols[None, :] * s_an, mask=(rows[:, None] < m) & (cols[None, :] < m), other=0.0)
+            acc = alpha * a_ij.to(tl.float32) + beta * acc
+        tile = acc.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, tile, mask=(rows[:, None] < m) & (cols[None, :] < m))
+        if pid_i != pid_j:
+            tl.store(out_ptr + cols[:, None] * s_om + rows[None, :] * s_on, tl.trans(tile), mask=(cols[:, None] < m) & (rows[None, :] < m))
+
+    @triton.jit
+    def _linear_relu2_kernel(x_ptr, w_ptr, out_ptr, M, N, K, s_xm, s_xk, s_wn, s_wk, s_om, s_on,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """One [BLOCK_M, BLOCK_N] tile of relu(x @ w^T)^2: the activation is applied before the store."""
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        group_rows = min(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % group_rows
+        pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + ks
+            x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :] * s_xk, mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
+            wt = tl.load(w_ptr + k[:, None] * s_wk + cols[None, :] * s_wn, mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
+            acc = tl.dot(x, wt, acc)
+        acc = tl.maximum(acc, 0.0)
+        out = (acc * acc).to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
+
+    @triton.jit
+    def _softcap(z, cap, inv_temp, SOFTCAP: tl.constexpr):
+        """cap * sigmoid(z / temp) in fp32, or z itself when the softcap is off."""
+        if SOFTCAP:
+            return cap * tl.sigmoid(z * inv_temp)
+        return z
+
+    @triton.jit
+    def _mtp_target(t_ptr, row, k: tl.constexpr, n_rows, weight):
+        """Target t_{row+k} and its weight; weight 0 (and target 0) past the end of the batch."""
+        valid = row + k < n_rows
+        target = tl.load(t_ptr + row + k, mask=valid, other=0)
+        return target, tl.where(valid, weight, 0.0)
+
+    @triton.jit
+    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, loss_ptr, lse_ptr, n_rows, vocab, s_z, w0, w1, w2, cap, inv_temp,
+                               SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+        """Loss of one row: an online logsumexp over vocabulary blocks, then the weighted target logits."""
+        row = tl.program_id(0)
+        z_row = z_ptr + row.to(tl.int64) * s_z
+        run_max = -float("inf")
+        run_sum = 0.0
+        for v0 in range(0, vocab, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            z = tl.load(z_row + cols, mask=cols < vocab, other=0.0).to(tl.float32)
+            l = tl.where(cols < vocab, _softcap(z, cap, inv_temp, SOFTCAP), -float("inf"))
+            new_max = tl.maximum(run_max, tl.max(l, axis=0))
+            run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(l - new_max), axis=0)
+            run_max = new_max
+        lse = run_max + tl.log(run_sum)
+        weights = (w0, w1, w2)
+        loss = 0.0
+        for k in tl.static_range(3):
+            target, weight = _mtp_target(t_ptr, row, k, n_rows, weights[k])
+            picked = _softcap(tl.load(z_row + target).to(tl.float32), cap, inv_temp, SOFTCAP)
+            loss += weight * (lse - picked)
+        tl.store(lse_ptr + row, lse)
+        tl.store(loss_ptr + row, loss)
+
+    @triton.jit
+    def _softcap_ce_bwd_kernel(z_ptr, t_ptr, lse_ptr, grad_ptr, dz_ptr, n_rows, vocab, s_z, s_dz, w0, w1, w2, cap, inv_temp,
+                               SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+        """dloss/dz of one row in one pass: sum_k w_k (softmax - onehot(t_{i+k})) * grad, through the softcap."""
+        row = tl.program_id(0)
+        z_row = z_ptr + row.to(tl.int64) * s_z
+        dz_row = dz_ptr + row.to(tl.int64) * s_dz
+        lse = tl.load(lse_ptr + row)
+        grad = tl.load(grad_ptr + row)
+        weights = (w0, w1, w2)
+        total = 0.0
+        for k in tl.static_range(3):
+            total += _mtp_target(t_ptr, row, k, n_rows, weights[k])[1]
+        for v0 in range(0, vocab, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            z = tl.load(z_row + cols, mask=cols < vocab, other=0.0).to(tl.float32)
+            l = _softcap(z, cap, inv_temp, SOFTCAP)
+            dl = total * tl.exp(l - lse)
+            for k in tl.static_range(3):
+                target, weight = _mtp_target(t_ptr, row, k, n_rows, weights[k])
+                dl -= tl.where(cols == target, weight, 0.0)
+            if SOFTCAP:  # dl/dz = cap / temp * s (1 - s) with s = l / cap
+                s = l / cap
+                dl *= cap * inv_temp * s * (1.0 - s)
+            tl.store(dz_row + cols, (dl * grad).to(dz_ptr.dtype.element_ty), mask=cols < vocab)
+
+
+def _sym_product(a, alpha, beta, axpby):
+    """a @ a^T (or alpha * a + beta * a @ a^T) for a [..., m, n] with the one-triangle kernel."""
+    m, n = a.shape[-2:]
+    stack = a.reshape(-1, m, n)
+    out = torch.empty(stack.shape[0], m, m, dtype=a.dtype, device=a.device)
+    tiles = triton.cdiv(m, SYM_BLOCK)
+    _sym_mm_kernel[(tiles, tiles, stack.shape[0])](
+        stack, out, m, n, *stack.stride(), *out.stride(), float(alpha), float(beta),
+        AXPBY=axpby, BLOCK=SYM_BLOCK, BLOCK_K=SYM_BLOCK_K, num_warps=SYM_WARPS, num_stages=SYM_STAGES)
+    return out.reshape(*a.shape[:-2], m, m)
+
+
+class _LinearReLU2(torch.autograd.Function):
+    """relu(x @ w^T)^2 from one Triton matmul; backward uses two torch (cuBLAS) matmuls.
+
+    Only the output is saved: it is the next layer's input, so autograd keeps it anyway, and
+    relu(pre) = sqrt(out) gives back what the derivative 2 * relu(pre) needs.
+    """
+
+    @staticmethod
+    def forward(ctx, x, w):
+        rows = x.reshape(-1, x.shape[-1])
+        wx = w.to(x.dtype)
+        out = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+        M, K = rows.shape
+        N = w.shape[0]
+        grid = (triton.cdiv(M, MM_BLOCK_M) * triton.cdiv(N, MM_BLOCK_N),)
+        _linear_relu2_kernel[grid](
+            rows, wx, out, M, N, K, *rows.stride(), *wx.stride(), *out.stride(),
+            BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, GROUP_M=MM_GROUP_M,
+            num_warps=MM_WARPS, num_stages=MM_STAGES)
+        out = out.reshape(*x.shape[:-1], N)
+        ctx.save_for_backward(x, w, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w, out = ctx.saved_tensors
+        dpre = 2 * grad * out.sqrt()
+        grad_x = dpre @ w.to(dpre.dtype)
+        grad_w = dpre.reshape(-1, w.shape[0]).mT @ x.reshape(-1, x.shape[-1])
+        return grad_x, grad_w.to(w.dtype)
+
+
+class _SoftcapMTPCrossEntropy(torch.autograd.Function):
+    """Per-token softcapped multi-token CE; each direction is one pass over the vocabulary per row.
+
+    Saves the logits (as given, bf16 on GPU) and the fp32 logsumexp per row, never fp32 logits.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, weights, cap, temp):
+        if len(weights) > CE_MAX_WEIGHTS:
+            raise ValueError(f"softcap_mtp_ce takes at most {CE_MAX_WEIGHTS} weights, got {len(weights)}")
+        z, targets = logits.contiguous(), targets.contiguous()
+        n, vocab = z.shape
+        scalars = (*(float(w) for w in weights), *(0.0,) * (CE_MAX_WEIGHTS - len(weights)), float(cap), 1.0 / temp if cap > 0 else 1.0)
+        loss = torch.empty(n, dtype=torch.float32, device=z.device)
+        lse = torch.empty(n, dtype=torch.float32, device=z.device)
+        _softcap_ce_fwd_kernel[(n,)](z, targets, loss, lse, n, vocab, z.stride(0), *scalars,
+                                     SOFTCAP=cap > 0, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
+        ctx.save_for_backward(z, targets, lse)
+        ctx.scalars, ctx.softcap = scalars, cap > 0
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        z, targets, lse = ctx.saved_tensors
+        n, vocab = z.shape
+        dz = torch.empty_like(z)
+        _softcap_ce_bwd_kernel[(n,)](z, targets, lse, grad.contiguous(), dz, n, vocab, z.stride(0), dz.stride(0),
+                                     *ctx.scalars, SOFTCAP=ctx.softcap, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
+        return dz, None, None, None, None
+
+
+class TritonOps(TorchOps):
+    """The fused Triton kernels behind TorchOps' signatures (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
+
+    name = "triton"
+
+    @staticmethod
+    def sym_mm(a):
+        return _sym_product(a, 0.0, 1.0, axpby=False)
+
+    @staticmethod
+    def sym_axpby(a, b, c):
+        return _sym_product(a, b, c, axpby=True)
+
+    @staticmethod
+    def linear_relu2(x, w):
+        return _LinearReLU2.apply(x, w)
+
+    @staticmethod
+    def softcap_mtp_ce(logits, targets, weights, cap, temp):
+        return _SoftcapMTPCrossEntropy.apply(logits, targets, tuple(weights), cap, temp)
 
 
 # ------------------------------------------------------------------------------------------------
