@@ -284,20 +284,29 @@ SYM_BLOCK_K = 64
 SYM_WARPS = 8
 SYM_STAGES = 3
 MM_BLOCK_M = 128
-MM_BLOCK_N = 128
+MM_BLOCK_N = 256
 MM_BLOCK_K = 64
 MM_GROUP_M = 8  # row tiles swept together so their weight tiles stay in L2
 MM_WARPS = 8
-MM_STAGES = 4
+MM_STAGES = 3
 CE_BLOCK_V = 2048  # vocabulary columns per step of the per-row pass
 CE_WARPS = 8
 CE_MAX_WEIGHTS = 3  # multi-token-prediction weights the CE kernels take
 
 # FP8 lm_head scales: a tensor is divided by its scale before the cast, so scale = the largest
 # magnitude expected / the largest finite value of the format (448 for e4m3, 57344 for e5m2).
-FP8_X_SCALE = 768**0.5 / 448  # RMS-normed rows of width 768 have no entry above sqrt(768)
-FP8_W_SCALE = 1.0 / 448  # head weights start at std 0.005 and stay well inside +-1
-FP8_GRAD_SCALE = 2.0**-24 * 57344 / 448  # logit gradients are O(1/tokens per step)
+FP8_X_SCALE = 768**0.5 / 448  # an RMS-normed row of width 768 has no entry above sqrt(768)
+FP8_W_SCALE = 1.0 / 448  # |w| up to 1 (200 init stds of 0.005) is representable; beyond saturates
+# |dloss/dz| <= sum(w_k) / tokens <= 1.75 / 16384 for a loss averaged over a rank's smallest record
+# batch; 2^-28 maps that to about 2^14.8 (e5m2 max 2^15.8) and keeps typical entries ~1/(tokens*vocab)
+# far above e5m2's smallest normal.
+FP8_GRAD_SCALE = 2.0**-28
+
+
+def _to_fp8(t, scale, dtype):
+    """t / scale as `dtype`, saturating: out-of-range values would otherwise become NaN or inf."""
+    limit = torch.finfo(dtype).max
+    return (t / scale).clamp(-limit, limit).to(dtype)
 
 
 class _FP8Linear(torch.autograd.Function):
@@ -306,23 +315,23 @@ class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, x_scale, w_scale, grad_scale):
         shape = x.shape
-        x_f8 = (x.reshape(-1, shape[-1]) / x_scale).to(torch.float8_e4m3fn)
-        w_f8 = (w / w_scale).to(torch.float8_e4m3fn)
+        x_f8 = _to_fp8(x.reshape(-1, shape[-1]), x_scale, torch.float8_e4m3fn)
+        w_f8 = _to_fp8(w, w_scale, torch.float8_e4m3fn)
         xs, ws = (torch.tensor(s, dtype=torch.float32, device=x.device) for s in (x_scale, w_scale))
         # _scaled_mm wants its first operand row-major and its second column-major: w_f8.T is.
         out = torch._scaled_mm(x_f8, w_f8.T, scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, use_fast_accum=True)
         ctx.save_for_backward(x_f8, w_f8, xs, ws)
-        ctx.grad_scale, ctx.shape, ctx.w_dtype = grad_scale, shape, w.dtype
+        ctx.grad_scale, ctx.shape, ctx.dtypes = grad_scale, shape, (x.dtype, w.dtype)
         return out.reshape(*shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
         x_f8, w_f8, xs, ws = ctx.saved_tensors
         gs = torch.tensor(ctx.grad_scale, dtype=torch.float32, device=grad.device)
-        g_f8 = (grad.reshape(-1, grad.shape[-1]) / ctx.grad_scale).to(torch.float8_e5m2)
+        g_f8 = _to_fp8(grad.reshape(-1, grad.shape[-1]), ctx.grad_scale, torch.float8_e5m2)
         grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
         grad_w = torch._scaled_mm(g_f8.T.contiguous(), x_f8.T.contiguous().T, scale_a=gs, scale_b=xs, out_dtype=torch.float32)
-        return grad_x.reshape(ctx.shape), grad_w.to(ctx.w_dtype), None, None, None
+        return grad_x.reshape(ctx.shape).to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
 
 
 def fp8_linear(x, w, x_scale=FP8_X_SCALE, w_scale=FP8_W_SCALE, grad_scale=FP8_GRAD_SCALE):

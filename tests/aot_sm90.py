@@ -1,0 +1,104 @@
+"""Compile every Triton kernel of train_gpt.py for H100 (sm_90) without a GPU and report its figures.
+
+Run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled). Prints one JSON object:
+kernel -> registers, spill stores/loads (from the wheel's ptxas), shared memory bytes, wgmma used.
+"""
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import triton
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt as T  # noqa: E402
+
+H100 = triton.backends.compiler.GPUTarget("cuda", 90, 32)
+TOKENS, WIDTH, HIDDEN, VOCAB = 49152, 768, 3072, 50304  # one rank's record batch and the model widths
+CE_SCALARS = dict(w0=1.0, w1=0.5, w2=0.25, cap=30.0, inv_temp=1 / 7.5, SOFTCAP=True, BLOCK_V=T.CE_BLOCK_V)
+
+
+def sym_args(m, n, axpby):
+    return dict(a_ptr="*bf16", out_ptr="*bf16", m=m, n=n, s_ab=m * n, s_am=n, s_an=1, s_ob=m * m, s_om=m, s_on=1,
+                alpha=-2.0, beta=0.5, AXPBY=axpby, BLOCK=T.SYM_BLOCK, BLOCK_K=T.SYM_BLOCK_K)
+
+
+# name -> (kernel, arguments at the record's shapes, launch options, multiplies matrices)
+KERNELS = {
+    "sym_mm": (T._sym_mm_kernel, sym_args(WIDTH, HIDDEN, False), dict(num_warps=T.SYM_WARPS, num_stages=T.SYM_STAGES), True),
+    "sym_axpby": (T._sym_mm_kernel, sym_args(WIDTH, WIDTH, True), dict(num_warps=T.SYM_WARPS, num_stages=T.SYM_STAGES), True),
+    "linear_relu2": (
+        T._linear_relu2_kernel,
+        dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M=TOKENS, N=HIDDEN, K=WIDTH, s_xm=WIDTH, s_xk=1,
+             s_wn=WIDTH, s_wk=1, s_om=HIDDEN, s_on=1, BLOCK_M=T.MM_BLOCK_M, BLOCK_N=T.MM_BLOCK_N,
+             BLOCK_K=T.MM_BLOCK_K, GROUP_M=T.MM_GROUP_M),
+        dict(num_warps=T.MM_WARPS, num_stages=T.MM_STAGES), True),
+    "softcap_ce_fwd": (
+        T._softcap_ce_fwd_kernel,
+        dict(z_ptr="*bf16", t_ptr="*i64", loss_ptr="*fp32", lse_ptr="*fp32", n_rows=TOKENS, vocab=VOCAB, s_z=VOCAB, **CE_SCALARS),
+        dict(num_warps=T.CE_WARPS), False),
+    "softcap_ce_bwd": (
+        T._softcap_ce_bwd_kernel,
+        dict(z_ptr="*bf16", t_ptr="*i64", lse_ptr="*fp32", grad_ptr="*fp32", dz_ptr="*bf16", n_rows=TOKENS, vocab=VOCAB,
+             s_z=VOCAB, s_dz=VOCAB, **CE_SCALARS),
+        dict(num_warps=T.CE_WARPS), False),
+}
+
+
+def specialize(kernel, args):
+    """Signature, constexprs and attributes the way the JIT would specialize these arguments."""
+    signature, constexprs, attrs = {}, {}, {}
+    for i, name in enumerate(kernel.arg_names):
+        value = args[name]
+        if i in kernel.constexprs or (type(value) is int and value == 1):
+            signature[name], constexprs[name] = "constexpr", value
+        elif isinstance(value, str):  # a pointer: torch allocations are 16-byte aligned
+            signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, constexprs, attrs
+
+
+def ptxas_report(ptx, workdir):
+    """Registers and spills from `ptxas -v` of the wheel (the first binary that accepts this PTX version)."""
+    path = os.path.join(workdir, "k.ptx")
+    with open(path, "w") as f:
+        f.write(ptx)
+    errors = []
+    for ptxas in sorted(glob.glob(os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas*"))):
+        run = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", path, "-o", path + ".cubin"], capture_output=True, text=True)
+        if run.returncode == 0:
+            text = run.stdout + run.stderr
+            return dict(ptxas=os.path.basename(ptxas),
+                        registers=int(re.search(r"Used (\d+) registers", text).group(1)),
+                        spill_stores=int(re.search(r"(\d+) bytes spill stores", text).group(1)),
+                        spill_loads=int(re.search(r"(\d+) bytes spill loads", text).group(1)))
+        errors.append(f"{os.path.basename(ptxas)}: {run.stderr.strip()[:300]}")
+    raise RuntimeError("no ptxas accepted the PTX: " + "; ".join(errors))
+
+
+def compile_report(name, **overrides):
+    """Compile one kernel (overrides replace its arguments or launch options) and report its figures."""
+    kernel, args, options, _ = KERNELS[name]
+    args = {k: overrides.get(k, v) for k, v in args.items()}
+    options = {k: overrides.get(k, v) for k, v in options.items()}
+    signature, constexprs, attrs = specialize(kernel, args)
+    src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=H100, options=options)
+    ptx = compiled.asm["ptx"]
+    with tempfile.TemporaryDirectory() as workdir:
+        report = ptxas_report(ptx, workdir)
+    return dict(report, shared=compiled.metadata.shared, wgmma="wgmma" in ptx, **options)
+
+
+if __name__ == "__main__":
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise SystemExit("unset TRITON_INTERPRET: interpreted kernels cannot be compiled")
+    print(json.dumps({name: compile_report(name) for name in (sys.argv[1:] or KERNELS)}, indent=1))
