@@ -95,7 +95,7 @@ def compile_report(name, **overrides):
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as workdir:
         report = ptxas_report(ptx, workdir)
-    return dict(report, shared=compiled.metadata.shared, wgmma="wgmma" in ptx, **options)
+    return dict(report, kernel=kernel.__name__, shared=compiled.metadata.shared, wgmma="wgmma" in ptx, **options)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,202 @@
+"""The Triton kernels against their torch twins (interpreted on CPU), their sm_90 builds, and FP8 lm_head.
+
+Tolerances are max |error| / max |reference| unless stated: fp32 1e-5 (accumulation order),
+fp16 2e-3 and bf16 1e-2 (a few roundings of the output format).
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import triton
+from triton.runtime.interpreter import InterpretedFunction
+
+import train_gpt as T
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+POLAR_BC = (-22.48329292557795, 15.878769915207462)  # (b, c) of the first Polar Express step
+SMEM_LIMIT = 227 * 1024  # H100 shared memory per block
+MATMUL_KERNELS = ("sym_mm", "sym_axpby", "linear_relu2")
+
+
+def assert_close(actual, expected, tol, what):
+    err = (actual.double() - expected.double()).abs().max().item()
+    scale = expected.double().abs().max().item()
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol:g} * max |reference| {scale:.3g}"
+
+
+def test_kernels_are_interpreted():
+    assert isinstance(T._sym_mm_kernel, InterpretedFunction), (
+        "train_gpt was imported before tests/conftest.py set TRITON_INTERPRET=1; the kernels cannot run on CPU")
+
+
+# Polar Express shapes: 768x3072 scaled by 1/4, a stack of them, and sizes off the 128/64 tiles.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(192, 768), (3, 192, 768), (2, 1, 130, 200), (1, 5)])
+def test_sym_mm_matches_twin(shape, dtype):
+    a = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) / math.sqrt(shape[-1])).to(dtype)
+    out = T.TritonOps.sym_mm(a)
+    assert out.shape == shape[:-1] + shape[-2:-1] and out.dtype == dtype
+    assert torch.equal(out, out.mT), "the mirrored tiles must make the result exactly symmetric"
+    assert_close(out, T.TorchOps.sym_mm(a.float()), TOL[dtype], f"sym_mm {shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(192, 192), (2, 130, 130), (200, 200)])
+def test_sym_axpby_matches_twin(shape, dtype):
+    s = torch.randn(shape, generator=torch.Generator().manual_seed(1)) / math.sqrt(shape[-1])
+    a = ((s + s.mT) / 2).to(dtype)
+    out = T.TritonOps.sym_axpby(a, *POLAR_BC)
+    assert torch.equal(out, out.mT)
+    assert_close(out, T.TorchOps.sym_axpby(a.float(), *POLAR_BC), TOL[dtype], f"sym_axpby {shape} {dtype}")
+
+
+def twin_grads(fn, inputs, grad):
+    """Output and input gradients of `fn` by torch autograd, in fp32."""
+    leaves = [t.detach().float().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad.float())
+    return out, [t.grad for t in leaves]
+
+
+def kernel_grads(fn, inputs, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad)
+    return out, [t.grad for t in leaves]
+
+
+# MLP up projection: 768 -> 3072 scaled by 1/4 on 256 tokens, and sizes off the 128/256/64 tiles.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("x_shape,w_shape", [((2, 128, 192), (768, 192)), ((3, 50, 100), (300, 100))])
+def test_linear_relu2_matches_twin_and_autograd(x_shape, w_shape, dtype):
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(x_shape, generator=gen).to(dtype)
+    w = (torch.randn(w_shape, generator=gen) / math.sqrt(w_shape[1])).to(dtype)
+    grad = torch.randn(*x_shape[:-1], w_shape[0], generator=gen).to(dtype)
+    out, (gx, gw) = kernel_grads(T.TritonOps.linear_relu2, (x, w), grad)
+    ref, (rx, rw) = twin_grads(T.TorchOps.linear_relu2, (x, w), grad)
+    assert out.dtype == gx.dtype == gw.dtype == dtype
+    what = f"linear_relu2 {x_shape}x{w_shape} {dtype}"
+    assert_close(out, ref, TOL[dtype], what + " output")
+    # backward recovers relu(pre) as sqrt(output), which adds one rounding of the output format
+    assert_close(gx, rx, 2 * TOL[dtype], what + " grad x")
+    assert_close(gw, rw, 2 * TOL[dtype], what + " grad w")
+
+
+# Record vocabulary 50304 scaled by 1/16 (3144: one full and one partial 2048-block), a vocabulary
+# smaller than a block, fewer rows than MTP weights; softcap on and off; bf16 too (no tl.dot here).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,vocab,weights,cap", [
+    (64, 3144, (1.0, 0.5, 0.25), 30.0),
+    (37, 1000, (1.0, 0.3), 30.0),
+    (2, 50, (1.0, 0.5, 0.25), 30.0),
+    (37, 1000, (1.0, 0.5, 0.25), 0.0),
+    (20, 3144, (1.0,), 0.0),
+])
+def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, dtype):
+    gen = torch.Generator().manual_seed(3)
+    logits = (4 * torch.randn(rows, vocab, generator=gen)).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    grad = torch.randn(rows, generator=gen)
+
+    def kernel(z):
+        return T.TritonOps.softcap_mtp_ce(z, targets, weights, cap, 7.5)
+
+    def twin(z):
+        return T.TorchOps.softcap_mtp_ce(z, targets, weights, cap, 7.5)
+
+    loss, (dz,) = kernel_grads(kernel, (logits,), grad)
+    ref, (rz,) = twin_grads(twin, (logits,), grad)
+    what = f"softcap_mtp_ce {rows}x{vocab} w={weights} cap={cap} {dtype}"
+    assert loss.dtype == torch.float32 and loss.shape == (rows,)
+    assert dz.dtype == dtype and dz.shape == logits.shape
+    assert_close(loss, ref, 1e-5, what + " loss")  # fp32 math on the same logits in both
+    assert_close(dz, rz, TOL[dtype], what + " dlogits")
+
+
+def test_softcap_mtp_ce_rejects_too_many_weights():
+    logits, targets = torch.randn(4, 10), torch.zeros(4, dtype=torch.long)
+    with pytest.raises(ValueError, match="at most 3"):
+        T.TritonOps.softcap_mtp_ce(logits, targets, (1.0, 0.5, 0.25, 0.1), 30.0, 7.5)
+
+
+# FP8 lm_head (torch._scaled_mm on CPU). Inputs shaped like the head's: RMS-normed rows of width 768,
+# weights of the init std, output gradients of a loss averaged over 16384 tokens.
+def fp8_case():
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 768, generator=gen)
+    x = (x / x.square().mean(-1, keepdim=True).sqrt()).bfloat16()
+    w = 0.005 * torch.randn(512, 768, generator=gen)
+    grad = (torch.randn(64, 512, generator=gen) / 16384).bfloat16()
+    return x, w, grad
+
+
+def relative_error(actual, expected):
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def test_fp8_linear_computes_the_product_of_its_fp8_operands():
+    """Scales and layouts: exactly the product of the dequantized fp8 operands, up to bf16 output rounding."""
+    x, w, grad = fp8_case()
+    x_q = T._to_fp8(x, T.FP8_X_SCALE, torch.float8_e4m3fn).float() * T.FP8_X_SCALE
+    w_q = T._to_fp8(w, T.FP8_W_SCALE, torch.float8_e4m3fn).float() * T.FP8_W_SCALE
+    g_q = T._to_fp8(grad, T.FP8_GRAD_SCALE, torch.float8_e5m2).float() * T.FP8_GRAD_SCALE
+    out, (gx, gw) = kernel_grads(T.fp8_linear, (x, w), grad)
+    assert out.dtype == gx.dtype == torch.bfloat16 and gw.dtype == torch.float32
+    assert_close(out, x_q @ w_q.T, 2**-8, "fp8 forward vs dequantized product")
+    assert_close(gx, g_q @ w_q, 2**-8, "fp8 grad x vs dequantized product")
+    assert_close(gw, g_q.T @ x_q, 1e-5, "fp8 grad w vs dequantized product")  # fp32 output
+
+
+def test_fp8_linear_is_close_to_full_precision():
+    """Relative Frobenius error vs fp32: e4m3 rounds each operand by <= 2^-4 (measured ~0.03);
+    e5m2 gradients round by <= 2^-3 (measured ~0.05). Bounds 0.06 and 0.1."""
+    x, w, grad = fp8_case()
+    out, (gx, gw) = kernel_grads(T.fp8_linear, (x, w), grad)
+    ref, (rx, rw) = twin_grads(lambda a, b: a @ b.T, (x, w), grad)
+    errors = dict(out=relative_error(out, ref), grad_x=relative_error(gx, rx), grad_w=relative_error(gw, rw))
+    assert errors["out"] < 0.06 and errors["grad_x"] < 0.1 and errors["grad_w"] < 0.1, errors
+
+
+def test_fp8_casts_saturate():
+    big = torch.tensor([1e6, -1e6])
+    assert T._to_fp8(big, 1.0, torch.float8_e4m3fn).float().tolist() == [448.0, -448.0]
+    assert T._to_fp8(big, 1.0, torch.float8_e5m2).float().tolist() == [57344.0, -57344.0]
+
+
+# Ahead-of-time builds for H100 (no GPU needed), in a subprocess without TRITON_INTERPRET.
+def run_aot(code):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], cwd=HERE, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout)
+
+
+@pytest.fixture(scope="module")
+def sm90_reports():
+    return run_aot("import json, aot_sm90; print(json.dumps({k: aot_sm90.compile_report(k) for k in aot_sm90.KERNELS}))")
+
+
+def test_sm90_builds_cover_every_kernel(sm90_reports):
+    kernels = {name for name, value in vars(T).items() if isinstance(value, InterpretedFunction) and name.endswith("_kernel")}
+    assert {r["kernel"] for r in sm90_reports.values()} == kernels
+
+
+@pytest.mark.parametrize("name", ["sym_mm", "sym_axpby", "linear_relu2", "softcap_ce_fwd", "softcap_ce_bwd"])
+def test_sm90_build_has_no_spills_and_fits(sm90_reports, name):
+    r = sm90_reports[name]
+    assert r["spill_stores"] == 0, f"{name}: ptxas reports {r['spill_stores']} bytes spill stores ({r['registers']} registers)"
+    assert r["shared"] <= SMEM_LIMIT, f"{name}: {r['shared']} bytes of shared memory > {SMEM_LIMIT}"
+    if name in MATMUL_KERNELS:
+        assert r["wgmma"], f"{name}: no wgmma instruction in the sm_90 PTX"
+
+
+def test_sm90_probe_catches_spills():
+    """The check above can fail: a 128x256 tile with 4 warps does spill."""
+    r = run_aot("import json, aot_sm90; print(json.dumps(aot_sm90.compile_report('linear_relu2', BLOCK_N=256, num_warps=4)))")
+    assert r["spill_stores"] > 0, r
