@@ -428,7 +428,7 @@ if triton is not None:
         lse = run_max + tl.log(run_sum)
         weights = (w0, w1, w2)
         loss = 0.0
-        for k in tl.static_range(3):
+        for k in tl.static_range(len(weights)):
             target, weight = _mtp_target(t_ptr, row, k, n_rows, weights[k])
             picked = _softcap(tl.load(z_row + target).to(tl.float32), cap, inv_temp, SOFTCAP)
             loss += weight * (lse - picked)
@@ -446,14 +446,14 @@ if triton is not None:
         grad = tl.load(grad_ptr + row)
         weights = (w0, w1, w2)
         total = 0.0
-        for k in tl.static_range(3):
+        for k in tl.static_range(len(weights)):
             total += _mtp_target(t_ptr, row, k, n_rows, weights[k])[1]
         for v0 in range(0, vocab, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             z = tl.load(z_row + cols, mask=cols < vocab, other=0.0).to(tl.float32)
             l = _softcap(z, cap, inv_temp, SOFTCAP)
             dl = total * tl.exp(l - lse)
-            for k in tl.static_range(3):
+            for k in tl.static_range(len(weights)):
                 target, weight = _mtp_target(t_ptr, row, k, n_rows, weights[k])
                 dl -= tl.where(cols == target, weight, 0.0)
             if SOFTCAP:  # dl/dz = cap / temp * s (1 - s) with s = l / cap
