@@ -484,7 +484,7 @@ def cmd_new(args):
         raise
     write_tables(args.root)
     print(f"new {track} record {folder}: val_loss {fmt_pm(*mean_std(loss))}, p = {fmt_p(p)}, "
-          f"time {time_versus(float(np.mean(time)), prev)}")
+          f"time vs previous: {time_versus(float(np.mean(time)), prev)}")
     return 0
 
 
