@@ -16,6 +16,7 @@ import glob
 import json
 import math
 import os
+import pathlib
 import re
 import shlex
 import shutil
@@ -242,13 +243,21 @@ def format_comparison(rows, markdown=False):
 # ------------------------------------------------------------------------------------------------
 
 
-def write_atomic(path, data):
-    """Write via a temp file + rename, so readers (the trainer) never see half a file."""
+def write_atomic(path, write):
+    """Let `write(tmp)` fill a temp file, then rename it over path: readers never see half a file."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path, text):
+    write_atomic(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def plot_val_curves(sets, path):
@@ -270,11 +279,7 @@ def plot_val_curves(sets, path):
     ax.set_yscale("log")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    fig.savefig(tmp, format="png", dpi=100)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return ax
 
 
@@ -333,7 +338,7 @@ def write_tables(root):
                   "time_ms_mean", "time_ms_std", "p_value")
     index = {"tracks": {t: {**TRACKS[t], "records": [{k: r[k] for k in index_keys} for r in recs]}
                         for t, recs in tracks.items()}}
-    write_atomic(os.path.join(root, INDEX), json.dumps(index, indent=2) + "\n")
+    write_text(os.path.join(root, INDEX), json.dumps(index, indent=2) + "\n")
 
     readme = os.path.join(root, TABLE_README)
     intro = "# Records\n"
@@ -353,7 +358,7 @@ def write_tables(root):
                          fmt_pm(r["time_ms_mean"], r["time_ms_std"], 1000, 2), str(r["n"]),
                          fmt_p(r["p_value"]), time_versus(r["time_ms_mean"], prev), note])
         parts.append(format_table(header, rows, markdown=True) if rows else "No records yet.")
-    write_atomic(readme, "\n".join(parts) + "\n")
+    write_text(readme, "\n".join(parts) + "\n")
     return tracks
 
 
@@ -471,7 +476,7 @@ def cmd_new(args):
     try:
         for path in args.logs:
             shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
-        meta = {"name": args.name, "date": date, "created": now.isoformat(timespec="seconds"),
+        meta = {"name": args.name, "date": date, "created": now.isoformat(timespec="microseconds"),
                 "target": target, "note": args.note}
         with open(os.path.join(tmp, RECORD_META), "w", encoding="utf-8") as f:
             f.write(json.dumps(meta, indent=2) + "\n")

@@ -184,10 +184,10 @@ def test_new_creates_folder_readme_and_index(root, capsys):
     assert table.startswith("# Our records\n\nHand-written intro.\n") and "old table" not in table
     assert f"[baseline](cpu/{folder.name})" in table and "3.9100 +- 0.0100" in table
 
-    # a faster record at the same target is accepted and compared with the first
-    assert new_record(root, "faster", [3.90, 3.91, 3.905], [1500, 1550, 1525], "--note", "Faster.") == 0
+    # a faster record at the same target is accepted, listed after (not alphabetically), compared
+    assert new_record(root, "a_faster", [3.90, 3.91, 3.905], [1500, 1550, 1525], "--note", "Faster.") == 0
     recs = json.loads((root / "index.json").read_text())["tracks"]["cpu"]["records"]
-    assert [r["name"] for r in recs] == ["baseline", "faster"]
+    assert [r["name"] for r in recs] == ["baseline", "a_faster"]
     assert "-0.53 s (-25.6%) vs baseline" in (root / "README.md").read_text()
 
     # `table` rebuilds the same files from the folders alone
