@@ -79,7 +79,7 @@ def encode_document(encoding, text):
 
 def read_text(path):
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": the text exactly as stored
             return f.read()
     except UnicodeDecodeError as e:
         raise CorpusError(f"{path}: not UTF-8 text ({e})")
