@@ -50,7 +50,8 @@ class Config:
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"
     warmup_steps: int = 3  # untimed steps per schedule stage before the clock starts (then reset)
-    progress: bool = True  # console progress line with ETA
+    progress: bool = True  # echo log lines to the console
+    log_every: int = 50  # train-loss line (with ETA) every this many steps; 0 = none
     # model shape
     vocab_size: int = 50257
     vocab_multiple: int = 128  # the embedding and head are padded to a multiple of this
@@ -233,6 +234,128 @@ def parse_args(argv):
     return Config(**values)
 
 # ------------------------------------------------------------------------------------------------
+# Backend: the one place where CUDA and CPU differ (device, distributed, attention, kernels)
+# ------------------------------------------------------------------------------------------------
+
+
+class FlexAttention:
+    """Document-causal sliding-window attention with flex_attention and a block mask (CUDA)."""
+
+    def mask(self, docs, window):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def allowed(b, h, q_idx, kv_idx):
+            return (docs[q_idx] == docs[kv_idx]) & (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+
+        n = docs.numel()
+        return create_block_mask(allowed, None, None, n, n, device=docs.device)
+
+    def __call__(self, q, k, v, mask, scale, need_lse):
+        """q, k, v [T, H, D] -> y [T, H, D] and, when asked, the log-sum-exp [T, H] of the scores."""
+        from torch.nn.attention.flex_attention import AuxRequest, flex_attention
+
+        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        if not need_lse:
+            return flex_attention(q, k, v, block_mask=mask, scale=scale)[0].transpose(0, 1), None
+        y, aux = flex_attention(q, k, v, block_mask=mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return y[0].transpose(0, 1), aux.lse[0].transpose(0, 1)
+
+
+class BlockedAttention:
+    """The same attention on CPU without a dense T x T mask: each block of `block` queries sees
+    only its own block and the `window` tokens before it, so memory grows with T * window."""
+
+    def __init__(self, block):
+        self.block = block
+
+    def mask(self, docs, window):
+        n, b = docs.numel(), self.block
+        blocks = -(-n // b)
+        span = -(-(window - 1) // b) * b  # keys kept before each query block
+        pad_q = blocks * b - n
+        # padding before the sequence belongs to no document; padding after it only sees itself
+        key_docs = torch.cat([docs.new_full((span,), -1), docs, docs.new_full((pad_q,), -2)])
+        key_pos = torch.arange(-span, blocks * b, device=docs.device)
+        q_docs = key_docs[span:].view(blocks, b)
+        q_pos = key_pos[span:].view(blocks, b)
+        k_docs = key_docs.unfold(0, span + b, b)
+        k_pos = key_pos.unfold(0, span + b, b)
+        delta = q_pos[:, :, None] - k_pos[:, None, :]
+        allowed = (q_docs[:, :, None] == k_docs[:, None, :]) & (delta >= 0) & (delta < window)
+        return allowed, span
+
+    def scores(self, q, k, mask, scale):
+        """Masked attention logits per block [blocks, H, block, span + block], fp32."""
+        allowed, span = mask
+        blocks, b, _ = allowed.shape
+        n = q.size(0)
+        q_blocks = F.pad(q, (0, 0, 0, 0, 0, blocks * b - n)).view(blocks, b, *q.shape[1:]).transpose(1, 2)
+        k_blocks = F.pad(k, (0, 0, 0, 0, span, blocks * b - n)).unfold(0, span + b, b)
+        s = (q_blocks @ k_blocks).float() * scale
+        return s.masked_fill(~allowed[:, None], float("-inf"))
+
+    def __call__(self, q, k, v, mask, scale, need_lse):
+        allowed, span = mask
+        blocks, b, _ = allowed.shape
+        n = q.size(0)
+        s = self.scores(q, k, mask, scale)
+        lse = s.logsumexp(-1)
+        p = (s - lse[..., None]).exp().to(v.dtype)
+        v_blocks = F.pad(v, (0, 0, 0, 0, span, blocks * b - n)).unfold(0, span + b, b).mT
+        y = (p @ v_blocks).transpose(1, 2).reshape(blocks * b, *v.shape[1:])[:n]
+        lse = lse.transpose(1, 2).reshape(blocks * b, -1)[:n]
+        return y, (lse if need_lse else None)
+
+
+@dataclass
+class Backend:
+    """Device, ranks, attention implementation and fused-op table, chosen once at start."""
+
+    device: torch.device
+    rank: int
+    world_size: int
+    ops: type
+    attention: object
+
+    @property
+    def is_master(self):
+        return self.rank == 0
+
+    def synchronize(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def peak_memory_mib(self):
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated() // 2**20
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+
+
+def setup_backend(cfg):
+    """Pick the device, start the process group (NCCL on CUDA, gloo on CPU), the attention and ops."""
+    if cfg.device not in ("auto", "cuda", "cpu"):
+        raise SystemExit(f"error: --device={cfg.device}: expected auto, cuda or cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device=cuda but no CUDA device is available")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if use_cuda:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    triton_ops = globals().get("TritonOps")
+    ops = triton_ops if use_cuda and cfg.triton and triton_ops is not None else TorchOps
+    attention = FlexAttention() if use_cuda else BlockedAttention(cfg.window_block)
+    return Backend(device, rank, world_size, ops, attention)
+
+
+# ------------------------------------------------------------------------------------------------
 # Kernels: fused Triton kernels for CUDA and their plain torch twins (the CPU path and reference)
 # ------------------------------------------------------------------------------------------------
 
@@ -261,7 +384,8 @@ class TorchOps:
     def softcap_mtp_ce(logits, targets, weights, cap, temp):
         """Per-token multi-token cross-entropy of softcapped logits.
 
-        logits [N, V] (raw z), targets [N] (next tokens); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}])
+        logits [N, V] (raw z), targets [N] (next tokens), weights [K] (a tensor, so changing
+        values never recompile); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}])
         over the k with i + k < N, where l = cap * sigmoid(z / temp) (l = z when cap is 0).
         """
         z = logits.float()
@@ -269,9 +393,8 @@ class TorchOps:
         lse = torch.logsumexp(l, dim=-1)
         n = targets.numel()
         loss = torch.zeros(n, dtype=torch.float32, device=logits.device)
-        for k, w in enumerate(weights):
-            if w == 0 or k >= n:
-                continue
+        for k in range(min(len(weights), n)):
+            w = weights[k]
             picked = l[: n - k].gather(1, targets[k:, None]).squeeze(1)
             loss = loss + F.pad(w * (lse[: n - k] - picked), (0, k))
         return loss
@@ -560,6 +683,448 @@ class TritonOps(TorchOps):
 
 
 # ------------------------------------------------------------------------------------------------
+# Model
+# ------------------------------------------------------------------------------------------------
+
+COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA and on CPUs with AVX512-BF16
+YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which YaRN fully/never rescales
+YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
+
+
+def norm(x):
+    """RMSNorm without weights."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def tag(param, kind, lr_mul=1.0):
+    """Label a parameter for the optimizer builder: matrix | embed | head | value_embed | gate | scalar."""
+    param.kind = kind
+    param.lr_mul = lr_mul
+    return param
+
+
+def uniform_matrix(rows, cols, bound):
+    return nn.Parameter(torch.empty(rows, cols).uniform_(-bound, bound))
+
+
+class Rotary(nn.Module):
+    """RoPE on half of each head: a quarter of the frequency pairs rotate, the rest have frequency 0.
+
+    When the attention window grows, YaRN rescales the low frequencies (those that turn less than
+    once or so within the old window) so positions beyond it look familiar, and raises the attention
+    scale. Frequencies, scale and the window they fit are buffers, so checkpoints restore them.
+    """
+
+    def __init__(self, head_dim, base, attn_scale):
+        super().__init__()
+        quarter = head_dim // 4
+        freqs = torch.cat([(1 / base) ** torch.linspace(0, 1, quarter), torch.zeros(quarter)])
+        self.register_buffer("freqs", freqs)
+        self.register_buffer("attn_scale", torch.tensor(attn_scale))
+        self.register_buffer("window", torch.tensor(0))
+
+    @torch.no_grad()
+    def set_window(self, window, yarn):
+        """Adapt to a new long-window size in tokens (the first call only records it)."""
+        old = int(self.window)
+        if yarn and old and window != old:
+            factor = window / old
+            turns = old * self.freqs / (2 * math.pi)
+            keep = ((turns - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0, 1)
+            self.freqs.mul_(keep + (1 - keep) / factor)
+            self.attn_scale.mul_(YARN_SCALE_SLOPE * math.log(factor) + 1)
+        self.window.fill_(window)
+
+    def forward(self, x):
+        """x [T, H, D]: rotate dims i and i + D/2 together by angle t * freqs[i]."""
+        angle = torch.arange(x.size(0), device=x.device, dtype=torch.float32)[:, None] * self.freqs
+        cos, sin = angle.cos()[:, None], angle.sin()[:, None]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset
+    and a sparse per-head output gate."""
+
+    def __init__(self, cfg, layer):
+        super().__init__()
+        d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        bound = math.sqrt(3) / math.sqrt(d)
+        self.q = tag(uniform_matrix(inner, d, bound), "matrix")
+        self.k = tag(uniform_matrix(inner, d, bound), "matrix")
+        self.v = tag(uniform_matrix(inner, d, bound), "matrix")
+        self.o = tag(nn.Parameter(torch.zeros(d, inner)), "matrix")
+        self.key_offset = cfg.key_offset and layer in cfg.long_window_layers
+        self.gate_dims = cfg.gate_dims
+        self.gate = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)), "gate") if cfg.attn_gate else None
+
+    def forward(self, x, ve, rotary, attend, mask):
+        n, h, dh = x.size(0), self.n_head, self.head_dim
+        q = norm(F.linear(x, self.q).view(n, h, dh))
+        k = norm(F.linear(x, self.k).view(n, h, dh))
+        v = F.linear(x, self.v).view(n, h, dh)
+        q, k = rotary(q), rotary(k)
+        if self.key_offset:
+            # the still (non-rotating) dims of each key take the previous token's values, so one
+            # layer can match "the token after the one like me": an induction head in one step
+            still = torch.zeros(dh, dtype=torch.bool, device=x.device)
+            still[dh // 4 : dh // 2] = still[3 * dh // 4 :] = True
+            k = torch.where(still, F.pad(k[:-1], (0, 0, 0, 0, 1, 0)), k)
+        if ve is not None:
+            v = v + ve.view(n, h, dh)
+        y, _ = attend(q, k, v, mask, rotary.attn_scale, False)
+        if self.gate is not None:
+            y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
+        return F.linear(y.reshape(n, h * dh), self.o)
+
+
+class MLP(nn.Module):
+    """ReLU^2 MLP; the up projection and activation run as one fused op."""
+
+    def __init__(self, cfg, ops):
+        super().__init__()
+        d, hidden = cfg.d_model, cfg.mlp_hidden
+        self.ops = ops
+        self.up = tag(uniform_matrix(hidden, d, math.sqrt(3) * 0.5 / math.sqrt(d)), "matrix")
+        self.down = tag(nn.Parameter(torch.zeros(d, hidden)), "matrix", lr_mul=cfg.mlp_down_lr_mul)
+
+    def forward(self, x):
+        return F.linear(self.ops.linear_relu2(x, self.up.type_as(x)), self.down)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg, layer, ops):
+        super().__init__()
+        self.attn = None if layer in cfg.no_attn_layers else Attention(cfg, layer)
+        self.mlp = MLP(cfg, ops)
+        self.long = layer in cfg.long_window_layers
+
+    def forward(self, x, ve, rotary, attend, masks):
+        if self.attn is not None:
+            x = x + self.attn(norm(x), ve, rotary, attend, masks[0] if self.long else masks[1])
+        return x + self.mlp(norm(x))
+
+
+def value_embed_tables(cfg):
+    """Which value-embedding table each layer adds to v (None: none). With n tables the last n
+    layers get tables 0..n-1 and the first n-1 layers get tables 1..n-1."""
+    n, layers = cfg.value_embeds, cfg.n_layer
+    tables = [None] * layers
+    for i in range(max(0, n - 1)):
+        tables[i] = i + 1
+    for i in range(n):
+        tables[layers - n + i] = i
+    return tables
+
+
+class GPT(nn.Module):
+    """The record model. forward(idx, targets, windows, mtp_weights) returns the mean token loss."""
+
+    def __init__(self, cfg, ops, attention):
+        super().__init__()
+        self.cfg, self.ops, self.attention = cfg, ops, attention
+        d = cfg.d_model
+        self.vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+        self.lm_head = tag(nn.Parameter(torch.randn(self.vocab, d) * 0.005), "head")
+        # tied until untie(): the embedding reads lm_head; a separate table exists only if it unties
+        self.tied = True
+        self.embed = tag(nn.Parameter(torch.zeros(self.vocab, d)), "embed") if cfg.untie_frac < 1 else None
+        self.ve_tables = value_embed_tables(cfg)
+        inner = cfg.n_head * cfg.head_dim
+        self.value_embeds = nn.ParameterList(
+            tag(nn.Parameter(torch.zeros(self.vocab, inner)), "value_embed", cfg.value_embed_lr_mul)
+            for _ in range(cfg.value_embeds)
+        )
+        self.blocks = nn.ModuleList(Block(cfg, i, ops) for i in range(cfg.n_layer))
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale)
+        if cfg.smear:
+            self.smear_lambda = tag(nn.Parameter(torch.zeros(())), "scalar")
+            self.smear_gate = tag(nn.Parameter(torch.zeros(1, cfg.gate_dims)), "gate")
+        if cfg.x0_mixing:
+            self.resid_lambdas = tag(nn.Parameter(torch.full((cfg.n_layer,), 1.1)), "scalar")
+            self.x0_lambdas = tag(nn.Parameter(torch.zeros(cfg.n_layer)), "scalar")
+        if cfg.skip_from >= 0:
+            self.skip_gate = tag(nn.Parameter(torch.tensor(-1.5)), "scalar")
+        if cfg.backout_layer >= 0:
+            self.backout_lambda = tag(nn.Parameter(torch.tensor(0.5)), "scalar")
+
+    @torch.no_grad()
+    def untie(self):
+        """Give the embedding its own table, starting from the head's weight."""
+        self.embed.copy_(self.lm_head)
+        self.tied = False
+
+    def embed_tokens(self, idx):
+        x = F.embedding(idx, self.lm_head if self.tied else self.embed)
+        if self.cfg.smear:
+            # x[t] += lambda * sigmoid(w . x[t, :gate_dims]) * x[t-1]: a learned bigram shortcut
+            gate = torch.sigmoid(F.linear(x[1:, : self.cfg.gate_dims], self.smear_gate))
+            x = torch.cat([x[:1], x[1:] + self.smear_lambda * gate * x[:-1]])
+        return norm(x)
+
+    def hidden(self, idx, windows):
+        """Final normed hidden states [T, d] for a packed sequence of documents."""
+        cfg = self.cfg
+        docs = (idx == BOS_ID).cumsum(0)
+        masks = [self.attention.mask(docs, w) for w in windows]
+        x = x0 = self.embed_tokens(idx)
+        skip = backout = None
+        for i, block in enumerate(self.blocks):
+            if i == cfg.skip_to and skip is not None:
+                x = x + torch.sigmoid(self.skip_gate) * skip
+            if cfg.x0_mixing:
+                x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            table = self.ve_tables[i]
+            ve = None if table is None else F.embedding(idx, self.value_embeds[table])
+            x = block(x, ve, self.rotary, self.attention, masks)
+            if i == cfg.skip_from:
+                skip = x
+            if i == cfg.backout_layer:
+                backout = x
+        if backout is not None:
+            x = x - self.backout_lambda * backout
+        return norm(x)
+
+    def logits(self, x):
+        """Raw head outputs z [T, vocab] in bf16 (the softcap is applied inside the loss)."""
+        x, w = x.to(COMPUTE_DTYPE), self.lm_head.to(COMPUTE_DTYPE)
+        if self.cfg.fp8_head:
+            return fp8_linear(x, w)
+        return F.linear(x, w)
+
+    def forward(self, idx, targets, windows, mtp_weights):
+        with torch.autocast(idx.device.type, dtype=COMPUTE_DTYPE):
+            x = self.hidden(idx, windows)
+        z = self.logits(x)
+        cfg = self.cfg
+        return self.ops.softcap_mtp_ce(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp).mean()
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizers: NorMuon (Polar Express) for hidden matrices, Adam for the rest, plain AdamW baseline
+# ------------------------------------------------------------------------------------------------
+
+# Polar Express coefficients (a, b, c) per iteration: X <- a X + (b A + c A^2) X with A = X X^T
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+POLAR_NORM_MARGIN = 1.02  # divide by a bit more than the Frobenius norm so no singular value exceeds 1
+NORMUON_EPS = 1e-10
+
+
+def polar_express(g, ops, steps=len(POLAR_EXPRESS_COEFFS)):
+    """Approximately orthogonalize a batch of matrices [..., m, n] in bf16 (singular values -> ~1)."""
+    x = g.to(COMPUTE_DTYPE)
+    tall = g.size(-2) > g.size(-1)
+    if tall:  # work in the wide orientation so X X^T is the small Gram matrix
+        x = x.mT
+    x = x / (POLAR_NORM_MARGIN * x.norm(dim=(-2, -1), keepdim=True) + 1e-6)
+    for a, b, c in POLAR_EXPRESS_COEFFS[:steps]:
+        gram = ops.sym_mm(x)
+        x = a * x + ops.sym_axpby(gram, b, c) @ x
+    return x.mT if tall else x
+
+
+def normuon_normalize(u, second_moment, beta2):
+    """NorMuon: divide each row (each column of a wide matrix) by the root of an EMA of its mean
+    square, then restore the update's Frobenius norm. Updates `second_moment` in place."""
+    reduce_dim = -1 if u.size(-2) >= u.size(-1) else -2
+    second_moment.lerp_(u.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
+    before = u.norm(dim=(-2, -1), keepdim=True)
+    u = u * second_moment.clamp_min(NORMUON_EPS).rsqrt()
+    return u * (before / u.norm(dim=(-2, -1), keepdim=True).clamp_min(NORMUON_EPS))
+
+
+def cautious_mask(update, param):
+    """Where update and weight share a sign: decaying there never fights the update."""
+    return (update * param > 0).to(param.dtype)
+
+
+class NorMuon(torch.optim.Optimizer):
+    """Muon with NorMuon normalization and cautious weight decay, sharded across ranks.
+
+    Parameters of one shape form a group; each rank orthogonalizes its share of every group:
+    the gradients are reduce-scattered, each rank updates its own matrices, and the new weights
+    are all-gathered. Every group's reduce-scatter is launched before any work starts and each
+    all-gather runs while the next group is computed, so communication overlaps the math.
+    """
+
+    def __init__(self, params, lr, weight_decay, momentum, beta2, ops, rank=0, world_size=1, polar_steps=5):
+        by_shape = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        groups = [dict(params=ps) for _, ps in sorted(by_shape.items())]
+        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
+        self.ops, self.rank, self.world_size, self.polar_steps = ops, rank, world_size, polar_steps
+
+    def _shard(self, group):
+        params = group["params"]
+        per_rank = -(-len(params) // self.world_size)
+        return params, per_rank
+
+    @torch.no_grad()
+    def step(self):
+        pending = []
+        for group in self.param_groups:
+            params, per_rank = self._shard(group)
+            grads = torch.zeros(per_rank * self.world_size, *params[0].shape, device=params[0].device)
+            for i, p in enumerate(params):
+                grads[i] = p.grad
+            if self.world_size == 1:
+                pending.append((group, grads, None))
+                continue
+            own = grads.new_empty(per_rank, *params[0].shape)
+            work = dist.reduce_scatter_tensor(own, grads, op=dist.ReduceOp.AVG, async_op=True)
+            pending.append((group, own, work))
+        gathers = []
+        for group, grad, work in pending:
+            if work is not None:
+                work.wait()
+            params, per_rank = self._shard(group)
+            mine = params[self.rank * per_rank : (self.rank + 1) * per_rank]
+            weights = torch.zeros_like(grad)
+            for i, p in enumerate(mine):
+                weights[i] = p
+            self._update(group, weights, grad)
+            if self.world_size == 1:
+                gathers.append((params, weights, None))
+                continue
+            full = weights.new_empty(per_rank * self.world_size, *weights.shape[1:])
+            gathers.append((params, full, dist.all_gather_into_tensor(full, weights, async_op=True)))
+        for params, full, work in gathers:
+            if work is not None:
+                work.wait()
+            for p, new in zip(params, full):
+                p.copy_(new)
+
+    def _update(self, group, weights, grad):
+        """One NorMuon step on this rank's stacked matrices (in place on `weights`)."""
+        state = self.state[group["params"][0]]
+        if not state:
+            state["momentum"] = torch.zeros_like(grad)
+            rows, cols = grad.shape[-2:]
+            shape = (grad.size(0), rows, 1) if rows >= cols else (grad.size(0), 1, cols)
+            state["second_moment"] = torch.zeros(shape, device=grad.device)
+        momentum = state["momentum"]
+        momentum.lerp_(grad, 1 - group["momentum"])
+        nesterov = grad.lerp_(momentum, group["momentum"])
+        u = polar_express(nesterov, self.ops, self.polar_steps).float()
+        u = normuon_normalize(u, state["second_moment"], group["beta2"])
+        rows, cols = grad.shape[-2:]
+        lr = group["lr"]
+        lr_mul = group["params"][0].lr_mul if hasattr(group["params"][0], "lr_mul") else 1.0
+        step_lr = lr * math.sqrt(max(1.0, rows / cols)) * lr_mul
+        decay = group["weight_decay"] * lr * lr  # decay scales with lr^2
+        weights.sub_(cautious_mask(u, weights) * weights, alpha=decay)
+        weights.sub_(u, alpha=step_lr)
+
+
+class Adam(torch.optim.Optimizer):
+    """Adam with decoupled weight decay that is optionally cautious (only where update and weight
+    share a sign). Gradients are averaged across ranks before the step."""
+
+    def __init__(self, groups, lr, betas, eps, weight_decay, cautious, world_size=1):
+        super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.cautious, self.world_size = cautious, world_size
+
+    @torch.no_grad()
+    def step(self):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        if self.world_size > 1:
+            works = [dist.all_reduce(p.grad, op=dist.ReduceOp.AVG, async_op=True) for p in params]
+            for w in works:
+                w.wait()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = 0
+                    state["exp_avg"] = torch.zeros_like(p)
+                    state["exp_avg_sq"] = torch.zeros_like(p)
+                state["step"] += 1
+                t = state["step"]
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
+                denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
+                update = state["exp_avg"] / (1 - beta1**t) / denom
+                if group["weight_decay"]:
+                    decay = cautious_mask(update, p) * p if self.cautious else p
+                    p.sub_(decay, alpha=group["lr"] * group["weight_decay"])
+                p.sub_(update, alpha=group["lr"])
+
+    def copy_state(self, src, dst):
+        """Start `dst` from `src`'s moments (used when the embedding unties from the head)."""
+        if src in self.state:
+            self.state[dst] = {k: v.clone() if torch.is_tensor(v) else v for k, v in self.state[src].items()}
+
+
+class Optimizers:
+    """The run's optimizers with their schedules: NorMuon + Adam (stepping every `adam_every`
+    steps, its gradients accumulating in between), or plain AdamW on everything (`--muon=false`)."""
+
+    def __init__(self, model, cfg, backend):
+        self.cfg = cfg
+        params = [p for p in model.parameters()]
+        world = backend.world_size
+        if cfg.muon:
+            matrices = [p for p in params if p.kind == "matrix"]
+            self.muon = NorMuon(matrices, cfg.muon_lr, cfg.muon_wd, cfg.muon_momentum, cfg.muon_beta2,
+                                backend.ops, backend.rank, world, cfg.polar_steps)
+            adam_betas, wd = cfg.adam_betas, cfg.adam_wd
+            kinds = {
+                "head": (cfg.adam_lr, adam_betas, wd),
+                "embed": (cfg.adam_lr, adam_betas, wd),
+                "value_embed": (cfg.adam_lr * cfg.value_embed_lr_mul, adam_betas, wd),
+                "gate": (cfg.adam_lr, adam_betas, 0.0),
+                "scalar": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.scalar_betas, 0.0),
+            }
+            groups = []
+            for kind, (lr, betas, decay) in kinds.items():
+                members = [p for p in params if p.kind == kind]
+                if members:
+                    groups.append(dict(params=members, lr=lr, base_lr=lr, betas=betas, weight_decay=decay))
+            self.adam = Adam(groups, cfg.adam_lr, adam_betas, cfg.adam_eps, wd, cautious=True, world_size=world)
+            self.adam_every = cfg.adam_every
+        else:
+            self.muon = None
+            groups = [dict(params=params, base_lr=cfg.adamw_lr)]
+            self.adam = Adam(groups, cfg.adamw_lr, cfg.adamw_betas, cfg.adam_eps, cfg.adamw_wd, cautious=False, world_size=world)
+            self.adam_every = 1
+        for group in (self.muon.param_groups if self.muon else []):
+            group["base_lr"] = cfg.muon_lr
+
+    def step(self, step, lr_mult, momentum, last):
+        """Apply the step's schedule and step; Adam only every `adam_every` steps (and the last)."""
+        if self.muon is not None:
+            for group in self.muon.param_groups:
+                group["lr"] = group["base_lr"] * lr_mult
+                group["momentum"] = momentum
+            self.muon.step()
+            self.muon.zero_grad(set_to_none=True)
+        if (step + 1) % self.adam_every == 0 or last:
+            for group in self.adam.param_groups:
+                group["lr"] = group["base_lr"] * lr_mult
+            self.adam.step()
+            self.adam.zero_grad(set_to_none=True)
+
+    def state_dict(self):
+        return [opt.state_dict() for opt in (self.muon, self.adam) if opt is not None]
+
+    def load_state_dict(self, states):
+        for opt, state in zip([opt for opt in (self.muon, self.adam) if opt is not None], states):
+            opt.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------
 # Data: shards, the BOS-aligned training loader, the validation loader
 # ------------------------------------------------------------------------------------------------
 
@@ -629,3 +1194,451 @@ def list_shards(pattern, what):
             "Download FineWeb with `python data/cached_fineweb10B.py 9`, or point --train_files/--val_files at your shards."
         )
     return files
+
+
+class TrainLoader:
+    """BOS-aligned training batches, one pass over the shards, the next shard read in the background.
+
+    Every step, each rank receives `tokens + 1` tokens (inputs and shifted targets) made of pieces
+    that each start at a BOS and hold at most `max_seq_len` tokens; a longer document's tail is
+    dropped. All ranks walk the same documents in the same order and each keeps its own disjoint
+    pieces, so no communication is needed. Batch size and max_seq_len may change between steps.
+    """
+
+    def __init__(self, pattern, rank, world_size, vocab_size, device="cpu"):
+        self.files = list_shards(pattern, "training")
+        self.rank, self.world_size, self.vocab_size, self.device = rank, world_size, vocab_size, device
+        self.available = sum(read_shard_header(f) for f in self.files)
+        self.consumed = 0  # tokens handed to all ranks so far
+        self.shard_index = -1
+        self.next_shard = None
+        self._advance()
+
+    def _load(self, index, out):
+        out["tokens"] = read_shard(self.files[index], self.vocab_size)
+
+    def _prefetch(self, index):
+        box = {}
+        thread = threading.Thread(target=self._load, args=(index, box), daemon=True)
+        thread.start()
+        return thread, box
+
+    def _advance(self):
+        """Move to the next shard (already loading in the background) and start loading the one after."""
+        self.shard_index += 1
+        if self.shard_index >= len(self.files):
+            raise EOFError
+        if self.next_shard is None:
+            self.next_shard = self._prefetch(self.shard_index)
+        thread, box = self.next_shard
+        thread.join()
+        if "tokens" not in box:
+            self._load(self.shard_index, box)  # the background read failed: raise its error here
+        self.tokens = box["tokens"]
+        self.bos = np.flatnonzero(self.tokens == BOS_ID)
+        self.doc = 0  # index into self.bos of the next unread document
+        more = self.shard_index + 1 < len(self.files)
+        self.next_shard = self._prefetch(self.shard_index + 1) if more else None
+
+    def _pieces(self, tokens, max_seq_len):
+        """Take pieces totalling exactly `tokens` from the next documents: [(start, length)]."""
+        pieces, need = [], tokens
+        while need:
+            if self.doc >= len(self.bos):
+                self._advance()
+                continue
+            start = self.bos[self.doc]
+            end = self.bos[self.doc + 1] if self.doc + 1 < len(self.bos) else len(self.tokens)
+            length = min(end - start, max_seq_len, need)
+            pieces.append((self.shard_index, start, length))
+            self.doc += 1
+            need -= length
+        return pieces
+
+    def next_batch(self, tokens, max_seq_len):
+        """(inputs [tokens], targets [tokens], cu_seqlens) for this rank: int64 tensors on device."""
+        try:
+            mine = None
+            for rank in range(self.world_size):
+                pieces = self._pieces(tokens + 1, max_seq_len)
+                if rank == self.rank:
+                    mine = np.concatenate([self._shard_tokens(i)[s : s + n] for i, s, n in pieces])
+                    lengths = [n for _, _, n in pieces]
+        except EOFError:
+            raise SystemExit(
+                f"error: the training data ran out after {self.consumed:,} tokens handed out; the schedule "
+                f"needs more (the shards {self.files[0]} ... hold {self.available:,} tokens, and documents longer "
+                f"than max_seq_len lose their tails). Download more shards or shorten the schedule."
+            ) from None
+        self.consumed += (tokens + 1) * self.world_size
+        buf = torch.from_numpy(mine.astype(np.int64)).to(self.device, non_blocking=True)
+        cu_seqlens = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
+        return buf[:-1], buf[1:], cu_seqlens
+
+    def _shard_tokens(self, index):
+        if index != self.shard_index:
+            raise AssertionError("a piece outlived its shard")
+        return self.tokens
+
+
+class ValLoader:
+    """The first `val_tokens` tokens of the val shards in fixed slices, split over ranks.
+
+    Slices are contiguous; their document boundaries come from the BOS tokens inside them."""
+
+    def __init__(self, pattern, val_tokens, slice_tokens, rank, world_size, vocab_size, device="cpu"):
+        files = list_shards(pattern, "validation")
+        parts, have = [], 0
+        for f in files:
+            if have > val_tokens:
+                break
+            parts.append(read_shard(f, vocab_size))
+            have += parts[-1].size
+        if have < val_tokens + 1:
+            raise SystemExit(f"error: validation shards {pattern} hold {have:,} tokens; val_tokens={val_tokens:,} needs {val_tokens + 1:,}")
+        if val_tokens % (slice_tokens * world_size):
+            raise SystemExit(f"error: val_tokens={val_tokens} must be a multiple of {slice_tokens * world_size} (val slice x world size)")
+        self.tokens = torch.from_numpy(np.concatenate(parts)[: val_tokens + 1].astype(np.int64))
+        self.slice_tokens, self.rank, self.world_size, self.device = slice_tokens, rank, world_size, device
+
+    def __iter__(self):
+        n = self.slice_tokens
+        for start in range(self.rank * n, self.tokens.numel() - 1, n * self.world_size):
+            chunk = self.tokens[start : start + n + 1].to(self.device)
+            yield chunk[:-1], chunk[1:]
+
+
+# ------------------------------------------------------------------------------------------------
+# Schedules: every per-step quantity is a function of the step number
+# ------------------------------------------------------------------------------------------------
+
+
+class Schedule:
+    """Batch size, windows, learning-rate multiplier, momentum, MTP weights and the untie step."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.total = cfg.num_steps + cfg.extension_steps
+        self.untie_step = math.ceil(cfg.untie_frac * cfg.num_steps) if cfg.untie_frac < 1 else None
+
+    def stage(self, step):
+        """0, 1, 2: the thirds of the scheduled steps; 3: the extension steps."""
+        return 3 if step >= self.cfg.num_steps else min(2, 3 * step // self.cfg.num_steps)
+
+    def batch_tokens(self, step):
+        return self.cfg.batch_tokens[min(self.stage(step), 2) if self.cfg.batch_schedule else 2]
+
+    def long_window_blocks(self, step):
+        cfg = self.cfg
+        if not cfg.window_schedule:
+            return cfg.long_windows[-1]
+        stage = self.stage(step)
+        return cfg.extension_window if stage == 3 else cfg.long_windows[stage]
+
+    def final_window_blocks(self):
+        return self.cfg.final_window if self.cfg.window_schedule else self.cfg.long_windows[-1]
+
+    def windows(self, long_blocks):
+        """(long, short) window sizes in tokens; short windows are half as long."""
+        block = self.cfg.window_block
+        return long_blocks * block, max(1, long_blocks // 2) * block
+
+    def lr_mult(self, step):
+        cfg = self.cfg
+        x = min(step / cfg.num_steps, 1.0)
+        mult = cfg.lr_mults[min(self.stage(step), 2)]
+        if x > 1 - cfg.cooldown_frac:
+            w = (1 - x) / cfg.cooldown_frac
+            mult *= w + (1 - w) * cfg.lr_floor
+        return mult
+
+    def momentum(self, step):
+        cfg = self.cfg
+        lo, hi = cfg.muon_momentum_start, cfg.muon_momentum
+        warm = min(1.0, step / cfg.momentum_warmup_steps) if cfg.momentum_warmup_steps else 1.0
+        left = self.total - step
+        cool = min(1.0, left / cfg.momentum_cooldown_steps) if cfg.momentum_cooldown_steps else 1.0
+        return lo + (hi - lo) * min(warm, cool)
+
+    def mtp_weights(self, step):
+        """Weights of the next 3, 2, then 1 tokens' losses, fading as training goes on."""
+        if not self.cfg.mtp:
+            return (1.0,)
+        x = step / self.cfg.num_steps
+        if x < 1 / 3:
+            return (1.0, 0.5, 0.25 * (1 - 3 * x))
+        if x < 2 / 3:
+            return (1.0, 0.5 * (2 - 3 * x))
+        return (1.0,)
+
+    def stage_starts(self):
+        """First step of every stage that the run has."""
+        extension = {self.cfg.num_steps} if self.cfg.extension_steps else set()
+        return sorted({self.stage_start(s) for s in range(3)} | extension)
+
+    def stage_start(self, stage):
+        return -(-stage * self.cfg.num_steps // 3)
+
+    def describe(self):
+        """The schedule as printable lines, one per stage."""
+        lines = []
+        for start in self.stage_starts():
+            stage = self.stage(start)
+            end = self.total if stage == 3 else (self.stage_start(stage + 1) if stage < 2 else self.cfg.num_steps)
+            long_w, short_w = self.windows(self.long_window_blocks(start))
+            mtp = ", ".join(f"{w:.3f}" for w in self.mtp_weights(start))
+            lines.append(
+                f"steps {start}-{end - 1}: batch {self.batch_tokens(start)} tokens, windows {long_w}/{short_w}, "
+                f"lr x{self.lr_mult(start):.3f}->x{self.lr_mult(end - 1):.3f}, momentum {self.momentum(start):.3f}, mtp [{mtp}]"
+            )
+        untie = "never" if self.untie_step is None else f"step {self.untie_step}"
+        lines.append(f"untie embedding: {untie}; final validation window {self.windows(self.final_window_blocks())[0]}")
+        return lines
+
+
+# ------------------------------------------------------------------------------------------------
+# Logging: the record log (source, versions, config, step lines) and a JSON-lines twin
+# ------------------------------------------------------------------------------------------------
+
+SEPARATOR = "=" * 100
+RECORDS_INDEX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "records", "index.json")
+
+
+def versions_and_hardware():
+    """Python/torch/triton/CUDA versions and the hardware, as the record log wants them."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    lines = [
+        f"python {platform.python_version()} | torch {torch.__version__} | triton {triton_version} | cuda {torch.version.cuda or 'none'}"
+    ]
+    try:
+        lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=30).stdout.strip())
+    except (OSError, subprocess.TimeoutExpired):
+        cpu = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
+        except OSError:
+            pass
+        lines.append(f"cpu: {cpu} | {os.cpu_count()} cores | torch threads {torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
+class RunLog:
+    """Writes `<log_dir>/<run_id>.txt` and `.jsonl` on rank 0; every line is flushed as written."""
+
+    def __init__(self, cfg, backend):
+        self.enabled = backend.is_master
+        self.console = cfg.progress
+        if not self.enabled:
+            return
+        os.makedirs(cfg.log_dir, exist_ok=True)
+        self.path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
+        self.text = open(self.path, "w")
+        self.metrics = open(os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl"), "w")
+        with open(os.path.abspath(__file__)) as f:
+            self.text.write(f.read())
+        self.text.write(f"\n{SEPARATOR}\n{versions_and_hardware()}\n{SEPARATOR}\n")
+        self.line("config: " + json.dumps(dataclasses.asdict(cfg)))
+        self.metric(kind="config", **dataclasses.asdict(cfg))
+
+    def line(self, text, console=True):
+        if not self.enabled:
+            return
+        self.text.write(text + "\n")
+        self.text.flush()
+        if console and self.console:
+            print(text, flush=True)
+
+    def metric(self, **record):
+        if self.enabled:
+            self.metrics.write(json.dumps(record) + "\n")
+            self.metrics.flush()
+
+    def close(self):
+        if self.enabled:
+            self.text.close()
+            self.metrics.close()
+
+
+def current_record(track):
+    """The latest record of a track from records/index.json, or None."""
+    try:
+        with open(RECORDS_INDEX) as f:
+            records = json.load(f)["tracks"][track]["records"]
+    except (OSError, KeyError, ValueError):
+        return None
+    return records[-1] if records else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    """Owns the model, optimizers, loaders and schedule; runs steps, validation and the timed loop."""
+
+    def __init__(self, cfg, backend, log):
+        self.cfg, self.backend, self.log = cfg, backend, log
+        self.schedule = Schedule(cfg)
+        self.check_batches()
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(cfg, backend.ops, backend.attention).to(backend.device)
+        self.forward = torch.compile(self.model, fullgraph=True, dynamic=False) if cfg.compile else self.model
+        self.optimizers = Optimizers(self.model, cfg, backend)
+        self.accum = cfg.accum_world_size // backend.world_size
+        self.new_train_loader()
+        self.val_loader = ValLoader(cfg.val_files, cfg.val_tokens, cfg.val_batch_tokens // cfg.accum_world_size,
+                                    backend.rank, backend.world_size, cfg.vocab_size, backend.device)
+
+    def check_batches(self):
+        """Every batch must split evenly into ranks and accumulation steps: say so at start if not."""
+        cfg, world = self.cfg, self.backend.world_size
+        if cfg.accum_world_size % world:
+            raise SystemExit(
+                f"error: preset {cfg.preset} splits its batch for accum_world_size={cfg.accum_world_size} ranks; "
+                f"world size {world} does not divide it (use 1, 2, 4 ... ranks, or set --accum_world_size)"
+            )
+        for tokens in set(cfg.batch_tokens) | {cfg.val_batch_tokens}:
+            if tokens % cfg.accum_world_size:
+                raise SystemExit(f"error: batch of {tokens} tokens does not split over accum_world_size={cfg.accum_world_size}")
+
+    def new_train_loader(self):
+        b = self.backend
+        self.train_loader = TrainLoader(self.cfg.train_files, b.rank, b.world_size, self.cfg.vocab_size, b.device)
+
+    def train_step(self, step):
+        """One optimizer step (with gradient accumulation); returns this rank's mean loss."""
+        cfg, sched = self.cfg, self.schedule
+        if step == sched.untie_step:
+            self.model.untie()
+            self.optimizers.adam.copy_state(self.model.lm_head, self.model.embed)
+        long_blocks = sched.long_window_blocks(step)
+        self.model.rotary.set_window(long_blocks * cfg.window_block, cfg.yarn)
+        windows = sched.windows(long_blocks)
+        weights = torch.tensor(sched.mtp_weights(step), device=self.backend.device)
+        micro_tokens = sched.batch_tokens(step) // cfg.accum_world_size
+        total = 0.0
+        for _ in range(self.accum):
+            inputs, targets, _ = self.train_loader.next_batch(micro_tokens, cfg.max_seq_len)
+            loss = self.forward(inputs, targets, windows, weights) / self.accum
+            loss.backward()
+            total += loss.detach()
+        self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last=step == sched.total - 1)
+        return total
+
+    @torch.no_grad()
+    def validate(self, long_blocks):
+        """Mean cross-entropy over the first val_tokens tokens (all ranks)."""
+        cfg = self.cfg
+        self.model.rotary.set_window(long_blocks * cfg.window_block, cfg.yarn)
+        windows = self.schedule.windows(long_blocks)
+        one = torch.ones(1, device=self.backend.device)
+        self.model.eval()
+        losses = [self.forward(x, y, windows, one) for x, y in self.val_loader]
+        self.model.train()
+        loss = torch.stack(losses).mean()
+        if self.backend.world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        return loss.item()
+
+    def warmup(self):
+        """Untimed: compile and run a few real steps of every schedule stage, then restore the model,
+        the optimizers and the data so the timed run starts from scratch."""
+        steps = self.cfg.warmup_steps
+        if not steps:
+            return
+        model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        optim_state = copy_state(self.optimizers.state_dict())
+        starts = set(self.schedule.stage_starts())
+        if self.schedule.untie_step is not None:
+            starts.add(self.schedule.untie_step)
+        for start in sorted(starts):
+            for step in range(start, min(start + steps, self.schedule.total)):
+                self.train_step(step)
+        self.validate(self.schedule.long_window_blocks(0))
+        self.model.load_state_dict(model_state)
+        self.model.tied = True
+        self.optimizers.load_state_dict(optim_state)
+        for p in self.model.parameters():
+            p.grad = None
+        self.new_train_loader()
+        self.backend.synchronize()
+
+    def run(self):
+        cfg, sched, log = self.cfg, self.schedule, self.log
+        for line in sched.describe():
+            log.line("schedule: " + line)
+        self.warmup()
+        total = sched.total
+        train_ms, val_loss, last_loss = 0.0, float("nan"), float("nan")
+        self.backend.synchronize()
+        t0 = time.perf_counter()
+        for step in range(total + 1):
+            last = step == total
+            if last or (cfg.val_every and step % cfg.val_every == 0):
+                self.backend.synchronize()
+                train_ms += 1000 * (time.perf_counter() - t0)
+                blocks = sched.final_window_blocks() if last else sched.long_window_blocks(step)
+                val_loss = self.validate(blocks)
+                avg = f"{train_ms / step:.2f}" if step else "nan"
+                log.line(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{avg}ms")
+                log.metric(kind="val", step=step, val_loss=val_loss, train_time_ms=train_ms)
+                self.backend.synchronize()
+                t0 = time.perf_counter()
+            if last:
+                break
+            loss = self.train_step(step)
+            if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                last_loss = float(loss)
+                now = train_ms + 1000 * (time.perf_counter() - t0)
+                eta = now / (step + 1) * (total - step - 1) / 1000
+                log.line(f"step:{step + 1}/{total} train_loss:{last_loss:.4f} train_time:{now:.0f}ms "
+                         f"step_avg:{now / (step + 1):.2f}ms eta:{eta:.0f}s")
+                log.metric(kind="train", step=step + 1, train_loss=last_loss, train_time_ms=now)
+        tokens = sum(sched.batch_tokens(s) for s in range(total))
+        peak = self.backend.peak_memory_mib()
+        log.line(f"final val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms tokens:{tokens} peak_memory:{peak}MiB")
+        log.metric(kind="final", val_loss=val_loss, train_time_ms=train_ms, tokens=tokens, peak_memory_mib=peak)
+        record = current_record(cfg.preset)
+        if record:
+            log.line(f"vs record {record['name']}: val_loss {record['val_loss_mean']:.4f} (this run {val_loss - record['val_loss_mean']:+.4f}), "
+                     f"train_time {record['time_ms_mean']:.0f}ms (this run {train_ms - record['time_ms_mean']:+.0f}ms)")
+        return val_loss, train_ms
+
+
+def copy_state(obj):
+    """A deep copy of nested lists/dicts of tensors (optimizer state snapshots)."""
+    if torch.is_tensor(obj):
+        return obj.clone()
+    if isinstance(obj, dict):
+        return {k: copy_state(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(copy_state(v) for v in obj)
+    return obj
+
+
+def main(argv=None):
+    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    if not cfg.run_id:
+        cfg.run_id = f"{cfg.preset}_{uuid.uuid4().hex[:8]}"
+    backend = setup_backend(cfg)
+    if cfg.compile:
+        torch._dynamo.config.cache_size_limit = 64  # one graph per (stage, window, tied) is expected
+    log = RunLog(cfg, backend)
+    try:
+        result = Trainer(cfg, backend, log).run()
+    finally:
+        log.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Tokenize plain text into GPT-2 token shards in the format train_gpt.py reads, offline.
+
+Inputs are text files (one document each), directories (their .txt and .jsonl files, recursively,
+in sorted order) and .jsonl files (one document per line, taken from its "text" field). Every
+document gets <|endoftext|> (BOS) in front. The first --val_docs documents go, whole, to the val
+split; the rest go to train. Each split is cut into shards of exactly --shard_tokens tokens (the
+last one shorter), named PREFIX_train_000000.bin, PREFIX_val_000000.bin, ...
+
+    python data/tokenize_corpus.py books/ extra.jsonl --out_dir data/mine --prefix mine --val_docs 20
+
+The GPT-2 ranks come from a local .tiktoken file (--ranks, default data/gpt2.tiktoken), so no
+download is needed; documents are encoded on all cores.
+"""
+import argparse
+import base64
+import json
+import multiprocessing
+import os
+import sys
+
+import numpy as np
+import tiktoken
+from tqdm import tqdm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from train_gpt import BOS_ID, ShardError, write_shard  # noqa: E402
+
+DEFAULT_RANKS = os.path.join(ROOT, "data", "gpt2.tiktoken")
+# GPT-2's pre-tokenizer: contractions, letter runs, digit runs, punctuation runs, whitespace.
+GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+END_OF_TEXT = "<|endoftext|>"
+GPT2_VOCAB_SIZE = BOS_ID + 1  # 50256 merge ranks plus <|endoftext|>
+DEFAULT_SHARD_TOKENS = 10**8  # the size of a FineWeb shard
+DOCS_PER_TASK = 16  # documents handed to a worker at a time
+DIR_SUFFIXES = (".txt", ".jsonl")
+
+
+class CorpusError(ValueError):
+    """An input or ranks file that cannot be used, with the file named in the message."""
+
+
+def load_ranks(path):
+    """Read a .tiktoken file: one 'base64(token bytes) rank' pair per line."""
+    if not os.path.isfile(path):
+        raise CorpusError(f"--ranks {path}: no such file (expected a .tiktoken ranks file, e.g. data/gpt2.tiktoken)")
+    ranks = {}
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                token, rank = line.split()
+                ranks[base64.b64decode(token, validate=True)] = int(rank)
+            except ValueError:
+                raise CorpusError(f"--ranks {path}:{lineno}: expected 'base64-token rank', got {line[:60]!r}")
+    return ranks
+
+
+def gpt2_encoding(ranks_path=DEFAULT_RANKS):
+    """GPT-2's tokenizer built from a local ranks file, so it works without a network."""
+    ranks = load_ranks(ranks_path)
+    if len(ranks) != BOS_ID or max(ranks.values()) != BOS_ID - 1:
+        raise CorpusError(f"--ranks {ranks_path}: {len(ranks)} ranks, expected GPT-2's {BOS_ID} (ids 0..{BOS_ID - 1})")
+    return tiktoken.Encoding(
+        name="gpt2_local",
+        pat_str=GPT2_SPLIT_PATTERN,
+        mergeable_ranks=ranks,
+        special_tokens={END_OF_TEXT: BOS_ID},
+        explicit_n_vocab=GPT2_VOCAB_SIZE,
+    )
+
+
+def encode_document(encoding, text):
+    """BOS followed by the document's tokens; a literal '<|endoftext|>' in the text stays plain text."""
+    tokens = encoding.encode_ordinary(text)
+    return np.array([BOS_ID] + tokens, dtype=np.uint16)
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8", newline="") as f:  # newline="": the text exactly as stored
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise CorpusError(f"{path}: not UTF-8 text ({e})")
+
+
+def read_jsonl(path):
+    """Yield the "text" field of every non-blank line of a .jsonl file."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                yield json_text(path, lineno, line)
+
+
+def json_text(path, lineno, line):
+    try:
+        record = json.loads(line)
+    except ValueError as e:  # bad JSON or bad UTF-8
+        raise CorpusError(f"{path}:{lineno}: not a valid UTF-8 JSON line ({e})")
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise CorpusError(f'{path}:{lineno}: expected a JSON object with a string "text" field')
+    return record["text"]
+
+
+def input_files(paths):
+    """The files named by `paths`, directories expanded to their .txt/.jsonl files in sorted order."""
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(
+                os.path.join(folder, name)
+                for folder, _, names in os.walk(path)
+                for name in names
+                if name.endswith(DIR_SUFFIXES)
+            )
+            if not found:
+                raise CorpusError(f"{path}: directory holds no {' or '.join(DIR_SUFFIXES)} files")
+            files += found
+        elif os.path.isfile(path):
+            files.append(path)
+        else:
+            raise CorpusError(f"{path}: no such file or directory")
+    return files
+
+
+def iter_documents(paths):
+    """Document texts in input order: a whole text file, or one line of a .jsonl file."""
+    for path in input_files(paths):
+        if path.endswith(".jsonl"):
+            yield from read_jsonl(path)
+        else:
+            yield read_text(path)
+
+
+_worker_encoding = None
+
+
+def _init_worker(ranks_path):
+    global _worker_encoding
+    _worker_encoding = gpt2_encoding(ranks_path)
+
+
+def _encode_in_worker(text):
+    return encode_document(_worker_encoding, text)
+
+
+def encode_documents(texts, ranks_path=DEFAULT_RANKS, workers=None):
+    """Yield each text's tokens (BOS first), in order, encoding on `workers` processes (default: all cores)."""
+    workers = workers or os.cpu_count()
+    with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(ranks_path,)) as pool:
+        yield from pool.imap(_encode_in_worker, texts, chunksize=DOCS_PER_TASK)
+
+
+class ShardWriter:
+    """Cut a stream of token arrays into shards of exactly `shard_tokens` tokens (the last one shorter)."""
+
+    def __init__(self, out_dir, stem, shard_tokens):
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be at least 1, got {shard_tokens}")
+        self.out_dir, self.stem = out_dir, stem
+        self.buffer = np.empty(shard_tokens, dtype=np.uint16)
+        self.fill = 0
+        self.paths = []
+
+    def add(self, tokens):
+        while len(tokens):
+            n = min(len(tokens), len(self.buffer) - self.fill)
+            self.buffer[self.fill : self.fill + n] = tokens[:n]
+            self.fill += n
+            tokens = tokens[n:]
+            if self.fill == len(self.buffer):
+                self._flush()
+
+    def _flush(self):
+        path = os.path.join(self.out_dir, f"{self.stem}_{len(self.paths):06d}.bin")
+        write_shard(path, self.buffer[: self.fill])
+        self.paths.append(path)
+        self.fill = 0
+
+    def close(self):
+        """Write what is left; return the paths of all shards written."""
+        if self.fill:
+            self._flush()
+        return self.paths
+
+
+def write_splits(token_arrays, is_val, out_dir, prefix, shard_tokens=DEFAULT_SHARD_TOKENS):
+    """Write documents to PREFIX_val_* when is_val(index) else PREFIX_train_*; return both path lists."""
+    os.makedirs(out_dir, exist_ok=True)
+    train = ShardWriter(out_dir, f"{prefix}_train", shard_tokens)
+    val = ShardWriter(out_dir, f"{prefix}_val", shard_tokens)
+    bar = tqdm(token_arrays, unit="doc", desc=f"tokenizing into {out_dir}")
+    total = 0
+    for i, tokens in enumerate(bar):
+        (val if is_val(i) else train).add(tokens)
+        total += len(tokens)
+        bar.set_postfix(tokens=total, refresh=False)
+    return train.close(), val.close()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", help="text files, .jsonl files, or directories of them")
+    parser.add_argument("--out_dir", required=True, help="where the shards go (created if missing)")
+    parser.add_argument("--prefix", default="corpus", help="shard names start with this (default: corpus)")
+    parser.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
+    parser.add_argument("--val_docs", type=int, default=0, help="how many leading documents go to the val split")
+    parser.add_argument("--ranks", default=DEFAULT_RANKS, help="GPT-2 .tiktoken ranks file")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="encoding processes (default: all cores)")
+    args = parser.parse_args(argv)
+    for flag in ("shard_tokens", "workers"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+    if args.val_docs < 0:
+        parser.error(f"--val_docs must be 0 or more, got {args.val_docs}")
+    try:
+        gpt2_encoding(args.ranks)  # fail on a bad ranks file here, not inside a worker
+        input_files(args.inputs)  # and on a missing input before any work starts
+        tokens = encode_documents(iter_documents(args.inputs), args.ranks, args.workers)
+        train, val = write_splits(tokens, lambda i: i < args.val_docs, args.out_dir, args.prefix, args.shard_tokens)
+    except (CorpusError, ShardError) as e:
+        raise SystemExit(f"error: {e}")
+    if not train and not val:
+        raise SystemExit(f"error: no documents found in {' '.join(args.inputs)}")
+    for path in val + train:
+        print(path)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,281 @@
+"""Tests of records/records.py against scipy's t-tests, hand-written logs and a fake trainer."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import numpy as np
+import pytest
+from scipy import stats
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location("records_tool", os.path.join(ROOT, "records", "records.py"))
+rt = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(rt)
+
+SEP = "=" * 100
+CODE = '''"""Tiny trainer stand-in."""
+import torch
+
+LR = 0.02
+
+
+def step(model, batch):
+    loss = model(batch).mean()
+    loss.backward()
+    return loss.item()
+'''
+VERSIONS = "python 3.11.7\ntorch 2.13.0\ntriton none\ncuda none\nhardware: 2 CPU cores"
+SAMPLES = [
+    [3.2781, 3.2795, 3.2770, 3.2789, 3.2779],
+    [3.95, 3.97, 3.96],
+    [4.001, 3.998, 4.010, 3.990, 4.004, 3.987, 4.000],
+]
+
+
+def log_text(final_loss, final_ms, code=CODE, preset="cpu", seed=0, run_id="run0"):
+    """A complete log: val at steps 0/10/20, train lines at 5/15, an unknown line, the final line."""
+    config = {"preset": preset, "seed": seed, "run_id": run_id, "lr": 0.02}
+    half = final_ms // 2
+    return "\n".join([
+        code.rstrip("\n"), SEP, VERSIONS, SEP, "config: " + json.dumps(config),
+        "step:0/20 val_loss:10.8254 train_time:0ms step_avg:nanms",
+        f"step:5/20 train_loss:6.1234 train_time:{half // 2}ms step_avg:{half / 10:.2f}ms",
+        f"step:10/20 val_loss:{final_loss + 1:.4f} train_time:{half}ms step_avg:{half / 10:.2f}ms",
+        "sink first_token_share:0.42",
+        f"step:15/20 train_loss:4.5 train_time:{3 * half // 2}ms step_avg:{half / 10:.2f}ms",
+        f"step:20/20 val_loss:{final_loss:.4f} train_time:{final_ms}ms step_avg:{final_ms / 20:.2f}ms",
+        f"final val_loss:{final_loss:.4f} train_time:{final_ms}ms tokens:81920 peak_memory:123MiB", ""])
+
+
+def write_logs(folder, losses, times_ms, **kw):
+    os.makedirs(folder, exist_ok=True)
+    paths = []
+    for i, (loss, ms) in enumerate(zip(losses, times_ms)):
+        path = os.path.join(folder, f"run{i}.txt")
+        with open(path, "w") as f:
+            f.write(log_text(loss, ms, seed=i, run_id=f"run{i}", **kw))
+        paths.append(path)
+    return paths
+
+
+def snapshot(root):
+    """Every file under root with its bytes: proves a refused command wrote nothing."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+@pytest.mark.parametrize("sample", SAMPLES)
+@pytest.mark.parametrize("target", [3.28, 4.0])
+def test_one_sample_p_matches_scipy(sample, target):
+    expected = stats.ttest_1samp(sample, popmean=target, alternative="less").pvalue
+    assert rt.p_below_target(sample, target) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+@pytest.mark.parametrize("a, b", [(SAMPLES[0], SAMPLES[1]), (SAMPLES[2], SAMPLES[1]),
+                                  ([1.0, 2.0, 4.0, 3.5], [1.5, 2.2, 2.9, 3.1, 8.0, 4.4])])
+def test_welch_p_matches_scipy(a, b):
+    expected = stats.ttest_ind(a, b, equal_var=False).pvalue
+    assert rt.welch_p(a, b) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+
+
+def test_parse_recovers_code_config_and_every_step(tmp_path):
+    path = tmp_path / "run.txt"
+    path.write_text(log_text(3.9, 2000, seed=7, run_id="abc"))
+    log = rt.parse_log(str(path))
+    assert log.code == CODE
+    assert log.versions == VERSIONS
+    assert log.config == {"preset": "cpu", "seed": 7, "run_id": "abc", "lr": 0.02}
+    assert math.isnan(log.steps[0].pop("step_avg_ms"))
+    assert log.steps == [
+        {"step": 0, "total_steps": 20, "val_loss": 10.8254, "train_time_ms": 0},
+        {"step": 5, "total_steps": 20, "train_loss": 6.1234, "train_time_ms": 500, "step_avg_ms": 100.0},
+        {"step": 10, "total_steps": 20, "val_loss": 4.9, "train_time_ms": 1000, "step_avg_ms": 100.0},
+        {"step": 15, "total_steps": 20, "train_loss": 4.5, "train_time_ms": 1500, "step_avg_ms": 100.0},
+        {"step": 20, "total_steps": 20, "val_loss": 3.9, "train_time_ms": 2000, "step_avg_ms": 100.0},
+    ]
+    assert log.final == {"val_loss": 3.9, "train_time_ms": 2000, "tokens": 81920, "peak_memory_mib": 123}
+
+
+GOOD = log_text(3.9, 2000)
+
+
+@pytest.mark.parametrize("text, what", [
+    (GOOD[:GOOD.index("final ")], "no 'final val_loss"),
+    (GOOD.replace(SEP + "\nconfig", "config"), "no second line of 100 '='"),
+    ("# Some README\n\nNot a log at all.\n", "no line of 100 '='"),
+    (SEP + "\n" + GOOD.split(SEP, 1)[1], "no source code"),
+    (GOOD.replace("config: {", "config: {oops"), "not valid JSON"),
+    (GOOD.replace('"seed": 0, ', ""), "lacks seed"),
+    (GOOD.replace("final val_loss:", "final loss:"), "expected 'final val_loss:X"),
+])
+def test_truncated_or_foreign_log_names_file_and_what_is_missing(tmp_path, text, what):
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    with pytest.raises(rt.LogError) as e:
+        rt.parse_log(str(path))
+    assert str(path) in str(e.value) and what in str(e.value)
+
+
+def test_binary_or_missing_file_is_a_log_error(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(bytes([0x80, 0xFF, 0x00, 0x9C]) * 8)
+    for p in (path, tmp_path / "missing.txt"):
+        with pytest.raises(rt.LogError, match="cannot read as a UTF-8 trainer log"):
+            rt.parse_log(str(p))
+
+
+def test_code_diff_shows_exactly_the_changed_lines(tmp_path):
+    changed = CODE.replace("LR = 0.02", "LR = 0.03").replace("    return loss.item()\n", "")
+    (a,), (b,) = write_logs(tmp_path / "a", [3.9], [1000]), write_logs(tmp_path / "b", [3.9], [1000], code=changed)
+    diff = rt.code_diff(rt.parse_log(a), rt.parse_log(b)).splitlines()
+    assert diff[0] == f"--- {a}" and diff[1] == f"+++ {b}"
+    body = [line for line in diff[2:] if line[:1] in "+-"]
+    assert body == ["-LR = 0.02", "+LR = 0.03", "-    return loss.item()"]
+    assert rt.code_diff(rt.parse_log(a), rt.parse_log(a)) == ""
+
+
+def test_plot_is_a_png_with_one_curve_per_set(tmp_path):
+    old = rt.parse_logs(write_logs(tmp_path / "old", [3.95, 3.97], [2000, 2100]))
+    new = rt.parse_logs(write_logs(tmp_path / "new", [3.90, 3.92, 3.91], [1800, 1900, 1850]))
+    out = tmp_path / "plot.png"
+    ax = rt.plot_val_curves([("old", old), ("new", new)], str(out))
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(ax.lines) == 2
+    x, y = ax.lines[1].get_data()
+    assert list(x) == pytest.approx([0.0, 0.925, 1.85]) and list(y) == pytest.approx([10.8254, 4.91, 3.91])
+
+
+def new_record(root, name, losses, times, *extra, code=CODE):
+    paths = write_logs(os.path.join(root, "..", "incoming", name), losses, times, code=code)
+    return rt.main(["new", name, *paths, "--root", str(root), *extra])
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "records"
+    r.mkdir()
+    (r / "README.md").write_text(f"# Our records\n\nHand-written intro.\n\n{rt.MARKER}\nold table\n")
+    return r
+
+
+def test_new_creates_folder_readme_and_index(root, capsys):
+    losses, times = [3.90, 3.92, 3.91], [2000, 2100, 2050]
+    assert new_record(root, "baseline", losses, times, "--note", "Baseline: every technique off.") == 0
+    (folder,) = (root / "cpu").iterdir()
+    assert folder.name.endswith("_baseline")
+    assert sorted(os.listdir(folder)) == ["README.md", "record.json", "run0.txt", "run1.txt", "run2.txt"]
+    readme = (folder / "README.md").read_text()
+    assert "Baseline: every technique off." in readme and "first record at this target" in readme
+    p = stats.ttest_1samp(losses, popmean=rt.CPU_TARGET, alternative="less").pvalue
+    rec = json.loads((root / "index.json").read_text())["tracks"]["cpu"]["records"][0]
+    assert rec["name"] == "baseline" and rec["path"] == f"cpu/{folder.name}" and rec["n"] == 3
+    assert rec["val_loss_mean"] == pytest.approx(np.mean(losses))
+    assert rec["val_loss_std"] == pytest.approx(np.std(losses, ddof=1))
+    assert rec["time_ms_mean"] == pytest.approx(2050) and rec["time_ms_std"] == pytest.approx(50)
+    assert rec["p_value"] == pytest.approx(p)
+    table = (root / "README.md").read_text()
+    assert table.startswith("# Our records\n\nHand-written intro.\n") and "old table" not in table
+    assert f"[baseline](cpu/{folder.name})" in table and "3.9100 +- 0.0100" in table
+
+    # a faster record at the same target is accepted, listed after (not alphabetically), compared
+    assert new_record(root, "a_faster", [3.90, 3.91, 3.905], [1500, 1550, 1525], "--note", "Faster.") == 0
+    recs = json.loads((root / "index.json").read_text())["tracks"]["cpu"]["records"]
+    assert [r["name"] for r in recs] == ["baseline", "a_faster"]
+    assert "-0.53 s (-25.6%) vs baseline" in (root / "README.md").read_text()
+
+    # `table` rebuilds the same files from the folders alone
+    before = snapshot(root)
+    (root / "index.json").unlink()
+    assert rt.main(["table", "--root", str(root)]) == 0
+    assert snapshot(root) == before
+
+
+def test_new_refuses_slower_and_non_significant_and_writes_nothing(root, capsys):
+    assert new_record(root, "baseline", [3.90, 3.92, 3.91], [2000, 2100, 2050]) == 0
+    before = snapshot(root)
+    assert new_record(root, "slower", [3.80, 3.81, 3.82], [2100, 2100, 2050]) == 1
+    err = capsys.readouterr().err
+    assert "refused: not faster" in err and "2.08 s is not below" in err and "baseline's 2.05 s" in err
+    assert new_record(root, "noisy", [3.99, 4.01, 3.995], [1000, 1000, 1000]) == 1
+    err = capsys.readouterr().err
+    assert "refused: not significant" in err and ">= 0.01" in err
+    assert new_record(root, "single", [3.5], [1000]) == 1
+    assert "p = nan >= 0.01" in capsys.readouterr().err
+    assert snapshot(root) == before
+
+
+def test_other_target_is_timed_only_against_its_own_records(root):
+    assert new_record(root, "baseline", [3.90, 3.92, 3.91], [2000, 2100, 2050]) == 0
+    assert new_record(root, "lower", [3.80, 3.81, 3.805], [3000, 3100, 3050], "--target", "3.85") == 0
+    assert new_record(root, "lower2", [3.80, 3.81, 3.805], [3200, 3200, 3200], "--target", "3.85") == 1
+    recs = json.loads((root / "index.json").read_text())["tracks"]["cpu"]["records"]
+    assert [(r["name"], r["target"]) for r in recs] == [("baseline", 4.0), ("lower", 3.85)]
+
+
+def test_compare_against_latest_record(root, tmp_path, capsys):
+    assert new_record(root, "baseline", [3.90, 3.92, 3.91], [2000, 2100, 2050]) == 0
+    changed = CODE.replace("LR = 0.02", "LR = 0.03")
+    paths = write_logs(tmp_path / "new", [3.88, 3.89, 3.87], [1900, 1950, 1925], code=changed)
+    capsys.readouterr()
+    assert rt.main(["compare", *paths, "--root", str(root), "--plot", str(tmp_path / "c.png")]) == 0
+    out = capsys.readouterr().out
+    p = stats.ttest_1samp([3.88, 3.89, 3.87], popmean=rt.CPU_TARGET, alternative="less").pvalue
+    welch = stats.ttest_ind([3.90, 3.92, 3.91], [3.88, 3.89, 3.87], equal_var=False).pvalue
+    assert f"= {rt.fmt_p(p)} (one-sided t-test): significant" in out
+    assert "-0.0300" in out and rt.fmt_p(welch) in out and "-0.12" in out
+    assert "\n-LR = 0.02\n+LR = 0.03\n" in out
+    assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+FAKE_TRAINER = '''"""Fake trainer: writes a log whose loss depends on --seed and --lr."""
+import json, os, sys
+
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+seed, lr = int(args["seed"]), float(args.get("lr", "0"))
+loss, ms = 3.5 + lr + 0.01 * seed * seed, int(1000 * (1 + lr) + 7 * seed)
+code = open(__file__).read()
+config = {"preset": "cpu", "seed": seed, "run_id": args["run_id"], "lr": lr}
+os.makedirs(args["log_dir"], exist_ok=True)
+with open(os.path.join(args["log_dir"], args["run_id"] + ".txt"), "w") as f:
+    f.write(code + "=" * 100 + "\\nversions\\n" + "=" * 100 + "\\nconfig: " + json.dumps(config) + "\\n")
+    f.write(f"step:1/1 val_loss:{loss:.4f} train_time:{ms}ms step_avg:{ms}.00ms\\n")
+    f.write(f"final val_loss:{loss:.4f} train_time:{ms}ms tokens:100 peak_memory:1MiB\\n")
+'''
+
+
+def test_ablate_runs_every_arm_and_tabulates_against_the_control(tmp_path, capsys):
+    fake = tmp_path / "fake_trainer.py"
+    fake.write_text(FAKE_TRAINER)
+    arms = [0.0, 0.1, 0.3]
+    argv = ["ablate", "--runs", "3", "--seed0", "1", "--trainer", f"{sys.executable} {fake}",
+            "--log_dir", str(tmp_path / "logs"), "--markdown", "--names", "control,lr0.1,lr0.3"]
+    assert rt.main(argv + ["--", "--lr=0.0", "--", "--lr=0.1", "--", "--lr=0.3"]) == 0
+    assert len(os.listdir(tmp_path / "logs")) == 9
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines()[2:]]
+    seeds = np.array([1, 2, 3])
+    loss = {lr: 3.5 + lr + 0.01 * seeds ** 2 for lr in arms}
+    ms = {lr: np.floor(1000 * (1 + lr) + 7 * seeds) for lr in arms}
+    for row, lr, name in zip(rows, arms, ["control", "lr0.1", "lr0.3"]):
+        assert row[:4] == [name, "3", f"{loss[lr].mean():.4f} +- {loss[lr].std(ddof=1):.4f}",
+                           f"{ms[lr].mean() / 1000:.2f} +- {ms[lr].std(ddof=1) / 1000:.2f}"]
+        if lr:
+            p_loss = stats.ttest_ind(loss[0.0], loss[lr], equal_var=False).pvalue
+            p_time = stats.ttest_ind(ms[0.0], ms[lr], equal_var=False).pvalue
+            assert row[4:] == [f"{lr:+.4f}", f"{p_loss:.3g}", f"{1000 * lr / 1000:+.2f}", f"{p_time:.3g}"]
+        else:
+            assert row[4] == "control"
+
+
+def test_ablate_needs_two_arms_and_a_working_trainer(tmp_path, capsys):
+    assert rt.main(["ablate", "--runs", "1", "--", "--lr=1"]) == 1
+    assert "at least two arms" in capsys.readouterr().err
+    failing = f"{sys.executable} -c 'raise SystemExit(3)'"
+    assert rt.main(["ablate", "--runs", "1", "--trainer", failing, "--", "--", "--lr=1"]) == 1
+    assert "trainer exited with 3" in capsys.readouterr().err
