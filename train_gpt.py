@@ -414,7 +414,6 @@ MM_WARPS = 8
 MM_STAGES = 3
 CE_BLOCK_V = 2048  # vocabulary columns per step of the per-row pass
 CE_WARPS = 8
-CE_MAX_WEIGHTS = 3  # multi-token-prediction weights the CE kernels take
 
 # FP8 lm_head scales: a tensor is divided by its scale before the cast, so scale = the largest
 # magnitude expected / the largest finite value of the format (448 for e4m3, 57344 for e5m2).
@@ -465,8 +464,15 @@ def fp8_linear(x, w, x_scale=FP8_X_SCALE, w_scale=FP8_W_SCALE, grad_scale=FP8_GR
 if triton is not None:
 
     @triton.jit
+    def _dot(a, b, acc, FP32: tl.constexpr):
+        """acc + a @ b; FP32 upcasts the operands first, for the interpreter (its bf16 dot is wrong)."""
+        if FP32:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a, b, acc)
+
+    @triton.jit
     def _sym_mm_kernel(a_ptr, out_ptr, m, n, s_ab, s_am, s_an, s_ob, s_om, s_on, alpha, beta,
-                       AXPBY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr):
+                       AXPBY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
         """Tile (i, j), j <= i, of a @ a^T (or alpha * a + beta * a @ a^T), stored at (i, j) and (j, i).
 
         The product is symmetric, so tiles above the diagonal are never computed: about half the FLOPs.
@@ -484,7 +490,7 @@ if triton is not None:
             k = k0 + ks
             a_i = tl.load(a_ptr + rows[:, None] * s_am + k[None, :] * s_an, mask=(rows[:, None] < m) & (k[None, :] < n), other=0.0)
             a_jt = tl.load(a_ptr + k[:, None] * s_an + cols[None, :] * s_am, mask=(k[:, None] < n) & (cols[None, :] < m), other=0.0)
-            acc = tl.dot(a_i, a_jt, acc)
+            acc = _dot(a_i, a_jt, acc, DOT_FP32)
         if AXPBY:  # a is square and symmetric here, so the (j, i) tile of a is the transpose of this one
             a_ij = tl.load(a_ptr + rows[:, None] * s_am + cols[None, :] * s_an, mask=(rows[:, None] < m) & (cols[None, :] < m), other=0.0)
             acc = alpha * a_ij.to(tl.float32) + beta * acc
@@ -497,7 +503,8 @@ if triton is not None:
 
     @triton.jit
     def _linear_relu2_kernel(x_ptr, w_ptr, out_ptr, M, N, K, s_xm, s_xk, s_wn, s_wk, s_om, s_on,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                             DOT_FP32: tl.constexpr):
         """One [BLOCK_M, BLOCK_N] tile of relu(x @ w^T)^2: the activation is applied before the store."""
         pid = tl.program_id(0)
         tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
@@ -514,7 +521,7 @@ if triton is not None:
             k = k0 + ks
             x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :] * s_xk, mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
             wt = tl.load(w_ptr + k[:, None] * s_wk + cols[None, :] * s_wn, mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
-            acc = tl.dot(x, wt, acc)
+            acc = _dot(x, wt, acc, DOT_FP32)
         acc = tl.maximum(acc, 0.0)
         out = (acc * acc).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
@@ -527,15 +534,15 @@ if triton is not None:
         return z
 
     @triton.jit
-    def _mtp_target(t_ptr, row, k: tl.constexpr, n_rows, weight):
-        """Target t_{row+k} and its weight; weight 0 (and target 0) past the end of the batch."""
+    def _mtp_target(t_ptr, w_ptr, row, k: tl.constexpr, n_rows):
+        """Target t_{row+k} and its weight w_k; weight 0 (and target 0) past the end of the batch."""
         valid = row + k < n_rows
         target = tl.load(t_ptr + row + k, mask=valid, other=0)
-        return target, tl.where(valid, weight, 0.0)
+        return target, tl.where(valid, tl.load(w_ptr + k), 0.0)
 
     @triton.jit
-    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, loss_ptr, lse_ptr, n_rows, vocab, s_z, w0, w1, w2, cap, inv_temp,
-                               SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, n_rows, vocab, s_z, cap, inv_temp,
+                               NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
         """Loss of one row: an online logsumexp over vocabulary blocks, then the weighted target logits."""
         row = tl.program_id(0)
         z_row = z_ptr + row.to(tl.int64) * s_z
@@ -549,40 +556,41 @@ if triton is not None:
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(l - new_max), axis=0)
             run_max = new_max
         lse = run_max + tl.log(run_sum)
-        weights = (w0, w1, w2)
         loss = 0.0
-        for k in tl.static_range(len(weights)):
-            target, weight = _mtp_target(t_ptr, row, k, n_rows, weights[k])
+        for k in tl.static_range(NUM_WEIGHTS):
+            target, weight = _mtp_target(t_ptr, w_ptr, row, k, n_rows)
             picked = _softcap(tl.load(z_row + target).to(tl.float32), cap, inv_temp, SOFTCAP)
             loss += weight * (lse - picked)
         tl.store(lse_ptr + row, lse)
         tl.store(loss_ptr + row, loss)
 
     @triton.jit
-    def _softcap_ce_bwd_kernel(z_ptr, t_ptr, lse_ptr, grad_ptr, dz_ptr, n_rows, vocab, s_z, s_dz, w0, w1, w2, cap, inv_temp,
-                               SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _softcap_ce_bwd_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, grad_ptr, dz_ptr, n_rows, vocab, s_z, s_dz, cap, inv_temp,
+                               NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
         """dloss/dz of one row in one pass: sum_k w_k (softmax - onehot(t_{i+k})) * grad, through the softcap."""
         row = tl.program_id(0)
         z_row = z_ptr + row.to(tl.int64) * s_z
         dz_row = dz_ptr + row.to(tl.int64) * s_dz
         lse = tl.load(lse_ptr + row)
         grad = tl.load(grad_ptr + row)
-        weights = (w0, w1, w2)
         total = 0.0
-        for k in tl.static_range(len(weights)):
-            total += _mtp_target(t_ptr, row, k, n_rows, weights[k])[1]
+        for k in tl.static_range(NUM_WEIGHTS):
+            total += _mtp_target(t_ptr, w_ptr, row, k, n_rows)[1]
         for v0 in range(0, vocab, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             z = tl.load(z_row + cols, mask=cols < vocab, other=0.0).to(tl.float32)
             l = _softcap(z, cap, inv_temp, SOFTCAP)
             dl = total * tl.exp(l - lse)
-            for k in tl.static_range(len(weights)):
-                target, weight = _mtp_target(t_ptr, row, k, n_rows, weights[k])
+            for k in tl.static_range(NUM_WEIGHTS):
+                target, weight = _mtp_target(t_ptr, w_ptr, row, k, n_rows)
                 dl -= tl.where(cols == target, weight, 0.0)
             if SOFTCAP:  # dl/dz = cap / temp * s (1 - s) with s = l / cap
                 s = l / cap
                 dl *= cap * inv_temp * s * (1.0 - s)
             tl.store(dz_row + cols, (dl * grad).to(dz_ptr.dtype.element_ty), mask=cols < vocab)
+
+    # Under TRITON_INTERPRET=1 (read when the kernels above were decorated) they run on CPU tensors.
+    INTERPRETED = not isinstance(_sym_mm_kernel, triton.runtime.JITFunction)
 
 
 def _sym_product(a, alpha, beta, axpby):
@@ -593,7 +601,7 @@ def _sym_product(a, alpha, beta, axpby):
     tiles = triton.cdiv(m, SYM_BLOCK)
     _sym_mm_kernel[(tiles, tiles, stack.shape[0])](
         stack, out, m, n, *stack.stride(), *out.stride(), float(alpha), float(beta),
-        AXPBY=axpby, BLOCK=SYM_BLOCK, BLOCK_K=SYM_BLOCK_K, num_warps=SYM_WARPS, num_stages=SYM_STAGES)
+        AXPBY=axpby, BLOCK=SYM_BLOCK, BLOCK_K=SYM_BLOCK_K, DOT_FP32=INTERPRETED, num_warps=SYM_WARPS, num_stages=SYM_STAGES)
     return out.reshape(*a.shape[:-2], m, m)
 
 
@@ -614,7 +622,7 @@ class _LinearReLU2(torch.autograd.Function):
         grid = (triton.cdiv(M, MM_BLOCK_M) * triton.cdiv(N, MM_BLOCK_N),)
         _linear_relu2_kernel[grid](
             rows, wx, out, M, N, K, *rows.stride(), *wx.stride(), *out.stride(),
-            BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, GROUP_M=MM_GROUP_M,
+            BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, GROUP_M=MM_GROUP_M, DOT_FP32=INTERPRETED,
             num_warps=MM_WARPS, num_stages=MM_STAGES)
         out = out.reshape(*x.shape[:-1], N)
         ctx.save_for_backward(x, w, out)
@@ -637,26 +645,24 @@ class _SoftcapMTPCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, weights, cap, temp):
-        if len(weights) > CE_MAX_WEIGHTS:
-            raise ValueError(f"softcap_mtp_ce takes at most {CE_MAX_WEIGHTS} weights, got {len(weights)}")
         z, targets = logits.contiguous(), targets.contiguous()
+        weights = torch.as_tensor(weights, dtype=torch.float32, device=z.device)  # a tensor: no recompiles
         n, vocab = z.shape
-        scalars = (*(float(w) for w in weights), *(0.0,) * (CE_MAX_WEIGHTS - len(weights)), float(cap), 1.0 / temp if cap > 0 else 1.0)
         loss = torch.empty(n, dtype=torch.float32, device=z.device)
         lse = torch.empty(n, dtype=torch.float32, device=z.device)
-        _softcap_ce_fwd_kernel[(n,)](z, targets, loss, lse, n, vocab, z.stride(0), *scalars,
-                                     SOFTCAP=cap > 0, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
-        ctx.save_for_backward(z, targets, lse)
-        ctx.scalars, ctx.softcap = scalars, cap > 0
+        ctx.launch = dict(cap=float(cap), inv_temp=1.0 / temp if cap > 0 else 1.0, NUM_WEIGHTS=weights.numel(),
+                          SOFTCAP=cap > 0, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
+        _softcap_ce_fwd_kernel[(n,)](z, targets, weights, loss, lse, n, vocab, z.stride(0), **ctx.launch)
+        ctx.save_for_backward(z, targets, weights, lse)
         return loss
 
     @staticmethod
     def backward(ctx, grad):
-        z, targets, lse = ctx.saved_tensors
+        z, targets, weights, lse = ctx.saved_tensors
         n, vocab = z.shape
         dz = torch.empty_like(z)
-        _softcap_ce_bwd_kernel[(n,)](z, targets, lse, grad.contiguous(), dz, n, vocab, z.stride(0), dz.stride(0),
-                                     *ctx.scalars, SOFTCAP=ctx.softcap, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
+        _softcap_ce_bwd_kernel[(n,)](z, targets, weights, lse, grad.contiguous(), dz, n, vocab, z.stride(0), dz.stride(0),
+                                     **ctx.launch)
         return dz, None, None, None, None
 
 
@@ -679,7 +685,7 @@ class TritonOps(TorchOps):
 
     @staticmethod
     def softcap_mtp_ce(logits, targets, weights, cap, temp):
-        return _SoftcapMTPCrossEntropy.apply(logits, targets, tuple(weights), cap, temp)
+        return _SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp)
 
 
 # ------------------------------------------------------------------------------------------------

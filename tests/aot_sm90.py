@@ -18,12 +18,12 @@ import train_gpt as T  # noqa: E402
 
 H100 = triton.backends.compiler.GPUTarget("cuda", 90, 32)
 TOKENS, WIDTH, HIDDEN, VOCAB = 49152, 768, 3072, 50304  # one rank's record batch and the model widths
-CE_SCALARS = dict(w0=1.0, w1=0.5, w2=0.25, cap=30.0, inv_temp=1 / 7.5, SOFTCAP=True, BLOCK_V=T.CE_BLOCK_V)
+CE_SCALARS = dict(cap=30.0, inv_temp=1 / 7.5, NUM_WEIGHTS=3, SOFTCAP=True, BLOCK_V=T.CE_BLOCK_V)
 
 
 def sym_args(m, n, axpby):
     return dict(a_ptr="*bf16", out_ptr="*bf16", m=m, n=n, s_ab=m * n, s_am=n, s_an=1, s_ob=m * m, s_om=m, s_on=1,
-                alpha=-2.0, beta=0.5, AXPBY=axpby, BLOCK=T.SYM_BLOCK, BLOCK_K=T.SYM_BLOCK_K)
+                alpha=-2.0, beta=0.5, AXPBY=axpby, BLOCK=T.SYM_BLOCK, BLOCK_K=T.SYM_BLOCK_K, DOT_FP32=False)
 
 
 # name -> (kernel, arguments at the record's shapes, launch options, multiplies matrices)
@@ -34,15 +34,15 @@ KERNELS = {
         T._linear_relu2_kernel,
         dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M=TOKENS, N=HIDDEN, K=WIDTH, s_xm=WIDTH, s_xk=1,
              s_wn=WIDTH, s_wk=1, s_om=HIDDEN, s_on=1, BLOCK_M=T.MM_BLOCK_M, BLOCK_N=T.MM_BLOCK_N,
-             BLOCK_K=T.MM_BLOCK_K, GROUP_M=T.MM_GROUP_M),
+             BLOCK_K=T.MM_BLOCK_K, GROUP_M=T.MM_GROUP_M, DOT_FP32=False),
         dict(num_warps=T.MM_WARPS, num_stages=T.MM_STAGES), True),
     "softcap_ce_fwd": (
         T._softcap_ce_fwd_kernel,
-        dict(z_ptr="*bf16", t_ptr="*i64", loss_ptr="*fp32", lse_ptr="*fp32", n_rows=TOKENS, vocab=VOCAB, s_z=VOCAB, **CE_SCALARS),
+        dict(z_ptr="*bf16", t_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32", lse_ptr="*fp32", n_rows=TOKENS, vocab=VOCAB, s_z=VOCAB, **CE_SCALARS),
         dict(num_warps=T.CE_WARPS), False),
     "softcap_ce_bwd": (
         T._softcap_ce_bwd_kernel,
-        dict(z_ptr="*bf16", t_ptr="*i64", lse_ptr="*fp32", grad_ptr="*fp32", dz_ptr="*bf16", n_rows=TOKENS, vocab=VOCAB,
+        dict(z_ptr="*bf16", t_ptr="*i64", w_ptr="*fp32", lse_ptr="*fp32", grad_ptr="*fp32", dz_ptr="*bf16", n_rows=TOKENS, vocab=VOCAB,
              s_z=VOCAB, s_dz=VOCAB, **CE_SCALARS),
         dict(num_warps=T.CE_WARPS), False),
 }

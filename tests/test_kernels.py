@@ -1,7 +1,9 @@
 """The Triton kernels against their torch twins (interpreted on CPU), their sm_90 builds, and FP8 lm_head.
 
 Tolerances are max |error| / max |reference| unless stated: fp32 1e-5 (accumulation order),
-fp16 2e-3 and bf16 1e-2 (a few roundings of the output format).
+fp16 2e-3 and bf16 1e-2 (a few roundings of the output format). The references run in fp32 on the
+same (rounded) inputs. Under the interpreter the matmul kernels upcast bf16 operands to fp32 (its
+bf16 dot is wrong), which matches the GPU's fp32 accumulation of exact bf16 products.
 """
 import json
 import math
@@ -35,7 +37,7 @@ def test_kernels_are_interpreted():
 
 
 # Polar Express shapes: 768x3072 scaled by 1/4, a stack of them, and sizes off the 128/64 tiles.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(192, 768), (3, 192, 768), (2, 1, 130, 200), (1, 5)])
 def test_sym_mm_matches_twin(shape, dtype):
     a = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) / math.sqrt(shape[-1])).to(dtype)
@@ -45,7 +47,7 @@ def test_sym_mm_matches_twin(shape, dtype):
     assert_close(out, T.TorchOps.sym_mm(a.float()), TOL[dtype], f"sym_mm {shape} {dtype}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(192, 192), (2, 130, 130), (200, 200)])
 def test_sym_axpby_matches_twin(shape, dtype):
     s = torch.randn(shape, generator=torch.Generator().manual_seed(1)) / math.sqrt(shape[-1])
@@ -71,7 +73,7 @@ def kernel_grads(fn, inputs, grad):
 
 
 # MLP up projection: 768 -> 3072 scaled by 1/4 on 256 tokens, and sizes off the 128/256/64 tiles.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("x_shape,w_shape", [((2, 128, 192), (768, 192)), ((3, 50, 100), (300, 100))])
 def test_linear_relu2_matches_twin_and_autograd(x_shape, w_shape, dtype):
     gen = torch.Generator().manual_seed(2)
@@ -89,7 +91,8 @@ def test_linear_relu2_matches_twin_and_autograd(x_shape, w_shape, dtype):
 
 
 # Record vocabulary 50304 scaled by 1/16 (3144: one full and one partial 2048-block), a vocabulary
-# smaller than a block, fewer rows than MTP weights; softcap on and off; bf16 too (no tl.dot here).
+# smaller than a block, fewer rows than MTP weights; softcap on and off. The model passes the MTP
+# weights as a float32 tensor (new values never recompile); both ops take it.
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("rows,vocab,weights,cap", [
     (64, 3144, (1.0, 0.5, 0.25), 30.0),
@@ -103,6 +106,7 @@ def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, dty
     logits = (4 * torch.randn(rows, vocab, generator=gen)).to(dtype)
     targets = torch.randint(0, vocab, (rows,), generator=gen)
     grad = torch.randn(rows, generator=gen)
+    weights = torch.tensor(weights)
 
     def kernel(z):
         return T.TritonOps.softcap_mtp_ce(z, targets, weights, cap, 7.5)
@@ -112,17 +116,11 @@ def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, dty
 
     loss, (dz,) = kernel_grads(kernel, (logits,), grad)
     ref, (rz,) = twin_grads(twin, (logits,), grad)
-    what = f"softcap_mtp_ce {rows}x{vocab} w={weights} cap={cap} {dtype}"
+    what = f"softcap_mtp_ce {rows}x{vocab} w={weights.tolist()} cap={cap} {dtype}"
     assert loss.dtype == torch.float32 and loss.shape == (rows,)
     assert dz.dtype == dtype and dz.shape == logits.shape
     assert_close(loss, ref, 1e-5, what + " loss")  # fp32 math on the same logits in both
     assert_close(dz, rz, TOL[dtype], what + " dlogits")
-
-
-def test_softcap_mtp_ce_rejects_too_many_weights():
-    logits, targets = torch.randn(4, 10), torch.zeros(4, dtype=torch.long)
-    with pytest.raises(ValueError, match="at most 3"):
-        T.TritonOps.softcap_mtp_ce(logits, targets, (1.0, 0.5, 0.25, 0.1), 30.0, 7.5)
 
 
 # FP8 lm_head (torch._scaled_mm on CPU). Inputs shaped like the head's: RMS-normed rows of width 768,
