@@ -592,100 +592,96 @@ if triton is not None:
     # Under TRITON_INTERPRET=1 (read when the kernels above were decorated) they run on CPU tensors.
     INTERPRETED = not isinstance(_sym_mm_kernel, triton.runtime.JITFunction)
 
+    def _sym_product(a, alpha, beta, axpby):
+        """a @ a^T (or alpha * a + beta * a @ a^T) for a [..., m, n] with the one-triangle kernel."""
+        m, n = a.shape[-2:]
+        stack = a.reshape(-1, m, n)
+        out = torch.empty(stack.shape[0], m, m, dtype=a.dtype, device=a.device)
+        tiles = triton.cdiv(m, SYM_BLOCK)
+        _sym_mm_kernel[(tiles, tiles, stack.shape[0])](
+            stack, out, m, n, *stack.stride(), *out.stride(), float(alpha), float(beta),
+            AXPBY=axpby, BLOCK=SYM_BLOCK, BLOCK_K=SYM_BLOCK_K, DOT_FP32=INTERPRETED, num_warps=SYM_WARPS, num_stages=SYM_STAGES)
+        return out.reshape(*a.shape[:-2], m, m)
 
-def _sym_product(a, alpha, beta, axpby):
-    """a @ a^T (or alpha * a + beta * a @ a^T) for a [..., m, n] with the one-triangle kernel."""
-    m, n = a.shape[-2:]
-    stack = a.reshape(-1, m, n)
-    out = torch.empty(stack.shape[0], m, m, dtype=a.dtype, device=a.device)
-    tiles = triton.cdiv(m, SYM_BLOCK)
-    _sym_mm_kernel[(tiles, tiles, stack.shape[0])](
-        stack, out, m, n, *stack.stride(), *out.stride(), float(alpha), float(beta),
-        AXPBY=axpby, BLOCK=SYM_BLOCK, BLOCK_K=SYM_BLOCK_K, DOT_FP32=INTERPRETED, num_warps=SYM_WARPS, num_stages=SYM_STAGES)
-    return out.reshape(*a.shape[:-2], m, m)
+    class _LinearReLU2(torch.autograd.Function):
+        """relu(x @ w^T)^2 from one Triton matmul; backward uses two torch (cuBLAS) matmuls.
 
+        Only the output is saved: it is the next layer's input, so autograd keeps it anyway, and
+        relu(pre) = sqrt(out) gives back what the derivative 2 * relu(pre) needs.
+        """
 
-class _LinearReLU2(torch.autograd.Function):
-    """relu(x @ w^T)^2 from one Triton matmul; backward uses two torch (cuBLAS) matmuls.
+        @staticmethod
+        def forward(ctx, x, w):
+            rows = x.reshape(-1, x.shape[-1])
+            wx = w.to(x.dtype)
+            out = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
+            M, K = rows.shape
+            N = w.shape[0]
+            grid = (triton.cdiv(M, MM_BLOCK_M) * triton.cdiv(N, MM_BLOCK_N),)
+            _linear_relu2_kernel[grid](
+                rows, wx, out, M, N, K, *rows.stride(), *wx.stride(), *out.stride(),
+                BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, GROUP_M=MM_GROUP_M, DOT_FP32=INTERPRETED,
+                num_warps=MM_WARPS, num_stages=MM_STAGES)
+            out = out.reshape(*x.shape[:-1], N)
+            ctx.save_for_backward(x, w, out)
+            return out
 
-    Only the output is saved: it is the next layer's input, so autograd keeps it anyway, and
-    relu(pre) = sqrt(out) gives back what the derivative 2 * relu(pre) needs.
-    """
+        @staticmethod
+        def backward(ctx, grad):
+            x, w, out = ctx.saved_tensors
+            dpre = 2 * grad * out.sqrt()
+            grad_x = dpre @ w.to(dpre.dtype)
+            grad_w = dpre.reshape(-1, w.shape[0]).mT @ x.reshape(-1, x.shape[-1])
+            return grad_x, grad_w.to(w.dtype)
 
-    @staticmethod
-    def forward(ctx, x, w):
-        rows = x.reshape(-1, x.shape[-1])
-        wx = w.to(x.dtype)
-        out = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
-        M, K = rows.shape
-        N = w.shape[0]
-        grid = (triton.cdiv(M, MM_BLOCK_M) * triton.cdiv(N, MM_BLOCK_N),)
-        _linear_relu2_kernel[grid](
-            rows, wx, out, M, N, K, *rows.stride(), *wx.stride(), *out.stride(),
-            BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, GROUP_M=MM_GROUP_M, DOT_FP32=INTERPRETED,
-            num_warps=MM_WARPS, num_stages=MM_STAGES)
-        out = out.reshape(*x.shape[:-1], N)
-        ctx.save_for_backward(x, w, out)
-        return out
+    class _SoftcapMTPCrossEntropy(torch.autograd.Function):
+        """Per-token softcapped multi-token CE; each direction is one pass over the vocabulary per row.
 
-    @staticmethod
-    def backward(ctx, grad):
-        x, w, out = ctx.saved_tensors
-        dpre = 2 * grad * out.sqrt()
-        grad_x = dpre @ w.to(dpre.dtype)
-        grad_w = dpre.reshape(-1, w.shape[0]).mT @ x.reshape(-1, x.shape[-1])
-        return grad_x, grad_w.to(w.dtype)
+        Saves the logits (as given, bf16 on GPU) and the fp32 logsumexp per row, never fp32 logits.
+        """
 
+        @staticmethod
+        def forward(ctx, logits, targets, weights, cap, temp):
+            z, targets = logits.contiguous(), targets.contiguous()
+            weights = torch.as_tensor(weights, dtype=torch.float32, device=z.device)  # a tensor: no recompiles
+            n, vocab = z.shape
+            loss = torch.empty(n, dtype=torch.float32, device=z.device)
+            lse = torch.empty(n, dtype=torch.float32, device=z.device)
+            ctx.launch = dict(cap=float(cap), inv_temp=1.0 / temp if cap > 0 else 1.0, NUM_WEIGHTS=weights.numel(),
+                              SOFTCAP=cap > 0, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
+            _softcap_ce_fwd_kernel[(n,)](z, targets, weights, loss, lse, n, vocab, z.stride(0), **ctx.launch)
+            ctx.save_for_backward(z, targets, weights, lse)
+            return loss
 
-class _SoftcapMTPCrossEntropy(torch.autograd.Function):
-    """Per-token softcapped multi-token CE; each direction is one pass over the vocabulary per row.
+        @staticmethod
+        def backward(ctx, grad):
+            z, targets, weights, lse = ctx.saved_tensors
+            n, vocab = z.shape
+            dz = torch.empty_like(z)
+            _softcap_ce_bwd_kernel[(n,)](z, targets, weights, lse, grad.contiguous(), dz, n, vocab, z.stride(0), dz.stride(0),
+                                         **ctx.launch)
+            return dz, None, None, None, None
 
-    Saves the logits (as given, bf16 on GPU) and the fp32 logsumexp per row, never fp32 logits.
-    """
+    class TritonOps(TorchOps):
+        """The fused Triton kernels behind TorchOps' signatures (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
 
-    @staticmethod
-    def forward(ctx, logits, targets, weights, cap, temp):
-        z, targets = logits.contiguous(), targets.contiguous()
-        weights = torch.as_tensor(weights, dtype=torch.float32, device=z.device)  # a tensor: no recompiles
-        n, vocab = z.shape
-        loss = torch.empty(n, dtype=torch.float32, device=z.device)
-        lse = torch.empty(n, dtype=torch.float32, device=z.device)
-        ctx.launch = dict(cap=float(cap), inv_temp=1.0 / temp if cap > 0 else 1.0, NUM_WEIGHTS=weights.numel(),
-                          SOFTCAP=cap > 0, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
-        _softcap_ce_fwd_kernel[(n,)](z, targets, weights, loss, lse, n, vocab, z.stride(0), **ctx.launch)
-        ctx.save_for_backward(z, targets, weights, lse)
-        return loss
+        name = "triton"
 
-    @staticmethod
-    def backward(ctx, grad):
-        z, targets, weights, lse = ctx.saved_tensors
-        n, vocab = z.shape
-        dz = torch.empty_like(z)
-        _softcap_ce_bwd_kernel[(n,)](z, targets, weights, lse, grad.contiguous(), dz, n, vocab, z.stride(0), dz.stride(0),
-                                     **ctx.launch)
-        return dz, None, None, None, None
+        @staticmethod
+        def sym_mm(a):
+            return _sym_product(a, 0.0, 1.0, axpby=False)
 
+        @staticmethod
+        def sym_axpby(a, b, c):
+            return _sym_product(a, b, c, axpby=True)
 
-class TritonOps(TorchOps):
-    """The fused Triton kernels behind TorchOps' signatures (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
+        @staticmethod
+        def linear_relu2(x, w):
+            return _LinearReLU2.apply(x, w)
 
-    name = "triton"
-
-    @staticmethod
-    def sym_mm(a):
-        return _sym_product(a, 0.0, 1.0, axpby=False)
-
-    @staticmethod
-    def sym_axpby(a, b, c):
-        return _sym_product(a, b, c, axpby=True)
-
-    @staticmethod
-    def linear_relu2(x, w):
-        return _LinearReLU2.apply(x, w)
-
-    @staticmethod
-    def softcap_mtp_ce(logits, targets, weights, cap, temp):
-        return _SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp)
+        @staticmethod
+        def softcap_mtp_ce(logits, targets, weights, cap, temp):
+            return _SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp)
 
 
 # ------------------------------------------------------------------------------------------------

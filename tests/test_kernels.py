@@ -167,6 +167,40 @@ def test_fp8_casts_saturate():
     assert T._to_fp8(big, 1.0, torch.float8_e5m2).float().tolist() == [57344.0, -57344.0]
 
 
+# The whole model: a small CPU-preset GPT with every parameter perturbed (so zero-initialized
+# projections do not hide the MLP), TorchOps vs TritonOps on the same batch. The model computes
+# in bf16, so the loss agrees to 1e-4 and the gradients of the matrices the kernels produce
+# (lm_head through the CE backward, MLP up/down through linear_relu2) to 2% in Frobenius norm,
+# a few bf16 roundings (2^-8 each) apart.
+MODEL_FLAGS = ["--preset=cpu", "--n_layer=4", "--d_model=128", "--n_head=2", "--head_dim=64", "--mlp_hidden=512",
+               "--vocab_size=1000", "--long_window_layers=1,3", "--skip_from=1", "--skip_to=2", "--backout_layer=2"]
+
+
+def model_loss_and_grads(cfg, ops, idx, targets):
+    torch.manual_seed(0)
+    model = T.GPT(cfg, ops, T.BlockedAttention(cfg.window_block))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    windows = (2 * cfg.window_block, cfg.window_block)
+    loss = model(idx, targets, windows, torch.tensor([1.0, 0.5, 0.25]))
+    loss.backward()
+    return loss.item(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_model_loss_same_with_triton_ops():
+    cfg = T.parse_args(MODEL_FLAGS)
+    gen = torch.Generator().manual_seed(5)
+    idx, targets = torch.randint(0, cfg.vocab_size, (2, 192), generator=gen)
+    loss, grads = model_loss_and_grads(cfg, T.TorchOps, idx, targets)
+    kernel_loss, kernel_grads_ = model_loss_and_grads(cfg, T.TritonOps, idx, targets)
+    assert abs(kernel_loss - loss) <= 1e-4 * abs(loss), (kernel_loss, loss)
+    checked = [name for name in grads if name == "lm_head" or ".mlp." in name]
+    assert len(checked) == 1 + 2 * cfg.n_layer
+    for name in checked:
+        assert relative_error(kernel_grads_[name], grads[name]) < 0.02, name
+
+
 # Ahead-of-time builds for H100 (no GPU needed), in a subprocess without TRITON_INTERPRET.
 def run_aot(code):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
