@@ -451,6 +451,7 @@ class _FP8Linear(torch.autograd.Function):
         x_f8, w_f8, xs, ws = ctx.saved_tensors
         gs = torch.tensor(ctx.grad_scale, dtype=torch.float32, device=grad.device)
         g_f8 = _to_fp8(grad.reshape(-1, grad.shape[-1]), ctx.grad_scale, torch.float8_e5m2)
+        # .T.contiguous().T gives the same matrix stored column-major, as the second operand must be
         grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
         grad_w = torch._scaled_mm(g_f8.T.contiguous(), x_f8.T.contiguous().T, scale_a=gs, scale_b=xs, out_dtype=torch.float32)
         return grad_x.reshape(ctx.shape).to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
