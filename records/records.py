@@ -396,7 +396,8 @@ def cmd_compare(args):
     folder = args.against
     if folder is None:
         prev = previous_record(load_records(args.root)[track], target)
-        folder = prev and os.path.join(args.root, prev["path"])
+        if prev:
+            folder = os.path.join(args.root, prev["path"])
     sets = [("new", logs)]
     if folder:
         old = record_logs(folder)
@@ -435,6 +436,8 @@ def run_ablation(arms, runs, seed0, trainer, log_dir):
 def cmd_ablate(args):
     if len(args.arms) < 2:
         raise RecordsError("ablate needs at least two arms: ablate --runs N -- ARGS_A -- ARGS_B")
+    if args.runs < 1:
+        raise RecordsError(f"--runs={args.runs}: expected at least 1 seed per arm")
     labels = args.names.split(",") if args.names else [" ".join(a) or "(no flags)" for a in args.arms]
     if len(labels) != len(args.arms):
         raise RecordsError(f"--names gives {len(labels)} names for {len(args.arms)} arms")
