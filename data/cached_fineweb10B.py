@@ -123,7 +123,7 @@ def main(argv=None):
         parser.error(f"num_train must be between 0 and {NUM_TRAIN_SHARDS}, got {args.num_train}")
     try:
         fetch_shards(args.num_train, args.dir)
-    except DownloadError as e:
+    except (DownloadError, OSError) as e:  # OSError: e.g. a --dir that cannot be written
         raise SystemExit(f"error: {e}")
 
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from train_gpt import BOS_ID, ShardError, write_shard  # noqa: E402
+from train_gpt import BOS_ID, write_shard  # noqa: E402
 
 DEFAULT_RANKS = os.path.join(ROOT, "data", "gpt2.tiktoken")
 # GPT-2's pre-tokenizer: contractions, letter runs, digit runs, punctuation runs, whitespace.
@@ -148,6 +148,7 @@ def _encode_in_worker(text):
 def encode_documents(texts, ranks_path=DEFAULT_RANKS, workers=None):
     """Yield each text's tokens (BOS first), in order, encoding on `workers` processes (default: all cores)."""
     workers = workers or os.cpu_count()
+    gpt2_encoding(ranks_path)  # a bad ranks file fails here, not in every worker's initializer
     with multiprocessing.Pool(workers, initializer=_init_worker, initargs=(ranks_path,)) as pool:
         yield from pool.imap(_encode_in_worker, texts, chunksize=DOCS_PER_TASK)
 
@@ -215,16 +216,16 @@ def main(argv=None):
     if args.val_docs < 0:
         parser.error(f"--val_docs must be 0 or more, got {args.val_docs}")
     try:
-        gpt2_encoding(args.ranks)  # fail on a bad ranks file here, not inside a worker
-        input_files(args.inputs)  # and on a missing input before any work starts
+        input_files(args.inputs)  # a missing input fails before any work starts
         tokens = encode_documents(iter_documents(args.inputs), args.ranks, args.workers)
         train, val = write_splits(tokens, lambda i: i < args.val_docs, args.out_dir, args.prefix, args.shard_tokens)
-    except (CorpusError, ShardError) as e:
+    except (CorpusError, OSError) as e:  # OSError: e.g. an --out_dir that cannot be written
         raise SystemExit(f"error: {e}")
     if not train and not val:
         raise SystemExit(f"error: no documents found in {' '.join(args.inputs)}")
     for path in val + train:
         print(path)
+
 
 if __name__ == "__main__":
     main()

@@ -263,21 +263,21 @@ def write_text(path, text):
 def plot_val_curves(sets, path):
     """Val loss against train time, one mean curve per set (over the val steps all its runs share).
 
+    Step 0 (the untrained loss, ~10.8) is left out so it does not flatten the part that matters.
     Returns the Axes so callers can inspect what was drawn."""
     from matplotlib.figure import Figure  # no pyplot: no global state, Agg canvas
 
-    fig = Figure(figsize=(8, 5))
+    fig = Figure(figsize=(8, 5), layout="constrained")
     ax = fig.subplots()
     for label, logs in sets:
-        per_run = [{s["step"]: s for s in log.steps if "val_loss" in s} for log in logs]
+        per_run = [{s["step"]: s for s in log.steps if "val_loss" in s and s["step"] > 0} for log in logs]
         shared = sorted(set.intersection(*(set(r) for r in per_run)))
         x = [np.mean([r[s]["train_time_ms"] for r in per_run]) / 1000 for s in shared]
         y = [np.mean([r[s]["val_loss"] for r in per_run]) for s in shared]
         ax.plot(x, y, marker=".", label=f"{label} (n={len(logs)})")
     ax.set_xlabel("train time (s)")
     ax.set_ylabel("val loss")
-    ax.set_yscale("log")
-    ax.grid(True, which="both", alpha=0.3)
+    ax.grid(True, alpha=0.3)
     ax.legend()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return ax
@@ -396,7 +396,8 @@ def cmd_compare(args):
     folder = args.against
     if folder is None:
         prev = previous_record(load_records(args.root)[track], target)
-        folder = prev and os.path.join(args.root, prev["path"])
+        if prev:
+            folder = os.path.join(args.root, prev["path"])
     sets = [("new", logs)]
     if folder:
         old = record_logs(folder)
@@ -435,6 +436,8 @@ def run_ablation(arms, runs, seed0, trainer, log_dir):
 def cmd_ablate(args):
     if len(args.arms) < 2:
         raise RecordsError("ablate needs at least two arms: ablate --runs N -- ARGS_A -- ARGS_B")
+    if args.runs < 1:
+        raise RecordsError(f"--runs={args.runs}: expected at least 1 seed per arm")
     labels = args.names.split(",") if args.names else [" ".join(a) or "(no flags)" for a in args.arms]
     if len(labels) != len(args.arms):
         raise RecordsError(f"--names gives {len(labels)} names for {len(args.arms)} arms")

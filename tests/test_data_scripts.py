@@ -104,7 +104,7 @@ class FakeHubHandler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def fake_hub():
-    """Start a FakeHub in a thread; yields a function that sets its files and returns it."""
+    """A FakeHub serving in a thread of this process, stopped after the test (or by its deadline)."""
     hub = FakeHub({})
     thread = threading.Thread(target=hub.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     deadline = threading.Timer(SERVER_LIFETIME, hub.shutdown)
