@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -360,6 +360,51 @@ def setup_backend(cfg):
 # ------------------------------------------------------------------------------------------------
 
 
+def softcap(z, cap, temp):
+    """cap * sigmoid(z / temp): logits squashed into (0, cap); cap 0 leaves them as they are."""
+    return cap * torch.sigmoid(z / temp) if cap > 0 else z
+
+
+CE_ROWS = 32  # rows of logits the CPU loss handles at once: a few MB of fp32, cache-sized
+
+
+class _SoftcapMTPLoss(torch.autograd.Function):
+    """The torch twin of the fused loss kernel: a block of rows at a time, it computes the loss
+    and its gradient together, so no fp32 copy of all the logits is ever held."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, weights, cap, temp):
+        n, k = targets.numel(), weights.numel()
+        # the k-th target of row i is targets[i + k]; rows past the end get weight 0
+        ahead = torch.arange(n, device=logits.device)[:, None] + torch.arange(k, device=logits.device)
+        coef = (weights * (ahead < n)).float()
+        picks = targets[ahead.clamp(max=n - 1)]
+        loss = torch.empty(n, device=logits.device)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(logits) if want_grad else None
+        for lo in range(0, n, CE_ROWS):
+            rows = slice(lo, lo + CE_ROWS)
+            z = logits[rows].float()
+            l = softcap(z, cap, temp)
+            lse = torch.logsumexp(l, dim=-1, keepdim=True)
+            c, t = coef[rows], picks[rows]
+            loss[rows] = ((lse - l.gather(1, t)) * c).sum(dim=1)
+            if want_grad:
+                g = (l - lse).exp_().mul_(c.sum(dim=1, keepdim=True)).scatter_add_(1, t, -c)
+                if cap > 0:
+                    s = l / cap
+                    g.mul_(s * (1 - s)).mul_(cap / temp)
+                grad[rows] = g
+        if want_grad:
+            ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None
+
+
 class TorchOps:
     """Plain torch versions of every fused op; the reference the Triton kernels are tested against."""
 
@@ -385,19 +430,10 @@ class TorchOps:
         """Per-token multi-token cross-entropy of softcapped logits.
 
         logits [N, V] (raw z), targets [N] (next tokens), weights [K] (a tensor, so changing
-        values never recompile); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}])
-        over the k with i + k < N, where l = cap * sigmoid(z / temp) (l = z when cap is 0).
+        values never recompile); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}]) over the k with
+        i + k < N, where l = cap * sigmoid(z / temp) (l = z when cap is 0).
         """
-        z = logits.float()
-        l = cap * torch.sigmoid(z / temp) if cap > 0 else z
-        lse = torch.logsumexp(l, dim=-1)
-        n = targets.numel()
-        loss = torch.zeros(n, dtype=torch.float32, device=logits.device)
-        for k in range(min(len(weights), n)):
-            w = weights[k]
-            picked = l[: n - k].gather(1, targets[k:, None]).squeeze(1)
-            loss = loss + F.pad(w * (lse[: n - k] - picked), (0, k))
-        return loss
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp)
 
 
 # Launch shapes, chosen so every kernel assembles for sm_90a without register spills
@@ -1445,7 +1481,7 @@ class RunLog:
         self.metrics = open(os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl"), "w")
         with open(os.path.abspath(__file__)) as f:
             self.text.write(f.read())
-        self.text.write(f"\n{SEPARATOR}\n{versions_and_hardware()}\n{SEPARATOR}\n")
+        self.text.write(f"{SEPARATOR}\n{versions_and_hardware()}\n{SEPARATOR}\n")
         self.line("config: " + json.dumps(dataclasses.asdict(cfg)))
         self.metric(kind="config", **dataclasses.asdict(cfg))
 
