@@ -1280,7 +1280,7 @@ class TrainLoader:
         self.next_shard = self._prefetch(self.shard_index + 1) if more else None
 
     def _pieces(self, tokens, max_seq_len):
-        """Take pieces totalling exactly `tokens` from the next documents: [(start, length)]."""
+        """Take pieces totalling exactly `tokens` from the next documents (numpy views)."""
         pieces, need = [], tokens
         while need:
             if self.doc >= len(self.bos):
@@ -1289,20 +1289,19 @@ class TrainLoader:
             start = self.bos[self.doc]
             end = self.bos[self.doc + 1] if self.doc + 1 < len(self.bos) else len(self.tokens)
             length = min(end - start, max_seq_len, need)
-            pieces.append((self.shard_index, start, length))
+            pieces.append(self.tokens[start : start + length])
             self.doc += 1
             need -= length
         return pieces
 
     def next_batch(self, tokens, max_seq_len):
-        """(inputs [tokens], targets [tokens], cu_seqlens) for this rank: int64 tensors on device."""
+        """(inputs [tokens], targets [tokens], cu_seqlens) for this rank: inputs and targets are
+        int64 on the device; cu_seqlens (int32, CPU) holds the piece boundaries of the tokens+1."""
         try:
-            mine = None
             for rank in range(self.world_size):
                 pieces = self._pieces(tokens + 1, max_seq_len)
                 if rank == self.rank:
-                    mine = np.concatenate([self._shard_tokens(i)[s : s + n] for i, s, n in pieces])
-                    lengths = [n for _, _, n in pieces]
+                    mine = pieces
         except EOFError:
             raise SystemExit(
                 f"error: the training data ran out after {self.consumed:,} tokens handed out; the schedule "
@@ -1310,14 +1309,9 @@ class TrainLoader:
                 f"than max_seq_len lose their tails). Download more shards or shorten the schedule."
             ) from None
         self.consumed += (tokens + 1) * self.world_size
-        buf = torch.from_numpy(mine.astype(np.int64)).to(self.device, non_blocking=True)
-        cu_seqlens = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
+        buf = torch.from_numpy(np.concatenate(mine).astype(np.int64)).to(self.device, non_blocking=True)
+        cu_seqlens = torch.tensor(np.cumsum([0] + [p.size for p in mine]), dtype=torch.int32)
         return buf[:-1], buf[1:], cu_seqlens
-
-    def _shard_tokens(self, index):
-        if index != self.shard_index:
-            raise AssertionError("a piece outlived its shard")
-        return self.tokens
 
 
 class ValLoader:
@@ -1532,6 +1526,12 @@ class Trainer:
         self.optimizers = Optimizers(self.model, cfg, backend)
         self.accum = cfg.accum_world_size // backend.world_size
         self.new_train_loader()
+        needed = sum(self.schedule.batch_tokens(s) + cfg.accum_world_size for s in range(self.schedule.total))
+        if needed > self.train_loader.available:
+            raise SystemExit(
+                f"error: the schedule needs {needed:,} training tokens but {cfg.train_files} holds "
+                f"{self.train_loader.available:,}; download more shards or shorten the schedule"
+            )
         self.val_loader = ValLoader(cfg.val_files, cfg.val_tokens, cfg.val_batch_tokens // cfg.accum_world_size,
                                     backend.rank, backend.world_size, cfg.vocab_size, backend.device)
 
