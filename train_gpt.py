@@ -1499,12 +1499,13 @@ class RunLog:
 
 
 def current_record(track):
-    """The latest record of a track from records/index.json, or None."""
+    """The latest record of a track at the track's target (records/index.json), or None."""
     try:
         with open(RECORDS_INDEX) as f:
-            records = json.load(f)["tracks"][track]["records"]
+            entry = json.load(f)["tracks"][track]
     except (OSError, KeyError, ValueError):
         return None
+    records = [r for r in entry["records"] if r.get("target", entry["target"]) == entry["target"]]
     return records[-1] if records else None
 
 
