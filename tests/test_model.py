@@ -80,6 +80,29 @@ def test_blocked_attention_bf16(packed):
     assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), want, atol=3e-2)
 
 
+def test_gpt_forward_same_with_flex_and_blocked():
+    """The whole model (docs from BOS, two windows, key offset, gates) gives the same hidden states and
+    loss with the CUDA attention (flex, forward only on CPU) as with the CPU one."""
+    cfg = tg.parse_args(TINY + ["--n_layer=4", "--long_window_layers=1,3", "--skip_from=1", "--skip_to=2",
+                                "--backout_layer=2"])
+    torch.manual_seed(5)
+    blocked = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+    with torch.no_grad():  # give the zero-initialized matrices and gates values so every path matters
+        for p in blocked.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    flex = tg.GPT(cfg, tg.TorchOps, tg.FlexAttention())
+    flex.load_state_dict(blocked.state_dict())
+    idx = torch.randint(0, BOS, (300,))
+    idx[[0, 90, 200]] = BOS
+    w = torch.tensor([1.0, 0.5])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ha, hb = blocked.hidden(idx, (64, 32)), flex.hidden(idx, (64, 32))
+        la, lb = blocked(idx, idx, (64, 32), w), flex(idx, idx, (64, 32), w)
+    assert torch.allclose(ha, hb, atol=1e-3) and torch.allclose(la, lb, atol=1e-4)
+
+
 # ------------------------------------------------------------------------------------------------
 # Multi-token prediction loss and its schedule
 # ------------------------------------------------------------------------------------------------
