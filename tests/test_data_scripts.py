@@ -20,6 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "data")
 DOWNLOADER = os.path.join(DATA, "cached_fineweb10B.py")
 TOKENIZER = os.path.join(DATA, "tokenize_corpus.py")
+BUILD_SAMPLE = os.path.join(DATA, "build_sample.py")
 GPT2_VOCAB = 50257
 SCRIPT_TIMEOUT = 60  # seconds for one run of a script
 SERVER_LIFETIME = 90  # the fake hub shuts itself down after this many seconds at the latest
@@ -36,6 +37,7 @@ def load_script(name, path):
 
 tokenize_corpus = load_script("tokenize_corpus", TOKENIZER)
 fineweb = load_script("cached_fineweb10B", DOWNLOADER)
+build_sample = load_script("build_sample", BUILD_SAMPLE)
 
 
 def run_script(path, *args, env=None):
@@ -310,6 +312,8 @@ MIN_SAMPLE_TRAIN_TOKENS = 2_500_000
 MIN_SAMPLE_VAL_TOKENS = 150_000
 MAX_SAMPLE_BYTES = 20 * 2**20
 LEAK_WINDOW = 64  # tokens of each val document looked for in train
+CPU_MAX_SEQ_LEN = 512  # the cpu preset's max_seq_len
+MIN_SERVABLE = 0.6  # share of the sample's tokens in documents' first CPU_MAX_SEQ_LEN tokens
 
 
 def test_sample_shards_are_valid_and_big_enough():
@@ -329,3 +333,35 @@ def test_sample_val_documents_are_not_in_train():
         while at >= 0 and at % 2:  # only token-aligned matches count
             at = train_bytes.find(window, at + 1)
         assert at < 0, f"a val document's first {LEAK_WINDOW} tokens occur in train"
+
+
+@pytest.mark.parametrize("path", [SAMPLE_TRAIN, SAMPLE_VAL])
+def test_sample_documents_are_short_enough_for_the_cpu_preset(path):
+    """The train loader drops what a document holds beyond max_seq_len, so the sample is cut into short documents."""
+    tokens = read_shard(path)
+    lengths = np.diff(np.append(np.flatnonzero(tokens == BOS_ID), len(tokens)))
+    servable = np.minimum(lengths, CPU_MAX_SEQ_LEN).sum() / len(tokens)
+    assert servable >= MIN_SERVABLE, f"only {servable:.1%} of {path}'s tokens are servable at max_seq_len={CPU_MAX_SEQ_LEN}"
+
+
+def test_build_sample_cuts_units_between_lines_within_the_limit():
+    def count(line):  # one token per word, one for the newline
+        return len(line.split()) + 1
+
+    para = lambda n, w: "\n".join(" ".join(["w"] * w) for _ in range(n))  # n lines of w words
+    overlong = " ".join(["x"] * 60)
+    text = "\n\n".join(["HEAD", para(3, 4), para(5, 9), "  " + para(4, 9), overlong, para(2, 3), "END"])
+    pieces = build_sample.cut_unit(text, count, limit=40)
+    assert [line for piece in pieces for line in piece.split("\n") if line.strip()] == [
+        line for line in text.split("\n") if line.strip()
+    ]  # every line once, in order, none cut
+    for piece in pieces:
+        size = 1 + sum(count(line) for line in piece.split("\n"))
+        assert size <= 40 or piece == overlong
+    assert pieces[0].startswith("HEAD\n")  # the short heading is not a piece of its own
+    assert build_sample.cut_unit("short\n\ntext", count, limit=40) == ["short\n\ntext"]
+    heading = build_sample.PLAY_OR_POEM_HEADING
+    play = "TITLE\n\nACT I.\n\nScene I. A room.\n\nA.\nHi.\n\nScene II. A hall.\n\nB.\nI\n\nACT II.\n\nScene I.\nC."
+    assert build_sample.natural_units(play, heading) == [
+        "TITLE", "ACT I.\n\nScene I. A room.\n\nA.\nHi.", "Scene II. A hall.\n\nB.\nI", "ACT II.\n\nScene I.\nC."
+    ]
