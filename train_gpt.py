@@ -7,6 +7,7 @@ switches every technique off at once.
 """
 import dataclasses
 import difflib
+import functools
 import glob
 import json
 import math
@@ -420,10 +421,9 @@ class TorchOps:
         linearly, not exponentially, so large logits cannot overflow it.
         """
         l = TorchOps.softcapped(logits, cap, temp)
-        positive = l >= 0
         # each branch only sees the inputs it is used for: the unused side of a where() must stay finite,
         # or its NaN/inf gradient (times 0) would still poison the result
-        s = torch.where(positive, l.clamp_min(0) + 1, 1 / (1 - l.clamp_max(0)))
+        s = torch.where(l >= 0, l.clamp_min(0) + 1, 1 / (1 - l.clamp_max(0)))
         return TorchOps.mtp_nll(l, s.sum(-1).log(), targets, weights, TorchOps.log_stable)
 
     @staticmethod
@@ -1022,10 +1022,8 @@ class GPT(nn.Module):
             self.hidden(idx, windows, probe)
         layers = [block.attn for block in self.blocks if block.attn is not None]
         scale = self.rotary.attn_scale
-        return torch.stack([
-            probe.alpha(i, (lambda q, attn=attn: attn.slot_logit(q, scale)) if attn.has_slot else None)
-            for i, attn in enumerate(layers)
-        ])
+        slots = [functools.partial(attn.slot_logit, scale=scale) if attn.has_slot else None for attn in layers]
+        return torch.stack([probe.alpha(i, slot) for i, slot in enumerate(slots)])
 
 
 def shell_penalty(x):
@@ -1244,8 +1242,8 @@ class Adam(torch.optim.Optimizer):
 
 
 def orthogonalize_grads(params, rescale):
-    """perpGrad: g <- g - (<w,g> / <w,w>) w per tensor, so a step cannot change the weight's length
-    to first order; with `rescale`, then back to ||g||. A zero tensor (zero-init weights) has
+    """perpGrad: g <- g - (<w,g> / <w,w>) w per tensor, dropping the part of the gradient that only
+    scales the weight; with `rescale`, then back to ||g||. A zero tensor (zero-init weights) has
     <w,g> = 0 and keeps its gradient; a gradient with nothing orthogonal left stays 0."""
     tiny = torch.finfo(torch.float32).tiny
     for p in params:
