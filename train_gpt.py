@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -382,6 +382,65 @@ def setup_backend(cfg):
 # ------------------------------------------------------------------------------------------------
 
 
+def softcap(z, cap, temp):
+    """cap * sigmoid(z / temp): logits squashed into (0, cap); cap 0 leaves them as they are."""
+    return cap * torch.sigmoid(z / temp) if cap > 0 else z
+
+
+def log_stable(x):
+    """log s(x) for StableMax, s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0): sign(x) * log1p(|x|),
+    one branch-free expression (no where() whose unused side could be inf), finite for any x."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+CE_ROWS = 32  # rows of logits the CPU loss handles at once: a few MB of fp32, cache-sized
+
+
+class _SoftcapMTPLoss(torch.autograd.Function):
+    """The torch twin of the fused loss kernel: a block of rows at a time, it computes the loss
+    and its gradient together, so no fp32 copy of all the logits is ever held.
+
+    With `stablemax`, StableMax replaces softmax. StableMax_i = s(l_i) / sum_j s(l_j) is the softmax
+    of a = log s(l), so the same loss runs on a, and the chain rule adds da/dl = 1 / (1 + |l|).
+    s grows linearly, not exponentially, so a is at most log(1 + |l|) and nothing can overflow.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, weights, cap, temp, stablemax):
+        n, k = targets.numel(), weights.numel()
+        # the k-th target of row i is targets[i + k]; rows past the end get weight 0
+        ahead = torch.arange(n, device=logits.device)[:, None] + torch.arange(k, device=logits.device)
+        coef = (weights * (ahead < n)).float()
+        picks = targets[ahead.clamp(max=n - 1)]
+        loss = torch.empty(n, device=logits.device)
+        want_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(logits) if want_grad else None
+        for lo in range(0, n, CE_ROWS):
+            rows = slice(lo, lo + CE_ROWS)
+            z = logits[rows].float()
+            l = softcap(z, cap, temp)
+            a = log_stable(l) if stablemax else l
+            lse = torch.logsumexp(a, dim=-1, keepdim=True)
+            c, t = coef[rows], picks[rows]
+            loss[rows] = ((lse - a.gather(1, t)) * c).sum(dim=1)
+            if want_grad:
+                g = (a - lse).exp_().mul_(c.sum(dim=1, keepdim=True)).scatter_add_(1, t, -c)
+                if stablemax:
+                    g.div_(1 + l.abs())
+                if cap > 0:
+                    s = l / cap
+                    g.mul_(s * (1 - s)).mul_(cap / temp)
+                grad[rows] = g
+        if want_grad:
+            ctx.save_for_backward(grad)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None
+
+
 class TorchOps:
     """Plain torch versions of every fused op; the reference the Triton kernels are tested against."""
 
@@ -407,45 +466,16 @@ class TorchOps:
         """Per-token multi-token cross-entropy of softcapped logits.
 
         logits [N, V] (raw z), targets [N] (next tokens), weights [K] (a tensor, so changing
-        values never recompile); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}])
-        over the k with i + k < N, where l = cap * sigmoid(z / temp) (l = z when cap is 0).
+        values never recompile); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}]) over the k with
+        i + k < N, where l = cap * sigmoid(z / temp) (l = z when cap is 0).
         """
-        l = TorchOps.softcapped(logits, cap, temp)
-        return TorchOps.mtp_nll(l, torch.logsumexp(l, dim=-1), targets, weights, lambda picked: picked)
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, False)
 
     @staticmethod
     def stablemax_mtp_ce(logits, targets, weights, cap, temp):
-        """softcap_mtp_ce with StableMax in place of softmax (twin-only: torch on every device).
-
-        StableMax_i = s(l_i) / sum_j s(l_j) with s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0): it grows
-        linearly, not exponentially, so large logits cannot overflow it.
-        """
-        l = TorchOps.softcapped(logits, cap, temp)
-        # each branch only sees the inputs it is used for: the unused side of a where() must stay finite,
-        # or its NaN/inf gradient (times 0) would still poison the result
-        s = torch.where(l >= 0, l.clamp_min(0) + 1, 1 / (1 - l.clamp_max(0)))
-        return TorchOps.mtp_nll(l, s.sum(-1).log(), targets, weights, TorchOps.log_stable)
-
-    @staticmethod
-    def log_stable(x):
-        """log s(x) for StableMax, as log1p so it stays accurate near 0 and finite for huge |x|."""
-        return torch.where(x >= 0, torch.log1p(x.clamp_min(0)), -torch.log1p((-x).clamp_min(0)))
-
-    @staticmethod
-    def softcapped(logits, cap, temp):
-        """fp32 logits l = cap * sigmoid(z / temp), or z itself when cap is 0."""
-        z = logits.float()
-        return cap * torch.sigmoid(z / temp) if cap > 0 else z
-
-    @staticmethod
-    def mtp_nll(l, log_norm, targets, weights, log_score):
-        """Per-token sum_k w_k (log_norm_i - log_score(l_i[t_{i+k}])) over the k with i + k < N."""
-        n = targets.numel()
-        loss = torch.zeros(n, dtype=torch.float32, device=l.device)
-        for k in range(min(len(weights), n)):
-            picked = log_score(l[: n - k].gather(1, targets[k:, None]).squeeze(1))
-            loss = loss + F.pad(weights[k] * (log_norm[: n - k] - picked), (0, k))
-        return loss
+        """softcap_mtp_ce with LogStableMax in place of log-softmax: loss_i = sum_k w_k
+        (log sum_j s(l_ij) - log s(l_i[t_{i+k}])). No Triton kernel: torch on every device."""
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, True)
 
 
 # Launch shapes, chosen so every kernel assembles for sm_90a without register spills
@@ -1440,7 +1470,7 @@ class TrainLoader:
         self.next_shard = self._prefetch(self.shard_index + 1) if more else None
 
     def _pieces(self, tokens, max_seq_len):
-        """Take pieces totalling exactly `tokens` from the next documents: [(start, length)]."""
+        """Take pieces totalling exactly `tokens` from the next documents (numpy views)."""
         pieces, need = [], tokens
         while need:
             if self.doc >= len(self.bos):
@@ -1449,20 +1479,19 @@ class TrainLoader:
             start = self.bos[self.doc]
             end = self.bos[self.doc + 1] if self.doc + 1 < len(self.bos) else len(self.tokens)
             length = min(end - start, max_seq_len, need)
-            pieces.append((self.shard_index, start, length))
+            pieces.append(self.tokens[start : start + length])
             self.doc += 1
             need -= length
         return pieces
 
     def next_batch(self, tokens, max_seq_len):
-        """(inputs [tokens], targets [tokens], cu_seqlens) for this rank: int64 tensors on device."""
+        """(inputs [tokens], targets [tokens], cu_seqlens) for this rank: inputs and targets are
+        int64 on the device; cu_seqlens (int32, CPU) holds the piece boundaries of the tokens+1."""
         try:
-            mine = None
             for rank in range(self.world_size):
                 pieces = self._pieces(tokens + 1, max_seq_len)
                 if rank == self.rank:
-                    mine = np.concatenate([self._shard_tokens(i)[s : s + n] for i, s, n in pieces])
-                    lengths = [n for _, _, n in pieces]
+                    mine = pieces
         except EOFError:
             raise SystemExit(
                 f"error: the training data ran out after {self.consumed:,} tokens handed out; the schedule "
@@ -1470,14 +1499,9 @@ class TrainLoader:
                 f"than max_seq_len lose their tails). Download more shards or shorten the schedule."
             ) from None
         self.consumed += (tokens + 1) * self.world_size
-        buf = torch.from_numpy(mine.astype(np.int64)).to(self.device, non_blocking=True)
-        cu_seqlens = torch.tensor(np.cumsum([0] + lengths), dtype=torch.int32)
+        buf = torch.from_numpy(np.concatenate(mine).astype(np.int64)).to(self.device, non_blocking=True)
+        cu_seqlens = torch.tensor(np.cumsum([0] + [p.size for p in mine]), dtype=torch.int32)
         return buf[:-1], buf[1:], cu_seqlens
-
-    def _shard_tokens(self, index):
-        if index != self.shard_index:
-            raise AssertionError("a piece outlived its shard")
-        return self.tokens
 
 
 class ValLoader:
@@ -1641,7 +1665,7 @@ class RunLog:
         self.metrics = open(os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl"), "w")
         with open(os.path.abspath(__file__)) as f:
             self.text.write(f.read())
-        self.text.write(f"\n{SEPARATOR}\n{versions_and_hardware()}\n{SEPARATOR}\n")
+        self.text.write(f"{SEPARATOR}\n{versions_and_hardware()}\n{SEPARATOR}\n")
         self.line("config: " + json.dumps(dataclasses.asdict(cfg)))
         self.metric(kind="config", **dataclasses.asdict(cfg))
 
@@ -1665,12 +1689,13 @@ class RunLog:
 
 
 def current_record(track):
-    """The latest record of a track from records/index.json, or None."""
+    """The latest record of a track at the track's target (records/index.json), or None."""
     try:
         with open(RECORDS_INDEX) as f:
-            records = json.load(f)["tracks"][track]["records"]
+            entry = json.load(f)["tracks"][track]
     except (OSError, KeyError, ValueError):
         return None
+    records = [r for r in entry["records"] if r.get("target", entry["target"]) == entry["target"]]
     return records[-1] if records else None
 
 
@@ -1692,6 +1717,12 @@ class Trainer:
         self.optimizers = Optimizers(self.model, cfg, backend)
         self.accum = cfg.accum_world_size // backend.world_size
         self.new_train_loader()
+        needed = sum(self.schedule.batch_tokens(s) + cfg.accum_world_size for s in range(self.schedule.total))
+        if needed > self.train_loader.available:
+            raise SystemExit(
+                f"error: the schedule needs {needed:,} training tokens but {cfg.train_files} holds "
+                f"{self.train_loader.available:,}; download more shards or shorten the schedule"
+            )
         self.val_loader = ValLoader(cfg.val_files, cfg.val_tokens, cfg.val_batch_tokens // cfg.accum_world_size,
                                     backend.rank, backend.world_size, cfg.vocab_size, backend.device)
 

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Train with every GPU found (the record uses 8); with no GPU, the `cpu` preset on the bundled
+# sample corpus. Extra arguments pass through as overrides, e.g. ./run.sh --num_steps=100
+set -euo pipefail
+cd "$(dirname "$0")"
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")
+if [ "$gpus" -gt 0 ]; then
+  echo "run.sh: $gpus GPU(s) found: speedrun preset on $gpus process(es)"
+  exec python -m torch.distributed.run --standalone --nproc_per_node="$gpus" train_gpt.py "$@"
+fi
+echo "run.sh: no GPU found: the cpu preset on the bundled sample corpus (data/sample/)"
+exec python train_gpt.py --preset=cpu "$@"

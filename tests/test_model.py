@@ -1,0 +1,314 @@
+"""Model: attention masks (flex vs blocked vs dense SDPA), the MTP loss and its schedule, untying,
+value-embedding assignment, half-RoPE with YaRN and the partial key offset."""
+import math
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+BOS = 50256
+
+
+# ------------------------------------------------------------------------------------------------
+# Attention: FlexAttention (block mask) == BlockedAttention == SDPA with a dense boolean mask
+# ------------------------------------------------------------------------------------------------
+
+
+def dense_mask(docs, window):
+    i = torch.arange(docs.numel())
+    delta = i[:, None] - i[None, :]
+    return (docs[:, None] == docs[None, :]) & (delta >= 0) & (delta < window)
+
+
+def sdpa(q, k, v, mask, scale):
+    y = F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                       attn_mask=mask, scale=scale)
+    return y.transpose(0, 1)
+
+
+def dense_lse(q, k, mask, scale):
+    s = torch.einsum("thd,shd->hts", q, k) * scale
+    return s.masked_fill(~mask, float("-inf")).logsumexp(-1).transpose(0, 1)
+
+
+@pytest.fixture(scope="module")
+def packed():
+    """Three documents (lengths 100, 150, 50) in one packed sequence of 300 tokens, as GPT.hidden builds them."""
+    torch.manual_seed(0)
+    idx = torch.randint(0, BOS, (300,))
+    idx[[0, 100, 250]] = BOS
+    docs = (idx == BOS).cumsum(0)
+    T, H, D = 300, 2, 16
+    q, k, v = (torch.randn(T, H, D) for _ in range(3))
+    return docs, q, k, v
+
+
+@pytest.mark.parametrize("window", [1, 64, 128, 192, 1000])
+def test_attention_implementations_agree(packed, window):
+    docs, q, k, v = packed
+    scale = 0.3
+    mask = dense_mask(docs, window)
+    want = sdpa(q, k, v, mask, scale)
+    want_lse = dense_lse(q, k, mask, scale)
+    blocked = tg.BlockedAttention(64)
+    y, lse = blocked(q, k, v, blocked.mask(docs, window), scale, True)
+    assert torch.allclose(y, want, atol=1e-5) and torch.allclose(lse, want_lse, atol=1e-4)
+    y2, none = blocked(q, k, v, blocked.mask(docs, window), scale, False)
+    assert none is None and torch.allclose(y2, want, atol=1e-5)
+    flex = tg.FlexAttention()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled
+        fm = flex.mask(docs, window)
+        yf, lsef = flex(q, k, v, fm, scale, True)
+        yf2, _ = flex(q, k, v, fm, scale, False)
+    assert torch.allclose(yf, want, atol=1e-5) and torch.allclose(yf2, want, atol=1e-5)
+    assert torch.allclose(lsef, want_lse, atol=1e-4)
+    if window == 1:  # each token sees only itself
+        assert torch.allclose(y, v, atol=1e-6)
+
+
+def test_blocked_attention_bf16(packed):
+    """The model calls attention on bf16 q, k, v under autocast; still close to the fp32 dense result."""
+    docs, q, k, v = packed
+    blocked = tg.BlockedAttention(64)
+    y, _ = blocked(q.bfloat16(), k.bfloat16(), v.bfloat16(), blocked.mask(docs, 128), 0.3, False)
+    want = sdpa(q, k, v, dense_mask(docs, 128), 0.3)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), want, atol=3e-2)
+
+
+def test_gpt_forward_same_with_flex_and_blocked():
+    """The whole model (docs from BOS, two windows, key offset, gates) gives the same hidden states and
+    loss with the CUDA attention (flex, forward only on CPU) as with the CPU one."""
+    cfg = tg.parse_args(TINY + ["--n_layer=4", "--long_window_layers=1,3", "--skip_from=1", "--skip_to=2",
+                                "--backout_layer=2"])
+    torch.manual_seed(5)
+    blocked = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+    with torch.no_grad():  # give the zero-initialized matrices and gates values so every path matters
+        for p in blocked.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    flex = tg.GPT(cfg, tg.TorchOps, tg.FlexAttention())
+    flex.load_state_dict(blocked.state_dict())
+    idx = torch.randint(0, BOS, (300,))
+    idx[[0, 90, 200]] = BOS
+    w = torch.tensor([1.0, 0.5])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ha, hb = blocked.hidden(idx, (64, 32)), flex.hidden(idx, (64, 32))
+        la, lb = blocked(idx, idx, (64, 32), w), flex(idx, idx, (64, 32), w)
+    assert torch.allclose(ha, hb, atol=1e-3) and torch.allclose(la, lb, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------
+# Multi-token prediction loss and its schedule
+# ------------------------------------------------------------------------------------------------
+
+
+def naive_mtp(z, targets, weights, cap, temp):
+    """sum_k w_k CE(softcapped logits_t, target_{t+k}) per token, targets past the end dropped."""
+    l = cap * torch.sigmoid(z.float() / temp) if cap > 0 else z.float()
+    n = targets.numel()
+    out = torch.zeros(n)
+    for k, w in enumerate(weights):
+        if k >= n:
+            break
+        ce = F.cross_entropy(l[: n - k], targets[k:], reduction="none")
+        out[: n - k] += w * ce
+    return out
+
+
+@pytest.mark.parametrize("weights, cap", [((1.0, 0.5, 0.25), 30.0), ((1.0, 0.3), 30.0), ((1.0,), 30.0),
+                                          ((1.0, 0.5, 0.125), 0.0)])
+def test_mtp_loss_matches_naive(weights, cap):
+    torch.manual_seed(1)
+    n, vocab = 37, 101
+    z = (torch.randn(n, vocab) * 10).requires_grad_()
+    targets = torch.randint(0, vocab, (n,))
+    got = tg.TorchOps.softcap_mtp_ce(z, targets, torch.tensor(weights), cap, 7.5)
+    z2 = z.detach().clone().requires_grad_()
+    want = naive_mtp(z2, targets, weights, cap, 7.5)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    got.mean().backward()
+    want.mean().backward()
+    assert torch.allclose(z.grad, z2.grad, atol=1e-7)
+    if len(weights) > 1:  # the last token has no t+1 target: only the k = 0 term
+        last = F.cross_entropy((cap * torch.sigmoid(z2[-1:] / 7.5)) if cap else z2[-1:], targets[-1:])
+        assert torch.allclose(got[-1], weights[0] * last, atol=1e-5)
+
+
+def test_mtp_weights_schedule():
+    cfg = tg.parse_args([])
+    sched = tg.Schedule(cfg)
+    N = 1880
+
+    def close(a, b):
+        return len(a) == len(b) and all(math.isclose(x, y, abs_tol=1e-12) for x, y in zip(a, b))
+
+    assert close(sched.mtp_weights(0), [1, 0.5, 0.25])
+    # 1/3 of 1880 is 626.67: step 626 is the last of the first third, 627 the first of the second
+    assert close(sched.mtp_weights(626), [1, 0.5, 0.25 * (1 - 3 * 626 / N)])
+    assert close(sched.mtp_weights(627), [1, 0.5 * (2 - 3 * 627 / N)])
+    # 2/3 of 1880 is 1253.33: step 1253 is still in the second third, 1254 in the last
+    assert close(sched.mtp_weights(1253), [1, 0.5 * (2 - 3 * 1253 / N)])
+    assert close(sched.mtp_weights(1254), [1])
+    assert close(sched.mtp_weights(1900), [1])  # extension steps
+    # continuity of the fading term: near zero at each boundary
+    assert sched.mtp_weights(626)[2] < 0.001 and sched.mtp_weights(1253)[1] < 0.001
+    assert close(tg.Schedule(tg.parse_args(["--mtp=false"])).mtp_weights(0), [1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Untying at 2/3: the embedding starts from the head's weight and Adam moments
+# ------------------------------------------------------------------------------------------------
+
+TINY = ["--preset=cpu", "--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
+        "--long_window_layers=1", "--window_block=32", "--long_windows=1,2,2", "--extension_window=2",
+        "--final_window=2", "--batch_tokens=256,256,256", "--max_seq_len=128", "--val_tokens=512",
+        "--val_batch_tokens=256", "--skip_from=-1", "--backout_layer=-1", "--progress=false"]
+
+
+def synthetic_shards(folder, n_tokens=20000, seed=0):
+    rng = np.random.default_rng(seed)
+    docs, total = [], 0
+    while total < n_tokens:
+        d = np.concatenate([[BOS], rng.integers(0, 1000, rng.integers(20, 200))])
+        docs.append(d)
+        total += d.size
+    tokens = np.concatenate(docs)
+    tg.write_shard(str(folder / "syn_train_000000.bin"), tokens)
+    tg.write_shard(str(folder / "syn_val_000000.bin"), tokens[:4000])
+    return [f"--train_files={folder}/syn_train_*.bin", f"--val_files={folder}/syn_val_*.bin"]
+
+
+def test_untie_copies_weight_and_adam_state(tmp_path):
+    cfg = tg.parse_args(TINY + synthetic_shards(tmp_path) + ["--num_steps=6", "--extension_steps=0"])
+    backend = tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+    trainer = tg.Trainer(cfg, backend, None)
+    model, adam = trainer.model, trainer.optimizers.adam
+    assert trainer.schedule.untie_step == 4  # ceil(2/3 * 6)
+    for step in range(4):  # Adam steps after steps 1 and 3
+        trainer.train_step(step)
+        assert model.tied
+    head_before = model.lm_head.detach().clone()
+    state_before = {k: v.clone() for k, v in adam.state[model.lm_head].items() if torch.is_tensor(v)}
+    assert state_before["exp_avg"].abs().sum() > 0
+    trainer.train_step(4)  # unties first; Adam does not step on step 4 (adam_every=2)
+    assert not model.tied
+    assert torch.equal(model.embed, model.lm_head) and torch.equal(model.lm_head, head_before)
+    s_head, s_embed = adam.state[model.lm_head], adam.state[model.embed]
+    assert s_embed["step"] == s_head["step"] == 2
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert torch.equal(s_embed[key], s_head[key]) and torch.equal(s_head[key], state_before[key])
+        assert s_embed[key].data_ptr() != s_head[key].data_ptr()  # copies, not shared
+    assert model.embed.data_ptr() != model.lm_head.data_ptr()
+    # after untying the embedding gets its own gradient, and the last step (Adam steps) separates them
+    assert model.embed.grad is not None
+    trainer.train_step(5)
+    assert not torch.equal(model.embed, model.lm_head)
+    assert s_embed["step"] == 3 and not torch.equal(s_embed["exp_avg"], s_head["exp_avg"])
+
+
+def test_value_embed_tables_record():
+    cfg = tg.parse_args([])  # 11 layers, 3 tables
+    want = [1, 2, None, None, None, None, None, None, 0, 1, 2]
+    assert tg.value_embed_tables(cfg) == want
+    assert tg.value_embed_tables(tg.parse_args(["--value_embeds=0"])) == [None] * 11
+
+
+# ------------------------------------------------------------------------------------------------
+# Rotary (half-RoPE), YaRN and the partial key offset
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rotary_half_dims_still():
+    D = 64
+    rot = tg.Rotary(D, 1024.0, 0.1)
+    quarter = D // 4
+    want = torch.cat([(1 / 1024) ** torch.linspace(0, 1, quarter), torch.zeros(quarter)])
+    assert torch.allclose(rot.freqs, want)
+    torch.manual_seed(2)
+    x = torch.randn(50, 3, D)
+    y = rot(x)
+    # dims D/4..D/2 and 3D/4..D pair with zero frequencies: untouched
+    assert torch.equal(y[..., quarter : 2 * quarter], x[..., quarter : 2 * quarter])
+    assert torch.equal(y[..., 3 * quarter :], x[..., 3 * quarter :])
+    # the rest rotate (position 0 does not), keeping the norm of each pair
+    assert torch.allclose(y[0], x[0])
+    assert not torch.allclose(y[1:, :, :quarter], x[1:, :, :quarter])
+    pair = lambda t: t[..., :quarter] ** 2 + t[..., 2 * quarter : 3 * quarter] ** 2
+    assert torch.allclose(pair(y), pair(x), atol=1e-5)
+    # hand-computed rotation of dims (0, D/2) at t = 7 with frequency 1
+    t = 7
+    c, s = math.cos(t), math.sin(t)
+    assert torch.allclose(y[t, :, 0], x[t, :, 0] * c + x[t, :, D // 2] * s, atol=1e-5)
+    assert torch.allclose(y[t, :, D // 2], x[t, :, D // 2] * c - x[t, :, 0] * s, atol=1e-5)
+    # relative positions: q(t).k(s) depends only on t - s
+    q = torch.randn(1, 1, D).expand(50, 1, D)
+    k = torch.randn(1, 1, D).expand(50, 1, D)
+    dots = (rot(q) * rot(k)).sum(-1)[:, 0]  # same position for both: t - s = 0 everywhere
+    assert torch.allclose(dots, dots[0].expand(50), atol=1e-4)
+
+
+def test_yarn_scale_and_frequencies():
+    rot = tg.Rotary(128, 1024.0, 0.1)
+    freqs0 = rot.freqs.clone()
+    rot.set_window(384, yarn=True)  # first call records the window
+    assert math.isclose(rot.attn_scale.item(), 0.1, rel_tol=1e-6)
+    assert torch.equal(rot.freqs, freqs0)
+    rot.set_window(384, yarn=True)  # same window: nothing changes
+    assert math.isclose(rot.attn_scale.item(), 0.1, rel_tol=1e-6)
+    rot.set_window(896, yarn=True)
+    s1 = 0.1 * (0.2 * math.log(896 / 384) + 1)
+    assert math.isclose(rot.attn_scale.item(), s1, rel_tol=1e-6)
+    # the fastest frequency (1 rad/token, 61 turns per old window) is kept; the slowest (1/1024,
+    # 0.06 turns) is divided by the growth factor; zero frequencies stay zero
+    assert math.isclose(rot.freqs[0].item(), 1.0, rel_tol=1e-6)
+    assert math.isclose(rot.freqs[31].item(), (1 / 1024) * 384 / 896, rel_tol=1e-5)
+    assert torch.equal(rot.freqs[32:], torch.zeros(32))
+    assert torch.all(rot.freqs[:32] <= freqs0[:32] + 1e-9)
+    rot.set_window(1408, yarn=True)
+    s2 = s1 * (0.2 * math.log(1408 / 896) + 1)
+    assert math.isclose(rot.attn_scale.item(), s2, rel_tol=1e-6)
+    off = tg.Rotary(128, 1024.0, 0.1)
+    off.set_window(384, yarn=False)
+    off.set_window(896, yarn=False)
+    assert math.isclose(off.attn_scale.item(), 0.1, rel_tol=1e-6) and torch.equal(off.freqs, freqs0)
+    assert int(off.window) == 896
+
+
+def test_key_offset_moves_still_dims(tmp_path):
+    cfg = tg.parse_args(TINY)
+    layer = cfg.long_window_layers[0]
+    torch.manual_seed(3)
+    with_offset = tg.Attention(cfg, layer)
+    plain_cfg = tg.parse_args(TINY + ["--key_offset=false"])
+    plain = tg.Attention(plain_cfg, layer)
+    plain.load_state_dict(with_offset.state_dict())
+    assert with_offset.key_offset and not plain.key_offset
+    assert not tg.Attention(cfg, 0).key_offset  # only long-window layers
+    rot = tg.Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale)
+    seen = {}
+
+    def spy(name):
+        def attend(q, k, v, mask, scale, need_lse):
+            seen[name] = (q, k, v)
+            return v, None
+        return attend
+
+    x = torch.randn(40, cfg.d_model)
+    with_offset(x, None, rot, spy("off"), None)
+    plain(x, None, rot, spy("plain"), None)
+    q1, k1, v1 = seen["off"]
+    q0, k0, v0 = seen["plain"]
+    assert torch.equal(q1, q0) and torch.equal(v1, v0)
+    D = cfg.head_dim
+    still = torch.zeros(D, dtype=torch.bool)
+    still[D // 4 : D // 2] = True
+    still[3 * D // 4 :] = True
+    assert torch.equal(k1[:, :, ~still], k0[:, :, ~still])  # rotating dims: unchanged
+    assert torch.equal(k1[1:, :, still], k0[:-1, :, still])  # still dims: k[t] takes k[t-1]
+    assert torch.equal(k1[0, :, still], torch.zeros_like(k1[0, :, still]))

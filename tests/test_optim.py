@@ -1,0 +1,223 @@
+"""Optimizers: Polar Express, NorMuon normalization, cautious masks, Adam vs torch, NorMuon vs a reference."""
+import math
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+# SPEC section 3, copied from the spec (not from the code)
+SPEC_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+
+
+def test_coefficients_match_spec():
+    assert [tuple(c) for c in tg.POLAR_EXPRESS_COEFFS] == SPEC_COEFFS
+
+
+@pytest.mark.parametrize("shape", [(768, 3072), (3072, 768)])
+def test_polar_express_singular_values(shape):
+    torch.manual_seed(0)
+    g = torch.randn(shape)
+    x = tg.polar_express(g, tg.TorchOps)
+    assert x.shape == g.shape
+    s = torch.linalg.svdvals(x.float())
+    assert s.min() >= 0.5 and s.max() <= 1.5, (s.min().item(), s.max().item())
+    # the input's singular values spread widely; the output's do not
+    s_in = torch.linalg.svdvals(g)
+    assert s_in.max() / s_in.min() > 2.5  # (Marchenko-Pastur: about 3 for this aspect ratio)
+    # orthogonalization keeps the singular vectors: X is close to U V^T of G
+    u, _, vh = torch.linalg.svd(g, full_matrices=False)
+    cos = (x.float() * (u @ vh)).sum() / (x.float().norm() * (u @ vh).norm())
+    assert cos > 0.97
+
+
+def test_polar_express_batch_and_scale():
+    torch.manual_seed(1)
+    g = torch.randn(3, 64, 32)
+    x = tg.polar_express(g, tg.TorchOps)
+    for i in range(3):  # a stack is handled matrix by matrix
+        assert torch.equal(x[i], tg.polar_express(g[i], tg.TorchOps))
+        # and the input's scale hardly matters (only through bf16 rounding, amplified by the iterations)
+        xi = tg.polar_express(1000 * g[i], tg.TorchOps).float()
+        assert (x[i].float() - xi).norm() / xi.norm() < 0.15
+
+
+def test_normuon_tall_rows():
+    u = torch.tensor([[1.0, 1, 1], [2, 2, 2], [3, 0, 0], [0, 0, 4]])[None]
+    sm = torch.zeros(1, 4, 1)
+    out = tg.normuon_normalize(u, sm, 0.95)
+    # row mean squares 1, 4, 3, 16/3; the EMA starts at 0 so it holds 0.05 * those
+    assert torch.allclose(sm.view(-1), 0.05 * torch.tensor([1.0, 4, 3, 16 / 3]))
+    # rows divided by their RMS: [1,1,1], [1,1,1], [sqrt3,0,0], [0,0,sqrt3] (norm^2 12);
+    # rescaled to the input's Frobenius norm sqrt(3 + 12 + 9 + 16) = sqrt(40)
+    r3 = math.sqrt(3)
+    want = torch.tensor([[1.0, 1, 1], [1, 1, 1], [r3, 0, 0], [0, 0, r3]]) * math.sqrt(40 / 12)
+    assert torch.allclose(out[0], want, atol=1e-6)
+    assert torch.allclose(out.norm(), torch.tensor(math.sqrt(40.0)))
+    # second call: the EMA mixes the old mean squares (0.95) with the new ones (0.05)
+    u2 = torch.tensor([[2.0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1]])[None]
+    out2 = tg.normuon_normalize(u2, sm, 0.95)
+    ms = torch.tensor([4 / 3, 0, 1, 1])
+    sm_want = 0.95 * 0.05 * torch.tensor([1.0, 4, 3, 16 / 3]) + 0.05 * ms
+    assert torch.allclose(sm.view(-1), sm_want)
+    v = u2[0] / sm_want.sqrt()[:, None]
+    assert torch.allclose(out2[0], v * (u2.norm() / v.norm()), atol=1e-6)
+
+
+def test_normuon_wide_columns():
+    u = torch.tensor([[1.0, 1, 1], [2, 2, 2], [3, 0, 0], [0, 0, 4]]).T[None]  # 3 x 4: per column
+    sm = torch.zeros(1, 1, 4)
+    out = tg.normuon_normalize(u, sm, 0.95)
+    assert torch.allclose(sm.view(-1), 0.05 * torch.tensor([1.0, 4, 3, 16 / 3]))
+    r3 = math.sqrt(3)
+    want = torch.tensor([[1.0, 1, 1], [1, 1, 1], [r3, 0, 0], [0, 0, r3]]).T * math.sqrt(40 / 12)
+    assert torch.allclose(out[0], want, atol=1e-6)
+
+
+def test_cautious_mask():
+    update = torch.tensor([[1.0, -2.0, 0.0], [3.0, -1.0, 0.5]])
+    param = torch.tensor([[2.0, 1.0, -1.0], [-3.0, -4.0, 0.0]])
+    # same sign -> 1; opposite sign or a zero on either side -> 0
+    want = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    mask = tg.cautious_mask(update, param)
+    assert torch.equal(mask, want) and mask.dtype == param.dtype
+
+
+def adam_pair(seed=0, shapes=((5, 4), (7,))):
+    g = torch.Generator().manual_seed(seed)
+    ours = [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    return ours, ref, g
+
+
+def set_grads(ours, ref, g):
+    for a, b in zip(ours, ref):
+        grad = torch.randn(a.shape, generator=g)
+        a.grad, b.grad = grad.clone(), grad.clone()
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+def test_adam_matches_torch(steps):
+    ours, ref, g = adam_pair()
+    opt = tg.Adam([dict(params=ours)], lr=0.01, betas=(0.65, 0.95), eps=1e-8, weight_decay=0.0, cautious=False)
+    torch_opt = torch.optim.Adam(ref, lr=0.01, betas=(0.65, 0.95), eps=1e-8)
+    for _ in range(steps):
+        set_grads(ours, ref, g)
+        opt.step()
+        torch_opt.step()
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+        assert torch.allclose(opt.state[a]["exp_avg"], torch_opt.state[b]["exp_avg"])
+        assert torch.allclose(opt.state[a]["exp_avg_sq"], torch_opt.state[b]["exp_avg_sq"])
+
+
+def test_adam_decoupled_decay_matches_adamw():
+    ours, ref, g = adam_pair(1)
+    opt = tg.Adam([dict(params=ours)], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.3, cautious=False)
+    torch_opt = torch.optim.AdamW(ref, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.3)
+    for _ in range(3):
+        set_grads(ours, ref, g)
+        opt.step()
+        torch_opt.step()
+    for a, b in zip(ours, ref):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_adam_cautious_decay_one_step():
+    p = torch.nn.Parameter(torch.tensor([1.0, -2.0, 3.0, -4.0]))
+    p.grad = torch.tensor([0.5, 0.5, -0.5, -0.5])
+    opt = tg.Adam([dict(params=[p])], lr=0.1, betas=(0.9, 0.99), eps=0.0, weight_decay=0.5, cautious=True)
+    opt.step()
+    # first Adam step: update = sign(grad); decay only where update and weight share a sign
+    update = torch.tensor([1.0, 1.0, -1.0, -1.0])
+    w = torch.tensor([1.0, -2.0, 3.0, -4.0])
+    mask = torch.tensor([1.0, 0.0, 0.0, 1.0])
+    assert torch.allclose(p.detach(), w - 0.1 * 0.5 * mask * w - 0.1 * update)
+
+
+# ------------------------------------------------------------------------------------------------
+# NorMuon against a from-scratch reference
+# ------------------------------------------------------------------------------------------------
+
+
+def ref_polar(g):
+    x = g.to(torch.bfloat16)
+    tall = x.shape[-2] > x.shape[-1]
+    if tall:
+        x = x.mT
+    x = x / (1.02 * x.norm(dim=(-2, -1), keepdim=True) + 1e-6)
+    for a, b, c in SPEC_COEFFS:
+        A = x @ x.mT
+        B = b * A + c * (A @ A)
+        x = a * x + B @ x
+    return x.mT if tall else x
+
+
+def ref_normuon_step(w, g, state, lr, wd, mom, beta2, lr_mul):
+    """One NorMuon step on one matrix, per SPEC section 3; returns the new weight."""
+    state.setdefault("m", torch.zeros_like(g))
+    rows, cols = g.shape
+    tall = rows >= cols
+    state.setdefault("v", torch.zeros(rows, 1) if tall else torch.zeros(1, cols))
+    # lerp exactly as SPEC's momentum EMA is usually written; the same float32 rounding matters here
+    # because bf16 Polar Express amplifies a 1-ulp input difference to a few percent of the output
+    state["m"] = torch.lerp(state["m"], g, 1 - mom)
+    nesterov = torch.lerp(g, state["m"], mom)
+    u = ref_polar(nesterov).float()
+    ms = (u * u).mean(dim=1, keepdim=True) if tall else (u * u).mean(dim=0, keepdim=True)
+    state["v"] = beta2 * state["v"] + (1 - beta2) * ms
+    n = u / state["v"].sqrt()
+    u = n * (u.norm() / n.norm())
+    step_lr = lr * math.sqrt(max(1.0, rows / cols)) * lr_mul
+    mask = ((u > 0) & (w > 0)) | ((u < 0) & (w < 0))
+    return w - wd * lr * lr * mask.float() * w - step_lr * u
+
+
+def test_normuon_matches_reference():
+    torch.manual_seed(3)
+    shapes = [(16, 32), (16, 32), (16, 32), (32, 16), (32, 16), (24, 24)]
+    params = []
+    for i, s in enumerate(shapes):
+        p = torch.nn.Parameter(torch.randn(s))
+        tg.tag(p, "matrix", lr_mul=2.0 if s == (32, 16) else 1.0)  # like the MLP down projection
+        params.append(p)
+    lr, wd, mom, beta2 = 0.1, 5.0, 0.9, 0.95  # large decay so that the cautious term is visible
+    opt = tg.NorMuon(params, lr, wd, mom, beta2, tg.TorchOps)
+    ref_w = [p.detach().clone() for p in params]
+    ref_state = [{} for _ in params]
+    for step in range(2):
+        grads = [torch.randn(s) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        before = [p.detach().clone() for p in params]
+        opt.step()
+        for i, (p, g) in enumerate(zip(params, grads)):
+            lr_mul = 2.0 if shapes[i] == (32, 16) else 1.0
+            ref_w[i] = ref_normuon_step(ref_w[i], g, ref_state[i], lr, wd, mom, beta2, lr_mul)
+            delta, ref_delta = p.detach() - before[i], ref_w[i] - before[i]
+            err = (delta - ref_delta).norm() / ref_delta.norm()
+            assert err < 1e-4, (step, i, err.item())
+            # keep the two in lock-step so bf16 rounding does not compound over steps
+            ref_w[i] = p.detach().clone()
+
+
+def test_normuon_decay_scales_with_lr_squared():
+    """The same step with and without weight decay differs by exactly wd * lr^2 * mask * w."""
+    torch.manual_seed(4)
+    w0 = torch.randn(8, 8)
+    g = torch.randn(8, 8)
+    moves = []
+    for wd in (0.0, 3.0):
+        p = tg.tag(torch.nn.Parameter(w0.clone()), "matrix")
+        p.grad = g.clone()
+        tg.NorMuon([p], 0.05, wd, 0.9, 0.95, tg.TorchOps).step()
+        moves.append(p.detach())
+    u_sign = -(moves[0] - w0)  # the update (lr * u) from the run without decay
+    mask = (u_sign * w0 > 0).float()
+    assert torch.allclose(moves[0] - moves[1], 3.0 * 0.05**2 * mask * w0, atol=1e-6)
