@@ -1046,8 +1046,11 @@ class GPT(nn.Module):
     @torch.no_grad()
     def first_token_attention(self, idx, windows):
         """alpha [attention layers, heads]: the mean attention a query gives its document's first
-        token (Gu et al.'s sink metric), with the extra slot, if any, in the softmax."""
-        probe = SinkProbe(self.attention)
+        token (Gu et al.'s sink metric), with the extra slot, if any, in the softmax.
+
+        Runs the blocked attention on every device: plain torch, memory T * window, where flex
+        attention outside torch.compile would materialize all T x T scores."""
+        probe = SinkProbe(BlockedAttention(self.cfg.window_block))
         with torch.autocast(idx.device.type, dtype=COMPUTE_DTYPE):
             self.hidden(idx, windows, probe)
         layers = [block.attn for block in self.blocks if block.attn is not None]

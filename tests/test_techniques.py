@@ -184,6 +184,47 @@ def test_sink_metric_skips_queries_past_the_window():
     torch.testing.assert_close(got, torch.full((H,), expected))
 
 
+class DenseAttention:
+    """Reference attention: the full softmax with an explicit mask, keeping every call's probabilities."""
+
+    def __init__(self):
+        self.probs = []
+
+    def mask(self, docs, window):
+        pos = torch.arange(docs.numel())
+        return (docs[:, None] == docs[None]) & (pos[:, None] >= pos[None]) & (pos[:, None] - pos[None] < window)
+
+    @torch.autocast("cpu", enabled=False)
+    def __call__(self, q, k, v, mask, scale, need_lse):
+        s = (scale * torch.einsum("thd,shd->hts", q.float(), k.float())).masked_fill(~mask, float("-inf"))
+        self.probs.append(s.softmax(-1))
+        return torch.einsum("hts,shd->thd", self.probs[-1], v.float()).type_as(v), s.logsumexp(-1).T
+
+
+def test_model_sink_metric_matches_dense_attention_probabilities():
+    cfg = T.parse_args(TINY + ["--n_layer=3", "--no_attn_layers=1", "--long_window_layers=2"])
+    torch.manual_seed(0)
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    idx = torch.randint(0, 1000, (120,))
+    idx[[0, 30, 45]] = T.BOS_ID  # documents of 30, 15 and 75 tokens; windows 32 and 16
+    windows = (32, 16)
+    got = model.first_token_attention(idx, windows)
+    model.attention = dense = DenseAttention()
+    with torch.no_grad(), torch.autocast("cpu", dtype=T.COMPUTE_DTYPE):
+        model.hidden(idx, windows)
+    start = torch.tensor([0] * 30 + [30] * 15 + [45] * 75)
+    pos = torch.arange(120)
+    want = []
+    for probs, window in zip(dense.probs, (16, 32)):  # layer 0 short, layer 2 long; layer 1 has none
+        counted = (pos > start) & (pos - start < window)
+        want.append(probs[:, pos, start][:, counted].mean(1))
+    assert got.shape == (2, cfg.n_head)
+    torch.testing.assert_close(got, torch.stack(want), atol=5e-3, rtol=0)
+
+
 def test_sink_share():
     alphas = torch.tensor([[0.9, 0.1], [0.31, 0.3]])  # two of four above 0.3
     assert T.sink_share(alphas) == 0.5
