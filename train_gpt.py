@@ -1848,6 +1848,8 @@ class Trainer:
                 break
             loss, shell = self.train_step(step)
             if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                if self.backend.world_size > 1:
+                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
                 last_loss = float(loss)
                 now = train_ms + 1000 * (time.perf_counter() - t0)
                 eta = now / (step + 1) * (total - step - 1) / 1000

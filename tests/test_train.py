@@ -83,3 +83,13 @@ def test_missing_data_directory(tmp_path):
     msg = str(e.value.code)
     assert msg.startswith("error:") and missing in msg and "does not exist" in msg
     assert "cached_fineweb10B.py" in msg  # says how to get the data
+
+
+def test_warmup_leaves_no_trace(tmp_path):
+    """Untimed warmup steps (every stage and the untie step) are undone: the run that follows
+    ends exactly where a run without warmup ends."""
+    extra = ["--num_steps=6", "--extension_steps=0", "--batch_tokens=256,256,256", "--val_every=0", "--log_every=0"]
+    (cold, _), _, _ = run(tmp_path, "cold", extra + ["--warmup_steps=0"])
+    (warm, _), log, _ = run(tmp_path, "warm", extra + ["--warmup_steps=2"])
+    assert log.config["warmup_steps"] == 2
+    assert warm == cold
