@@ -1746,8 +1746,8 @@ class Trainer:
         self.train_loader = TrainLoader(self.cfg.train_files, b.rank, b.world_size, self.cfg.vocab_size, b.device)
 
     def train_step(self, step):
-        """One optimizer step (with gradient accumulation); returns this rank's mean model loss and
-        shell penalty (None when off), which the gradient step minimized as their sum."""
+        """One optimizer step (with gradient accumulation). Returns this rank's means of what the
+        step minimized, by name: train_loss (the model's loss) and, when on, the shell penalty."""
         cfg, sched = self.cfg, self.schedule
         if step == sched.untie_step:
             self.model.untie()
@@ -1770,7 +1770,7 @@ class Trainer:
                 loss = loss + shell
             loss.backward()
         self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last=step == sched.total - 1)
-        return total, (shell_total if cfg.shell_lambda else None)
+        return dict(train_loss=total, **({"shell": shell_total} if cfg.shell_lambda else {}))
 
     @torch.no_grad()
     def validate(self, long_blocks):
@@ -1827,7 +1827,7 @@ class Trainer:
             log.line("schedule: " + line)
         self.warmup()
         total = sched.total
-        train_ms, val_loss, last_loss = 0.0, float("nan"), float("nan")
+        train_ms, val_loss = 0.0, float("nan")
         self.backend.synchronize()
         t0 = time.perf_counter()
         for step in range(total + 1):
@@ -1846,18 +1846,18 @@ class Trainer:
                 t0 = time.perf_counter()
             if last:
                 break
-            loss, shell = self.train_step(step)
+            losses = self.train_step(step)
             if cfg.log_every and (step + 1) % cfg.log_every == 0:
                 if self.backend.world_size > 1:
-                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                last_loss = float(loss)
+                    for value in losses.values():
+                        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+                losses = {name: float(value) for name, value in losses.items()}
                 now = train_ms + 1000 * (time.perf_counter() - t0)
                 eta = now / (step + 1) * (total - step - 1) / 1000
-                extra = {} if shell is None else {"shell": float(shell)}
-                shown = "".join(f" {k}:{v:.4f}" for k, v in extra.items())
-                log.line(f"step:{step + 1}/{total} train_loss:{last_loss:.4f}{shown} train_time:{now:.0f}ms "
+                shown = " ".join(f"{name}:{value:.4f}" for name, value in losses.items())
+                log.line(f"step:{step + 1}/{total} {shown} train_time:{now:.0f}ms "
                          f"step_avg:{now / (step + 1):.2f}ms eta:{eta:.0f}s")
-                log.metric(kind="train", step=step + 1, train_loss=last_loss, train_time_ms=now, **extra)
+                log.metric(kind="train", step=step + 1, **losses, train_time_ms=now)
         tokens = sum(sched.batch_tokens(s) for s in range(total))
         peak = self.backend.peak_memory_mib()
         log.line(f"final val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms tokens:{tokens} peak_memory:{peak}MiB")
