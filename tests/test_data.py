@@ -217,7 +217,7 @@ def test_train_loader_invariants_on_sample(world):
 
 
 def test_train_loader_across_shards(tmp_path):
-    """Documents of random lengths over three shards; world size 2; pieces never span shards."""
+    """Documents of random lengths over three shards, world size 2: a rank's batch may take pieces from two shards."""
     rng = np.random.default_rng(1)
     paths = []
     for s in range(3):

@@ -60,6 +60,13 @@ def run(args, nproc, log_dir, run_id):
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
 
 
+def failure(out):
+    """The child's own error lines (torchrun's summary alone does not say what went wrong)."""
+    lines = (out.stdout + out.stderr).splitlines()
+    keep = [l for l in lines if "Error" in l or "error" in l or l.startswith("  File")]
+    return "\n".join(keep[-40:])
+
+
 def metrics(log_dir, run_id):
     with open(os.path.join(log_dir, f"{run_id}.jsonl")) as f:
         return [json.loads(line) for line in f]
@@ -79,9 +86,9 @@ def runs(tmp_path_factory, data):
     log_dir = tmp_path_factory.mktemp("dist_logs")
     args = TINY + data
     one = run(args, 1, log_dir, "one")
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.returncode == 0, failure(one)
     two = run(args, 2, log_dir, "two")
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, failure(two)
     return log_dir, metrics(log_dir, "one"), metrics(log_dir, "two")
 
 
