@@ -7,6 +7,7 @@ switches every technique off at once.
 """
 import dataclasses
 import difflib
+import functools
 import glob
 import json
 import math
@@ -122,6 +123,17 @@ class Config:
     window_schedule: bool = True  # False: the last third's window throughout
     fp8_head: bool = True  # FP8 lm_head matmul (CUDA)
     triton: bool = True  # fused Triton kernels on CUDA; False forces the torch twins
+    # the seeds' techniques (SPEC section 4), each one switch, all off by default
+    shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
+    gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
+    gate_mlp: str = "none"  # the same gate on the MLP output
+    head_gate: bool = False  # the per-head attention gate reads all d channels (Qwen gated attention)
+    sink_metric: bool = False  # log the share of heads that sink on their document's first token
+    sink_logit: bool = False  # a learnable per-head extra softmax slot with zero value
+    kv_bias: bool = False  # a learnable per-head key and value bias forming an extra attention slot
+    stablemax: bool = False  # train on LogStableMax instead of log-softmax (validation stays CE)
+    perp_grad: str = "none"  # project gradients orthogonal to their weights: none | matrices | all
+    perp_grad_rescale: bool = False  # ... then restore each gradient's norm
 
 
 PRESETS = {
@@ -183,6 +195,14 @@ BASELINE = dict(
 )
 
 
+# flags that take one of a few words
+CHOICES = {
+    "gate_attn": ("none", "relu", "sigmoid"),
+    "gate_mlp": ("none", "relu", "sigmoid"),
+    "perp_grad": ("none", "matrices", "all"),
+}
+
+
 def parse_value(name, text, default):
     """Parse `text` to the type of the field's default; errors name the flag."""
     try:
@@ -230,6 +250,8 @@ def parse_args(argv):
             preset = text
         else:
             overrides[name] = parse_value(name, text, defaults[name])
+            if name in CHOICES and overrides[name] not in CHOICES[name]:
+                raise SystemExit(f"error: --{name}={text}: expected one of {', '.join(CHOICES[name])}")
     values = {**PRESETS[preset], **(BASELINE if baseline else {}), **overrides, "preset": preset}
     return Config(**values)
 
@@ -365,15 +387,26 @@ def softcap(z, cap, temp):
     return cap * torch.sigmoid(z / temp) if cap > 0 else z
 
 
+def log_stable(x):
+    """log s(x) for StableMax, s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0): sign(x) * log1p(|x|),
+    one branch-free expression (no where() whose unused side could be inf), finite for any x."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
 CE_ROWS = 32  # rows of logits the CPU loss handles at once: a few MB of fp32, cache-sized
 
 
 class _SoftcapMTPLoss(torch.autograd.Function):
     """The torch twin of the fused loss kernel: a block of rows at a time, it computes the loss
-    and its gradient together, so no fp32 copy of all the logits is ever held."""
+    and its gradient together, so no fp32 copy of all the logits is ever held.
+
+    With `stablemax`, StableMax replaces softmax. StableMax_i = s(l_i) / sum_j s(l_j) is the softmax
+    of a = log s(l), so the same loss runs on a, and the chain rule adds da/dl = 1 / (1 + |l|).
+    s grows linearly, not exponentially, so a is at most log(1 + |l|) and nothing can overflow.
+    """
 
     @staticmethod
-    def forward(ctx, logits, targets, weights, cap, temp):
+    def forward(ctx, logits, targets, weights, cap, temp, stablemax):
         n, k = targets.numel(), weights.numel()
         # the k-th target of row i is targets[i + k]; rows past the end get weight 0
         ahead = torch.arange(n, device=logits.device)[:, None] + torch.arange(k, device=logits.device)
@@ -386,11 +419,14 @@ class _SoftcapMTPLoss(torch.autograd.Function):
             rows = slice(lo, lo + CE_ROWS)
             z = logits[rows].float()
             l = softcap(z, cap, temp)
-            lse = torch.logsumexp(l, dim=-1, keepdim=True)
+            a = log_stable(l) if stablemax else l
+            lse = torch.logsumexp(a, dim=-1, keepdim=True)
             c, t = coef[rows], picks[rows]
-            loss[rows] = ((lse - l.gather(1, t)) * c).sum(dim=1)
+            loss[rows] = ((lse - a.gather(1, t)) * c).sum(dim=1)
             if want_grad:
-                g = (l - lse).exp_().mul_(c.sum(dim=1, keepdim=True)).scatter_add_(1, t, -c)
+                g = (a - lse).exp_().mul_(c.sum(dim=1, keepdim=True)).scatter_add_(1, t, -c)
+                if stablemax:
+                    g.div_(1 + l.abs())
                 if cap > 0:
                     s = l / cap
                     g.mul_(s * (1 - s)).mul_(cap / temp)
@@ -402,7 +438,7 @@ class _SoftcapMTPLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None
+        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None
 
 
 class TorchOps:
@@ -433,7 +469,13 @@ class TorchOps:
         values never recompile); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}]) over the k with
         i + k < N, where l = cap * sigmoid(z / temp) (l = z when cap is 0).
         """
-        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp)
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, False)
+
+    @staticmethod
+    def stablemax_mtp_ce(logits, targets, weights, cap, temp):
+        """softcap_mtp_ce with LogStableMax in place of log-softmax: loss_i = sum_k w_k
+        (log sum_j s(l_ij) - log s(l_i[t_{i+k}])). No Triton kernel: torch on every device."""
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, True)
 
 
 # Launch shapes, chosen so every kernel assembles for sm_90a without register spills
@@ -728,6 +770,9 @@ if triton is not None:
 COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA and on CPUs with AVX512-BF16
 YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which YaRN fully/never rescales
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
+GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
+SHELL_RADIUS_SQ = 2.0  # the shell penalty's hinge is zero for ||x||^2 >= this * d - SHELL_EPS
+SHELL_EPS = 0.1
 
 
 def norm(x):
@@ -782,9 +827,40 @@ class Rotary(nn.Module):
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
 
 
+def add_slot(y, lse, e, value):
+    """Attention output y [T, H, D] with one extra softmax slot of logit e ([T, H] or [H]) and value
+    [H, D] (None: zero), given the log-sum-exp lse [T, H] of the real scores.
+
+    The real keys keep sigmoid(lse - e) of the softmax and the slot takes sigmoid(e - lse), so any
+    attention that returns its lse gains the slot without a change to its kernel.
+    """
+    out = y.float() * torch.sigmoid(lse - e)[..., None]
+    if value is not None:
+        out = out + value * torch.sigmoid(e - lse)[..., None]
+    return out.type_as(y)
+
+
+class OutputGate(nn.Module):
+    """y * act(W_g x): the sublayer input x decides, per channel, how much of its output y passes."""
+
+    def __init__(self, d, act):
+        super().__init__()
+        # not zero: relu(0) = 0 would pass no output and no gradient, freezing gate and sublayer
+        # for good; the QKV init gives pre-activations of about unit size for RMS-normed x
+        self.weight = tag(uniform_matrix(d, d, math.sqrt(3) / math.sqrt(d)), "matrix")
+        self.act = GATE_ACTS[act]
+
+    def forward(self, x, y):
+        return y * self.act(F.linear(x, self.weight))
+
+
+def output_gate(cfg, act):
+    return OutputGate(cfg.d_model, act) if act != "none" else None
+
+
 class Attention(nn.Module):
-    """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset
-    and a sparse per-head output gate."""
+    """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset,
+    a per-head output gate and an optional extra softmax slot (sink logit and/or key-value bias)."""
 
     def __init__(self, cfg, layer):
         super().__init__()
@@ -796,8 +872,22 @@ class Attention(nn.Module):
         self.v = tag(uniform_matrix(inner, d, bound), "matrix")
         self.o = tag(nn.Parameter(torch.zeros(d, inner)), "matrix")
         self.key_offset = cfg.key_offset and layer in cfg.long_window_layers
-        self.gate_dims = cfg.gate_dims
-        self.gate = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)), "gate") if cfg.attn_gate else None
+        # the per-head gate reads the first gate_dims channels, or all of them with head_gate
+        self.gate_dims = d if cfg.head_gate else cfg.gate_dims
+        has_gate = cfg.attn_gate or cfg.head_gate
+        self.gate = tag(nn.Parameter(torch.zeros(cfg.n_head, self.gate_dims)), "gate") if has_gate else None
+        # the extra slot starts at logit 0 with value 0; its logit is the sink logit plus the key bias's score
+        self.has_slot = cfg.sink_logit or cfg.kv_bias
+        self.sink = tag(nn.Parameter(torch.zeros(cfg.n_head)), "scalar") if cfg.sink_logit else None
+        self.key_bias = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim)), "scalar") if cfg.kv_bias else None
+        self.value_bias = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim)), "scalar") if cfg.kv_bias else None
+
+    def slot_logit(self, q, scale):
+        """Logit of the extra slot for queries q [T, H, D]: [H] (sink logit only) or [T, H]."""
+        e = self.sink if self.sink is not None else 0.0
+        if self.key_bias is not None:
+            e = e + scale * (q.float() * self.key_bias).sum(-1)
+        return e
 
     def forward(self, x, ve, rotary, attend, mask):
         n, h, dh = x.size(0), self.n_head, self.head_dim
@@ -813,7 +903,9 @@ class Attention(nn.Module):
             k = torch.where(still, F.pad(k[:-1], (0, 0, 0, 0, 1, 0)), k)
         if ve is not None:
             v = v + ve.view(n, h, dh)
-        y, _ = attend(q, k, v, mask, rotary.attn_scale, False)
+        y, lse = attend(q, k, v, mask, rotary.attn_scale, self.has_slot)
+        if self.has_slot:
+            y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
         return F.linear(y.reshape(n, h * dh), self.o)
@@ -839,11 +931,17 @@ class Block(nn.Module):
         self.attn = None if layer in cfg.no_attn_layers else Attention(cfg, layer)
         self.mlp = MLP(cfg, ops)
         self.long = layer in cfg.long_window_layers
+        self.attn_out_gate = output_gate(cfg, cfg.gate_attn) if self.attn is not None else None
+        self.mlp_out_gate = output_gate(cfg, cfg.gate_mlp)
 
     def forward(self, x, ve, rotary, attend, masks):
         if self.attn is not None:
-            x = x + self.attn(norm(x), ve, rotary, attend, masks[0] if self.long else masks[1])
-        return x + self.mlp(norm(x))
+            h = norm(x)
+            y = self.attn(h, ve, rotary, attend, masks[0] if self.long else masks[1])
+            x = x + (y if self.attn_out_gate is None else self.attn_out_gate(h, y))
+        h = norm(x)
+        y = self.mlp(h)
+        return x + (y if self.mlp_out_gate is None else self.mlp_out_gate(h, y))
 
 
 def value_embed_tables(cfg):
@@ -896,19 +994,22 @@ class GPT(nn.Module):
         self.tied = False
 
     def embed_tokens(self, idx):
+        """Token embeddings [T, d] before the norm: what the shell penalty shapes."""
         x = F.embedding(idx, self.lm_head if self.tied else self.embed)
         if self.cfg.smear:
             # x[t] += lambda * sigmoid(w . x[t, :gate_dims]) * x[t-1]: a learned bigram shortcut
             gate = torch.sigmoid(F.linear(x[1:, : self.cfg.gate_dims], self.smear_gate))
             x = torch.cat([x[:1], x[1:] + self.smear_lambda * gate * x[:-1]])
-        return norm(x)
+        return x
 
-    def hidden(self, idx, windows):
-        """Final normed hidden states [T, d] for a packed sequence of documents."""
+    def hidden(self, idx, windows, attention=None):
+        """Final normed hidden states [T, d] for a packed sequence of documents (`attention`
+        replaces the backend's, e.g. by a SinkProbe around it)."""
         cfg = self.cfg
+        attention = attention or self.attention
         docs = (idx == BOS_ID).cumsum(0)
-        masks = [self.attention.mask(docs, w) for w in windows]
-        x = x0 = self.embed_tokens(idx)
+        masks = [attention.mask(docs, w) for w in windows]
+        x = x0 = norm(self.embed_tokens(idx))
         skip = backout = None
         for i, block in enumerate(self.blocks):
             if i == cfg.skip_to and skip is not None:
@@ -917,7 +1018,7 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             table = self.ve_tables[i]
             ve = None if table is None else F.embedding(idx, self.value_embeds[table])
-            x = block(x, ve, self.rotary, self.attention, masks)
+            x = block(x, ve, self.rotary, attention, masks)
             if i == cfg.skip_from:
                 skip = x
             if i == cfg.backout_layer:
@@ -938,7 +1039,74 @@ class GPT(nn.Module):
             x = self.hidden(idx, windows)
         z = self.logits(x)
         cfg = self.cfg
-        return self.ops.softcap_mtp_ce(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp).mean()
+        # StableMax only trains: validation is always cross-entropy, so runs stay comparable
+        loss_fn = self.ops.stablemax_mtp_ce if cfg.stablemax and self.training else self.ops.softcap_mtp_ce
+        return loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp).mean()
+
+    @torch.no_grad()
+    def first_token_attention(self, idx, windows):
+        """alpha [attention layers, heads]: the mean attention a query gives its document's first
+        token (Gu et al.'s sink metric), with the extra slot, if any, in the softmax.
+
+        Runs the blocked attention on every device: plain torch, memory T * window, where flex
+        attention outside torch.compile would materialize all T x T scores."""
+        probe = SinkProbe(BlockedAttention(self.cfg.window_block))
+        with torch.autocast(idx.device.type, dtype=COMPUTE_DTYPE):
+            self.hidden(idx, windows, probe)
+        layers = [block.attn for block in self.blocks if block.attn is not None]
+        scale = self.rotary.attn_scale
+        slots = [functools.partial(attn.slot_logit, scale=scale) if attn.has_slot else None for attn in layers]
+        return torch.stack([probe.alpha(i, slot) for i, slot in enumerate(slots)])
+
+
+def shell_penalty(x):
+    """mean_t max(0, sqrt(2d / (||x_t||^2 + 0.1)) - 1) + ||mean_t x_t||^2 / sqrt(d) for x [T, d]:
+    pushes the embeddings out onto a shell of radius about sqrt(2d) and centres them on 0."""
+    x = x.float()
+    d = x.size(-1)
+    hinge = F.relu(torch.sqrt(SHELL_RADIUS_SQ * d / (x.square().sum(-1) + SHELL_EPS)) - 1).mean()
+    return hinge + x.mean(0).square().sum() / math.sqrt(d)
+
+
+SINK_THRESHOLD = 0.3  # a head sinks when it gives its document's first token more than this (Gu et al.)
+
+
+class SinkProbe:
+    """Wraps an attention backend and records, per call, what the sink metric needs.
+
+    For every query it keeps the log-probability of its document's first token among the real
+    keys. Counted are the queries that have a choice: a document's first token (which can only see
+    itself) and queries whose window no longer reaches the document start are left out.
+    """
+
+    def __init__(self, attention):
+        self.attention = attention
+        self.calls = []  # per attention call: q [T, H, D], log p [T, H], lse [T, H], counted [T]
+
+    def mask(self, docs, window):
+        pos = torch.arange(docs.numel(), device=docs.device)
+        first = torch.searchsorted(docs, docs)  # docs is sorted: the first position of each document
+        return self.attention.mask(docs, window), first, (pos > first) & (pos - first < window)
+
+    def __call__(self, q, k, v, mask, scale, need_lse):
+        inner, first, counted = mask
+        y, lse = self.attention(q, k, v, inner, scale, True)
+        score = scale * (q.float() * k[first].float()).sum(-1)
+        self.calls.append((q, score - lse, lse, counted))
+        return y, (lse if need_lse else None)
+
+    def alpha(self, call, slot_logit=None):
+        """[H]: the mean over counted queries of one call's attention on the document's first token.
+        `slot_logit(q)` puts an extra slot into the softmax: log p -= log(1 + exp(e - lse))."""
+        q, log_p, lse, counted = self.calls[call]
+        if slot_logit is not None:
+            log_p = log_p - F.softplus(slot_logit(q) - lse)
+        return log_p.exp()[counted].mean(0)
+
+
+def sink_share(alphas):
+    """Share of (layer, head) pairs whose first-token attention exceeds SINK_THRESHOLD."""
+    return (alphas > SINK_THRESHOLD).float().mean().item()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1106,6 +1274,21 @@ class Adam(torch.optim.Optimizer):
             self.state[dst] = {k: v.clone() if torch.is_tensor(v) else v for k, v in self.state[src].items()}
 
 
+def orthogonalize_grads(params, rescale):
+    """perpGrad: g <- g - (<w,g> / <w,w>) w per tensor, dropping the part of the gradient that only
+    scales the weight; with `rescale`, then back to ||g||. A zero tensor (zero-init weights) has
+    <w,g> = 0 and keeps its gradient; a gradient with nothing orthogonal left stays 0."""
+    tiny = torch.finfo(torch.float32).tiny
+    for p in params:
+        if p.grad is None:
+            continue
+        w, g = p.detach().float(), p.grad.float()
+        perp = g - ((w * g).sum() / w.square().sum().clamp_min(tiny)) * w
+        if rescale:
+            perp = perp * (g.norm() / perp.norm().clamp_min(tiny))
+        p.grad.copy_(perp)
+
+
 class Optimizers:
     """The run's optimizers with their schedules: NorMuon + Adam (stepping every `adam_every`
     steps, its gradients accumulating in between), or plain AdamW on everything (`--muon=false`)."""
@@ -1140,6 +1323,14 @@ class Optimizers:
             self.adam_every = 1
         for group in (self.muon.param_groups if self.muon else []):
             group["base_lr"] = cfg.muon_lr
+        # perpGrad acts on the gradients each optimizer is about to use, right before it steps: Adam's
+        # accumulate over adam_every steps and the rescale is not linear, so they are projected once,
+        # summed. Gradients are still rank-local here (the optimizers average them): the projection
+        # commutes with the average (all ranks hold the same w), the rescale uses the local norm.
+        perp = [p for p in params if cfg.perp_grad == "all" or (cfg.perp_grad == "matrices" and p.kind == "matrix")]
+        own = {id(p) for g in (self.muon.param_groups if self.muon else []) for p in g["params"]}
+        self.perp_muon = [p for p in perp if id(p) in own]
+        self.perp_adam = [p for p in perp if id(p) not in own]
 
     def step(self, step, lr_mult, momentum, last):
         """Apply the step's schedule and step; Adam only every `adam_every` steps (and the last)."""
@@ -1147,11 +1338,13 @@ class Optimizers:
             for group in self.muon.param_groups:
                 group["lr"] = group["base_lr"] * lr_mult
                 group["momentum"] = momentum
+            orthogonalize_grads(self.perp_muon, self.cfg.perp_grad_rescale)
             self.muon.step()
             self.muon.zero_grad(set_to_none=True)
         if (step + 1) % self.adam_every == 0 or last:
             for group in self.adam.param_groups:
                 group["lr"] = group["base_lr"] * lr_mult
+            orthogonalize_grads(self.perp_adam, self.cfg.perp_grad_rescale)
             self.adam.step()
             self.adam.zero_grad(set_to_none=True)
 
@@ -1553,7 +1746,8 @@ class Trainer:
         self.train_loader = TrainLoader(self.cfg.train_files, b.rank, b.world_size, self.cfg.vocab_size, b.device)
 
     def train_step(self, step):
-        """One optimizer step (with gradient accumulation); returns this rank's mean loss."""
+        """One optimizer step (with gradient accumulation). Returns this rank's means of what the
+        step minimized, by name: train_loss (the model's loss) and, when on, the shell penalty."""
         cfg, sched = self.cfg, self.schedule
         if step == sched.untie_step:
             self.model.untie()
@@ -1563,14 +1757,20 @@ class Trainer:
         windows = sched.windows(long_blocks)
         weights = torch.tensor(sched.mtp_weights(step), device=self.backend.device)
         micro_tokens = sched.batch_tokens(step) // cfg.accum_world_size
-        total = 0.0
+        total, shell_total = 0.0, 0.0
         for _ in range(self.accum):
             inputs, targets, _ = self.train_loader.next_batch(micro_tokens, cfg.max_seq_len)
             loss = self.forward(inputs, targets, windows, weights) / self.accum
-            loss.backward()
             total += loss.detach()
+            if cfg.shell_lambda:
+                # outside the compiled forward (which returns one loss, shared with validation): it
+                # repeats the cheap embedding lookup, and keeps the penalty out of the val loss
+                shell = cfg.shell_lambda * shell_penalty(self.model.embed_tokens(inputs)) / self.accum
+                shell_total += shell.detach()
+                loss = loss + shell
+            loss.backward()
         self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last=step == sched.total - 1)
-        return total
+        return dict(train_loss=total, **({"shell": shell_total} if cfg.shell_lambda else {}))
 
     @torch.no_grad()
     def validate(self, long_blocks):
@@ -1586,6 +1786,17 @@ class Trainer:
         if self.backend.world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         return loss.item()
+
+    def log_sinks(self, step, long_blocks):
+        """The sink metric on the first validation slice, at the windows validation just used."""
+        inputs, _ = next(iter(self.val_loader))
+        self.model.eval()
+        alphas = self.model.first_token_attention(inputs, self.schedule.windows(long_blocks))
+        self.model.train()
+        share = sink_share(alphas)
+        strongest = ",".join(f"{a:.3f}" for a in alphas.max(1).values.tolist())
+        self.log.line(f"sink step:{step} share:{share:.3f} per_layer:[{strongest}]")
+        self.log.metric(kind="sink", step=step, share=share, alpha=alphas.tolist(), threshold=SINK_THRESHOLD)
 
     def warmup(self):
         """Untimed: compile and run a few real steps of every schedule stage, then restore the model,
@@ -1616,7 +1827,7 @@ class Trainer:
             log.line("schedule: " + line)
         self.warmup()
         total = sched.total
-        train_ms, val_loss, last_loss = 0.0, float("nan"), float("nan")
+        train_ms, val_loss = 0.0, float("nan")
         self.backend.synchronize()
         t0 = time.perf_counter()
         for step in range(total + 1):
@@ -1629,20 +1840,24 @@ class Trainer:
                 avg = f"{train_ms / step:.2f}" if step else "nan"
                 log.line(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{avg}ms")
                 log.metric(kind="val", step=step, val_loss=val_loss, train_time_ms=train_ms)
+                if cfg.sink_metric and self.backend.is_master:
+                    self.log_sinks(step, blocks)
                 self.backend.synchronize()
                 t0 = time.perf_counter()
             if last:
                 break
-            loss = self.train_step(step)
+            losses = self.train_step(step)
             if cfg.log_every and (step + 1) % cfg.log_every == 0:
                 if self.backend.world_size > 1:
-                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                last_loss = float(loss)
+                    for value in losses.values():
+                        dist.all_reduce(value, op=dist.ReduceOp.AVG)
+                losses = {name: float(value) for name, value in losses.items()}
                 now = train_ms + 1000 * (time.perf_counter() - t0)
                 eta = now / (step + 1) * (total - step - 1) / 1000
-                log.line(f"step:{step + 1}/{total} train_loss:{last_loss:.4f} train_time:{now:.0f}ms "
+                shown = " ".join(f"{name}:{value:.4f}" for name, value in losses.items())
+                log.line(f"step:{step + 1}/{total} {shown} train_time:{now:.0f}ms "
                          f"step_avg:{now / (step + 1):.2f}ms eta:{eta:.0f}s")
-                log.metric(kind="train", step=step + 1, train_loss=last_loss, train_time_ms=now)
+                log.metric(kind="train", step=step + 1, **losses, train_time_ms=now)
         tokens = sum(sched.batch_tokens(s) for s in range(total))
         peak = self.backend.peak_memory_mib()
         log.line(f"final val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms tokens:{tokens} peak_memory:{peak}MiB")

@@ -1,0 +1,376 @@
+"""The seeds' techniques (SPEC section 4): each formula against numbers worked out by hand or a
+dense torch reference, and every switch on at once still training on a tiny CPU run."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as T
+
+TINY = ["--preset=cpu", "--n_layer=2", "--d_model=32", "--n_head=2", "--head_dim=16", "--mlp_hidden=64",
+        "--long_window_layers=1", "--skip_from=-1", "--backout_layer=-1", "--value_embeds=2", "--window_block=16"]
+ALL_ON = ["--shell_lambda=0.008", "--gate_attn=relu", "--gate_mlp=sigmoid", "--head_gate=true",
+          "--sink_metric=true", "--sink_logit=true", "--kv_bias=true", "--stablemax=true",
+          "--perp_grad=all", "--perp_grad_rescale=true"]
+
+
+def test_shell_penalty_by_hand():
+    x = torch.tensor([[3.0, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]])  # d = 4, so 2d = 8
+    # row 0: ||x||^2 = 9, sqrt(8 / 9.1) = 0.93761 < 1     -> hinge 0
+    # row 1: ||x||^2 = 4, sqrt(8 / 4.1) = 1.396861 - 1    -> hinge 0.396861
+    # mean hinge 0.198431; mean row [2, .5, .5, .5], ||.||^2 = 4.75, / sqrt(4) -> 2.375
+    assert T.shell_penalty(x).item() == pytest.approx(0.198431 + 2.375, abs=1e-5)
+
+
+def test_shell_penalty_hinge_vanishes_outside_the_shell():
+    x = torch.tensor([[4.0, 0.0, 0.0, 0.0], [-4.0, 0.0, 0.0, 0.0]])  # ||x||^2 = 16 > 8 - 0.1, mean 0
+    assert T.shell_penalty(x).item() == 0.0
+
+
+def test_stablemax_by_hand():
+    logits = torch.tensor([[-2.0, 0.0, 3.0]] * 3)
+    # s = [1/3, 1, 4], sum 16/3 -> probabilities [1/16, 3/16, 12/16]
+    loss = T.TorchOps.stablemax_mtp_ce(logits, torch.tensor([0, 1, 2]), torch.tensor([1.0]), 0.0, 1.0)
+    torch.testing.assert_close(loss, -torch.tensor([1 / 16, 3 / 16, 12 / 16]).log())
+
+
+def test_stablemax_mtp_weights_by_hand():
+    logits = torch.tensor([[-2.0, 0.0, 3.0], [1.0, 0.0, 0.0]])
+    # row 1: s = [2, 1, 1], sum 4 -> probabilities [1/2, 1/4, 1/4]
+    # row 0 scores targets 2 (k=0, weight 1) and 0 (k=1, weight 0.5); row 1 only its k=0 target 0
+    loss = T.TorchOps.stablemax_mtp_ce(logits, torch.tensor([2, 0]), torch.tensor([1.0, 0.5]), 0.0, 1.0)
+    expected = [-math.log(12 / 16) - 0.5 * math.log(1 / 16), -math.log(1 / 2)]
+    torch.testing.assert_close(loss, torch.tensor(expected))
+
+
+def test_stablemax_reads_softcapped_logits():
+    z = torch.tensor([[-9.0, 0.0, 5.0]])
+    capped = 30 * torch.sigmoid(z / 7.5)
+    got = T.TorchOps.stablemax_mtp_ce(z, torch.tensor([1]), torch.tensor([1.0]), 30.0, 7.5)
+    want = T.TorchOps.stablemax_mtp_ce(capped, torch.tensor([1]), torch.tensor([1.0]), 0.0, 1.0)
+    torch.testing.assert_close(got, want)
+
+
+def stablemax_reference(z, targets, weights, cap, temp):
+    """-sum_k w_k log StableMax(l)[t_{i+k}] straight from the definition, differentiated by autograd."""
+    l = cap * torch.sigmoid(z / temp) if cap else z
+    s = torch.where(l >= 0, l + 1, 1 / (1 - l))
+    log_p = (s / s.sum(-1, keepdim=True)).log()
+    n = len(targets)
+    return torch.stack([
+        sum(weights[k] * -log_p[i, targets[i + k]] for k in range(len(weights)) if i + k < n) for i in range(n)
+    ])
+
+
+@pytest.mark.parametrize("cap", [0.0, 30.0])
+def test_stablemax_loss_and_gradient_match_the_definition(cap):
+    gen = torch.Generator().manual_seed(3)
+    z = (4 * torch.randn(6, 50, generator=gen, dtype=torch.float64)).requires_grad_()
+    targets, weights = torch.randint(0, 50, (6,), generator=gen), torch.tensor([1.0, 0.5, 0.25])
+    upstream = torch.rand(6, generator=gen, dtype=torch.float64)
+    loss = T.TorchOps.stablemax_mtp_ce(z, targets, weights, cap, 7.5)
+    (grad,) = torch.autograd.grad((loss * upstream).sum(), z)
+    want = stablemax_reference(z, targets, weights, cap, 7.5)
+    (want_grad,) = torch.autograd.grad((want * upstream).sum(), z)
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_log_stablemax_finite_for_huge_logits():
+    z = torch.tensor([[1e4, -1e4, 0.0, 3.0], [-1e4, -1e4, 1e4, 1e4]], requires_grad=True)
+    loss = T.TorchOps.stablemax_mtp_ce(z, torch.tensor([1, 2]), torch.tensor([1.0]), 0.0, 1.0)
+    loss.sum().backward()
+    assert torch.isfinite(loss).all() and torch.isfinite(z.grad).all()
+    # row 0: s = [10001, 1/10001, 1, 4]; the target's loss is log(sum) + log(10001)
+    assert loss[0].item() == pytest.approx(math.log(10006 + 1 / 10001) + math.log(10001), rel=1e-6)
+
+
+def test_model_trains_on_stablemax_and_validates_on_cross_entropy():
+    cfg = T.parse_args(TINY + ["--stablemax=true", "--fp8_head=false"])
+    torch.manual_seed(0)
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
+    idx = torch.randint(0, 1000, (64,))
+    idx[0] = T.BOS_ID
+    targets = torch.randint(0, 1000, (64,))
+    args = (idx, targets, (32, 16), torch.tensor([1.0]))
+    with torch.no_grad():
+        stable = model(*args)
+        model.eval()
+        val = model(*args)
+        with torch.autocast("cpu", dtype=T.COMPUTE_DTYPE):
+            x = model.hidden(idx, (32, 16))
+        z = model.logits(x)
+    torch.testing.assert_close(val, T.TorchOps.softcap_mtp_ce(z, targets, torch.tensor([1.0]), 30.0, 7.5).mean())
+    torch.testing.assert_close(stable, T.TorchOps.stablemax_mtp_ce(z, targets, torch.tensor([1.0]), 30.0, 7.5).mean())
+
+
+def test_orthogonal_gradient():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(16, 8, generator=gen))
+    g = torch.randn(16, 8, generator=gen)
+    for rescale in (False, True):
+        w.grad = g.clone()
+        T.orthogonalize_grads([w], rescale)
+        cosine = (w.grad * w).sum() / (w.grad.norm() * w.norm())
+        assert abs(cosine.item()) < 1e-6
+        if rescale:
+            assert w.grad.norm().item() == pytest.approx(g.norm().item(), rel=1e-6)
+        else:  # the removed part is the projection onto w: g - g_perp is parallel to w
+            removed = g - w.grad
+            torch.testing.assert_close(removed, (g * w).sum() / (w * w).sum() * w.detach())
+
+
+def test_orthogonal_gradient_by_hand_and_zero_weights():
+    w = torch.nn.Parameter(torch.tensor([1.0, 0.0]))
+    w.grad = torch.tensor([3.0, 4.0])  # <w,g>/<w,w> = 3: g_perp = [0, 4], rescaled to ||g|| = 5: [0, 5]
+    zero = torch.nn.Parameter(torch.zeros(2))
+    zero.grad = torch.tensor([3.0, 4.0])
+    T.orthogonalize_grads([w, zero], rescale=True)
+    torch.testing.assert_close(w.grad, torch.tensor([0.0, 5.0]))
+    torch.testing.assert_close(zero.grad, torch.tensor([3.0, 4.0]))  # zero weights keep their gradient
+
+
+@pytest.mark.parametrize("which, kinds", [("matrices", {"matrix"}), ("all", None), ("none", set())])
+def test_perp_grad_chooses_its_parameters(which, kinds):
+    cfg = T.parse_args(TINY + [f"--perp_grad={which}"])
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
+    backend = T.Backend(torch.device("cpu"), 0, 1, T.TorchOps, None)
+    opt = T.Optimizers(model, cfg, backend)
+    chosen = {id(p) for p in opt.perp_muon + opt.perp_adam}
+    want = {id(p) for p in model.parameters() if kinds is None or p.kind in kinds}
+    assert chosen == want
+    assert all(p.kind == "matrix" for p in opt.perp_muon)
+
+
+def sink_alpha(q, k, docs, window, slot_logit=None):
+    probe = T.SinkProbe(T.BlockedAttention(4))
+    v = torch.randn_like(q)
+    probe(q, k, v, probe.mask(docs, window), 1.0, False)
+    return probe.alpha(0, slot_logit)
+
+
+def test_sink_metric_is_one_when_every_query_looks_at_the_first_token():
+    L, H, D = 10, 2, 4
+    docs = torch.tensor([0] * 4 + [1] * L)
+    q = torch.zeros(len(docs), H, D)
+    q[..., 0] = 10.0
+    k = torch.zeros(len(docs), H, D)
+    k[[0, 4], :, 0] = 10.0  # each document's first key scores 100, every other key 0
+    torch.testing.assert_close(sink_alpha(q, k, docs, window=64), torch.ones(H))
+
+
+def test_sink_metric_on_uniform_causal_attention():
+    L, H, D = 12, 3, 4
+    docs = torch.zeros(L, dtype=torch.long)
+    q, k = torch.zeros(L, H, D), torch.randn(L, H, D)  # all scores 0: query i spreads 1/(i+1)
+    # the first token's own query is not counted (it can only see itself)
+    expected = sum(1 / (i + 1) for i in range(1, L)) / (L - 1)
+    torch.testing.assert_close(sink_alpha(q, k, docs, window=64), torch.full((H,), expected))
+    # an extra slot of logit 0 joins every query's softmax: 1/(i+2)
+    expected = sum(1 / (i + 2) for i in range(1, L)) / (L - 1)
+    got = sink_alpha(q, k, docs, 64, lambda q: torch.zeros(q.shape[:2]))
+    torch.testing.assert_close(got, torch.full((H,), expected))
+
+
+def test_sink_metric_skips_queries_past_the_window():
+    L, H, D = 12, 1, 4
+    q, k = torch.zeros(L, H, D), torch.zeros(L, H, D)
+    # window 5: queries 1..4 see the first token (1/2 ... 1/5); queries 5.. cannot and are not counted
+    expected = sum(1 / (i + 1) for i in range(1, 5)) / 4
+    got = sink_alpha(q, k, torch.zeros(L, dtype=torch.long), window=5)
+    torch.testing.assert_close(got, torch.full((H,), expected))
+
+
+class DenseAttention:
+    """Reference attention: the full softmax with an explicit mask, keeping every call's probabilities."""
+
+    def __init__(self):
+        self.probs = []
+
+    def mask(self, docs, window):
+        pos = torch.arange(docs.numel())
+        return (docs[:, None] == docs[None]) & (pos[:, None] >= pos[None]) & (pos[:, None] - pos[None] < window)
+
+    @torch.autocast("cpu", enabled=False)
+    def __call__(self, q, k, v, mask, scale, need_lse):
+        s = (scale * torch.einsum("thd,shd->hts", q.float(), k.float())).masked_fill(~mask, float("-inf"))
+        self.probs.append(s.softmax(-1))
+        return torch.einsum("hts,shd->thd", self.probs[-1], v.float()).type_as(v), s.logsumexp(-1).T
+
+
+def test_model_sink_metric_matches_dense_attention_probabilities():
+    cfg = T.parse_args(TINY + ["--n_layer=3", "--no_attn_layers=1", "--long_window_layers=2"])
+    torch.manual_seed(0)
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    idx = torch.randint(0, 1000, (120,))
+    idx[[0, 30, 45]] = T.BOS_ID  # documents of 30, 15 and 75 tokens; windows 32 and 16
+    windows = (32, 16)
+    got = model.first_token_attention(idx, windows)
+    model.attention = dense = DenseAttention()
+    with torch.no_grad(), torch.autocast("cpu", dtype=T.COMPUTE_DTYPE):
+        model.hidden(idx, windows)
+    start = torch.tensor([0] * 30 + [30] * 15 + [45] * 75)
+    pos = torch.arange(120)
+    want = []
+    for probs, window in zip(dense.probs, (16, 32)):  # layer 0 short, layer 2 long; layer 1 has none
+        counted = (pos > start) & (pos - start < window)
+        want.append(probs[:, pos, start][:, counted].mean(1))
+    assert got.shape == (2, cfg.n_head)
+    torch.testing.assert_close(got, torch.stack(want), atol=5e-3, rtol=0)
+
+
+def test_sink_share():
+    alphas = torch.tensor([[0.9, 0.1], [0.31, 0.3]])  # two of four above 0.3
+    assert T.sink_share(alphas) == 0.5
+
+
+def dense_attention_with_slot(q, k, v, docs, window, scale, slot_logit, slot_value):
+    """Reference: the slot literally appended as one more key column of the softmax."""
+    n = q.size(0)
+    pos = torch.arange(n)
+    allowed = (docs[:, None] == docs[None]) & (pos[:, None] >= pos[None]) & (pos[:, None] - pos[None] < window)
+    s = scale * torch.einsum("thd,shd->hts", q, k)
+    s = s.masked_fill(~allowed, float("-inf"))
+    s = torch.cat([s, slot_logit.T[..., None]], dim=-1)  # [H, T, T + 1]
+    values = torch.cat([v.transpose(0, 1), slot_value[:, None]], dim=1)  # [H, T + 1, D]
+    return (s.softmax(-1) @ values).transpose(0, 1)
+
+
+@pytest.mark.parametrize("backend", ["blocked", "flex"])
+@pytest.mark.parametrize("switches", [["--sink_logit=true"], ["--kv_bias=true"], ["--sink_logit=true", "--kv_bias=true"]])
+def test_extra_slot_matches_dense_reference(backend, switches):
+    cfg = T.parse_args(TINY + switches)
+    gen = torch.Generator().manual_seed(1)
+    attn = T.Attention(cfg, 0)
+    with torch.no_grad():
+        for p in (attn.sink, attn.key_bias, attn.value_bias):
+            if p is not None:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    n, h, d = 50, cfg.n_head, cfg.head_dim
+    q, k, v = (torch.randn(n, h, d, generator=gen) for _ in range(3))
+    docs = torch.tensor([0] * 20 + [1] * 30)
+    scale, window = 0.3, 24
+    attention = T.BlockedAttention(16) if backend == "blocked" else T.FlexAttention()
+    y, lse = attention(q, k, v, attention.mask(docs, window), scale, True)
+    got = T.add_slot(y, lse, attn.slot_logit(q, scale), attn.value_bias)
+    # the slot's logit and value, written out independently of Attention.slot_logit
+    sink = attn.sink if attn.sink is not None else torch.zeros(h)
+    bias = scale * torch.einsum("thd,hd->th", q, attn.key_bias) if attn.key_bias is not None else 0.0
+    value = attn.value_bias if attn.value_bias is not None else torch.zeros(h, d)
+    with torch.no_grad():
+        want = dense_attention_with_slot(q, k, v, docs, window, scale, (sink + bias).expand(n, h), value)
+    torch.testing.assert_close(got.detach(), want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act, fn", [("relu", F.relu), ("sigmoid", torch.sigmoid)])
+def test_output_gate_by_hand(act, fn):
+    gate = T.OutputGate(2, act)
+    with torch.no_grad():
+        gate.weight.copy_(torch.tensor([[1.0, -1.0], [2.0, 0.0]]))
+    x, y = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0]])
+    # W x = [1 - 2, 2] = [-1, 2]; relu -> [0, 2] so y -> [0, 8]; sigmoid -> [0.268941, 0.880797]
+    expected = {"relu": [[0.0, 8.0]], "sigmoid": [[3 * 0.268941, 4 * 0.880797]]}[act]
+    torch.testing.assert_close(gate(x, y), torch.tensor(expected), atol=1e-5, rtol=0)
+    assert gate.weight.kind == "matrix" and gate.act is fn
+
+
+def test_output_gate_init_passes_gradient():
+    gate = T.OutputGate(32, "relu")
+    x = T.norm(torch.randn(64, 32))
+    out = gate(x, torch.ones(64, 32))
+    out.sum().backward()
+    assert 0.2 < (out > 0).float().mean() < 0.8 and gate.weight.grad.abs().sum() > 0
+
+
+def test_block_gates_each_sublayer_with_its_normed_input():
+    cfg = T.parse_args(TINY + ["--gate_attn=relu", "--gate_mlp=sigmoid", "--value_embeds=0"])
+    torch.manual_seed(0)
+    block = T.Block(cfg, 0, T.TorchOps)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(0.3 * torch.randn_like(p))  # the zero-init projections would hide the sublayers
+    rotary, attention = T.Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale), T.BlockedAttention(16)
+    docs = torch.zeros(40, dtype=torch.long)
+    masks = [attention.mask(docs, 32), attention.mask(docs, 16)]
+    x = torch.randn(40, cfg.d_model)
+    with torch.no_grad():
+        got = block(x, None, rotary, attention, masks)
+        h = T.norm(x)
+        x = x + block.attn(h, None, rotary, attention, masks[1]) * F.relu(h @ block.attn_out_gate.weight.T)
+        h = T.norm(x)
+        want = x + block.mlp(h) * torch.sigmoid(h @ block.mlp_out_gate.weight.T)
+    torch.testing.assert_close(got, want)
+
+
+def test_head_gate_scales_each_head_by_a_sigmoid_of_the_whole_input():
+    cfg = T.parse_args(TINY + ["--head_gate=true", "--attn_gate=false", "--d_model=32"])
+    torch.manual_seed(0)
+    gated = T.Attention(cfg, 0)
+    plain = T.Attention(T.parse_args(TINY + ["--attn_gate=false"]), 0)
+    assert gated.gate.shape == (cfg.n_head, cfg.d_model) and gated.gate.kind == "gate"
+    with torch.no_grad():
+        gated.gate.copy_(torch.randn_like(gated.gate))
+        for name in ("q", "k", "v"):
+            getattr(plain, name).copy_(getattr(gated, name))
+        plain.o.copy_(torch.eye(cfg.d_model))  # d = heads x head_dim: the output is the heads' concatenation
+        gated.o.copy_(torch.eye(cfg.d_model))
+    rotary, attention = T.Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale), T.BlockedAttention(16)
+    mask = attention.mask(torch.zeros(40, dtype=torch.long), 32)
+    x = T.norm(torch.randn(40, cfg.d_model))
+    with torch.no_grad():
+        heads = plain(x, None, rotary, attention, mask).view(40, cfg.n_head, cfg.head_dim)
+        want = heads * torch.sigmoid(x @ gated.gate.T)[..., None]
+        got = gated(x, None, rotary, attention, mask)
+    torch.testing.assert_close(got, want.reshape(40, -1))
+
+
+def test_switches_off_add_no_parameters():
+    names = lambda flags: {n for n, _ in T.GPT(T.parse_args(TINY + flags), T.TorchOps, None).named_parameters()}
+    off, on = names([]), names(ALL_ON)
+    assert off < on
+    new = {n.split(".")[-1] for n in on - off}
+    assert new == {"weight", "sink", "key_bias", "value_bias"}
+
+
+@pytest.mark.parametrize("flag", ["--gate_attn=tanh", "--gate_mlp=yes", "--perp_grad=some"])
+def test_word_flags_reject_unknown_words(flag):
+    with pytest.raises(SystemExit, match=flag.split("=")[0][2:]):
+        T.parse_args([flag])
+
+
+def write_counting_shards(folder):
+    """Documents of 40 tokens that count up by one from a random start: learnable in a few steps."""
+    rng = np.random.default_rng(0)
+    docs = [np.concatenate([[T.BOS_ID], (rng.integers(0, 500) + np.arange(39)) % 500]) for _ in range(400)]
+    tokens = np.concatenate(docs)
+    T.write_shard(folder / "train_000000.bin", tokens[:12000])
+    T.write_shard(folder / "val_000000.bin", tokens[12000:])
+
+
+def test_every_switch_on_trains(tmp_path):
+    write_counting_shards(tmp_path)
+    flags = TINY + ALL_ON + [
+        f"--train_files={tmp_path}/train_*.bin", f"--val_files={tmp_path}/val_*.bin", f"--log_dir={tmp_path}",
+        "--run_id=all_on", "--num_steps=20", "--batch_tokens=256,256,256", "--max_seq_len=64",
+        "--long_windows=2,2,2", "--extension_window=2", "--final_window=2", "--val_every=10",
+        "--val_tokens=1024", "--val_batch_tokens=512", "--log_every=1", "--progress=false", "--adam_lr=0.02",
+    ]
+    T.main(flags)
+    records = [json.loads(line) for line in open(tmp_path / "all_on.jsonl")]
+    train = [r for r in records if r["kind"] == "train"]
+    val = [r["val_loss"] for r in records if r["kind"] == "val"]
+    sinks = [r for r in records if r["kind"] == "sink"]
+    assert len(train) == 20 and all("shell" in r and r["shell"] > 0 for r in train)
+    first, last = (np.mean([r["train_loss"] for r in part]) for part in (train[:3], train[-3:]))
+    assert last < first - 0.3, (first, last)
+    assert val[-1] < val[0] - 0.3, val
+    assert len(sinks) == len(val) and all(0 <= s["share"] <= 1 for s in sinks)
+    assert np.array(sinks[0]["alpha"]).shape == (2, 2)
+    text = open(tmp_path / "all_on.txt").read()
+    assert " shell:" in text and "\nsink step:20 share:" in text
