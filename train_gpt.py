@@ -155,12 +155,13 @@ PRESETS = {
         long_windows=(2, 3, 4),
         extension_window=4,
         final_window=4,
-        num_steps=300,
+        num_steps=150,
         extension_steps=0,
-        batch_tokens=(2048, 4096, 4096),
+        batch_tokens=(2048, 4096, 6144),
         max_seq_len=512,
         accum_world_size=1,
-        val_every=100,
+        val_every=50,
+        log_every=10,
         val_tokens=65536,
         val_batch_tokens=8192,
         skip_from=1,
@@ -415,8 +416,10 @@ class _SoftcapMTPLoss(torch.autograd.Function):
         loss = torch.empty(n, device=logits.device)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(logits) if want_grad else None
-        for lo in range(0, n, CE_ROWS):
-            rows = slice(lo, lo + CE_ROWS)
+        # a compiled graph would unroll the loop; inductor fuses the whole pass anyway
+        block = n if torch.compiler.is_compiling() else CE_ROWS
+        for lo in range(0, n, block):
+            rows = slice(lo, lo + block)
             z = logits[rows].float()
             l = softcap(z, cap, temp)
             a = log_stable(l) if stablemax else l
