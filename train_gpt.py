@@ -553,6 +553,19 @@ if triton is not None:
         return tl.dot(a, b, acc)
 
     @triton.jit
+    def _tile_product(a_ptr, s_ar, s_ak, b_ptr, s_bc, s_bk, rows, cols, n_rows, n_cols, K,
+                      BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
+        """fp32 tile sum_k a[rows, k] * b[cols, k]: a [.., K] and b [.., K] are both read row-major."""
+        ks = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((rows.shape[0], cols.shape[0]), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + ks
+            a = tl.load(a_ptr + rows[:, None] * s_ar + k[None, :] * s_ak, mask=(rows[:, None] < n_rows) & (k[None, :] < K), other=0.0)
+            bt = tl.load(b_ptr + k[:, None] * s_bk + cols[None, :] * s_bc, mask=(k[:, None] < K) & (cols[None, :] < n_cols), other=0.0)
+            acc = _dot(a, bt, acc, DOT_FP32)
+        return acc
+
+    @triton.jit
     def _sym_mm_kernel(a_ptr, out_ptr, m, n, s_ab, s_am, s_an, s_ob, s_om, s_on, alpha, beta,
                        AXPBY: tl.constexpr, BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, DOT_FP32: tl.constexpr):
         """Tile (i, j), j <= i, of a @ a^T (or alpha * a + beta * a @ a^T), stored at (i, j) and (j, i).
@@ -566,13 +579,7 @@ if triton is not None:
         out_ptr += tl.program_id(2).to(tl.int64) * s_ob
         rows = pid_i * BLOCK + tl.arange(0, BLOCK)
         cols = pid_j * BLOCK + tl.arange(0, BLOCK)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-        for k0 in range(0, n, BLOCK_K):
-            k = k0 + ks
-            a_i = tl.load(a_ptr + rows[:, None] * s_am + k[None, :] * s_an, mask=(rows[:, None] < m) & (k[None, :] < n), other=0.0)
-            a_jt = tl.load(a_ptr + k[:, None] * s_an + cols[None, :] * s_am, mask=(k[:, None] < n) & (cols[None, :] < m), other=0.0)
-            acc = _dot(a_i, a_jt, acc, DOT_FP32)
+        acc = _tile_product(a_ptr, s_am, s_an, a_ptr, s_am, s_an, rows, cols, m, m, n, BLOCK_K, DOT_FP32)
         if AXPBY:  # a is square and symmetric here, so the (j, i) tile of a is the transpose of this one
             a_ij = tl.load(a_ptr + rows[:, None] * s_am + cols[None, :] * s_an, mask=(rows[:, None] < m) & (cols[None, :] < m), other=0.0)
             acc = alpha * a_ij.to(tl.float32) + beta * acc
@@ -597,13 +604,7 @@ if triton is not None:
         pid_n = (pid % (GROUP_M * tiles_n)) // group_rows
         rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        ks = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + ks
-            x = tl.load(x_ptr + rows[:, None] * s_xm + k[None, :] * s_xk, mask=(rows[:, None] < M) & (k[None, :] < K), other=0.0)
-            wt = tl.load(w_ptr + k[:, None] * s_wk + cols[None, :] * s_wn, mask=(k[:, None] < K) & (cols[None, :] < N), other=0.0)
-            acc = _dot(x, wt, acc, DOT_FP32)
+        acc = _tile_product(x_ptr, s_xm, s_xk, w_ptr, s_wn, s_wk, rows, cols, M, N, K, BLOCK_K, DOT_FP32)
         acc = tl.maximum(acc, 0.0)
         out = (acc * acc).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
