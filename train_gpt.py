@@ -1229,7 +1229,7 @@ class NorMuon(torch.optim.Optimizer):
         u = normuon_normalize(u, state["second_moment"], group["beta2"])
         rows, cols = grad.shape[-2:]
         lr = group["lr"]
-        lr_mul = group["params"][0].lr_mul if hasattr(group["params"][0], "lr_mul") else 1.0
+        lr_mul = getattr(group["params"][0], "lr_mul", 1.0)
         step_lr = lr * math.sqrt(max(1.0, rows / cols)) * lr_mul
         decay = group["weight_decay"] * lr * lr  # decay scales with lr^2
         weights.sub_(cautious_mask(u, weights) * weights, alpha=decay)
@@ -1809,7 +1809,7 @@ class Trainer:
         if not steps:
             return
         model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        optim_state = copy_state(self.optimizers.state_dict())
+        optim_state = clone_tree(self.optimizers.state_dict())
         starts = set(self.schedule.stage_starts())
         if self.schedule.untie_step is not None:
             starts.add(self.schedule.untie_step)
@@ -1827,6 +1827,9 @@ class Trainer:
 
     def run(self):
         cfg, sched, log = self.cfg, self.schedule, self.log
+        b = self.backend
+        log.line(f"backend: {b.device.type} x {b.world_size}, accumulation {self.accum}, ops {b.ops.name}, "
+                 f"attention {type(b.attention).__name__}, compile {cfg.compile}")
         for line in sched.describe():
             log.line("schedule: " + line)
         self.warmup()
@@ -1873,14 +1876,14 @@ class Trainer:
         return val_loss, train_ms
 
 
-def copy_state(obj):
+def clone_tree(obj):
     """A deep copy of nested lists/dicts of tensors (optimizer state snapshots)."""
     if torch.is_tensor(obj):
         return obj.clone()
     if isinstance(obj, dict):
-        return {k: copy_state(v) for k, v in obj.items()}
+        return {k: clone_tree(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return type(obj)(copy_state(v) for v in obj)
+        return type(obj)(clone_tree(v) for v in obj)
     return obj
 
 
