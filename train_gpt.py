@@ -261,17 +261,46 @@ def parse_args(argv):
 # ------------------------------------------------------------------------------------------------
 
 
+FLEX_BLOCK = 128  # flex_attention's sparse block: the mask is built per 128 x 128 tile of (query, key)
+
+
 class FlexAttention:
     """Document-causal sliding-window attention with flex_attention and a block mask (CUDA)."""
 
     def mask(self, docs, window):
-        from torch.nn.attention.flex_attention import create_block_mask
+        """The BlockMask for documents `docs` [T] (non-decreasing ids) and a window of `window` tokens.
+
+        Built from each block's first and last document id, O((T / 128)^2), instead of evaluating
+        the mask at all T^2 (query, key) pairs as create_block_mask does. Tiles where every pair
+        attends skip the mask; partial tiles evaluate the exact per-token test in `allowed`.
+        """
+        from torch.nn.attention.flex_attention import BlockMask
 
         def allowed(b, h, q_idx, kv_idx):
             return (docs[q_idx] == docs[kv_idx]) & (kv_idx <= q_idx) & (q_idx - kv_idx < window)
 
-        n = docs.numel()
-        return create_block_mask(allowed, None, None, n, n, device=docs.device)
+        n, b = docs.numel(), FLEX_BLOCK
+        starts = torch.arange(0, n, b, device=docs.device)
+        first_doc = docs[starts]
+        last_doc = docs[(starts + b - 1).clamp(max=n - 1)]
+        whole = starts + b <= n  # a tile with padding is never full
+        ids = torch.arange(starts.numel(), device=docs.device)
+        qb, kb = ids[:, None], ids  # query block, key block
+        # key block kb < qb: its closest pair (last key, first query) is (qb - kb - 1) * b + 1 apart
+        # and shares a document only if that key's and that query's documents are the same one
+        near = ((qb - kb - 1) * b + 1 < window) & (last_doc[kb] == first_doc[qb])
+        some = (kb == qb) | ((kb < qb) & near)
+        # ... and every pair attends when one document spans both tiles and the farthest pair fits
+        far = (qb - kb + 1) * b - 1 < window
+        full = (kb < qb) & far & (first_doc[kb] == last_doc[qb]) & whole[qb] & whole[kb]
+        partial = some & ~full
+
+        def sparse(dense):  # counts and indices (those present first, ascending) per query block
+            counts = dense.sum(-1, dtype=torch.int32)
+            order = torch.argsort(dense.to(torch.int8), dim=-1, descending=True, stable=True)
+            return counts[None, None], order.to(torch.int32)[None, None]
+
+        return BlockMask.from_kv_blocks(*sparse(partial), *sparse(full), BLOCK_SIZE=b, mask_mod=allowed, seq_lengths=(n, n))
 
     def __call__(self, q, k, v, mask, scale, need_lse):
         """q, k, v [T, H, D] -> y [T, H, D] and, when asked, the log-sum-exp [T, H] of the scores."""
@@ -675,8 +704,16 @@ if triton is not None:
     # Under TRITON_INTERPRET=1 (read when the kernels above were decorated) they run on CPU tensors.
     INTERPRETED = not isinstance(_sym_mm_kernel, triton.runtime.JITFunction)
 
+    def _require_16bit(op, *tensors):
+        """The kernels' tiles are sized for 2-byte operands: fp32 would need twice the shared memory
+        (more than an H100 has for linear_relu2) and run at a fraction of the tensor-core rate."""
+        for t in tensors:
+            if t.dtype not in (torch.bfloat16, torch.float16):
+                raise TypeError(f"{op}: the Triton kernel takes bf16 or fp16 operands, got {t.dtype}")
+
     def _sym_product(a, alpha, beta, axpby):
         """a @ a^T (or alpha * a + beta * a @ a^T) for a [..., m, n] with the one-triangle kernel."""
+        _require_16bit("sym_axpby" if axpby else "sym_mm", a)
         m, n = a.shape[-2:]
         stack = a.reshape(-1, m, n)
         out = torch.empty(stack.shape[0], m, m, dtype=a.dtype, device=a.device)
@@ -695,14 +732,16 @@ if triton is not None:
 
         @staticmethod
         def forward(ctx, x, w):
+            _require_16bit("linear_relu2", x, w)
+            if x.dtype != w.dtype:
+                raise TypeError(f"linear_relu2: x is {x.dtype} but w is {w.dtype}; the kernel takes one dtype")
             rows = x.reshape(-1, x.shape[-1])
-            wx = w.to(x.dtype)
             out = torch.empty(rows.shape[0], w.shape[0], dtype=x.dtype, device=x.device)
             M, K = rows.shape
             N = w.shape[0]
             grid = (triton.cdiv(M, MM_BLOCK_M) * triton.cdiv(N, MM_BLOCK_N),)
             _linear_relu2_kernel[grid](
-                rows, wx, out, M, N, K, *rows.stride(), *wx.stride(), *out.stride(),
+                rows, w, out, M, N, K, *rows.stride(), *w.stride(), *out.stride(),
                 BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, GROUP_M=MM_GROUP_M, DOT_FP32=INTERPRETED,
                 num_warps=MM_WARPS, num_stages=MM_STAGES)
             out = out.reshape(*x.shape[:-1], N)
@@ -713,9 +752,9 @@ if triton is not None:
         def backward(ctx, grad):
             x, w, out = ctx.saved_tensors
             dpre = 2 * grad * out.sqrt()
-            grad_x = dpre @ w.to(dpre.dtype)
+            grad_x = dpre @ w
             grad_w = dpre.reshape(-1, w.shape[0]).mT @ x.reshape(-1, x.shape[-1])
-            return grad_x, grad_w.to(w.dtype)
+            return grad_x, grad_w
 
     class _SoftcapMTPCrossEntropy(torch.autograd.Function):
         """Per-token softcapped multi-token CE; each direction is one pass over the vocabulary per row.
@@ -725,6 +764,7 @@ if triton is not None:
 
         @staticmethod
         def forward(ctx, logits, targets, weights, cap, temp):
+            _require_16bit("softcap_mtp_ce", logits)
             z, targets = logits.contiguous(), targets.contiguous()
             weights = torch.as_tensor(weights, dtype=torch.float32, device=z.device)  # a tensor: no recompiles
             n, vocab = z.shape
@@ -800,7 +840,10 @@ class Rotary(nn.Module):
 
     When the attention window grows, YaRN rescales the low frequencies (those that turn less than
     once or so within the old window) so positions beyond it look familiar, and raises the attention
-    scale. Frequencies, scale and the window they fit are buffers, so checkpoints restore them.
+    scale. The frequencies are a buffer; the window and the scale are Python numbers, so changing
+    them never reads the device and the compiled attention gets its scale as a constant (inductor
+    bakes it into the kernel: a tensor there fails to compile). They travel in the state dict as
+    extra state.
     """
 
     def __init__(self, head_dim, base, attn_scale):
@@ -808,20 +851,26 @@ class Rotary(nn.Module):
         quarter = head_dim // 4
         freqs = torch.cat([(1 / base) ** torch.linspace(0, 1, quarter), torch.zeros(quarter)])
         self.register_buffer("freqs", freqs)
-        self.register_buffer("attn_scale", torch.tensor(attn_scale))
-        self.register_buffer("window", torch.tensor(0))
+        self.attn_scale = float(attn_scale)
+        self.window = 0  # tokens; 0 until the first set_window
 
     @torch.no_grad()
     def set_window(self, window, yarn):
         """Adapt to a new long-window size in tokens (the first call only records it)."""
-        old = int(self.window)
+        old = self.window
         if yarn and old and window != old:
             factor = window / old
             turns = old * self.freqs / (2 * math.pi)
             keep = ((turns - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0, 1)
             self.freqs.mul_(keep + (1 - keep) / factor)
-            self.attn_scale.mul_(YARN_SCALE_SLOPE * math.log(factor) + 1)
-        self.window.fill_(window)
+            self.attn_scale *= YARN_SCALE_SLOPE * math.log(factor) + 1
+        self.window = window
+
+    def get_extra_state(self):
+        return dict(window=self.window, attn_scale=self.attn_scale)
+
+    def set_extra_state(self, state):
+        self.window, self.attn_scale = state["window"], state["attn_scale"]
 
     def forward(self, x):
         """x [T, H, D]: rotate dims i and i + D/2 together by angle t * freqs[i]."""
@@ -926,7 +975,9 @@ class MLP(nn.Module):
         self.down = tag(nn.Parameter(torch.zeros(d, hidden)), "matrix", lr_mul=cfg.mlp_down_lr_mul)
 
     def forward(self, x):
-        return F.linear(self.ops.linear_relu2(x, self.up.type_as(x)), self.down)
+        # bf16 whatever autocast left x as (the residual stream and rms_norm are fp32 under it):
+        # the fused kernel's tiles are sized for 2-byte operands
+        return F.linear(self.ops.linear_relu2(x.to(COMPUTE_DTYPE), self.up.to(COMPUTE_DTYPE)), self.down)
 
 
 class Block(nn.Module):
@@ -1009,8 +1060,11 @@ class GPT(nn.Module):
     def hidden(self, idx, windows, attention=None):
         """Final normed hidden states [T, d] for a packed sequence of documents (`attention`
         replaces the backend's, e.g. by a SinkProbe around it)."""
+        with torch.autocast(idx.device.type, dtype=COMPUTE_DTYPE):
+            return self._hidden(idx, windows, attention or self.attention)
+
+    def _hidden(self, idx, windows, attention):
         cfg = self.cfg
-        attention = attention or self.attention
         docs = (idx == BOS_ID).cumsum(0)
         masks = [attention.mask(docs, w) for w in windows]
         x = x0 = norm(self.embed_tokens(idx))
@@ -1039,9 +1093,7 @@ class GPT(nn.Module):
         return F.linear(x, w)
 
     def forward(self, idx, targets, windows, mtp_weights):
-        with torch.autocast(idx.device.type, dtype=COMPUTE_DTYPE):
-            x = self.hidden(idx, windows)
-        z = self.logits(x)
+        z = self.logits(self.hidden(idx, windows))
         cfg = self.cfg
         # StableMax only trains: validation is always cross-entropy, so runs stay comparable
         loss_fn = self.ops.stablemax_mtp_ce if cfg.stablemax and self.training else self.ops.softcap_mtp_ce
@@ -1055,8 +1107,7 @@ class GPT(nn.Module):
         Runs the blocked attention on every device: plain torch, memory T * window, where flex
         attention outside torch.compile would materialize all T x T scores."""
         probe = SinkProbe(BlockedAttention(self.cfg.window_block))
-        with torch.autocast(idx.device.type, dtype=COMPUTE_DTYPE):
-            self.hidden(idx, windows, probe)
+        self.hidden(idx, windows, probe)
         layers = [block.attn for block in self.blocks if block.attn is not None]
         scale = self.rotary.attn_scale
         slots = [functools.partial(attn.slot_logit, scale=scale) if attn.has_slot else None for attn in layers]
@@ -1451,7 +1502,10 @@ class TrainLoader:
         self._advance()
 
     def _load(self, index, out):
-        out["tokens"] = read_shard(self.files[index], self.vocab_size)
+        """Read a shard and find its documents (run in the prefetch thread: both take a while)."""
+        tokens = read_shard(self.files[index], self.vocab_size)
+        out["bos"] = np.flatnonzero(tokens == BOS_ID)
+        out["tokens"] = tokens
 
     def _prefetch(self, index):
         box = {}
@@ -1470,8 +1524,7 @@ class TrainLoader:
         thread.join()
         if "tokens" not in box:
             self._load(self.shard_index, box)  # the background read failed: raise its error here
-        self.tokens = box["tokens"]
-        self.bos = np.flatnonzero(self.tokens == BOS_ID)
+        self.tokens, self.bos = box["tokens"], box["bos"]
         self.doc = 0  # index into self.bos of the next unread document
         more = self.shard_index + 1 < len(self.files)
         self.next_shard = self._prefetch(self.shard_index + 1) if more else None
@@ -1506,7 +1559,10 @@ class TrainLoader:
                 f"than max_seq_len lose their tails). Download more shards or shorten the schedule."
             ) from None
         self.consumed += (tokens + 1) * self.world_size
-        buf = torch.from_numpy(np.concatenate(mine).astype(np.int64)).to(self.device, non_blocking=True)
+        buf = torch.from_numpy(np.concatenate(mine).astype(np.int64))
+        if torch.device(self.device).type == "cuda":
+            buf = buf.pin_memory()  # from pinned memory the copy below does not block the host
+        buf = buf.to(self.device, non_blocking=True)
         cu_seqlens = torch.tensor(np.cumsum([0] + [p.size for p in mine]), dtype=torch.int32)
         return buf[:-1], buf[1:], cu_seqlens
 
@@ -1723,6 +1779,9 @@ class Trainer:
         self.forward = torch.compile(self.model, fullgraph=True, dynamic=False) if cfg.compile else self.model
         self.optimizers = Optimizers(self.model, cfg, backend)
         self.accum = cfg.accum_world_size // backend.world_size
+        # every step's MTP weights on the device up front: making them inside a step would copy
+        # from the host and stall the GPU stream each step
+        self.mtp_weights = [torch.tensor(self.schedule.mtp_weights(s), device=backend.device) for s in range(self.schedule.total)]
         self.new_train_loader()
         needed = sum(self.schedule.batch_tokens(s) + cfg.accum_world_size for s in range(self.schedule.total))
         if needed > self.train_loader.available:
@@ -1759,7 +1818,7 @@ class Trainer:
         long_blocks = sched.long_window_blocks(step)
         self.model.rotary.set_window(long_blocks * cfg.window_block, cfg.yarn)
         windows = sched.windows(long_blocks)
-        weights = torch.tensor(sched.mtp_weights(step), device=self.backend.device)
+        weights = self.mtp_weights[step]
         micro_tokens = sched.batch_tokens(step) // cfg.accum_world_size
         total, shell_total = 0.0, 0.0
         for _ in range(self.accum):
@@ -1808,7 +1867,7 @@ class Trainer:
         steps = self.cfg.warmup_steps
         if not steps:
             return
-        model_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        model_state = clone_tree(self.model.state_dict())
         optim_state = clone_tree(self.optimizers.state_dict())
         starts = set(self.schedule.stage_starts())
         if self.schedule.untie_step is not None:

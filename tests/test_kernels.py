@@ -19,6 +19,7 @@ import train_gpt as T
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+HALF = [torch.float16, torch.bfloat16]  # the kernels take 2-byte operands only
 POLAR_BC = (-22.48329292557795, 15.878769915207462)  # (b, c) of the first Polar Express step
 SMEM_LIMIT = 227 * 1024  # H100 shared memory per block
 MATMUL_KERNELS = ("sym_mm", "sym_axpby", "linear_relu2")
@@ -36,7 +37,7 @@ def test_kernels_are_interpreted():
 
 
 # Polar Express shapes: 768x3072 scaled by 1/4, a stack of them, and sizes off the 128/64 tiles.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("shape", [(192, 768), (3, 192, 768), (2, 1, 130, 200), (1, 5)])
 def test_sym_mm_matches_twin(shape, dtype):
     a = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) / math.sqrt(shape[-1])).to(dtype)
@@ -48,12 +49,30 @@ def test_sym_mm_matches_twin(shape, dtype):
 
 def test_sym_mm_reads_strided_input():
     """polar_express hands tall matrices over transposed (a view), so the kernel follows strides."""
-    a = torch.randn(2, 768, 192, generator=torch.Generator().manual_seed(0)).mT / math.sqrt(768)
+    a = (torch.randn(2, 768, 192, generator=torch.Generator().manual_seed(0)) / math.sqrt(768)).half().mT
     assert not a.is_contiguous()
-    assert_close(T.TritonOps.sym_mm(a), T.TorchOps.sym_mm(a), TOL[torch.float32], "sym_mm of a transposed view")
+    assert_close(T.TritonOps.sym_mm(a), T.TorchOps.sym_mm(a.float()), TOL[torch.float16], "sym_mm of a transposed view")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_kernels_refuse_fp32():
+    """A kernel handed fp32 says so instead of launching tiles sized for 2-byte operands (on an H100,
+    linear_relu2's fp32 tiles need more shared memory than the chip has: the crash this guards)."""
+    a = torch.randn(64, 64)
+    targets = torch.zeros(64, dtype=torch.long)
+    calls = {
+        "sym_mm": lambda: T.TritonOps.sym_mm(a),
+        "sym_axpby": lambda: T.TritonOps.sym_axpby(a, 1.0, 1.0),
+        "linear_relu2": lambda: T.TritonOps.linear_relu2(a, a),
+        "softcap_mtp_ce": lambda: T.TritonOps.softcap_mtp_ce(a, targets, torch.ones(1), 30.0, 7.5),
+    }
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"{name}: the Triton kernel takes bf16 or fp16"):
+            call()
+    with pytest.raises(TypeError, match="x is torch.bfloat16 but w is torch.float16"):
+        T.TritonOps.linear_relu2(a.bfloat16(), a.half())
+
+
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("shape", [(192, 192), (2, 130, 130), (200, 200)])
 def test_sym_axpby_matches_twin(shape, dtype):
     s = torch.randn(shape, generator=torch.Generator().manual_seed(1)) / math.sqrt(shape[-1])
@@ -80,7 +99,7 @@ def kernel_grads(fn, inputs, grad):
 
 
 # MLP up projection: 768 -> 3072 scaled by 1/4 on 256 tokens, and sizes off the 128/256/64 tiles.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("x_shape,w_shape", [((2, 128, 192), (768, 192)), ((3, 50, 100), (300, 100))])
 def test_linear_relu2_matches_twin_and_autograd(x_shape, w_shape, dtype):
     gen = torch.Generator().manual_seed(2)
@@ -100,7 +119,7 @@ def test_linear_relu2_matches_twin_and_autograd(x_shape, w_shape, dtype):
 # Record vocabulary 50304 scaled by 1/16 (3144: one full and one partial 2048-block), a vocabulary
 # smaller than a block, fewer rows than MTP weights; softcap on and off. The model passes the MTP
 # weights as a float32 tensor (new values never recompile); both ops take it.
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("rows,vocab,weights,cap", [
     (64, 3144, (1.0, 0.5, 0.25), 30.0),
     (37, 1000, (1.0, 0.3), 30.0),

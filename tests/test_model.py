@@ -100,7 +100,8 @@ def test_gpt_forward_same_with_flex_and_blocked():
         warnings.simplefilter("ignore")
         ha, hb = blocked.hidden(idx, (64, 32)), flex.hidden(idx, (64, 32))
         la, lb = blocked(idx, idx, (64, 32), w), flex(idx, idx, (64, 32), w)
-    assert torch.allclose(ha, hb, atol=1e-3) and torch.allclose(la, lb, atol=1e-4)
+    # both run under bf16 autocast: agreement to a few bf16 roundings
+    assert (ha - hb).abs().max() < 1e-2 and (la - lb).abs() < 1e-3, ((ha - hb).abs().max(), (la - lb).abs())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -257,13 +258,13 @@ def test_yarn_scale_and_frequencies():
     rot = tg.Rotary(128, 1024.0, 0.1)
     freqs0 = rot.freqs.clone()
     rot.set_window(384, yarn=True)  # first call records the window
-    assert math.isclose(rot.attn_scale.item(), 0.1, rel_tol=1e-6)
+    assert math.isclose(rot.attn_scale, 0.1, rel_tol=1e-6)
     assert torch.equal(rot.freqs, freqs0)
     rot.set_window(384, yarn=True)  # same window: nothing changes
-    assert math.isclose(rot.attn_scale.item(), 0.1, rel_tol=1e-6)
+    assert math.isclose(rot.attn_scale, 0.1, rel_tol=1e-6)
     rot.set_window(896, yarn=True)
     s1 = 0.1 * (0.2 * math.log(896 / 384) + 1)
-    assert math.isclose(rot.attn_scale.item(), s1, rel_tol=1e-6)
+    assert math.isclose(rot.attn_scale, s1, rel_tol=1e-6)
     # the fastest frequency (1 rad/token, 61 turns per old window) is kept; the slowest (1/1024,
     # 0.06 turns) is divided by the growth factor; zero frequencies stay zero
     assert math.isclose(rot.freqs[0].item(), 1.0, rel_tol=1e-6)
@@ -272,12 +273,12 @@ def test_yarn_scale_and_frequencies():
     assert torch.all(rot.freqs[:32] <= freqs0[:32] + 1e-9)
     rot.set_window(1408, yarn=True)
     s2 = s1 * (0.2 * math.log(1408 / 896) + 1)
-    assert math.isclose(rot.attn_scale.item(), s2, rel_tol=1e-6)
+    assert math.isclose(rot.attn_scale, s2, rel_tol=1e-6)
     off = tg.Rotary(128, 1024.0, 0.1)
     off.set_window(384, yarn=False)
     off.set_window(896, yarn=False)
-    assert math.isclose(off.attn_scale.item(), 0.1, rel_tol=1e-6) and torch.equal(off.freqs, freqs0)
-    assert int(off.window) == 896
+    assert math.isclose(off.attn_scale, 0.1, rel_tol=1e-6) and torch.equal(off.freqs, freqs0)
+    assert off.window == 896 and isinstance(off.attn_scale, float)
 
 
 def test_key_offset_moves_still_dims(tmp_path):
