@@ -306,7 +306,9 @@ class FlexAttention:
         """q, k, v [T, H, D] -> y [T, H, D] and, when asked, the log-sum-exp [T, H] of the scores."""
         from torch.nn.attention.flex_attention import AuxRequest, flex_attention
 
-        q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))
+        # [1, H, T, D] laid out as such: under compile the copy fuses into the op that makes each
+        # tensor, and inductor's CPU flex template cannot take a permuted view
+        q, k, v = (t.transpose(0, 1)[None].contiguous() for t in (q, k, v))
         if not need_lse:
             return flex_attention(q, k, v, block_mask=mask, scale=scale)[0].transpose(0, 1), None
         y, aux = flex_attention(q, k, v, block_mask=mask, scale=scale, return_aux=AuxRequest(lse=True))
@@ -1808,18 +1810,22 @@ class Trainer:
         b = self.backend
         self.train_loader = TrainLoader(self.cfg.train_files, b.rank, b.world_size, self.cfg.vocab_size, b.device)
 
-    def train_step(self, step):
-        """One optimizer step (with gradient accumulation). Returns this rank's means of what the
-        step minimized, by name: train_loss (the model's loss) and, when on, the shell penalty."""
+    def begin_step(self, step):
+        """Make the schedule's changes to the model for `step` (untie, window and YaRN); return the
+        step's attention windows, MTP weights and tokens per micro-batch."""
         cfg, sched = self.cfg, self.schedule
         if step == sched.untie_step:
             self.model.untie()
             self.optimizers.adam.copy_state(self.model.lm_head, self.model.embed)
         long_blocks = sched.long_window_blocks(step)
         self.model.rotary.set_window(long_blocks * cfg.window_block, cfg.yarn)
-        windows = sched.windows(long_blocks)
-        weights = self.mtp_weights[step]
-        micro_tokens = sched.batch_tokens(step) // cfg.accum_world_size
+        return sched.windows(long_blocks), self.mtp_weights[step], sched.batch_tokens(step) // cfg.accum_world_size
+
+    def train_step(self, step):
+        """One optimizer step (with gradient accumulation). Returns this rank's means of what the
+        step minimized, by name: train_loss (the model's loss) and, when on, the shell penalty."""
+        cfg, sched = self.cfg, self.schedule
+        windows, weights, micro_tokens = self.begin_step(step)
         total, shell_total = 0.0, 0.0
         for _ in range(self.accum):
             inputs, targets, _ = self.train_loader.next_batch(micro_tokens, cfg.max_seq_len)

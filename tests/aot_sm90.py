@@ -1,5 +1,8 @@
 """Compile every Triton kernel of train_gpt.py for H100 (sm_90) without a GPU and report its figures.
 
+Each kernel is compiled at the record's shapes with the dtypes the model really feeds it, as recorded
+by a spy on the ops table during a training step (tests/op_spy.py), not with hand-picked ones.
+
 Run with TRITON_INTERPRET unset (interpreted kernels cannot be compiled). Prints one JSON object:
 kernel -> registers, spill stores/loads (from the wheel's ptxas), shared memory bytes, wgmma used.
 """
@@ -11,41 +14,61 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import op_spy  # noqa: E402
 import train_gpt as T  # noqa: E402
 
 H100 = triton.backends.compiler.GPUTarget("cuda", 90, 32)
 TOKENS, WIDTH, HIDDEN, VOCAB = 49152, 768, 3072, 50304  # one rank's record batch and the model widths
 CE_SCALARS = dict(cap=30.0, inv_temp=1 / 7.5, NUM_WEIGHTS=3, SOFTCAP=True, BLOCK_V=T.CE_BLOCK_V)
+POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64"}
 
 
-def sym_args(m, n, axpby):
-    return dict(a_ptr="*bf16", out_ptr="*bf16", m=m, n=n, s_ab=m * n, s_am=n, s_an=1, s_ob=m * m, s_om=m, s_on=1,
+def recorded_pointers():
+    """op -> Triton pointer types of its tensor arguments, as the model feeds them (tests/op_spy.py)."""
+    seen = {}
+    for name, args in op_spy.record_op_inputs():
+        types = [POINTER[dtype] for dtype, _ in args]
+        if seen.setdefault(name, types) != types:
+            raise RuntimeError(f"{name} is called with different dtypes: {seen[name]} and {types}")
+    return seen
+
+
+def sym_args(a, m, n, axpby):
+    return dict(a_ptr=a, out_ptr=a, m=m, n=n, s_ab=m * n, s_am=n, s_an=1, s_ob=m * m, s_om=m, s_on=1,
                 alpha=-2.0, beta=0.5, AXPBY=axpby, BLOCK=T.SYM_BLOCK, BLOCK_K=T.SYM_BLOCK_K, DOT_FP32=False)
 
 
-# name -> (kernel, arguments at the record's shapes, launch options, multiplies matrices)
-KERNELS = {
-    "sym_mm": (T._sym_mm_kernel, sym_args(WIDTH, HIDDEN, False), dict(num_warps=T.SYM_WARPS, num_stages=T.SYM_STAGES), True),
-    "sym_axpby": (T._sym_mm_kernel, sym_args(WIDTH, WIDTH, True), dict(num_warps=T.SYM_WARPS, num_stages=T.SYM_STAGES), True),
-    "linear_relu2": (
-        T._linear_relu2_kernel,
-        dict(x_ptr="*bf16", w_ptr="*bf16", out_ptr="*bf16", M=TOKENS, N=HIDDEN, K=WIDTH, s_xm=WIDTH, s_xk=1,
-             s_wn=WIDTH, s_wk=1, s_om=HIDDEN, s_on=1, BLOCK_M=T.MM_BLOCK_M, BLOCK_N=T.MM_BLOCK_N,
-             BLOCK_K=T.MM_BLOCK_K, GROUP_M=T.MM_GROUP_M, DOT_FP32=False),
-        dict(num_warps=T.MM_WARPS, num_stages=T.MM_STAGES), True),
-    "softcap_ce_fwd": (
-        T._softcap_ce_fwd_kernel,
-        dict(z_ptr="*bf16", t_ptr="*i64", w_ptr="*fp32", loss_ptr="*fp32", lse_ptr="*fp32", n_rows=TOKENS, vocab=VOCAB, s_z=VOCAB, **CE_SCALARS),
-        dict(num_warps=T.CE_WARPS), False),
-    "softcap_ce_bwd": (
-        T._softcap_ce_bwd_kernel,
-        dict(z_ptr="*bf16", t_ptr="*i64", w_ptr="*fp32", lse_ptr="*fp32", grad_ptr="*fp32", dz_ptr="*bf16", n_rows=TOKENS, vocab=VOCAB,
-             s_z=VOCAB, s_dz=VOCAB, **CE_SCALARS),
-        dict(num_warps=T.CE_WARPS), False),
-}
+def kernel_table(pointers):
+    """name -> (kernel, arguments at the record's shapes with the recorded dtypes, launch options, multiplies)."""
+    (gram,), (sym,) = pointers["sym_mm"], pointers["sym_axpby"]
+    x, w = pointers["linear_relu2"]
+    z, t, mtp = pointers["softcap_mtp_ce"]
+    return {
+        "sym_mm": (T._sym_mm_kernel, sym_args(gram, WIDTH, HIDDEN, False), dict(num_warps=T.SYM_WARPS, num_stages=T.SYM_STAGES), True),
+        "sym_axpby": (T._sym_mm_kernel, sym_args(sym, WIDTH, WIDTH, True), dict(num_warps=T.SYM_WARPS, num_stages=T.SYM_STAGES), True),
+        "linear_relu2": (
+            T._linear_relu2_kernel,
+            dict(x_ptr=x, w_ptr=w, out_ptr=x, M=TOKENS, N=HIDDEN, K=WIDTH, s_xm=WIDTH, s_xk=1,
+                 s_wn=WIDTH, s_wk=1, s_om=HIDDEN, s_on=1, BLOCK_M=T.MM_BLOCK_M, BLOCK_N=T.MM_BLOCK_N,
+                 BLOCK_K=T.MM_BLOCK_K, GROUP_M=T.MM_GROUP_M, DOT_FP32=False),
+            dict(num_warps=T.MM_WARPS, num_stages=T.MM_STAGES), True),
+        "softcap_ce_fwd": (
+            T._softcap_ce_fwd_kernel,
+            dict(z_ptr=z, t_ptr=t, w_ptr=mtp, loss_ptr="*fp32", lse_ptr="*fp32", n_rows=TOKENS, vocab=VOCAB, s_z=VOCAB, **CE_SCALARS),
+            dict(num_warps=T.CE_WARPS), False),
+        "softcap_ce_bwd": (
+            T._softcap_ce_bwd_kernel,
+            dict(z_ptr=z, t_ptr=t, w_ptr=mtp, lse_ptr="*fp32", grad_ptr="*fp32", dz_ptr=z, n_rows=TOKENS, vocab=VOCAB,
+                 s_z=VOCAB, s_dz=VOCAB, **CE_SCALARS),
+            dict(num_warps=T.CE_WARPS), False),
+    }
+
+
+KERNELS = kernel_table(recorded_pointers())
 
 
 def specialize(kernel, args):

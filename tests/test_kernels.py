@@ -15,6 +15,7 @@ import pytest
 import torch
 from triton.runtime.interpreter import InterpretedFunction
 
+import op_spy
 import train_gpt as T
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -225,6 +226,17 @@ def test_model_loss_same_with_triton_ops():
     assert len(checked) == 1 + 2 * cfg.n_layer
     for name in checked:
         assert relative_error(triton_grads[name], grads[name]) < 0.02, name
+
+
+def test_model_feeds_fused_ops_bf16():
+    """The dtype contract, on what the model really passes (a spy on the ops table during one training
+    step of a speedrun-shaped model): every operand a fused kernel or the FP8 head multiplies is bf16.
+    Fails on code that hands the MLP kernel the fp32 residual stream."""
+    calls = op_spy.record_op_inputs()
+    assert {name for name, _ in calls} == set(op_spy.FUSED_OPS) | {"fp8_linear"}
+    for name, args in calls:
+        operands = [dtype for dtype, _ in args[: op_spy.OPERANDS[name]]]
+        assert operands == [torch.bfloat16] * op_spy.OPERANDS[name], f"{name} received {args}"
 
 
 # Ahead-of-time builds for H100 (no GPU needed), in a subprocess without TRITON_INTERPRET.

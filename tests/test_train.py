@@ -93,3 +93,25 @@ def test_warmup_leaves_no_trace(tmp_path):
     (warm, _), log, _ = run(tmp_path, "warm", extra + ["--warmup_steps=2"])
     assert log.config["warmup_steps"] == 2
     assert warm == cold
+
+
+def test_train_step_never_reads_the_device(tmp_path, monkeypatch):
+    """On a GPU, reading a tensor's value on the host (item, int, float, bool) stalls until the stream
+    catches up. No step of any stage does it: stage changes, YaRN, the MTP weights and the untie
+    included (train-loss logging, outside train_step, is the only read and happens every log_every)."""
+    argv = TINY + SAMPLE + [f"--log_dir={tmp_path}", "--run_id=nosync", "--num_steps=6", "--extension_steps=2",
+                            "--batch_tokens=256,256,256", "--shell_lambda=0.008"]
+    cfg = tg.parse_args(argv)
+    backend = tg.setup_backend(cfg)
+    trainer = tg.Trainer(cfg, backend, tg.RunLog(cfg, backend))
+    assert trainer.schedule.untie_step is not None
+
+    def host_read(*args):
+        raise AssertionError("a tensor was read on the host inside train_step")
+
+    for name in ("item", "__int__", "__float__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    for step in range(trainer.schedule.total):
+        trainer.train_step(step)
+    monkeypatch.undo()
+    assert not trainer.model.tied
