@@ -1556,7 +1556,7 @@ class TrainLoader:
     def _load(self, index, out):
         try:
             out["tokens"] = read_shard(self.files[index], self.vocab_size)
-        except (ShardError, OSError) as e:  # raised in the main thread at its next batch: the run stops at once
+        except Exception as e:  # raised in the main thread at its next batch: the run stops at once
             out["error"] = e
 
     def _prefetch(self, index):
