@@ -99,7 +99,8 @@ def parse_fields(text):
 
 
 def parse_log(path):
-    """Parse a trainer log; a truncated or foreign file raises LogError saying what is missing."""
+    """Parse this trainer's log or a public speedrun log (told apart by the config line after the
+    second '=' line); a truncated or foreign file raises LogError saying what is missing."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().split("\n")
