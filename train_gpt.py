@@ -1860,6 +1860,13 @@ def versus_record(cfg, record, val_loss, train_ms):
 # ------------------------------------------------------------------------------------------------
 
 
+def eta_seconds(train_ms, steps_done, total, vals_left, val_seconds):
+    """Time to the end of the run: the remaining steps at the average step time so far, plus the
+    remaining validations at the average duration of those done (none done yet: not counted)."""
+    val_mean = sum(val_seconds) / len(val_seconds) if val_seconds else 0.0
+    return train_ms / steps_done * (total - steps_done) / 1000 + vals_left * val_mean
+
+
 class Trainer:
     """Owns the model, optimizers, loaders and schedule; runs steps, validation and the timed loop."""
 
@@ -2022,9 +2029,7 @@ class Trainer:
                         dist.all_reduce(value, op=dist.ReduceOp.AVG)
                 losses = {name: float(value) for name, value in losses.items()}
                 now = train_ms + 1000 * (time.perf_counter() - t0)
-                vals_left = sum(s > step for s in val_steps)
-                val_mean = sum(val_seconds) / len(val_seconds) if val_seconds else 0.0
-                eta = now / (step + 1) * (total - step - 1) / 1000 + vals_left * val_mean
+                eta = eta_seconds(now, step + 1, total, sum(s > step for s in val_steps), val_seconds)
                 shown = " ".join(f"{name}:{value:.4f}" for name, value in losses.items())
                 log.line(f"step:{step + 1}/{total} {shown} train_time:{now:.0f}ms "
                          f"step_avg:{now / (step + 1):.2f}ms eta:{eta:.0f}s")

@@ -181,3 +181,15 @@ def test_an_unusable_log_dir_is_one_error_line(tmp_path):
     not_a_dir.write_text("")
     message = failing_run(tmp_path, [f"--log_dir={not_a_dir}"])
     assert message.startswith(f"error: --log_dir={not_a_dir}: cannot write the run's log there (")
+
+
+def test_eta_counts_the_remaining_steps_and_validations():
+    # 4 of 10 steps in 2 s (0.5 s a step), two validations of 1 s and 3 s so far, two to come
+    assert tg.eta_seconds(2000.0, 4, 10, 2, [1.0, 3.0]) == pytest.approx(6 * 0.5 + 2 * 2.0)
+    assert tg.eta_seconds(2000.0, 4, 10, 1, []) == pytest.approx(3.0)  # no validation measured yet
+
+
+def test_config_summary_names_the_preset_and_only_what_differs():
+    cfg = tg.parse_args(["--preset=cpu", "--baseline", "--num_steps=4", "--batch_tokens=8,8,8", "--run_id=x"])
+    assert tg.config_summary(cfg) == "config: --preset=cpu --baseline --num_steps=4 --batch_tokens=8,8,8 (the full config is in the log)"
+    assert tg.config_summary(tg.parse_args([])) == "config: --preset=speedrun (the full config is in the log)"
