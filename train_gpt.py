@@ -9,12 +9,15 @@ import dataclasses
 import difflib
 import functools
 import glob
+import inspect
 import json
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import uuid
@@ -42,81 +45,81 @@ class Config:
     """Every constant of a run. Defaults are the `speedrun` preset (the record recipe)."""
 
     # run
-    preset: str = "speedrun"
-    seed: int = 0
+    preset: str = "speedrun"  # speedrun (8xH100 record recipe) | cpu (small model on the bundled sample)
+    seed: int = 0  # seed of the model's initialization
     device: str = "auto"  # auto | cuda | cpu
-    compile: bool = True
+    compile: bool = True  # torch.compile the model (warmup then compiles, untimed)
     run_id: str = ""  # empty: a fresh uuid
-    log_dir: str = "logs"
-    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
-    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
+    log_dir: str = "logs"  # where <run_id>.txt (the record log) and <run_id>.jsonl go
+    train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of the training shards
+    val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of the validation shards
     warmup_steps: int = 3  # untimed steps per schedule stage before the clock starts (then reset)
     progress: bool = True  # echo log lines to the console
     log_every: int = 50  # train-loss line (with ETA) every this many steps; 0 = none
     # model shape
-    vocab_size: int = 50257
+    vocab_size: int = 50257  # GPT-2's 50,257 tokens
     vocab_multiple: int = 128  # the embedding and head are padded to a multiple of this
-    n_layer: int = 11
-    d_model: int = 768
-    n_head: int = 6
-    head_dim: int = 128
-    mlp_hidden: int = 3072
-    no_attn_layers: tuple = (6,)
-    long_window_layers: tuple = (3, 10)
+    n_layer: int = 11  # transformer blocks
+    d_model: int = 768  # width of the residual stream
+    n_head: int = 6  # attention heads per layer
+    head_dim: int = 128  # width of each head
+    mlp_hidden: int = 3072  # hidden width of the ReLU^2 MLP
+    no_attn_layers: tuple = (6,)  # layers without attention (MLP only)
+    long_window_layers: tuple = (3, 10)  # layers with the long window; the others get half of it
     # attention windows, in blocks of `window_block` tokens, by thirds of training
-    window_block: int = 128
-    long_windows: tuple = (3, 7, 11)
-    extension_window: int = 13
-    final_window: int = 20
-    rope_base: float = 1024.0
-    attn_scale: float = 0.1
+    window_block: int = 128  # tokens per attention-window block
+    long_windows: tuple = (3, 7, 11)  # long window in blocks, by thirds of training
+    extension_window: int = 13  # long window in blocks during the extension steps
+    final_window: int = 20  # long window in blocks for the final validation
+    rope_base: float = 1024.0  # RoPE base of the rotating half of each head
+    attn_scale: float = 0.1  # attention scale (softmax temperature) before YaRN rescaling
     # schedule
-    num_steps: int = 1880
-    extension_steps: int = 40
+    num_steps: int = 1880  # scheduled steps (the thirds, the cooldown and the untie step are fractions of these)
+    extension_steps: int = 40  # extra steps after the schedule at the last batch size and the extension window
     batch_tokens: tuple = (131072, 262144, 393216)  # global tokens per step, by thirds
-    max_seq_len: int = 2048
+    max_seq_len: int = 2048  # longest piece of a document in a batch; a longer document's tail is dropped
     accum_world_size: int = 8  # the batch is split for this many ranks; fewer ranks accumulate
-    lr_mults: tuple = (1.0, 1.52, 1.73)
-    cooldown_frac: float = 0.55
-    lr_floor: float = 0.1
-    val_every: int = 250
-    val_tokens: int = 10485760
+    lr_mults: tuple = (1.0, 1.52, 1.73)  # learning-rate multiplier by thirds of training
+    cooldown_frac: float = 0.55  # linear learning-rate cooldown over this last fraction of the scheduled steps
+    lr_floor: float = 0.1  # the cooldown ends at this multiple of the learning rate
+    val_every: int = 250  # validate every this many steps (and always at the end); 0 = only at the end
+    val_tokens: int = 10485760  # tokens of the val shards scored (the record: the first 10,485,760)
     val_batch_tokens: int = 262144  # global validation tokens per forward pass
     # optimizers
     muon: bool = True  # False: plain AdamW on every parameter (the baseline end of the ladder)
-    muon_lr: float = 0.023
-    muon_wd: float = 1.2
-    muon_momentum: float = 0.95
-    muon_momentum_start: float = 0.85
-    momentum_warmup_steps: int = 300
-    momentum_cooldown_steps: int = 50
-    muon_beta2: float = 0.95
-    polar_steps: int = 5
-    mlp_down_lr_mul: float = 2.0
-    adam_lr: float = 0.008
-    adam_betas: tuple = (0.65, 0.95)
-    adam_eps: float = 1e-8
-    adam_wd: float = 0.005
-    value_embed_lr_mul: float = 75.0
-    scalar_lr_mul: float = 5.0
-    scalar_betas: tuple = (0.9, 0.99)
+    muon_lr: float = 0.023  # NorMuon learning rate of the hidden matrices
+    muon_wd: float = 1.2  # NorMuon cautious weight decay (scaled by lr^2)
+    muon_momentum: float = 0.95  # NorMuon Nesterov momentum
+    muon_momentum_start: float = 0.85  # momentum at step 0, warmed up to muon_momentum
+    momentum_warmup_steps: int = 300  # steps of the momentum warmup
+    momentum_cooldown_steps: int = 50  # last steps over which momentum cools back to the start value
+    muon_beta2: float = 0.95  # EMA factor of NorMuon's per-row second moment
+    polar_steps: int = 5  # Polar Express iterations per orthogonalization
+    mlp_down_lr_mul: float = 2.0  # extra learning-rate factor of the MLP down projection
+    adam_lr: float = 0.008  # Adam learning rate of embeddings, head, gates and scalars
+    adam_betas: tuple = (0.65, 0.95)  # Adam (beta1, beta2)
+    adam_eps: float = 1e-8  # Adam epsilon
+    adam_wd: float = 0.005  # Adam cautious weight decay
+    value_embed_lr_mul: float = 75.0  # learning-rate factor of the value embeddings
+    scalar_lr_mul: float = 5.0  # learning-rate factor of the scalars
+    scalar_betas: tuple = (0.9, 0.99)  # Adam (beta1, beta2) of the scalars
     adam_every: int = 2  # Adam steps every this many steps; its gradients accumulate in between
     adamw_lr: float = 0.0036  # the plain AdamW baseline
-    adamw_betas: tuple = (0.9, 0.95)
-    adamw_wd: float = 0.0
+    adamw_betas: tuple = (0.9, 0.95)  # AdamW (beta1, beta2) of the baseline
+    adamw_wd: float = 0.0  # AdamW weight decay of the baseline
     # techniques of the record recipe (each one switch)
     value_embeds: int = 3  # number of value-embedding tables, 0 = off
-    smear: bool = True
-    x0_mixing: bool = True
+    smear: bool = True  # mix a gated share of the previous token's embedding into each token
+    x0_mixing: bool = True  # learnable mix of the residual stream and the first embedding before each block
     skip_from: int = 3  # output of this layer is added at the input of `skip_to`; -1 = off
-    skip_to: int = 6
+    skip_to: int = 6  # the layer that receives the skip from `skip_from`
     backout_layer: int = 7  # subtract b * (x after this layer) at the end; -1 = off
     attn_gate: bool = True  # sparse per-head output gate from the first `gate_dims` channels
-    gate_dims: int = 12
+    gate_dims: int = 12  # input channels of the sparse attention gate
     key_offset: bool = True  # partial key offset on the long-window layers
     yarn: bool = True  # rescale RoPE and attention scale when the window grows
     softcap: float = 30.0  # logits = softcap * sigmoid(z / softcap_temp); 0 = plain logits
-    softcap_temp: float = 7.5
+    softcap_temp: float = 7.5  # temperature of the softcap's sigmoid
     untie_frac: float = 2 / 3  # embedding reads the head's weight until this fraction; 1 = always tied
     mtp: bool = True  # multi-token-prediction loss schedule
     batch_schedule: bool = True  # False: the last third's batch size throughout
@@ -196,65 +199,167 @@ BASELINE = dict(
 )
 
 
+class ConfigError(ValueError):
+    """A bad command line: main prints it as one `error:` line and exits 2, as argparse does."""
+
+
 # flags that take one of a few words
 CHOICES = {
+    "device": ("auto", "cuda", "cpu"),
     "gate_attn": ("none", "relu", "sigmoid"),
     "gate_mlp": ("none", "relu", "sigmoid"),
     "perp_grad": ("none", "matrices", "all"),
 }
+# tuples of a fixed length: one value per third of training, or (beta1, beta2); the others list layers
+TUPLE_LENGTHS = dict(batch_tokens=3, long_windows=3, lr_mults=3, adam_betas=2, scalar_betas=2, adamw_betas=2)
+# what every other number must satisfy (every element, for tuples), as (test, what it expects)
+AT_LEAST_ONE = (lambda v: v >= 1, "at least 1")
+NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
+POSITIVE = (lambda v: v > 0, "above 0")
+FRACTION = (lambda v: 0 <= v <= 1, "between 0 and 1")
+BOUNDS = {
+    **dict.fromkeys(("vocab_size", "vocab_multiple", "n_layer", "d_model", "n_head", "head_dim", "mlp_hidden",
+                     "window_block", "long_windows", "extension_window", "final_window", "num_steps",
+                     "batch_tokens", "max_seq_len", "accum_world_size", "val_tokens", "val_batch_tokens",
+                     "polar_steps", "adam_every", "gate_dims"), AT_LEAST_ONE),
+    **dict.fromkeys(("seed", "warmup_steps", "log_every", "extension_steps", "val_every", "momentum_warmup_steps",
+                     "momentum_cooldown_steps", "value_embeds", "lr_mults", "muon_lr", "muon_wd", "mlp_down_lr_mul",
+                     "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
+                     "softcap", "shell_lambda"), NOT_NEGATIVE),
+    **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
+    **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
+                     "adam_betas", "scalar_betas", "adamw_betas", "untie_frac"), FRACTION),
+}
+HELP_WIDTH = 36  # column where a flag's description starts in --help
+
+
+def parse_scalar(kind, text):
+    """One value of type `kind`; integers may be written 1e3 but not 2.5, and numbers must be finite."""
+    if kind is bool:
+        low = text.lower()
+        if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+            raise ValueError("expected true/false")
+        return low in ("1", "true", "yes", "on")
+    if kind is str:
+        return text
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError("expected a finite number")
+    if kind is int:
+        if value != int(value):
+            raise ValueError("expected an integer")
+        return int(value)
+    return value
 
 
 def parse_value(name, text, default):
-    """Parse `text` to the type of the field's default; errors name the flag."""
+    """Parse `text` to the type of the field's default (a tuple: of its elements); errors name the flag."""
     try:
-        if isinstance(default, bool):
-            low = text.lower()
-            if low not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError("expected true/false")
-            return low in ("1", "true", "yes", "on")
-        if isinstance(default, tuple):
-            parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
-            kind = type(default[0]) if default else float
-            return tuple(kind(p) if kind is not int else int(float(p)) for p in parts)
-        if isinstance(default, int):
-            value = float(text)
-            if value != int(value):
-                raise ValueError("expected an integer")
-            return int(value)
-        return type(default)(text)
+        if not isinstance(default, tuple):
+            return parse_scalar(type(default), text)
+        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        if name in TUPLE_LENGTHS and len(parts) != TUPLE_LENGTHS[name]:
+            raise ValueError(f"expected {TUPLE_LENGTHS[name]} values, got {len(parts)}")
+        return tuple(parse_scalar(type(default[0]), p) for p in parts)
     except ValueError as e:
-        kind = type(default).__name__
-        raise SystemExit(f"error: --{name}={text}: cannot read as {kind} ({e})") from None
+        kind = f"comma-separated {type(default[0]).__name__}s" if isinstance(default, tuple) else type(default).__name__
+        raise ConfigError(f"--{name}={text}: cannot read as {kind} ({e})") from None
+
+
+def show_value(value):
+    """A value as it is written on the command line."""
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(show_value, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def check_config(cfg):
+    """Refuse values that would fail later with a traceback (or silently train nothing)."""
+    for name, (test, expected) in BOUNDS.items():
+        value = getattr(cfg, name)
+        if not all(test(v) for v in (value if isinstance(value, tuple) else (value,))):
+            raise ConfigError(f"--{name}={show_value(value)}: expected {'each value ' if isinstance(value, tuple) else ''}{expected}")
+    if cfg.run_id in (".", "..") or os.path.basename(cfg.run_id) != cfg.run_id:
+        raise ConfigError(f"--run_id={cfg.run_id}: expected a plain file name (it names the log files in --log_dir)")
+
+
+def config_docs():
+    """[(group, [(field, description)])] in Config's order, read from its comments: one source of truth."""
+    groups = []
+    for line in inspect.getsource(Config).splitlines():
+        group = re.fullmatch(r"    # (.*)", line)
+        field = re.fullmatch(r"    (\w+): \w+ = .*?  # (.*)", line)
+        if group:
+            groups.append((group[1], []))
+        elif field:
+            groups[-1][1].append((field[1], field[2]))
+    return groups
+
+
+def help_text(cfg, baseline):
+    """--help: usage, the presets and --baseline, then every flag with its value in `cfg`."""
+    def changes(values):
+        return textwrap.fill(" ".join(f"{k}={show_value(v)}" for k, v in values.items()) or "(the defaults)",
+                             width=100, initial_indent="    ", subsequent_indent="    ")
+
+    lines = [
+        "usage: python train_gpt.py [--preset=NAME] [--baseline] [--name=value ...]",
+        "       torchrun --standalone --nproc_per_node=N train_gpt.py [...]",
+        "",
+        __doc__.split("\n")[0],
+        "Later flags win; --preset and --baseline apply first, whatever their position.",
+        "",
+        "presets:",
+        *[f"  --preset={name}\n{changes(values)}" for name, values in PRESETS.items()],
+        "  --baseline: every technique off (plain GPT with AdamW), on top of the preset\n" + changes(BASELINE),
+        "",
+        f"flags, with their values under --preset={cfg.preset}{' --baseline' if baseline else ''}:",
+    ]
+    for group, docs in config_docs():
+        lines += ["", f"{group}:"]
+        for name, description in docs:
+            flag = f"  --{name}={show_value(getattr(cfg, name))}"
+            lines.append(f"{flag:<{HELP_WIDTH}}{description}" if len(flag) < HELP_WIDTH else f"{flag}\n{'':<{HELP_WIDTH}}{description}")
+    return "\n".join(lines)
 
 
 def parse_args(argv):
-    """Build the Config from `--preset=`, `--baseline` and `--name=value` overrides (in that order)."""
+    """Build the Config from `--preset=`, `--baseline` and `--name=value` overrides (in that order).
+
+    Bad flags and values raise ConfigError; `--help` prints the help and exits 0."""
     defaults = {f.name: f.default for f in fields(Config)}
-    preset, baseline, overrides = "speedrun", False, {}
+    preset, baseline, overrides, wants_help = "speedrun", False, {}, False
     for arg in argv:
+        if arg in ("-h", "--help"):
+            wants_help = True
+            continue
         if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}: overrides look like --name=value")
+            raise ConfigError(f"unexpected argument {arg!r}: overrides look like --name=value (see --help)")
         name, eq, text = arg[2:].partition("=")
         name = name.replace("-", "_")
-        if name == "baseline" and not eq:
-            baseline = True
+        if name == "baseline":
+            baseline = parse_value(name, text, True) if eq else True
             continue
         if name not in defaults:
             close = difflib.get_close_matches(name, list(defaults) + ["baseline"], n=1)
-            hint = f"; did you mean --{close[0]}?" if close else ""
-            raise SystemExit(f"error: unknown flag --{name}{hint}")
+            hint = f"; did you mean --{close[0]}?" if close else "; see --help"
+            raise ConfigError(f"unknown flag --{name}{hint}")
         if not eq:
-            raise SystemExit(f"error: --{name} needs a value: --{name}=VALUE")
+            raise ConfigError(f"--{name} needs a value: --{name}=VALUE")
         if name == "preset":
             if text not in PRESETS:
-                raise SystemExit(f"error: --preset={text}: expected one of {', '.join(PRESETS)}")
+                raise ConfigError(f"--preset={text}: expected one of {', '.join(PRESETS)}")
             preset = text
         else:
             overrides[name] = parse_value(name, text, defaults[name])
             if name in CHOICES and overrides[name] not in CHOICES[name]:
-                raise SystemExit(f"error: --{name}={text}: expected one of {', '.join(CHOICES[name])}")
-    values = {**PRESETS[preset], **(BASELINE if baseline else {}), **overrides, "preset": preset}
-    return Config(**values)
+                raise ConfigError(f"--{name}={text}: expected one of {', '.join(CHOICES[name])}")
+    cfg = Config(**{**PRESETS[preset], **(BASELINE if baseline else {}), **overrides, "preset": preset})
+    if wants_help:
+        print(help_text(cfg, baseline))
+        raise SystemExit(0)
+    check_config(cfg)
+    return cfg
 
 # ------------------------------------------------------------------------------------------------
 # Backend: the one place where CUDA and CPU differ (device, distributed, attention, kernels)
@@ -389,8 +494,6 @@ class Backend:
 
 def setup_backend(cfg):
     """Pick the device, start the process group (NCCL on CUDA, gloo on CPU), the attention and ops."""
-    if cfg.device not in ("auto", "cuda", "cpu"):
-        raise SystemExit(f"error: --device={cfg.device}: expected auto, cuda or cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device=cuda but no CUDA device is available")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -1504,10 +1607,14 @@ class TrainLoader:
         self._advance()
 
     def _load(self, index, out):
-        """Read a shard and find its documents (run in the prefetch thread: both take a while)."""
-        tokens = read_shard(self.files[index], self.vocab_size)
-        out["bos"] = np.flatnonzero(tokens == BOS_ID)
-        out["tokens"] = tokens
+        """Read a shard and find its documents (in the prefetch thread: both take a while). An error
+        is kept and raised in the main thread when it reaches this shard: the run stops at once."""
+        try:
+            tokens = read_shard(self.files[index], self.vocab_size)
+            out["bos"] = np.flatnonzero(tokens == BOS_ID)
+            out["tokens"] = tokens
+        except Exception as e:
+            out["error"] = e
 
     def _prefetch(self, index):
         box = {}
@@ -1524,8 +1631,8 @@ class TrainLoader:
             self.next_shard = self._prefetch(self.shard_index)
         thread, box = self.next_shard
         thread.join()
-        if "tokens" not in box:
-            self._load(self.shard_index, box)  # the background read failed: raise its error here
+        if "error" in box:
+            raise box["error"]
         self.tokens, self.bos = box["tokens"], box["bos"]
         self.doc = 0  # index into self.bos of the next unread document
         more = self.shard_index + 1 < len(self.files)
@@ -1549,6 +1656,8 @@ class TrainLoader:
     def next_batch(self, tokens, max_seq_len):
         """(inputs [tokens], targets [tokens], cu_seqlens) for this rank: inputs and targets are
         int64 on the device; cu_seqlens (int32, CPU) holds the piece boundaries of the tokens+1."""
+        if self.next_shard and "error" in self.next_shard[1]:
+            raise self.next_shard[1]["error"]
         try:
             for rank in range(self.world_size):
                 pieces = self._pieces(tokens + 1, max_seq_len)
@@ -1690,6 +1799,8 @@ class Schedule:
 
 SEPARATOR = "=" * 100
 RECORDS_INDEX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "records", "index.json")
+# a run is timed against its track's record only if it did the same work: the same task and length
+COMPARABLE_KEYS = ("preset", "num_steps", "extension_steps", "batch_tokens", "max_seq_len", "val_tokens")
 
 
 def versions_and_hardware():
@@ -1716,31 +1827,55 @@ def versions_and_hardware():
     return "\n".join(lines)
 
 
+def config_summary(cfg):
+    """One console line: the preset and every value that differs from it (the log has the full JSON)."""
+    base, flags = dict(PRESETS[cfg.preset]), [f"--preset={cfg.preset}"]
+    if all(getattr(cfg, name) == value for name, value in BASELINE.items()):
+        base.update(BASELINE)
+        flags.append("--baseline")
+    reference = Config(**base, preset=cfg.preset, run_id=cfg.run_id)
+    flags += [f"--{f.name}={show_value(getattr(cfg, f.name))}" for f in fields(Config)
+              if getattr(cfg, f.name) != getattr(reference, f.name)]
+    return f"config: {' '.join(flags)} (the full config is in the log)"
+
+
 class RunLog:
-    """Writes `<log_dir>/<run_id>.txt` and `.jsonl` on rank 0; every line is flushed as written."""
+    """Writes `<log_dir>/<run_id>.txt` and `.jsonl` on rank 0; every line is flushed as written.
+
+    The console gets the log's path first and a one-line config summary; the log gets the full config."""
 
     def __init__(self, cfg, backend):
         self.enabled = backend.is_master
         self.console = cfg.progress
         if not self.enabled:
             return
-        os.makedirs(cfg.log_dir, exist_ok=True)
         self.path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
-        self.text = open(self.path, "w")
-        self.metrics = open(os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl"), "w")
+        try:
+            os.makedirs(cfg.log_dir, exist_ok=True)
+            self.text = open(self.path, "w")
+            self.metrics = open(os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl"), "w")
+        except OSError as e:
+            raise SystemExit(f"error: --log_dir={cfg.log_dir}: cannot write the run's log there ({e.strerror or e})") from None
+        self.show(f"log: {self.path}")
         with open(os.path.abspath(__file__)) as f:
             self.text.write(f.read())
         self.text.write(f"{SEPARATOR}\n{versions_and_hardware()}\n{SEPARATOR}\n")
-        self.line("config: " + json.dumps(dataclasses.asdict(cfg)))
+        self.line("config: " + json.dumps(dataclasses.asdict(cfg)), console=False)
+        self.show(config_summary(cfg))
         self.metric(kind="config", **dataclasses.asdict(cfg))
+
+    def show(self, text):
+        """Console only."""
+        if self.enabled and self.console:
+            print(text, flush=True)
 
     def line(self, text, console=True):
         if not self.enabled:
             return
         self.text.write(text + "\n")
         self.text.flush()
-        if console and self.console:
-            print(text, flush=True)
+        if console:
+            self.show(text)
 
     def metric(self, **record):
         if self.enabled:
@@ -1764,9 +1899,31 @@ def current_record(track):
     return records[-1] if records else None
 
 
+def versus_record(cfg, record, val_loss, train_ms):
+    """The run against the track's record, or, when they did not do the same work, what differs."""
+    name = record["name"]
+    theirs = record.get("config")
+    if theirs is None:
+        return f"not compared with record {name}: its logs carry no config to check this run against"
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON lists, like the record's
+    differ = [f"{key}={show_value(mine[key])} (record: {show_value(theirs.get(key))})"
+              for key in COMPARABLE_KEYS if mine[key] != theirs.get(key)]
+    if differ:
+        return f"not compared with record {name}: this run differs in {', '.join(differ)}"
+    return (f"vs record {name}: val_loss {record['val_loss_mean']:.4f} (this run {val_loss - record['val_loss_mean']:+.4f}), "
+            f"train_time {record['time_ms_mean']:.0f}ms (this run {train_ms - record['time_ms_mean']:+.0f}ms)")
+
+
 # ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
+
+
+def eta_seconds(train_ms, steps_done, total, vals_left, val_seconds):
+    """Time to the end of the run: the remaining steps at the average step time so far, plus the
+    remaining validations at the average duration of those done (none done yet: not counted)."""
+    val_mean = sum(val_seconds) / len(val_seconds) if val_seconds else 0.0
+    return train_ms / steps_done * (total - steps_done) / 1000 + vals_left * val_mean
 
 
 class Trainer:
@@ -1778,6 +1935,8 @@ class Trainer:
         self.check_batches()
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg, backend.ops, backend.attention).to(backend.device)
+        if cfg.compile:
+            torch._dynamo.config.cache_size_limit = 64  # one graph per (stage, window, tied) is expected
         self.forward = torch.compile(self.model, fullgraph=True, dynamic=False) if cfg.compile else self.model
         self.optimizers = Optimizers(self.model, cfg, backend)
         self.accum = cfg.accum_world_size // backend.world_size
@@ -1897,20 +2056,33 @@ class Trainer:
                  f"attention {type(b.attention).__name__}, compile {cfg.compile}")
         for line in sched.describe():
             log.line("schedule: " + line)
-        self.warmup()
+        if cfg.mtp:
+            log.line("note: train_loss is the multi-token-prediction loss, a weighted sum of the cross-entropies of "
+                     "the next tokens (README); val_loss is the plain next-token cross-entropy")
+        if cfg.warmup_steps:
+            log.line(f"warmup: {'compiling, ' if cfg.compile else ''}{cfg.warmup_steps} steps per schedule stage "
+                     "and a validation, untimed and then undone")
+            start = time.perf_counter()
+            self.warmup()
+            log.line(f"warmup: done in {time.perf_counter() - start:.1f}s")
         total = sched.total
-        train_ms, val_loss = 0.0, float("nan")
+        val_steps = set(range(0, total, cfg.val_every) if cfg.val_every else ()) | {total}
+        train_ms, val_loss, val_seconds = 0.0, float("nan"), []
         self.backend.synchronize()
         t0 = time.perf_counter()
         for step in range(total + 1):
             last = step == total
-            if last or (cfg.val_every and step % cfg.val_every == 0):
+            if step in val_steps:
                 self.backend.synchronize()
                 train_ms += 1000 * (time.perf_counter() - t0)
                 blocks = sched.final_window_blocks() if last else sched.long_window_blocks(step)
+                log.line(f"validating at step {step}/{total}: {cfg.val_tokens:,} tokens, clock stopped")
+                start = time.perf_counter()
                 val_loss = self.validate(blocks)
+                val_seconds.append(time.perf_counter() - start)
                 avg = f"{train_ms / step:.2f}" if step else "nan"
-                log.line(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{avg}ms")
+                log.line(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{avg}ms "
+                         f"val_time:{1000 * val_seconds[-1]:.0f}ms")
                 log.metric(kind="val", step=step, val_loss=val_loss, train_time_ms=train_ms)
                 if cfg.sink_metric and self.backend.is_master:
                     self.log_sinks(step, blocks)
@@ -1925,7 +2097,7 @@ class Trainer:
                         dist.all_reduce(value, op=dist.ReduceOp.AVG)
                 losses = {name: float(value) for name, value in losses.items()}
                 now = train_ms + 1000 * (time.perf_counter() - t0)
-                eta = now / (step + 1) * (total - step - 1) / 1000
+                eta = eta_seconds(now, step + 1, total, sum(s > step for s in val_steps), val_seconds)
                 shown = " ".join(f"{name}:{value:.4f}" for name, value in losses.items())
                 log.line(f"step:{step + 1}/{total} {shown} train_time:{now:.0f}ms "
                          f"step_avg:{now / (step + 1):.2f}ms eta:{eta:.0f}s")
@@ -1936,8 +2108,7 @@ class Trainer:
         log.metric(kind="final", val_loss=val_loss, train_time_ms=train_ms, tokens=tokens, peak_memory_mib=peak)
         record = current_record(cfg.preset)
         if record:
-            log.line(f"vs record {record['name']}: val_loss {record['val_loss_mean']:.4f} (this run {val_loss - record['val_loss_mean']:+.4f}), "
-                     f"train_time {record['time_ms_mean']:.0f}ms (this run {train_ms - record['time_ms_mean']:+.0f}ms)")
+            log.line(versus_record(cfg, record, val_loss, train_ms))
         return val_loss, train_ms
 
 
@@ -1953,20 +2124,32 @@ def clone_tree(obj):
 
 
 def main(argv=None):
-    cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    """Train. A bad flag: one `error:` line, exit 2. A foreseeable failure (data, log dir, world size):
+    one `error:` line on stderr and in the log, exit 1, no traceback."""
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     if not cfg.run_id:
         cfg.run_id = f"{cfg.preset}_{uuid.uuid4().hex[:8]}"
-    backend = setup_backend(cfg)
-    if cfg.compile:
-        torch._dynamo.config.cache_size_limit = 64  # one graph per (stage, window, tied) is expected
-    log = RunLog(cfg, backend)
+    log = None
     try:
-        result = Trainer(cfg, backend, log).run()
+        backend = setup_backend(cfg)
+        log = RunLog(cfg, backend)
+        return Trainer(cfg, backend, log).run()
+    except (ShardError, OSError, SystemExit) as e:
+        message = e.code if isinstance(e, SystemExit) else f"error: {e}"
+        if not isinstance(message, str):  # a plain exit status, not an error of ours
+            raise
+        if log:
+            log.line(message, console=False)  # stderr gets it from SystemExit
+        raise SystemExit(message) from None
     finally:
-        log.close()
+        if log:
+            log.close()
         if dist.is_initialized():
             dist.destroy_process_group()
-    return result
 
 
 if __name__ == "__main__":

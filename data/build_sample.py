@@ -306,9 +306,10 @@ def main(argv=None):
     train = [doc for name in train_works for doc in work_documents(name, docs[name], count_tokens)]
     train = [train[i] for i in np.random.default_rng(TRAIN_ORDER_SEED).permutation(len(train))]
     tokens = list(tokenize_corpus.encode_documents(val + train))
-    train_paths, val_paths = tokenize_corpus.write_splits(tokens, lambda i: i < len(val), SAMPLE_DIR, SAMPLE_PREFIX)
-    if len(train_paths) != 1 or len(val_paths) != 1:
-        raise SystemExit(f"error: expected one train and one val shard, wrote {train_paths + val_paths}")
+    train_paths, val_paths, skipped = tokenize_corpus.write_corpus(tokens, lambda i: i < len(val), SAMPLE_DIR, SAMPLE_PREFIX)
+    if len(train_paths) != 1 or len(val_paths) != 1 or skipped:
+        raise SystemExit(f"error: expected one train and one val shard and no empty document, wrote {train_paths + val_paths} "
+                         f"and skipped {skipped}")
     train_tokens, val_tokens = read_shard_header(train_paths[0]), read_shard_header(val_paths[0])
     if train_tokens < MIN_TRAIN_TOKENS or val_tokens < MIN_VAL_TOKENS:
         raise SystemExit(f"error: only {train_tokens:,} train / {val_tokens:,} val tokens (need {MIN_TRAIN_TOKENS:,} / {MIN_VAL_TOKENS:,})")

@@ -5,8 +5,8 @@
 
 Fetches fineweb_val_000000.bin and fineweb_train_000001.bin ... of the dataset kjj0/fineweb10B-gpt2.
 A file already on disk whose header and size agree is skipped, so an interrupted run can simply be
-started again; every downloaded file is checked the same way and deleted if it is corrupt. Set
-HF_ENDPOINT to use a mirror.
+started again; a corrupt one stays until its replacement has arrived. Every downloaded file is
+checked the same way and deleted if it is corrupt. Set HF_ENDPOINT to use a mirror.
 """
 import argparse
 import os
@@ -43,7 +43,7 @@ def shard_names(num_train):
 
 
 def have_shard(path):
-    """True if `path` is a whole shard; a partial or corrupt one is deleted so it gets fetched again."""
+    """True if `path` is a whole shard; a partial or corrupt one is kept (and replaced once the new one is in)."""
     if not os.path.exists(path):
         return False
     try:
@@ -51,7 +51,6 @@ def have_shard(path):
         return True
     except ShardError as e:
         print(f"{e}; downloading it again")
-        os.remove(path)
         return False
 
 
@@ -88,8 +87,14 @@ def check_hub(name):
 
 
 def download(name, folder):
-    """Fetch one shard into `folder` and check it; a corrupt download is deleted."""
-    path = talk_to_hub(name, lambda: hf_hub_download(REPO_ID, name, repo_type=REPO_TYPE, local_dir=folder))
+    """Fetch one shard into `folder` and check it; a corrupt download is deleted.
+
+    The hub client downloads into a side file and moves it over the old one at the end. Forced when a
+    local file exists (it is corrupt, or it would have been skipped): the client would otherwise keep
+    a file that the metadata of its earlier download vouches for."""
+    forced = os.path.exists(os.path.join(folder, name))
+    path = talk_to_hub(name, lambda: hf_hub_download(REPO_ID, name, repo_type=REPO_TYPE, local_dir=folder,
+                                                     force_download=forced))
     try:
         return read_shard_header(path)
     except ShardError as e:

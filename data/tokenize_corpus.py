@@ -2,21 +2,29 @@
 
 Inputs are text files (one document each), directories (their .txt and .jsonl files, recursively,
 in sorted order) and .jsonl files (one document per line, taken from its "text" field). Every
-document gets <|endoftext|> (BOS) in front. The first --val_docs documents go, whole, to the val
-split; the rest go to train. Each split is cut into shards of exactly --shard_tokens tokens (the
-last one shorter), named PREFIX_train_000000.bin, PREFIX_val_000000.bin, ...
+document gets <|endoftext|> (BOS) in front; empty documents are skipped (and counted). Every
+--val_every-th document (the 1st, the 1+N-th, ...) goes, whole, to the val split; the rest go to
+train. Each split is cut into shards of exactly --shard_tokens tokens (the last one shorter), named
+PREFIX_train_000000.bin, PREFIX_val_000000.bin, ...
 
-    python data/tokenize_corpus.py books/ extra.jsonl --out_dir data/mine --prefix mine --val_docs 20
+    python data/tokenize_corpus.py books/ extra.jsonl --out_dir data/mine --prefix mine
+
+The shards are written into a temporary folder beside --out_dir and moved in at the end, so a
+failure leaves --out_dir as it was. A non-empty --out_dir is refused unless --force, which replaces
+only its PREFIX_train_*/PREFIX_val_* shards (shards of an earlier run would match the trainer's glob).
 
 The GPT-2 ranks come from a local .tiktoken file (--ranks, default data/gpt2.tiktoken), so no
 download is needed; documents are encoded on all cores.
 """
 import argparse
 import base64
+import glob
 import json
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 
 import numpy as np
 import tiktoken
@@ -32,6 +40,7 @@ GPT2_SPLIT_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p
 END_OF_TEXT = "<|endoftext|>"
 GPT2_VOCAB_SIZE = BOS_ID + 1  # 50256 merge ranks plus <|endoftext|>
 DEFAULT_SHARD_TOKENS = 10**8  # the size of a FineWeb shard
+DEFAULT_VAL_EVERY = 100  # 1% of the documents go to val, as FineWeb's val shard is 1% of its tokens
 DOCS_PER_TASK = 16  # documents handed to a worker at a time
 DIR_SUFFIXES = (".txt", ".jsonl")
 
@@ -187,42 +196,89 @@ class ShardWriter:
 
 
 def write_splits(token_arrays, is_val, out_dir, prefix, shard_tokens=DEFAULT_SHARD_TOKENS):
-    """Write documents to PREFIX_val_* when is_val(index) else PREFIX_train_*; return both path lists."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Write documents to PREFIX_val_* when is_val(index) else PREFIX_train_*, skipping empty ones
+    (index counts the others). Returns the train paths, the val paths and how many were skipped."""
     train = ShardWriter(out_dir, f"{prefix}_train", shard_tokens)
     val = ShardWriter(out_dir, f"{prefix}_val", shard_tokens)
-    bar = tqdm(token_arrays, unit="doc", desc=f"tokenizing into {out_dir}")
-    total = 0
-    for i, tokens in enumerate(bar):
-        (val if is_val(i) else train).add(tokens)
+    bar = tqdm(token_arrays, unit="doc", desc="tokenizing")
+    total = kept = skipped = 0
+    for tokens in bar:
+        if len(tokens) == 1:  # BOS alone: the document had no text
+            skipped += 1
+            continue
+        (val if is_val(kept) else train).add(tokens)
+        kept += 1
         total += len(tokens)
         bar.set_postfix(tokens=total, refresh=False)
-    return train.close(), val.close()
+    return train.close(), val.close(), skipped
+
+
+def output_shards(folder, prefix):
+    """The shards a run with this prefix writes into folder (and the trainer's glob would pick up)."""
+    stem = os.path.join(folder, glob.escape(prefix))
+    return sorted(glob.glob(f"{stem}_train_*.bin") + glob.glob(f"{stem}_val_*.bin"))
+
+
+def check_out_dir(out_dir, prefix, force):
+    """Refuse a non-empty --out_dir without --force, before any work is done."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not force:
+        old = len(output_shards(out_dir, prefix))
+        raise CorpusError(f"--out_dir {out_dir} is not empty ({old} {prefix}_* shards of an earlier run among its files); "
+                          f"use --force to replace its {prefix}_train_*/{prefix}_val_* shards (other files are kept), "
+                          "or choose another --out_dir")
+
+
+def write_corpus(token_arrays, is_val, out_dir, prefix, shard_tokens=DEFAULT_SHARD_TOKENS):
+    """write_splits into a temporary folder beside out_dir, then move the shards in, replacing the
+    prefix's old ones: a failure on the way leaves out_dir as it was. Returns the train paths, the val
+    paths (both in out_dir) and how many empty documents were skipped."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp", dir=parent)
+    try:
+        train, val, skipped = write_splits(token_arrays, is_val, staging, prefix, shard_tokens)
+        if not train:
+            why = "every document went to the val split; raise --val_every" if val else "the inputs hold no text"
+            raise CorpusError(f"no training documents: {why}")
+        os.makedirs(out_dir, exist_ok=True)
+        for path in output_shards(out_dir, prefix):
+            os.remove(path)
+        for path in train + val:
+            os.replace(path, os.path.join(out_dir, os.path.basename(path)))
+        final = lambda paths: [os.path.join(out_dir, os.path.basename(p)) for p in paths]
+        return final(train), final(val), skipped
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", help="text files, .jsonl files, or directories of them")
-    parser.add_argument("--out_dir", required=True, help="where the shards go (created if missing)")
+    parser.add_argument("--out_dir", required=True, help="where the shards go (created if missing; must be empty)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into a non-empty --out_dir, replacing only its PREFIX_train_*/PREFIX_val_* shards")
     parser.add_argument("--prefix", default="corpus", help="shard names start with this (default: corpus)")
     parser.add_argument("--shard_tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard")
-    parser.add_argument("--val_docs", type=int, default=0, help="how many leading documents go to the val split")
+    parser.add_argument("--val_every", type=int, default=DEFAULT_VAL_EVERY,
+                        help=f"every N-th document goes to the val split (default {DEFAULT_VAL_EVERY}; 0 = no val split)")
     parser.add_argument("--ranks", default=DEFAULT_RANKS, help="GPT-2 .tiktoken ranks file")
     parser.add_argument("--workers", type=int, default=os.cpu_count(), help="encoding processes (default: all cores)")
     args = parser.parse_args(argv)
     for flag in ("shard_tokens", "workers"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag} must be at least 1, got {getattr(args, flag)}")
-    if args.val_docs < 0:
-        parser.error(f"--val_docs must be 0 or more, got {args.val_docs}")
+    if args.val_every < 0:
+        parser.error(f"--val_every must be 0 or more, got {args.val_every}")
+    is_val = (lambda i: i % args.val_every == 0) if args.val_every else (lambda i: False)
     try:
-        input_files(args.inputs)  # a missing input fails before any work starts
+        input_files(args.inputs)  # a missing input or a used --out_dir fails before any work starts
+        check_out_dir(args.out_dir, args.prefix, args.force)
         tokens = encode_documents(iter_documents(args.inputs), args.ranks, args.workers)
-        train, val = write_splits(tokens, lambda i: i < args.val_docs, args.out_dir, args.prefix, args.shard_tokens)
+        train, val, skipped = write_corpus(tokens, is_val, args.out_dir, args.prefix, args.shard_tokens)
     except (CorpusError, OSError) as e:  # OSError: e.g. an --out_dir that cannot be written
         raise SystemExit(f"error: {e}")
-    if not train and not val:
-        raise SystemExit(f"error: no documents found in {' '.join(args.inputs)}")
+    if skipped:
+        print(f"skipped {skipped} empty documents", file=sys.stderr)
     for path in val + train:
         print(path)
 

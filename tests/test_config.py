@@ -24,12 +24,12 @@ def test_defaults_are_the_speedrun_record():
 
 def test_typed_overrides():
     cfg = tg.parse_args(["--n_layer=3", "--muon_lr=0.5", "--smear=false", "--batch_tokens=(64,128,256)",
-                         "--long_windows=1,2", "--adam_betas=0.8,0.9", "--log_dir=/tmp/x", "--yarn=ON"])
+                         "--long_windows=1,2,2", "--adam_betas=0.8,0.9", "--log_dir=/tmp/x", "--yarn=ON"])
     assert cfg.n_layer == 3 and type(cfg.n_layer) is int
     assert cfg.muon_lr == 0.5 and type(cfg.muon_lr) is float
     assert cfg.smear is False and cfg.yarn is True
     assert cfg.batch_tokens == (64, 128, 256) and all(type(v) is int for v in cfg.batch_tokens)
-    assert cfg.long_windows == (1, 2)
+    assert cfg.long_windows == (1, 2, 2)
     assert cfg.adam_betas == (0.8, 0.9) and all(type(v) is float for v in cfg.adam_betas)
     assert cfg.log_dir == "/tmp/x"
     # dashes are accepted for underscores; integers may be written as 1e3
@@ -80,18 +80,18 @@ def test_explicit_override_beats_baseline():
     assert cfg.muon is True and cfg.x0_mixing is False
 
 
-def exit_message(argv):
-    with pytest.raises(SystemExit) as e:
+def error_message(argv):
+    with pytest.raises(tg.ConfigError) as e:
         tg.parse_args(argv)
-    return str(e.value.code)
+    return str(e.value)
 
 
 def test_unknown_flag_suggests():
-    msg = exit_message(["--n_layers=3"])
+    msg = error_message(["--n_layers=3"])
     assert "--n_layers" in msg and "did you mean --n_layer?" in msg
-    msg = exit_message(["--baselin"])
+    msg = error_message(["--baselin"])
     assert "did you mean --baseline?" in msg
-    msg = exit_message(["--zzzzqqqq=1"])
+    msg = error_message(["--zzzzqqqq=1"])
     assert "unknown flag --zzzzqqqq" in msg and "did you mean" not in msg
 
 
@@ -103,15 +103,86 @@ def test_unknown_flag_suggests():
     ("--batch_tokens=1,x,3", "--batch_tokens"),
 ])
 def test_bad_values_name_the_flag(arg, flag):
-    msg = exit_message([arg])
-    assert msg.startswith("error:") and flag in msg
-    assert arg.split("=", 1)[1] in msg  # the offending text is shown
+    msg = error_message([arg])
+    assert msg.startswith(flag) and arg.split("=", 1)[1] in msg  # the offending text is shown
 
 
 def test_other_argument_errors():
-    assert "--preset=gpu" in exit_message(["--preset=gpu"]) and "speedrun" in exit_message(["--preset=gpu"])
-    assert "needs a value" in exit_message(["--n_layer"])
-    assert "unexpected argument" in exit_message(["n_layer=3"])
+    assert "--preset=gpu" in error_message(["--preset=gpu"]) and "speedrun" in error_message(["--preset=gpu"])
+    assert "needs a value" in error_message(["--n_layer"])
+    assert "unexpected argument" in error_message(["n_layer=3"])
+
+
+def test_baseline_takes_an_optional_bool():
+    assert tg.parse_args(["--baseline=true"]).muon is False
+    assert tg.parse_args(["--baseline=false"]).muon is True
+    assert "--baseline=maybe" in error_message(["--baseline=maybe"])
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("--num_steps=0", "--num_steps=0: expected at least 1"),
+    ("--num_steps=-5", "--num_steps=-5: expected at least 1"),
+    ("--num_steps=inf", "--num_steps=inf: cannot read as int (expected a finite number)"),
+    ("--muon_lr=nan", "--muon_lr=nan: cannot read as float (expected a finite number)"),
+    ("--warmup_steps=-1", "--warmup_steps=-1: expected 0 or more"),
+    ("--adam_eps=0", "--adam_eps=0.0: expected above 0"),
+    ("--batch_tokens=1024,2048", "--batch_tokens=1024,2048: cannot read as comma-separated ints (expected 3 values, got 2)"),
+    ("--batch_tokens=8,8,8,8", "expected 3 values, got 4"),
+    ("--adam_betas=0.9", "expected 2 values, got 1"),
+    ("--batch_tokens=2048.9,4096,6144", "--batch_tokens=2048.9,4096,6144: cannot read as comma-separated ints (expected an integer)"),
+    ("--batch_tokens=0,0,0", "--batch_tokens=0,0,0: expected each value at least 1"),
+    ("--val_batch_tokens=0", "--val_batch_tokens=0: expected at least 1"),
+    ("--adam_betas=0.9,1.5", "--adam_betas=0.9,1.5: expected each value between 0 and 1"),
+    ("--cooldown_frac=2", "--cooldown_frac=2.0: expected between 0 and 1"),
+    ("--run_id=a/b", "--run_id=a/b: expected a plain file name"),
+    ("--run_id=..", "--run_id=..: expected a plain file name"),
+    ("--device=gpu", "--device=gpu: expected one of auto, cuda, cpu"),
+])
+def test_values_are_checked_at_start(arg, expected):
+    assert expected in error_message([arg])
+
+
+def test_main_prints_one_error_line_and_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        tg.main(["--num_steps=0"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "error: --num_steps=0: expected at least 1\n"
+
+
+def help_lines(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        tg.parse_args(argv + ["--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out.splitlines()
+
+
+def test_help_lists_every_flag_in_config_order_with_value_and_description(capsys):
+    lines = help_lines([], capsys)
+    flags_at = lines.index("flags, with their values under --preset=speedrun:")
+    presets, body = lines[:flags_at], lines[flags_at + 1:]
+    assert "presets:" in presets and "  --preset=cpu" in presets
+    assert any(line.startswith("  --baseline: every technique off") for line in presets)
+    assert [re.match(r"  --(\w+)=", line)[1] for line in body if line.startswith("  --")] == [f.name for f in fields(tg.Config)]
+    groups = [line for line in body if line and not line.startswith(" ")]
+    assert groups[:3] == ["run:", "model shape:", "attention windows, in blocks of `window_block` tokens, by thirds of training:"]
+    assert len(groups) == 7
+    # each flag: its value, then a description on the same line (or on the next one after a long value)
+    for i, line in enumerate(body):
+        if line.startswith("  --"):
+            parts = line.split(maxsplit=1)
+            assert (parts[1] if len(parts) == 2 else body[i + 1].strip()), f"{line}: no description"
+    assert any(re.fullmatch(r"  --num_steps=1880 +scheduled steps.*", line) for line in body)
+    assert any(re.fullmatch(r"  --adam_betas=0.65,0.95 +Adam \(beta1, beta2\)", line) for line in body)
+    at = body.index("  --train_files=data/fineweb10B/fineweb_train_*.bin")
+    assert body[at + 1] == " " * tg.HELP_WIDTH + "glob of the training shards"
+
+
+def test_help_shows_the_values_of_the_chosen_preset(capsys):
+    lines = help_lines(["--preset=cpu", "--baseline", "--n_layer=3"], capsys)
+    assert "flags, with their values under --preset=cpu --baseline:" in lines
+    assert any(re.fullmatch(r"  --num_steps=150 +scheduled steps.*", line) for line in lines)
+    assert any(re.fullmatch(r"  --n_layer=3 +transformer blocks", line) for line in lines)
+    assert any(re.fullmatch(r"  --muon=false +.*", line) for line in lines)
 
 
 def check(cfg, world):

@@ -200,6 +200,19 @@ def test_downloader_reports_an_unreachable_hub(tmp_path):
     assert f"error: cannot reach http://127.0.0.1:{port} (dataset kjj0/fineweb10B-gpt2)" in result.stderr
 
 
+def test_downloader_keeps_a_corrupt_local_file_when_the_hub_is_unreachable(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    folder = tmp_path / "fw"
+    folder.mkdir()
+    partial = shard_bytes(tmp_path, "val", np.arange(100))[:-10]
+    (folder / fineweb.VAL_FILE).write_bytes(partial)
+    result = run_downloader(f"http://127.0.0.1:{port}", 0, folder, tmp_path)
+    assert result.returncode == 1 and "error: cannot reach" in result.stderr
+    assert (folder / fineweb.VAL_FILE).read_bytes() == partial  # still there: maybe more than nothing
+
+
 def test_downloader_rejects_a_bad_shard_count(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit:
         fineweb.main(["104", "--dir", str(tmp_path)])
@@ -262,7 +275,7 @@ def test_tokenize_cli_directory_and_jsonl_with_val_split(tmp_path, encoding):
     (corpus / "sub" / "c.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(lines)) + "\n\n")
     out = tmp_path / "out"
 
-    result = run_script(TOKENIZER, corpus, "--out_dir", out, "--prefix", "tiny", "--val_docs", 1, "--shard_tokens", 20, "--workers", 2)
+    result = run_script(TOKENIZER, corpus, "--out_dir", out, "--prefix", "tiny", "--val_every", 4, "--shard_tokens", 20, "--workers", 2)
     assert result.returncode == 0, result.stderr
 
     val_files = sorted(out.glob("tiny_val_*.bin"))
@@ -275,6 +288,66 @@ def test_tokenize_cli_directory_and_jsonl_with_val_split(tmp_path, encoding):
     assert [encoding.decode(d[1:].tolist()) for d in val_docs] == [texts["a.txt"]]
     assert [encoding.decode(d[1:].tolist()) for d in train_docs] == [TRICKY_TEXT] + lines
     assert train_shards[0][0] == BOS_ID
+    assert sorted(os.listdir(tmp_path)) == ["corpus", "out"]  # no staging folder left behind
+
+
+def jsonl_corpus(path, texts):
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+def tokenize(*args):
+    return tokenize_corpus.main([*map(str, args), "--workers", "1"])
+
+
+def decoded(encoding, paths):
+    return [encoding.decode(d[1:].tolist()) for p in paths for d in split_documents(read_shard(p))]
+
+
+def test_tokenize_skips_empty_documents_and_splits_every_nth_to_val(tmp_path, encoding, capsys):
+    texts = ["d0", "", "d1", "d2", "", "d3", "d4"]
+    tokenize(jsonl_corpus(tmp_path / "c.jsonl", texts), "--out_dir", tmp_path / "out", "--val_every", 3)
+    out = tmp_path / "out"
+    assert decoded(encoding, sorted(out.glob("corpus_val_*.bin"))) == ["d0", "d3"]  # kept documents 0 and 3
+    assert decoded(encoding, sorted(out.glob("corpus_train_*.bin"))) == ["d1", "d2", "d4"]
+    assert "skipped 2 empty documents" in capsys.readouterr().err
+
+
+def test_tokenize_writes_a_val_split_by_default(tmp_path, encoding):
+    texts = [f"document {i}" for i in range(2 * tokenize_corpus.DEFAULT_VAL_EVERY + 1)]
+    tokenize(jsonl_corpus(tmp_path / "c.jsonl", texts), "--out_dir", tmp_path / "out")
+    val = decoded(encoding, sorted((tmp_path / "out").glob("corpus_val_*.bin")))
+    assert val == ["document 0", "document 100", "document 200"]
+
+
+def test_tokenize_refuses_a_used_out_dir_and_force_replaces_only_its_shards(tmp_path, encoding):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    write_shard(out / "corpus_train_000007.bin", np.array([BOS_ID, 1], dtype=np.uint16))  # an earlier, larger run
+    write_shard(out / "other_train_000000.bin", np.array([BOS_ID, 2], dtype=np.uint16))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    corpus = jsonl_corpus(tmp_path / "c.jsonl", ["new val", "new train"])
+    with pytest.raises(SystemExit) as exit:
+        tokenize(corpus, "--out_dir", out, "--val_every", 2)
+    assert str(exit.value).startswith(f"error: --out_dir {out} is not empty (1 corpus_* shards of an earlier run")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    tokenize(corpus, "--out_dir", out, "--val_every", 2, "--force")
+    assert sorted(p.name for p in out.iterdir()) == ["corpus_train_000000.bin", "corpus_val_000000.bin", "notes.txt",
+                                                    "other_train_000000.bin"]
+    assert (out / "other_train_000000.bin").read_bytes() == before["other_train_000000.bin"]
+    assert decoded(encoding, [out / "corpus_train_000000.bin"]) == ["new train"]
+
+
+def test_tokenize_failure_leaves_nothing_half_made(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    jsonl_corpus(corpus / "a.jsonl", [f"good document number {i}" for i in range(20)])  # several shards of 8 tokens
+    (corpus / "b.txt").write_bytes(b"\xff not UTF-8")
+    with pytest.raises(SystemExit) as exit:
+        tokenize(corpus, "--out_dir", tmp_path / "out", "--shard_tokens", 8)
+    assert "b.txt: not UTF-8 text" in str(exit.value)
+    assert sorted(os.listdir(tmp_path)) == ["corpus"]  # neither out nor a staging folder
 
 
 @pytest.mark.parametrize(

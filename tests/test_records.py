@@ -184,6 +184,7 @@ def test_new_creates_folder_readme_and_index(root, capsys):
     assert rec["val_loss_std"] == pytest.approx(np.std(losses, ddof=1))
     assert rec["time_ms_mean"] == pytest.approx(2050) and rec["time_ms_std"] == pytest.approx(50)
     assert rec["p_value"] == pytest.approx(p)
+    assert rec["config"] == {"preset": "cpu", "lr": 0.02}  # the first log's, without seed and run_id
     table = (root / "README.md").read_text()
     assert table.startswith("# Our records\n\nHand-written intro.\n") and "old table" not in table
     assert f"[baseline](cpu/{folder.name})" in table and "3.9100 +- 0.0100" in table
@@ -211,7 +212,7 @@ def test_new_refuses_slower_and_non_significant_and_writes_nothing(root, capsys)
     err = capsys.readouterr().err
     assert "refused: not significant" in err and ">= 0.01" in err
     assert new_record(root, "single", [3.5], [1000]) == 1
-    assert "p = nan >= 0.01" in capsys.readouterr().err
+    assert "refused: a record needs at least 2 runs (the t-test needs their spread), got 1" in capsys.readouterr().err
     assert snapshot(root) == before
 
 
@@ -235,7 +236,106 @@ def test_compare_against_latest_record(root, tmp_path, capsys):
     assert f"= {rt.fmt_p(p)} (one-sided t-test): significant" in out
     assert "-0.0300" in out and rt.fmt_p(welch) in out and "-0.12" in out
     assert "\n-LR = 0.02\n+LR = 0.03\n" in out
+    assert "config diff, record's first log -> first new log (seed, run_id, log_dir, progress left out):\n(identical config)\n" in out
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_shows_the_config_difference_of_runs_with_identical_code(root, tmp_path, capsys):
+    assert new_record(root, "baseline", [3.90, 3.92, 3.91], [2000, 2100, 2050]) == 0
+    folder = tmp_path / "new"
+    folder.mkdir()
+    paths = []
+    for i, loss in enumerate([3.88, 3.89]):
+        config = {"preset": "cpu", "seed": i, "run_id": f"other{i}", "lr": 0.05, "warmup": 3}
+        text = log_text(loss, 1900, seed=i, run_id=f"other{i}").replace(
+            "config: " + json.dumps({"preset": "cpu", "seed": i, "run_id": f"other{i}", "lr": 0.02}), "config: " + json.dumps(config))
+        paths.append(folder / f"other{i}.txt")
+        paths[-1].write_text(text)
+    capsys.readouterr()
+    assert rt.main(["compare", *map(str, paths), "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    diff = out.split("config diff, record's first log -> first new log (seed, run_id, log_dir, progress left out):\n")[1]
+    assert diff.split("\n\n")[0] == 'lr: 0.02 -> 0.05\nwarmup: "(absent)" -> 3'
+    assert "(identical code)" in out
+
+
+# ------------------------------------------------------------------------------------------------
+# The public speedrun's record logs (modded-nanogpt records/track_1_short/*/*.txt), written here in
+# their format: source (extra files after 40-dash lines), '=' line, versions and nvidia-smi, '=' line,
+# a few free-form lines, step lines (timing-only ones too), and a closing peak-memory line.
+# ------------------------------------------------------------------------------------------------
+
+DASHES = "-" * 40
+NVIDIA_SMI = """Fri Jul 17 12:58:15 2026
++-----------------------------------------------------------------------------------------+
+| NVIDIA-SMI 580.159.04             Driver Version: 580.159.04     CUDA Version: 13.0     |
+|=========================================+========================+======================|
+|   0  NVIDIA H100 80GB HBM3          On  |   00000000:8D:00.0 Off |                    0 |
++-----------------------------------------------------------------------------------------+"""
+PUBLIC_VERSIONS = ("Running Python 3.12.3 (main, Jan 22 2026, 20:57:42) [GCC 13.3.0]\n"
+                   "Running PyTorch 2.10.0+cu128 compiled for CUDA 12.8\nRunning Triton version 3.6.0\n" + NVIDIA_SMI)
+PUBLIC_CODE = CODE + f"\n{DASHES}\n# triton_kernels.py\n{DASHES}\n\nimport triton\n"
+
+
+def public_log_text(final_loss, final_ms, code=PUBLIC_CODE, total=8, closing=True):
+    """Val at steps 0, 4 and the last; a timing-only line at every step; train time grows 10 ms a step."""
+    lines = [code.rstrip("\n"), SEP, PUBLIC_VERSIONS, SEP, "Compiling model and warming up kernels",
+             "Resetting Model", "step:0/8 val_loss:10.8292 train_time:0ms step_avg:0.04ms"]
+    for step in range(1, total + 1):
+        ms = final_ms * step // total
+        lines.append(f"step:{step}/{total} train_time:{ms}ms step_avg:{ms / step:.2f}ms")
+        if step == total // 2:
+            lines.append(f"step:{step}/{total} val_loss:{final_loss + 0.5:.4f} train_time:{ms}ms step_avg:{ms / step:.2f}ms")
+    lines.append(f"step:{total}/{total} val_loss:{final_loss:.4f} train_time:{final_ms + 90}ms step_avg:{(final_ms + 90) / total:.2f}ms")
+    if closing:
+        lines.append("peak memory allocated: 29863 MiB reserved: 44438 MiB")
+    return "\n".join(lines) + "\n"
+
+
+def test_parse_a_public_speedrun_log(tmp_path):
+    path = tmp_path / "17aaf854.txt"
+    path.write_text(public_log_text(3.2783, 1600))
+    log = rt.parse_log(str(path))
+    assert log.code == PUBLIC_CODE and "# triton_kernels.py" in log.code
+    assert log.versions == PUBLIC_VERSIONS
+    assert log.config is None and log.track == "speedrun"
+    assert [(s["step"], s["val_loss"]) for s in log.steps if "val_loss" in s] == [(0, 10.8292), (4, 3.7783), (8, 3.2783)]
+    assert [s for s in log.steps if "val_loss" not in s] == []  # timing-only lines carry no loss
+    assert log.final == {"val_loss": 3.2783, "train_time_ms": 1690, "peak_memory_mib": 29863, "reserved_memory_mib": 44438}
+
+
+@pytest.mark.parametrize("text, what", [
+    (public_log_text(3.28, 1600, closing=False), "nor a closing 'peak memory allocated: N MiB reserved: N MiB' line"),
+    (public_log_text(3.28, 1600).replace("step:8/8 val_loss", "step:7/8 val_loss"), "at its last step"),
+], ids=["no peak-memory line", "no validation at the last step"])
+def test_truncated_public_log_says_what_is_missing(tmp_path, text, what):
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    with pytest.raises(rt.LogError) as e:
+        rt.parse_log(str(path))
+    assert str(path) in str(e.value) and what in str(e.value)
+
+
+def test_compare_public_logs_against_a_public_record_folder(tmp_path, capsys):
+    record = tmp_path / "2025-12-22_MultiTokenPrediction"
+    record.mkdir()
+    for i, (loss, ms) in enumerate([(3.2781, 119600), (3.2790, 119700)]):
+        (record / f"run{i}.txt").write_text(public_log_text(loss, ms))
+    ours = tmp_path / "ours.txt"
+    ours.write_text(public_log_text(3.2770, 118000, code=PUBLIC_CODE.replace("LR = 0.02", "LR = 0.025")))
+    mine = write_logs(tmp_path / "mine", [3.2775], [118500])  # a trainer log: it has a config
+    assert rt.main(["compare", str(ours), "--against", str(record), "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("track speedrun (8xH100, FineWeb 10B), target val loss 3.28\n")
+    assert "p(mean val_loss <= 3.28): needs at least 2 runs" in out
+    row = [line for line in out.splitlines() if line.startswith("new ")][-1].split()
+    assert row[:5] == ["new", "1", "3.2770", "+-", "nan"]
+    assert f"{3.2770 - (3.2781 + 3.2790) / 2:+.4f}" in row  # d val_loss against the record's mean
+    assert f"{(118090 - (119690 + 119790) / 2) / 1000:+.2f}" in row  # times from the last val line
+    assert f"(none to show: {record / 'run0.txt'} is a public speedrun log, which records no config)" in out
+    assert "\n-LR = 0.02\n+LR = 0.025\n" in out
+    assert rt.main(["compare", *mine, "--against", str(record), "--track", "speedrun", "--root", str(tmp_path)]) == 0
+    assert "public speedrun log, which records no config" in capsys.readouterr().out
 
 
 FAKE_TRAINER = '''"""Fake trainer: writes a log whose loss depends on --seed and --lr."""

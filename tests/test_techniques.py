@@ -340,7 +340,7 @@ def test_switches_off_add_no_parameters():
 
 @pytest.mark.parametrize("flag", ["--gate_attn=tanh", "--gate_mlp=yes", "--perp_grad=some"])
 def test_word_flags_reject_unknown_words(flag):
-    with pytest.raises(SystemExit, match=flag.split("=")[0][2:]):
+    with pytest.raises(T.ConfigError, match=flag.split("=")[0][2:]):
         T.parse_args([flag])
 
 

@@ -1,9 +1,11 @@
-"""Training end to end: a cpu-preset smoke run whose log records/records.py parses, loss going down,
-and a clear error for a missing data directory."""
+"""Training end to end: a cpu-preset smoke run whose log records/records.py parses and whose console
+says what it does, loss going down, the comparison with the record, and one-line errors."""
+import dataclasses
 import importlib.util
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -18,7 +20,8 @@ SAMPLE = [f"--train_files={ROOT}/data/sample/sample_train_*.bin", f"--val_files=
 TINY = ["--preset=cpu", "--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
         "--long_window_layers=1", "--window_block=64", "--long_windows=1,2,2", "--extension_window=2",
         "--final_window=2", "--max_seq_len=512", "--val_tokens=2048", "--val_batch_tokens=1024",
-        "--skip_from=0", "--skip_to=1", "--backout_layer=0", "--progress=false"]
+        "--skip_from=0", "--skip_to=1", "--backout_layer=0"]
+QUIET = ["--progress=false"]
 
 
 def run(tmp_path, run_id, extra):
@@ -30,10 +33,34 @@ def run(tmp_path, run_id, extra):
     return result, records.parse_log(os.path.join(tmp_path, f"{run_id}.txt")), metrics
 
 
-def test_smoke_run_log_parses(tmp_path):
+def write_index(tmp_path, monkeypatch, config):
+    """A records index whose cpu record has these numbers and this config; the trainer reads it."""
+    record = {"name": "rec", "val_loss_mean": 5.25, "time_ms_mean": 300000.0, "config": config}
+    path = tmp_path / "index.json"
+    path.write_text(json.dumps({"tracks": {"cpu": {"target": 5.3, "records": [{**record, "target": 5.3}]}}}))
+    monkeypatch.setattr(tg, "RECORDS_INDEX", str(path))
+
+
+def test_smoke_run_log_parses_and_the_console_says_what_happens(tmp_path, monkeypatch, capsys):
+    write_index(tmp_path, monkeypatch, {"preset": "cpu", "num_steps": 150, "extension_steps": 0,
+                                        "batch_tokens": [2048, 4096, 6144], "max_seq_len": 512, "val_tokens": 65536})
     (val_loss, train_ms), log, metrics = run(
         tmp_path, "smoke", ["--num_steps=3", "--extension_steps=0", "--batch_tokens=256,256,256", "--val_every=2",
                             "--log_every=1"])
+    console = capsys.readouterr().out.splitlines()
+    # the log's path first, then one short config line: the preset and what differs from it
+    assert console[0] == f"log: {os.path.join(tmp_path, 'smoke.txt')}"
+    assert console[1].startswith("config: --preset=cpu ") and console[1].endswith(" (the full config is in the log)")
+    assert " --num_steps=3 " in console[1] and " --n_layer=2 " in console[1] and "--seed" not in console[1]
+    assert len(console[1]) < 1000 and not any(line.startswith("config: {") for line in console)
+    assert any(line.startswith("note: train_loss is the multi-token-prediction loss") for line in console)
+    # every validation announced before it runs, then its result
+    starts = [i for i, line in enumerate(console) if line.startswith("validating at step")]
+    assert [console[i] for i in starts] == [f"validating at step {s}/3: 2,048 tokens, clock stopped" for s in (0, 2, 3)]
+    assert all(console[i + 1].startswith(f"step:{s}/3 val_loss:") for i, s in zip(starts, (0, 2, 3)))
+    # not comparable with the record: said, with what differs, instead of a meaningless difference
+    assert console[-1] == ("not compared with record rec: this run differs in num_steps=3 (record: 150), "
+                           "batch_tokens=256,256,256 (record: 2048,4096,6144), val_tokens=2048 (record: 65536)")
     # the source before the first '=' line reproduces the run
     with open(os.path.join(ROOT, "train_gpt.py")) as f:
         assert log.code == f.read()
@@ -65,8 +92,8 @@ def test_smoke_run_log_parses(tmp_path):
 
 def test_train_loss_falls(tmp_path):
     (val_loss, _), log, _ = run(
-        tmp_path, "falls", ["--num_steps=20", "--extension_steps=0", "--batch_tokens=512,512,512",
-                            "--val_every=10", "--log_every=5", "--mtp=false"])
+        tmp_path, "falls", QUIET + ["--num_steps=20", "--extension_steps=0", "--batch_tokens=512,512,512",
+                                    "--val_every=10", "--log_every=5", "--mtp=false"])
     vals = {s["step"]: s["val_loss"] for s in log.steps if "val_loss" in s}
     trains = [s["train_loss"] for s in log.steps if "train_loss" in s]
     assert sorted(vals) == [0, 10, 20] and len(trains) == 4
@@ -89,8 +116,8 @@ def test_warmup_leaves_no_trace(tmp_path):
     """Untimed warmup steps (every stage and the untie step) are undone: the run that follows
     ends exactly where a run without warmup ends."""
     extra = ["--num_steps=6", "--extension_steps=0", "--batch_tokens=256,256,256", "--val_every=0", "--log_every=0"]
-    (cold, _), _, _ = run(tmp_path, "cold", extra + ["--warmup_steps=0"])
-    (warm, _), log, _ = run(tmp_path, "warm", extra + ["--warmup_steps=2"])
+    (cold, _), _, _ = run(tmp_path, "cold", QUIET + extra + ["--warmup_steps=0"])
+    (warm, _), log, _ = run(tmp_path, "warm", QUIET + extra + ["--warmup_steps=2"])
     assert log.config["warmup_steps"] == 2
     assert warm == cold
 
@@ -115,3 +142,76 @@ def test_train_step_never_reads_the_device(tmp_path, monkeypatch):
         trainer.train_step(step)
     monkeypatch.undo()
     assert not trainer.model.tied
+
+
+def test_versus_record_only_when_the_run_did_the_same_work():
+    cfg = tg.parse_args(["--preset=cpu", "--smear=false"])  # a technique may differ: that is what is compared
+    config = json.loads(json.dumps(dataclasses.asdict(tg.parse_args(["--preset=cpu"]))))
+    record = {"name": "recipe", "val_loss_mean": 5.2642, "time_ms_mean": 316620.0, "config": config}
+    assert tg.versus_record(cfg, record, 5.2500, 300000.0) == (
+        "vs record recipe: val_loss 5.2642 (this run -0.0142), train_time 316620ms (this run -16620ms)")
+    short = tg.parse_args(["--preset=cpu", "--num_steps=4", "--val_tokens=8192"])
+    assert tg.versus_record(short, record, 9.0, 1000.0) == (
+        "not compared with record recipe: this run differs in num_steps=4 (record: 150), val_tokens=8192 (record: 65536)")
+    assert tg.versus_record(cfg, {**record, "config": None}, 5.25, 3e5) == (
+        "not compared with record recipe: its logs carry no config to check this run against")
+
+
+def shard_path(folder, name, tokens):
+    path = os.path.join(folder, name)
+    tg.write_shard(path, np.asarray(tokens))
+    return path
+
+
+def failing_run(tmp_path, extra, run_id="fails"):
+    """Run main, expecting one `error:` line: returns it, checking it is also the log's last line."""
+    argv = TINY + SAMPLE + QUIET + [f"--log_dir={tmp_path}", f"--run_id={run_id}", "--num_steps=3",
+                                    "--batch_tokens=256,256,256", "--val_every=0"] + extra
+    with pytest.raises(SystemExit) as e:
+        tg.main(argv)
+    message = e.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message
+    log = os.path.join(tmp_path, f"{run_id}.txt")
+    if os.path.exists(log):
+        with open(log) as f:
+            assert f.read().splitlines()[-1] == message
+    return message
+
+
+def test_a_bad_shard_is_one_error_line(tmp_path):
+    bad = os.path.join(tmp_path, "bad_val_000000.bin")
+    with open(bad, "wb") as f:
+        f.write(np.zeros(tg.HEADER_INTS, dtype="<i4").tobytes())
+    message = failing_run(tmp_path, [f"--val_files={bad}"])
+    assert message == f"error: {bad}: bad magic number 0 (expected {tg.SHARD_MAGIC}); not a token shard"
+
+
+def test_a_bad_token_in_a_later_shard_stops_the_run_at_once(tmp_path):
+    rng = np.random.default_rng(0)
+    good = rng.integers(0, 1000, 10000)
+    good[::100] = tg.BOS_ID  # 100 documents of 100 tokens: enough for all 3 steps
+    shard_path(tmp_path, "mix_000000.bin", good)
+    bad = shard_path(tmp_path, "mix_000001.bin", [tg.BOS_ID, 5, 60000, 7])
+    message = failing_run(tmp_path, [f"--train_files={tmp_path}/mix_*.bin"])
+    assert message == f"error: {bad}: token id 60000 at position 2 is out of range (vocab size 50257)"
+    with open(os.path.join(tmp_path, "fails.txt")) as f:
+        assert not any(line.startswith("final ") for line in f)  # stopped, although shard 0 had enough
+
+
+def test_an_unusable_log_dir_is_one_error_line(tmp_path):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    message = failing_run(tmp_path, [f"--log_dir={not_a_dir}"])
+    assert message.startswith(f"error: --log_dir={not_a_dir}: cannot write the run's log there (")
+
+
+def test_eta_counts_the_remaining_steps_and_validations():
+    # 4 of 10 steps in 2 s (0.5 s a step), two validations of 1 s and 3 s so far, two to come
+    assert tg.eta_seconds(2000.0, 4, 10, 2, [1.0, 3.0]) == pytest.approx(6 * 0.5 + 2 * 2.0)
+    assert tg.eta_seconds(2000.0, 4, 10, 1, []) == pytest.approx(3.0)  # no validation measured yet
+
+
+def test_config_summary_names_the_preset_and_only_what_differs():
+    cfg = tg.parse_args(["--preset=cpu", "--baseline", "--num_steps=4", "--batch_tokens=8,8,8", "--run_id=x"])
+    assert tg.config_summary(cfg) == "config: --preset=cpu --baseline --num_steps=4 --batch_tokens=8,8,8 (the full config is in the log)"
+    assert tg.config_summary(tg.parse_args([])) == "config: --preset=speedrun (the full config is in the log)"
