@@ -654,7 +654,8 @@ class _FP8Linear(torch.autograd.Function):
         shape = x.shape
         x_f8 = _to_fp8(x.reshape(-1, shape[-1]), x_scale, torch.float8_e4m3fn)
         w_f8 = _to_fp8(w, w_scale, torch.float8_e4m3fn)
-        xs, ws = (torch.tensor(s, dtype=torch.float32, device=x.device) for s in (x_scale, w_scale))
+        # torch.full fills on the device; torch.tensor would copy from the host and wait for it
+        xs, ws = (torch.full((), s, dtype=torch.float32, device=x.device) for s in (x_scale, w_scale))
         # _scaled_mm wants its first operand row-major and its second column-major: w_f8.T is.
         out = torch._scaled_mm(x_f8, w_f8.T, scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, use_fast_accum=True)
         ctx.save_for_backward(x_f8, w_f8, xs, ws)
@@ -664,7 +665,7 @@ class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x_f8, w_f8, xs, ws = ctx.saved_tensors
-        gs = torch.tensor(ctx.grad_scale, dtype=torch.float32, device=grad.device)
+        gs = torch.full((), ctx.grad_scale, dtype=torch.float32, device=grad.device)
         g_f8 = _to_fp8(grad.reshape(-1, grad.shape[-1]), ctx.grad_scale, torch.float8_e5m2)
         # .T.contiguous().T gives the same matrix stored column-major, as the second operand must be
         grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)

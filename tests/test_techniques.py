@@ -299,7 +299,7 @@ def test_block_gates_each_sublayer_with_its_normed_input():
     docs = torch.zeros(40, dtype=torch.long)
     masks = [attention.mask(docs, 32), attention.mask(docs, 16)]
     x = torch.randn(40, cfg.d_model)
-    with torch.no_grad():
+    with torch.no_grad(), torch.autocast("cpu", dtype=T.COMPUTE_DTYPE):  # as GPT.hidden runs blocks
         got = block(x, None, rotary, attention, masks)
         h = T.norm(x)
         x = x + block.attn(h, None, rotary, attention, masks[1]) * F.relu(h @ block.attn_out_gate.weight.T)
