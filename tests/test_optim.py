@@ -51,7 +51,7 @@ def test_polar_express_batch_and_scale():
 def test_normuon_tall_rows():
     u = torch.tensor([[1.0, 1, 1], [2, 2, 2], [3, 0, 0], [0, 0, 4]])[None]
     sm = torch.zeros(1, 4, 1)
-    out = tg.normuon_normalize(u, sm, 0.95)
+    out = tg.normuon_normalize(u, sm, 0.95, -1)
     # row mean squares 1, 4, 3, 16/3; the EMA starts at 0 so it holds 0.05 * those
     assert torch.allclose(sm.view(-1), 0.05 * torch.tensor([1.0, 4, 3, 16 / 3]))
     # rows divided by their RMS: [1,1,1], [1,1,1], [sqrt3,0,0], [0,0,sqrt3] (norm^2 12);
@@ -62,7 +62,7 @@ def test_normuon_tall_rows():
     assert torch.allclose(out.norm(), torch.tensor(math.sqrt(40.0)))
     # second call: the EMA mixes the old mean squares (0.95) with the new ones (0.05)
     u2 = torch.tensor([[2.0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1]])[None]
-    out2 = tg.normuon_normalize(u2, sm, 0.95)
+    out2 = tg.normuon_normalize(u2, sm, 0.95, -1)
     ms = torch.tensor([4 / 3, 0, 1, 1])
     sm_want = 0.95 * 0.05 * torch.tensor([1.0, 4, 3, 16 / 3]) + 0.05 * ms
     assert torch.allclose(sm.view(-1), sm_want)
@@ -73,11 +73,17 @@ def test_normuon_tall_rows():
 def test_normuon_wide_columns():
     u = torch.tensor([[1.0, 1, 1], [2, 2, 2], [3, 0, 0], [0, 0, 4]]).T[None]  # 3 x 4: per column
     sm = torch.zeros(1, 1, 4)
-    out = tg.normuon_normalize(u, sm, 0.95)
+    out = tg.normuon_normalize(u, sm, 0.95, -2)
     assert torch.allclose(sm.view(-1), 0.05 * torch.tensor([1.0, 4, 3, 16 / 3]))
     r3 = math.sqrt(3)
     want = torch.tensor([[1.0, 1, 1], [1, 1, 1], [r3, 0, 0], [0, 0, r3]]).T * math.sqrt(40 / 12)
     assert torch.allclose(out[0], want, atol=1e-6)
+
+
+def test_normuon_reduce_dim():
+    """Rows of tall and square matrices, columns of wide ones; a gate (one row per head) always by row."""
+    assert tg.normuon_reduce_dim((8, 4), "matrix") == -1 and tg.normuon_reduce_dim((4, 4), "matrix") == -1
+    assert tg.normuon_reduce_dim((4, 8), "matrix") == -2 and tg.normuon_reduce_dim((6, 12), "gate") == -1
 
 
 def test_cautious_mask():
@@ -87,6 +93,9 @@ def test_cautious_mask():
     want = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     mask = tg.cautious_mask(update, param)
     assert torch.equal(mask, want) and mask.dtype == param.dtype
+    # not strict (the record's NorMuon): a zero on either side counts as agreeing
+    loose = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    assert torch.equal(tg.cautious_mask(update, param, strict=False), loose)
 
 
 def adam_pair(seed=0, shapes=((5, 4), (7,))):
@@ -118,9 +127,10 @@ def test_adam_matches_torch(steps):
 
 
 def test_adam_decoupled_decay_matches_adamw():
+    """Our decay is lr^2 * wd (the record's); torch's AdamW decays lr * its weight_decay."""
     ours, ref, g = adam_pair(1)
-    opt = tg.Adam([dict(params=ours)], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.3, cautious=False)
-    torch_opt = torch.optim.AdamW(ref, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.3)
+    opt = tg.Adam([dict(params=ours)], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=30.0, cautious=False)
+    torch_opt = torch.optim.AdamW(ref, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01 * 30.0)
     for _ in range(3):
         set_grads(ours, ref, g)
         opt.step()
@@ -138,7 +148,25 @@ def test_adam_cautious_decay_one_step():
     update = torch.tensor([1.0, 1.0, -1.0, -1.0])
     w = torch.tensor([1.0, -2.0, 3.0, -4.0])
     mask = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    assert torch.allclose(p.detach(), w - 0.1 * 0.5 * mask * w - 0.1 * update)
+    assert torch.allclose(p.detach(), w - 0.1**2 * 0.5 * mask * w - 0.1 * update)
+
+
+def test_adam_eps_on_the_uncorrected_root():
+    """The record's Adam: lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), eps added before
+    the bias correction; with gradients near eps this differs from torch's m^ / (sqrt(v^) + eps)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    g = torch.tensor([1e-8, -2e-8, 4e-8])
+    opt = tg.Adam([dict(params=[p])], lr=0.1, betas=(0.65, 0.95), eps=1e-8, weight_decay=0.0, cautious=False)
+    for t in (1, 2):
+        p.grad = g.clone()
+        before = p.detach().clone()
+        opt.step()
+        m = (1 - 0.65**t) * g  # constant gradients: the EMAs are the bias factors times g
+        v = (1 - 0.95**t) * g * g
+        want = 0.1 * math.sqrt(1 - 0.95**t) / (1 - 0.65**t) * m / (v.sqrt() + 1e-8)
+        torch.testing.assert_close(before - p.detach(), want, rtol=1e-5, atol=0)
+        torch_style = 0.1 * (m / (1 - 0.65**t)) / ((v / (1 - 0.95**t)).sqrt() + 1e-8)
+        assert not torch.allclose(want, torch_style, rtol=1e-2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,11 +187,12 @@ def ref_polar(g):
     return x.mT if tall else x
 
 
-def ref_normuon_step(w, g, state, lr, wd, mom, beta2, lr_mul):
-    """One NorMuon step on one matrix, per SPEC section 3; returns the new weight."""
+def ref_normuon_step(w, g, state, lr, wd, mom, beta2, lr_mul, per_row=False):
+    """One NorMuon step on one matrix, per SPEC section 3 and the record's code: step lr * lr_mul,
+    decay wd * lr * (lr * lr_mul) where update and weight agree or either is 0; returns the new weight."""
     state.setdefault("m", torch.zeros_like(g))
     rows, cols = g.shape
-    tall = rows >= cols
+    tall = per_row or rows >= cols
     state.setdefault("v", torch.zeros(rows, 1) if tall else torch.zeros(1, cols))
     # lerp exactly as SPEC's momentum EMA is usually written; the same float32 rounding matters here
     # because bf16 Polar Express amplifies a 1-ulp input difference to a few percent of the output
@@ -174,19 +203,19 @@ def ref_normuon_step(w, g, state, lr, wd, mom, beta2, lr_mul):
     state["v"] = beta2 * state["v"] + (1 - beta2) * ms
     n = u / state["v"].sqrt()
     u = n * (u.norm() / n.norm())
-    step_lr = lr * math.sqrt(max(1.0, rows / cols)) * lr_mul
-    mask = ((u > 0) & (w > 0)) | ((u < 0) & (w < 0))
-    return w - wd * lr * lr * mask.float() * w - step_lr * u
+    step_lr = lr * lr_mul
+    mask = ~(((u > 0) & (w < 0)) | ((u < 0) & (w > 0)))
+    return w - wd * lr * step_lr * mask.float() * w - step_lr * u
 
 
 def test_normuon_matches_reference():
     torch.manual_seed(3)
-    shapes = [(16, 32), (16, 32), (16, 32), (32, 16), (32, 16), (24, 24)]
+    shapes = [(16, 32), (16, 32), (16, 32), (32, 16), (32, 16), (24, 24), (4, 8)]
+    kinds = ["matrix"] * 6 + ["gate"]
+    lr_muls = [1.0, 2.0, 1.0, 4.0, 2.0, 1.0, 1.0]  # different multipliers within one shape group
     params = []
-    for i, s in enumerate(shapes):
-        p = torch.nn.Parameter(torch.randn(s))
-        tg.tag(p, "matrix", lr_mul=2.0 if s == (32, 16) else 1.0)  # like the MLP down projection
-        params.append(p)
+    for s, kind, lr_mul in zip(shapes, kinds, lr_muls):
+        params.append(tg.tag(torch.nn.Parameter(torch.randn(s)), kind, lr_mul))
     lr, wd, mom, beta2 = 0.1, 5.0, 0.9, 0.95  # large decay so that the cautious term is visible
     opt = tg.NorMuon(params, lr, wd, mom, beta2, tg.TorchOps)
     ref_w = [p.detach().clone() for p in params]
@@ -198,8 +227,7 @@ def test_normuon_matches_reference():
         before = [p.detach().clone() for p in params]
         opt.step()
         for i, (p, g) in enumerate(zip(params, grads)):
-            lr_mul = 2.0 if shapes[i] == (32, 16) else 1.0
-            ref_w[i] = ref_normuon_step(ref_w[i], g, ref_state[i], lr, wd, mom, beta2, lr_mul)
+            ref_w[i] = ref_normuon_step(ref_w[i], g, ref_state[i], lr, wd, mom, beta2, lr_muls[i], kinds[i] == "gate")
             delta, ref_delta = p.detach() - before[i], ref_w[i] - before[i]
             err = (delta - ref_delta).norm() / ref_delta.norm()
             assert err < 1e-4, (step, i, err.item())
@@ -208,16 +236,16 @@ def test_normuon_matches_reference():
 
 
 def test_normuon_decay_scales_with_lr_squared():
-    """The same step with and without weight decay differs by exactly wd * lr^2 * mask * w."""
+    """The same step with and without weight decay differs by exactly wd * lr * (lr * lr_mul) * mask * w."""
     torch.manual_seed(4)
     w0 = torch.randn(8, 8)
     g = torch.randn(8, 8)
     moves = []
     for wd in (0.0, 3.0):
-        p = tg.tag(torch.nn.Parameter(w0.clone()), "matrix")
+        p = tg.tag(torch.nn.Parameter(w0.clone()), "matrix", lr_mul=2.0)
         p.grad = g.clone()
         tg.NorMuon([p], 0.05, wd, 0.9, 0.95, tg.TorchOps).step()
         moves.append(p.detach())
-    u_sign = -(moves[0] - w0)  # the update (lr * u) from the run without decay
-    mask = (u_sign * w0 > 0).float()
-    assert torch.allclose(moves[0] - moves[1], 3.0 * 0.05**2 * mask * w0, atol=1e-6)
+    u_sign = -(moves[0] - w0)  # the update (lr * lr_mul * u) from the run without decay
+    mask = (u_sign * w0 >= 0).float()
+    assert torch.allclose(moves[0] - moves[1], 3.0 * 0.05 * (0.05 * 2.0) * mask * w0, atol=1e-6)
