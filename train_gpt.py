@@ -1252,11 +1252,11 @@ class NorMuon(torch.optim.Optimizer):
             state["momentum"] = torch.zeros_like(grad)
             shape = list(grad.shape)
             shape[reduce_dim] = 1
-            state["second_moment"] = torch.zeros(shape, device=grad.device)
+            state["second_moment"] = torch.zeros(shape, device=grad.device, dtype=grad.dtype)
         momentum = state["momentum"]
         momentum.lerp_(grad, 1 - group["momentum"])
         nesterov = grad.lerp_(momentum, group["momentum"])
-        u = polar_express(nesterov, self.ops, self.polar_steps).float()
+        u = polar_express(nesterov, self.ops, self.polar_steps).to(grad.dtype)  # normalize in full precision
         u = normuon_normalize(u, state["second_moment"], group["beta2"], reduce_dim)
         lr_muls = [p.lr_mul for p in mine] + [0.0] * (len(weights) - len(mine))  # padding stays 0
         step_lr = group["lr"] * torch.tensor(lr_muls, device=weights.device)[:, None, None]

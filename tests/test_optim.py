@@ -1,8 +1,12 @@
-"""Optimizers: Polar Express, NorMuon normalization, cautious masks, Adam vs torch, NorMuon vs a reference."""
+"""Optimizers: Polar Express, NorMuon normalization, cautious masks, Adam vs torch, NorMuon vs a reference,
+and the speedrun preset's first steps vs the record's update rules."""
+import copy
 import math
 
 import pytest
+import record_ref as rr
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 
@@ -249,3 +253,144 @@ def test_normuon_decay_scales_with_lr_squared():
     u_sign = -(moves[0] - w0)  # the update (lr * lr_mul * u) from the run without decay
     mask = (u_sign * w0 >= 0).float()
     assert torch.allclose(moves[0] - moves[1], 3.0 * 0.05 * (0.05 * 2.0) * mask * w0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The speedrun preset's first steps against the record's update rules (record_ref.py)
+# ------------------------------------------------------------------------------------------------
+
+VOCAB = 1024
+PRESET_SMALL = ["--device=cpu", "--compile=false", "--fp8_head=false", "--triton=false", "--warmup_steps=0",
+                "--vocab_size=1024", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=256",
+                "--batch_tokens=128,256,384", "--accum_world_size=2", "--window_block=32", "--progress=false"]
+
+
+class FakeLoader:
+    """Stands in for both loaders: random tokens, every batch kept for the reference to replay."""
+
+    available = 10**12
+
+    def __init__(self, *args):
+        self.gen = torch.Generator().manual_seed(7)
+        self.batches = []
+
+    def next_batch(self, tokens, max_seq_len):
+        buf = torch.randint(0, VOCAB, (tokens + 1,), generator=self.gen)
+        self.batches.append((buf[:-1], buf[1:]))
+        return buf[:-1], buf[1:], None
+
+
+def record_loss(model, idx, targets, step, block):
+    """The record's training loss: MTP cross-entropies of softcapped logits, summed over tokens.
+    The per-token losses come from our op (checked against plain cross-entropy in test_kernels and
+    test_model): Adam at eps 1e-8 turns any rounding difference in a tiny gradient into a visible
+    update difference, so both sides must round the same way. The reduction is the record's."""
+    short, long = rr.record_ws(step)
+    z = F.linear(model.hidden(idx, (long * block, short * block)), model.lm_head)
+    return tg.TorchOps.softcap_mtp_ce(z, targets, torch.tensor(rr.record_mtp(step)), 30.0, 7.5).sum()
+
+
+def record_steps(model, batches, steps, dims, block, reduce_mean=False):
+    """Train `model` through `steps` by the record's rules on the given micro-batches (2 per step)."""
+    labels = {name: rr.record_label(name, *dims) for name, _ in model.named_parameters()}
+    params = dict(model.named_parameters())
+    muon, adam, scalar_adam = rr.RecordNorMuon(torch.get_default_dtype()), rr.RecordAdam((0.65, 0.95)), rr.RecordAdam((0.9, 0.99))
+    frozen = rr.record_transitions()
+    batches = iter(batches)
+    ws_long = None
+    for step in steps:
+        if step == rr.SPLIT_STEP:
+            model.tied = False
+        new_long = rr.record_ws(step)[1]
+        if new_long != ws_long:
+            model.rotary.set_window(new_long * block, True)
+            ws_long = new_long
+        for _ in range(2):
+            idx, targets = next(batches)
+            loss = record_loss(model, idx, targets, step, block)
+            (loss / (idx.numel() if reduce_mean else 1) / 2).backward()
+        for name, p in params.items():
+            kind, storage, lr_mul, wd_mul, transpose = labels[name]
+            if kind.startswith("muon"):
+                muon.step(p, storage, lr_mul, kind == "muon_gate", transpose, step)
+                p.grad = None
+            elif step % 2 == 1 and p.grad is not None:
+                if kind == "adam":
+                    adam.step(p, lr_mul, wd_mul, step)
+                elif not frozen[step]:
+                    scalar_adam.step(p, lr_mul, wd_mul, step)
+        if step % 2 == 1:
+            model.zero_grad(set_to_none=True)
+        if frozen[step]:
+            for name, p in params.items():
+                if labels[name][0] == "scalar_adam":
+                    p.grad = None
+        if step == rr.COPY_STEP:
+            with torch.no_grad():
+                params["embed"].copy_(params["lm_head"])
+            adam.state[params["embed"]] = {k: v.clone() if torch.is_tensor(v) else v
+                                           for k, v in adam.state[params["lm_head"]].items()}
+
+
+@pytest.fixture
+def float64():
+    """Everything in float64: Adam at eps 1e-8 and lr 0.6 (value embeddings) multiplies a gradient's
+    rounding error by up to lr / eps, so only float64 leaves the two sides comparable to 1e-8."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def preset_trainer(monkeypatch):
+    monkeypatch.setattr(tg, "COMPUTE_DTYPE", torch.float64)
+    monkeypatch.setattr(tg, "TrainLoader", FakeLoader)
+    monkeypatch.setattr(tg, "ValLoader", FakeLoader)
+    cfg = tg.parse_args(PRESET_SMALL)
+    backend = tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+    torch.manual_seed(0)
+    trainer = tg.Trainer(cfg, backend, None)
+    with torch.no_grad():  # give the zero-initialized matrices, gates and tables values so every rule shows
+        for p in trainer.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return cfg, trainer
+
+
+@pytest.mark.parametrize("start, n", [(0, 3), (626, 3), (1252, 4), (1879, 3)])
+def test_preset_steps_match_the_record(monkeypatch, float64, start, n):
+    """From the same weights and batches, our trainer's steps equal the record's rules: NorMuon with
+    the merged-shape multipliers (Q, K, V, O x2, MLP up x2, down x4) and decay wd * lr * lr_eff, gates
+    in NorMuon, Adam on odd steps with lr^2 decay, the summed loss, the scalars paused after a change,
+    the absolute lr floor, and the untie at 1254. Starts: momentum warmup and 3-token MTP; the first
+    batch/window change; the untie; the extension (window change, floor lr, momentum cooldown)."""
+    import warnings
+    warnings.filterwarnings("ignore", message=".*autocast.*")
+    cfg, trainer = preset_trainer(monkeypatch)
+    ref = copy.deepcopy(trainer.model)
+    block = cfg.window_block  # smaller than the record's 128 to suit the short test sequences
+    trainer.model.rotary.set_window(rr.record_ws(start)[1] * block, True)  # both start from that stage's
+    ref.rotary.set_window(rr.record_ws(start)[1] * block, True)             # window, unscaled
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    steps = range(start, start + n)
+    for step in steps:
+        trainer.train_step(step)
+    dims = (cfg.d_model, cfg.mlp_hidden, cfg.n_head, cfg.gate_dims)
+    record_steps(ref, trainer.train_loader.batches, steps, dims, block)
+    frozen = rr.record_transitions()
+    scalars_step = any(s % 2 and not frozen[s] for s in steps)
+    for (name, ours), theirs in zip(trainer.model.named_parameters(), ref.parameters()):
+        # every parameter moves, but the embedding before it unties and the scalars while paused
+        if name == "embed":
+            should_move = rr.SPLIT_STEP < steps[-1]
+        else:
+            should_move = rr.record_label(name, *dims)[0] != "scalar_adam" or scalars_step
+        assert bool((ours - before[name]).abs().max() > 1e-5) == should_move, name
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-8, msg=name)
+    if start == 0:  # the same rules on a per-token mean loss land elsewhere: Adam's eps is no longer negligible
+        mean_ref = copy.deepcopy(ref)
+        with torch.no_grad():
+            for p, b in zip(mean_ref.parameters(), before.values()):
+                p.copy_(b)
+        mean_ref.rotary.set_window(rr.record_ws(start)[1] * block, True)
+        record_steps(mean_ref, trainer.train_loader.batches, steps, dims, block, reduce_mean=True)
+        assert not torch.allclose(mean_ref.lm_head, ref.lm_head, rtol=0, atol=1e-6)
