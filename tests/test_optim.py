@@ -335,7 +335,7 @@ def record_steps(model, batches, steps, dims, block, reduce_mean=False):
 @pytest.fixture
 def float64():
     """Everything in float64: Adam at eps 1e-8 and lr 0.6 (value embeddings) multiplies a gradient's
-    rounding error by up to lr / eps, so only float64 leaves the two sides comparable to 1e-8."""
+    rounding error by up to lr / eps, so only float64 leaves the two sides comparable to 1e-7."""
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
@@ -381,11 +381,11 @@ def test_preset_steps_match_the_record(monkeypatch, float64, start, n):
     for (name, ours), theirs in zip(trainer.model.named_parameters(), ref.parameters()):
         # every parameter moves, but the embedding before it unties and the scalars while paused
         if name == "embed":
-            should_move = rr.SPLIT_STEP < steps[-1]
+            should_move = rr.SPLIT_STEP in steps[:-1]
         else:
             should_move = rr.record_label(name, *dims)[0] != "scalar_adam" or scalars_step
         assert bool((ours - before[name]).abs().max() > 1e-5) == should_move, name
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-8, msg=name)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7, msg=name)
     if start == 0:  # the same rules on a per-token mean loss land elsewhere: Adam's eps is no longer negligible
         mean_ref = copy.deepcopy(ref)
         with torch.no_grad():
