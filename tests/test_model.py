@@ -325,7 +325,8 @@ def test_head_is_fp8_only_while_training():
     assert torch.equal(model.logits(x), bf16)
     model.train()
     fp8 = model.logits(x)
-    assert not torch.equal(fp8, bf16) and torch.allclose(fp8.float(), bf16.float(), atol=0.02 * bf16.abs().max().item())
+    assert not torch.equal(fp8, bf16)
+    assert (fp8.float() - bf16.float()).norm() < 0.1 * bf16.float().norm()  # e4m3 operands: a few % off
 
 
 def test_attention_lambdas_scale_qkv_and_output():
