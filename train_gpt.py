@@ -1311,15 +1311,17 @@ class Adam(torch.optim.Optimizer):
 def orthogonalize_grads(params, rescale):
     """perpGrad: g <- g - (<w,g> / <w,w>) w per tensor, dropping the part of the gradient that only
     scales the weight; with `rescale`, then back to ||g||. A zero tensor (zero-init weights) has
-    <w,g> = 0 and keeps its gradient; a gradient with nothing orthogonal left stays 0."""
-    tiny = torch.finfo(torch.float32).tiny
+    <w,g> = 0 and keeps its gradient; a gradient with nothing orthogonal left (below float32
+    rounding of ||g||, as for every scalar) becomes 0 rather than rounding noise blown up to ||g||."""
+    tiny, eps = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).eps
     for p in params:
         if p.grad is None:
             continue
         w, g = p.detach().float(), p.grad.float()
         perp = g - ((w * g).sum() / w.square().sum().clamp_min(tiny)) * w
         if rescale:
-            perp = perp * (g.norm() / perp.norm().clamp_min(tiny))
+            left, full = perp.norm(), g.norm()
+            perp = torch.where(left > eps * full, perp * (full / left.clamp_min(tiny)), 0.0)
         p.grad.copy_(perp)
 
 

@@ -133,6 +133,16 @@ def test_orthogonal_gradient_by_hand_and_zero_weights():
     torch.testing.assert_close(zero.grad, torch.tensor([3.0, 4.0]))  # zero weights keep their gradient
 
 
+def test_orthogonal_gradient_of_a_scalar_is_zero_not_nan():
+    """A scalar's gradient is all along its weight: nothing is left, and rescaling must not blow
+    rounding noise (or an exact 0, as inf * 0) up; large gradients (a summed loss) once made NaN."""
+    for value in (0.3, 1.7):
+        s = torch.nn.Parameter(torch.tensor(value))
+        s.grad = torch.tensor(250.0)
+        T.orthogonalize_grads([s], rescale=True)
+        assert s.grad.item() == 0.0
+
+
 @pytest.mark.parametrize("which, kinds", [("matrices", {"matrix"}), ("all", None), ("none", set())])
 def test_perp_grad_chooses_its_parameters(which, kinds):
     cfg = T.parse_args(TINY + [f"--perp_grad={which}"])
