@@ -70,7 +70,7 @@ class Config:
     window_block: int = 128  # tokens per attention-window block
     long_windows: tuple = (3, 7, 11)  # long window in blocks, by thirds of training
     extension_window: int = 13  # long window in blocks during the extension steps
-    final_window: int = 20  # long window in blocks for the final validation
+    final_window: int = 20  # long window in blocks for the final validation, set without a YaRN step; the short window stays
     rope_base: float = 1024.0  # RoPE base of the rotating half of each head
     attn_scale: float = 0.1  # attention scale (softmax temperature) before YaRN rescaling
     # schedule
@@ -81,14 +81,14 @@ class Config:
     accum_world_size: int = 8  # the batch is split for this many ranks; fewer ranks accumulate
     lr_mults: tuple = (1.0, 1.52, 1.73)  # learning-rate multiplier by thirds of training
     cooldown_frac: float = 0.55  # linear learning-rate cooldown over this last fraction of the scheduled steps
-    lr_floor: float = 0.1  # the cooldown ends at this multiple of the learning rate
+    lr_floor: float = 0.1  # the cooldown ends at this multiplier, whatever the stage's peak
     val_every: int = 250  # validate every this many steps (and always at the end); 0 = only at the end
     val_tokens: int = 10485760  # tokens of the val shards scored (the record: the first 10,485,760)
-    val_batch_tokens: int = 262144  # global validation tokens per forward pass
+    val_batch_tokens: int = 2097152  # global validation tokens per forward pass (262,144 per rank of 8)
     # optimizers
     muon: bool = True  # False: plain AdamW on every parameter (the baseline end of the ladder)
     muon_lr: float = 0.023  # NorMuon learning rate of the hidden matrices
-    muon_wd: float = 1.2  # NorMuon cautious weight decay (scaled by lr^2)
+    muon_wd: float = 1.2  # NorMuon cautious weight decay (scaled by lr times the effective lr)
     muon_momentum: float = 0.95  # NorMuon Nesterov momentum
     muon_momentum_start: float = 0.85  # momentum at step 0, warmed up to muon_momentum
     momentum_warmup_steps: int = 300  # steps of the momentum warmup
@@ -99,10 +99,12 @@ class Config:
     adam_lr: float = 0.008  # Adam learning rate of embeddings, head, gates and scalars
     adam_betas: tuple = (0.65, 0.95)  # Adam (beta1, beta2)
     adam_eps: float = 1e-8  # Adam epsilon
-    adam_wd: float = 0.005  # Adam cautious weight decay
+    adam_wd: float = 0.005  # Adam cautious weight decay (scaled by the effective lr squared)
     value_embed_lr_mul: float = 75.0  # learning-rate factor of the value embeddings
-    scalar_lr_mul: float = 5.0  # learning-rate factor of the scalars
+    smear_gate_lr_mul: float = 0.01  # learning-rate factor of the smear gate (no decay)
+    scalar_lr_mul: float = 5.0  # learning-rate factor of the scalars and the x0 lambdas (these with adam_betas)
     scalar_betas: tuple = (0.9, 0.99)  # Adam (beta1, beta2) of the scalars
+    scalar_freeze_steps: int = 40  # the scalars' Adam pauses this long after a batch or window change
     adam_every: int = 2  # Adam steps every this many steps; its gradients accumulate in between
     adamw_lr: float = 0.0036  # the plain AdamW baseline
     adamw_betas: tuple = (0.9, 0.95)  # AdamW (beta1, beta2) of the baseline
@@ -115,6 +117,7 @@ class Config:
     skip_to: int = 6  # the layer that receives the skip from `skip_from`
     backout_layer: int = 7  # subtract b * (x after this layer) at the end; -1 = off
     attn_gate: bool = True  # sparse per-head output gate from the first `gate_dims` channels
+    attn_lambdas: bool = True  # learned per-layer scalars on the QKV and output weights
     gate_dims: int = 12  # input channels of the sparse attention gate
     key_offset: bool = True  # partial key offset on the long-window layers
     yarn: bool = True  # rescale RoPE and attention scale when the window grows
@@ -187,6 +190,8 @@ BASELINE = dict(
     skip_from=-1,
     backout_layer=-1,
     attn_gate=False,
+    attn_lambdas=False,
+    scalar_freeze_steps=0,
     key_offset=False,
     yarn=False,
     softcap=0.0,
@@ -630,14 +635,13 @@ MM_STAGES = 3
 CE_BLOCK_V = 2048  # vocabulary columns per step of the per-row pass
 CE_WARPS = 8
 
-# FP8 lm_head scales: a tensor is divided by its scale before the cast, so scale = the largest
-# magnitude expected / the largest finite value of the format (448 for e4m3, 57344 for e5m2).
-FP8_X_SCALE = 768**0.5 / 448  # an RMS-normed row of width 768 has no entry above sqrt(768)
-FP8_W_SCALE = 1.0 / 448  # |w| up to 1 (200 init stds of 0.005) is representable; beyond saturates
-# |dloss/dz| <= sum(w_k) / tokens <= 1.75 / 16384 for a loss averaged over a rank's smallest record
-# batch; 2^-28 maps that to about 2^14.8 (e5m2 max 2^15.8) and keeps typical entries ~1/(tokens*vocab)
-# far above e5m2's smallest normal.
-FP8_GRAD_SCALE = 2.0**-28
+# FP8 lm_head scales (the record's): a tensor is divided by its scale before the cast, so the
+# largest magnitude that survives is scale * 448 for e4m3 and scale * 57344 for e5m2.
+FP8_X_SCALE = 100 / 448  # entries up to 100: an RMS-normed row of width 768 has none above sqrt(768)
+FP8_W_SCALE = 1.5 / 448  # |w| up to 1.5, 300 init stds of 0.005
+# the loss is summed over tokens, so |dloss/dz| <= sum(w_k) * (softcap slope <= 1) <= 1.75 per entry,
+# far below the 96 that fits; typical entries ~1/vocab stay well above e5m2's smallest normal
+FP8_GRAD_SCALE = 0.75 / 448
 
 
 def _to_fp8(t, scale, dtype):
@@ -921,6 +925,10 @@ COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA and on CPUs with A
 YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which YaRN fully/never rescales
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
+# the record stores Q, K, V and O stacked as one (4 d x d) matrix: Muon's shape multiplier
+# sqrt(max(1, rows / cols)) = 2 of that stack is what each of the four gets
+ATTN_STACKED = 4
+QKV_LAMBDA_INIT, OUT_LAMBDA_INIT = 0.5, 1.0  # the per-layer attention lambdas start here
 SHELL_RADIUS_SQ = 2.0  # the shell penalty's hinge is zero for ||x||^2 >= this * d - SHELL_EPS
 SHELL_EPS = 0.1
 
@@ -931,10 +939,16 @@ def norm(x):
 
 
 def tag(param, kind, lr_mul=1.0):
-    """Label a parameter for the optimizer builder: matrix | embed | head | value_embed | gate | scalar."""
+    """Label a parameter for the optimizer builder. NorMuon: matrix | gate (normalized per row);
+    Adam: head | embed | value_embed | smear_gate | x0 (the main betas) | scalar (their own betas)."""
     param.kind = kind
     param.lr_mul = lr_mul
     return param
+
+
+def shape_lr_mul(rows, cols):
+    """Muon's learning-rate multiplier for a rows x cols matrix: more for more outputs than inputs."""
+    return math.sqrt(max(1.0, rows / cols))
 
 
 def uniform_matrix(rows, cols, bound):
@@ -1026,15 +1040,20 @@ class Attention(nn.Module):
         d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         bound = math.sqrt(3) / math.sqrt(d)
-        self.q = tag(uniform_matrix(inner, d, bound), "matrix")
-        self.k = tag(uniform_matrix(inner, d, bound), "matrix")
-        self.v = tag(uniform_matrix(inner, d, bound), "matrix")
-        self.o = tag(nn.Parameter(torch.zeros(d, inner)), "matrix")
+        lr_mul = shape_lr_mul(ATTN_STACKED * d, d)
+        self.q = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
+        self.k = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
+        self.v = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
+        self.o = tag(nn.Parameter(torch.zeros(d, inner)), "matrix", lr_mul)
+        # learned scales of the QKV and the output weights
+        init = torch.tensor([QKV_LAMBDA_INIT, OUT_LAMBDA_INIT])
+        self.lambdas = tag(nn.Parameter(init), "scalar") if cfg.attn_lambdas else None
         self.key_offset = cfg.key_offset and layer in cfg.long_window_layers
         # the per-head gate reads the first gate_dims channels, or all of them with head_gate
         self.gate_dims = d if cfg.head_gate else cfg.gate_dims
         has_gate = cfg.attn_gate or cfg.head_gate
-        self.gate = tag(nn.Parameter(torch.zeros(cfg.n_head, self.gate_dims)), "gate") if has_gate else None
+        gate_lr_mul = shape_lr_mul(cfg.n_head, self.gate_dims)
+        self.gate = tag(nn.Parameter(torch.zeros(cfg.n_head, self.gate_dims)), "gate", gate_lr_mul) if has_gate else None
         # the extra slot starts at logit 0 with value 0; its logit is the sink logit plus the key bias's score
         self.has_slot = cfg.sink_logit or cfg.kv_bias
         self.sink = tag(nn.Parameter(torch.zeros(cfg.n_head)), "scalar") if cfg.sink_logit else None
@@ -1050,9 +1069,10 @@ class Attention(nn.Module):
 
     def forward(self, x, ve, rotary, attend, mask):
         n, h, dh = x.size(0), self.n_head, self.head_dim
-        q = norm(F.linear(x, self.q).view(n, h, dh))
-        k = norm(F.linear(x, self.k).view(n, h, dh))
-        v = F.linear(x, self.v).view(n, h, dh)
+        qkv_scale, out_scale = (1.0, 1.0) if self.lambdas is None else self.lambdas
+        q = norm(F.linear(x, qkv_scale * self.q).view(n, h, dh))
+        k = norm(F.linear(x, qkv_scale * self.k).view(n, h, dh))
+        v = F.linear(x, qkv_scale * self.v).view(n, h, dh)
         q, k = rotary(q), rotary(k)
         if self.key_offset:
             # the still (non-rotating) dims of each key take the previous token's values, so one
@@ -1067,7 +1087,7 @@ class Attention(nn.Module):
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
-        return F.linear(y.reshape(n, h * dh), self.o)
+        return F.linear(y.reshape(n, h * dh), out_scale * self.o)
 
 
 class MLP(nn.Module):
@@ -1077,8 +1097,9 @@ class MLP(nn.Module):
         super().__init__()
         d, hidden = cfg.d_model, cfg.mlp_hidden
         self.ops = ops
-        self.up = tag(uniform_matrix(hidden, d, math.sqrt(3) * 0.5 / math.sqrt(d)), "matrix")
-        self.down = tag(nn.Parameter(torch.zeros(d, hidden)), "matrix", lr_mul=cfg.mlp_down_lr_mul)
+        # both count as hidden x d for Muon's shape multiplier: the record stores down transposed
+        self.up = tag(uniform_matrix(hidden, d, math.sqrt(3) * 0.5 / math.sqrt(d)), "matrix", shape_lr_mul(hidden, d))
+        self.down = tag(nn.Parameter(torch.zeros(d, hidden)), "matrix", shape_lr_mul(hidden, d) * cfg.mlp_down_lr_mul)
 
     def forward(self, x):
         # bf16 whatever autocast left x as (the residual stream and rms_norm are fp32 under it):
@@ -1118,7 +1139,8 @@ def value_embed_tables(cfg):
 
 
 class GPT(nn.Module):
-    """The record model. forward(idx, targets, windows, mtp_weights) returns the mean token loss."""
+    """The record model. forward(idx, targets, windows, mtp_weights) returns the token losses'
+    sum: the record trains on the sum, which sets the gradient scale Adam's eps is measured against."""
 
     def __init__(self, cfg, ops, attention):
         super().__init__()
@@ -1139,10 +1161,10 @@ class GPT(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale)
         if cfg.smear:
             self.smear_lambda = tag(nn.Parameter(torch.zeros(())), "scalar")
-            self.smear_gate = tag(nn.Parameter(torch.zeros(1, cfg.gate_dims)), "gate")
+            self.smear_gate = tag(nn.Parameter(torch.zeros(1, cfg.gate_dims)), "smear_gate", cfg.smear_gate_lr_mul)
         if cfg.x0_mixing:
             self.resid_lambdas = tag(nn.Parameter(torch.full((cfg.n_layer,), 1.1)), "scalar")
-            self.x0_lambdas = tag(nn.Parameter(torch.zeros(cfg.n_layer)), "scalar")
+            self.x0_lambdas = tag(nn.Parameter(torch.zeros(cfg.n_layer)), "x0")
         if cfg.skip_from >= 0:
             self.skip_gate = tag(nn.Parameter(torch.tensor(-1.5)), "scalar")
         if cfg.backout_layer >= 0:
@@ -1192,9 +1214,10 @@ class GPT(nn.Module):
         return norm(x)
 
     def logits(self, x):
-        """Raw head outputs z [T, vocab] in bf16 (the softcap is applied inside the loss)."""
+        """Raw head outputs z [T, vocab] in bf16 (the softcap is applied inside the loss); FP8
+        only while training, validation runs the head in bf16."""
         x, w = x.to(COMPUTE_DTYPE), self.lm_head.to(COMPUTE_DTYPE)
-        if self.cfg.fp8_head:
+        if self.cfg.fp8_head and self.training:
             return fp8_linear(x, w)
         return F.linear(x, w)
 
@@ -1203,7 +1226,7 @@ class GPT(nn.Module):
         cfg = self.cfg
         # StableMax only trains: validation is always cross-entropy, so runs stay comparable
         loss_fn = self.ops.stablemax_mtp_ce if cfg.stablemax and self.training else self.ops.softcap_mtp_ce
-        return loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp).mean()
+        return loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp).sum()
 
     @torch.no_grad()
     def first_token_attention(self, idx, windows):
@@ -1299,34 +1322,41 @@ def polar_express(g, ops, steps=len(POLAR_EXPRESS_COEFFS)):
     return x.mT if tall else x
 
 
-def normuon_normalize(u, second_moment, beta2):
-    """NorMuon: divide each row (each column of a wide matrix) by the root of an EMA of its mean
+def normuon_reduce_dim(shape, kind):
+    """NorMuon normalizes each row, or each column of a wide matrix; a gate always per row (head)."""
+    return -1 if kind == "gate" or shape[-2] >= shape[-1] else -2
+
+
+def normuon_normalize(u, second_moment, beta2, reduce_dim):
+    """NorMuon: divide each row (reduce_dim -1) or column (-2) by the root of an EMA of its mean
     square, then restore the update's Frobenius norm. Updates `second_moment` in place."""
-    reduce_dim = -1 if u.size(-2) >= u.size(-1) else -2
     second_moment.lerp_(u.square().mean(dim=reduce_dim, keepdim=True), 1 - beta2)
     before = u.norm(dim=(-2, -1), keepdim=True)
     u = u * second_moment.clamp_min(NORMUON_EPS).rsqrt()
     return u * (before / u.norm(dim=(-2, -1), keepdim=True).clamp_min(NORMUON_EPS))
 
 
-def cautious_mask(update, param):
-    """Where update and weight share a sign: decaying there never fights the update."""
-    return (update * param > 0).to(param.dtype)
+def cautious_mask(update, param, strict=True):
+    """Where update and weight share a sign: decaying there never fights the update. The record's
+    NorMuon also decays where either is zero (strict=False), its Adam does not."""
+    same = update * param > 0 if strict else update * param >= 0
+    return same.to(param.dtype)
 
 
 class NorMuon(torch.optim.Optimizer):
     """Muon with NorMuon normalization and cautious weight decay, sharded across ranks.
 
-    Parameters of one shape form a group; each rank orthogonalizes its share of every group:
+    Parameters of one shape and kind form a group; each rank orthogonalizes its share of every group:
     the gradients are reduce-scattered, each rank updates its own matrices, and the new weights
     are all-gathered. Every group's reduce-scatter is launched before any work starts and each
     all-gather runs while the next group is computed, so communication overlaps the math.
+    Each matrix steps lr * lr_mul and decays weight_decay * lr * (lr * lr_mul), as in the record.
     """
 
     def __init__(self, params, lr, weight_decay, momentum, beta2, ops, rank=0, world_size=1, polar_steps=5):
         by_shape = {}
         for p in params:
-            by_shape.setdefault(tuple(p.shape), []).append(p)
+            by_shape.setdefault((tuple(p.shape), p.kind), []).append(p)
         groups = [dict(params=ps) for _, ps in sorted(by_shape.items())]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
         self.ops, self.rank, self.world_size, self.polar_steps = ops, rank, world_size, polar_steps
@@ -1359,7 +1389,7 @@ class NorMuon(torch.optim.Optimizer):
             weights = torch.zeros_like(grad)
             for i, p in enumerate(mine):
                 weights[i] = p
-            self._update(group, weights, grad)
+            self._update(group, mine, weights, grad)
             if self.world_size == 1:
                 gathers.append((params, weights, None))
                 continue
@@ -1371,31 +1401,30 @@ class NorMuon(torch.optim.Optimizer):
             for p, new in zip(params, full):
                 p.copy_(new)
 
-    def _update(self, group, weights, grad):
-        """One NorMuon step on this rank's stacked matrices (in place on `weights`)."""
+    def _update(self, group, mine, weights, grad):
+        """One NorMuon step on this rank's stacked matrices `mine` (in place on `weights`)."""
         state = self.state[group["params"][0]]
+        reduce_dim = normuon_reduce_dim(grad.shape, group["params"][0].kind)
         if not state:
             state["momentum"] = torch.zeros_like(grad)
-            rows, cols = grad.shape[-2:]
-            shape = (grad.size(0), rows, 1) if rows >= cols else (grad.size(0), 1, cols)
-            state["second_moment"] = torch.zeros(shape, device=grad.device)
+            shape = list(grad.shape)
+            shape[reduce_dim] = 1
+            state["second_moment"] = torch.zeros(shape, device=grad.device, dtype=grad.dtype)
         momentum = state["momentum"]
         momentum.lerp_(grad, 1 - group["momentum"])
         nesterov = grad.lerp_(momentum, group["momentum"])
-        u = polar_express(nesterov, self.ops, self.polar_steps).float()
-        u = normuon_normalize(u, state["second_moment"], group["beta2"])
-        rows, cols = grad.shape[-2:]
-        lr = group["lr"]
-        lr_mul = getattr(group["params"][0], "lr_mul", 1.0)
-        step_lr = lr * math.sqrt(max(1.0, rows / cols)) * lr_mul
-        decay = group["weight_decay"] * lr * lr  # decay scales with lr^2
-        weights.sub_(cautious_mask(u, weights) * weights, alpha=decay)
-        weights.sub_(u, alpha=step_lr)
+        u = polar_express(nesterov, self.ops, self.polar_steps).to(grad.dtype)  # normalize in full precision
+        u = normuon_normalize(u, state["second_moment"], group["beta2"], reduce_dim)
+        lr_muls = [p.lr_mul for p in mine] + [0.0] * (len(weights) - len(mine))  # padding stays 0
+        step_lr = group["lr"] * torch.tensor(lr_muls, device=weights.device)[:, None, None]
+        decay = group["weight_decay"] * group["lr"] * step_lr
+        weights.sub_(cautious_mask(u, weights, strict=False) * weights * decay + u * step_lr)
 
 
 class Adam(torch.optim.Optimizer):
-    """Adam with decoupled weight decay that is optionally cautious (only where update and weight
-    share a sign). Gradients are averaged across ranks before the step."""
+    """Adam with decoupled weight decay lr^2 * weight_decay (the record's, so decay falls with the
+    lr schedule twice), optionally cautious (only where update and weight share a sign).
+    Gradients are averaged across ranks before the step."""
 
     def __init__(self, groups, lr, betas, eps, weight_decay, cautious, world_size=1):
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -1422,12 +1451,13 @@ class Adam(torch.optim.Optimizer):
                 t = state["step"]
                 state["exp_avg"].lerp_(p.grad, 1 - beta1)
                 state["exp_avg_sq"].lerp_(p.grad.square(), 1 - beta2)
-                denom = (state["exp_avg_sq"] / (1 - beta2**t)).sqrt_().add_(group["eps"])
-                update = state["exp_avg"] / (1 - beta1**t) / denom
+                # eps is added to the root of the uncorrected second moment, as in the record
+                step_size = group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t)
+                update = state["exp_avg"] / (state["exp_avg_sq"].sqrt() + group["eps"])
                 if group["weight_decay"]:
                     decay = cautious_mask(update, p) * p if self.cautious else p
-                    p.sub_(decay, alpha=group["lr"] * group["weight_decay"])
-                p.sub_(update, alpha=group["lr"])
+                    p.sub_(decay, alpha=group["lr"] ** 2 * group["weight_decay"])
+                p.sub_(update, alpha=step_size)
 
     def copy_state(self, src, dst):
         """Start `dst` from `src`'s moments (used when the embedding unties from the head)."""
@@ -1438,15 +1468,17 @@ class Adam(torch.optim.Optimizer):
 def orthogonalize_grads(params, rescale):
     """perpGrad: g <- g - (<w,g> / <w,w>) w per tensor, dropping the part of the gradient that only
     scales the weight; with `rescale`, then back to ||g||. A zero tensor (zero-init weights) has
-    <w,g> = 0 and keeps its gradient; a gradient with nothing orthogonal left stays 0."""
-    tiny = torch.finfo(torch.float32).tiny
+    <w,g> = 0 and keeps its gradient; a gradient with nothing orthogonal left (below float32
+    rounding of ||g||, as for every scalar) becomes 0 rather than rounding noise blown up to ||g||."""
+    tiny, eps = torch.finfo(torch.float32).tiny, torch.finfo(torch.float32).eps
     for p in params:
         if p.grad is None:
             continue
         w, g = p.detach().float(), p.grad.float()
         perp = g - ((w * g).sum() / w.square().sum().clamp_min(tiny)) * w
         if rescale:
-            perp = perp * (g.norm() / perp.norm().clamp_min(tiny))
+            left, full = perp.norm(), g.norm()
+            perp = torch.where(left > eps * full, perp * (full / left.clamp_min(tiny)), 0.0)
         p.grad.copy_(perp)
 
 
@@ -1459,15 +1491,16 @@ class Optimizers:
         params = [p for p in model.parameters()]
         world = backend.world_size
         if cfg.muon:
-            matrices = [p for p in params if p.kind == "matrix"]
+            matrices = [p for p in params if p.kind in ("matrix", "gate")]
             self.muon = NorMuon(matrices, cfg.muon_lr, cfg.muon_wd, cfg.muon_momentum, cfg.muon_beta2,
                                 backend.ops, backend.rank, world, cfg.polar_steps)
             adam_betas, wd = cfg.adam_betas, cfg.adam_wd
-            kinds = {
+            kinds = {  # kind: (lr, betas, weight decay)
                 "head": (cfg.adam_lr, adam_betas, wd),
                 "embed": (cfg.adam_lr, adam_betas, wd),
                 "value_embed": (cfg.adam_lr * cfg.value_embed_lr_mul, adam_betas, wd),
-                "gate": (cfg.adam_lr, adam_betas, 0.0),
+                "smear_gate": (cfg.adam_lr * cfg.smear_gate_lr_mul, adam_betas, 0.0),
+                "x0": (cfg.adam_lr * cfg.scalar_lr_mul, adam_betas, 0.0),
                 "scalar": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.scalar_betas, 0.0),
             }
             groups = []
@@ -1484,6 +1517,7 @@ class Optimizers:
             self.adam_every = 1
         for group in (self.muon.param_groups if self.muon else []):
             group["base_lr"] = cfg.muon_lr
+        self.scalars = [p for p in params if p.kind == "scalar"]
         # perpGrad acts on the gradients each optimizer is about to use, right before it steps: Adam's
         # accumulate over adam_every steps and the rescale is not linear, so they are projected once,
         # summed. Gradients are still rank-local here (the optimizers average them): the projection
@@ -1493,8 +1527,12 @@ class Optimizers:
         self.perp_muon = [p for p in perp if id(p) in own]
         self.perp_adam = [p for p in perp if id(p) not in own]
 
-    def step(self, step, lr_mult, momentum, last):
-        """Apply the step's schedule and step; Adam only every `adam_every` steps (and the last)."""
+    def step(self, step, lr_mult, momentum, last, freeze_scalars=False):
+        """Apply the step's schedule and step; Adam only every `adam_every` steps (and the last).
+        `freeze_scalars` drops the scalars' gradients, so Adam neither steps nor accumulates them."""
+        if freeze_scalars:
+            for p in self.scalars:
+                p.grad = None
         if self.muon is not None:
             for group in self.muon.param_groups:
                 group["lr"] = group["base_lr"] * lr_mult
@@ -1712,12 +1750,15 @@ class ValLoader:
 
 
 class Schedule:
-    """Batch size, windows, learning-rate multiplier, momentum, MTP weights and the untie step."""
+    """Batch size, windows, learning-rate multiplier, momentum, MTP weights, the untie step and
+    the steps on which the scalars' optimizer pauses."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.total = cfg.num_steps + cfg.extension_steps
         self.untie_step = math.ceil(cfg.untie_frac * cfg.num_steps) if cfg.untie_frac < 1 else None
+        shape = [(self.batch_tokens(s), self.long_window_blocks(s)) for s in range(self.total)]
+        self.changes = [s for s in range(1, self.total) if shape[s] != shape[s - 1]]
 
     def stage(self, step):
         """0, 1, 2: the thirds of the scheduled steps; 3: the extension steps."""
@@ -1733,22 +1774,34 @@ class Schedule:
         stage = self.stage(step)
         return cfg.extension_window if stage == 3 else cfg.long_windows[stage]
 
-    def final_window_blocks(self):
-        return self.cfg.final_window if self.cfg.window_schedule else self.cfg.long_windows[-1]
+    def window_blocks(self, step):
+        """(long, short) windows in blocks while training at `step`; short windows are half as long."""
+        long_blocks = self.long_window_blocks(step)
+        return long_blocks, max(1, long_blocks // 2)
 
-    def windows(self, long_blocks):
-        """(long, short) window sizes in tokens; short windows are half as long."""
-        block = self.cfg.window_block
-        return long_blocks * block, max(1, long_blocks // 2) * block
+    def final_window_blocks(self):
+        """The final validation's windows: only the long one widens (the record's choice)."""
+        last_long, short = self.window_blocks(self.total - 1)
+        return (self.cfg.final_window if self.cfg.window_schedule else last_long), short
+
+    def windows(self, blocks):
+        """(long, short) windows in blocks -> in tokens."""
+        return tuple(b * self.cfg.window_block for b in blocks)
 
     def lr_mult(self, step):
+        """The stage's peak, then a linear cooldown to the absolute floor lr_floor."""
         cfg = self.cfg
         x = min(step / cfg.num_steps, 1.0)
-        mult = cfg.lr_mults[min(self.stage(step), 2)]
-        if x > 1 - cfg.cooldown_frac:
+        peak = cfg.lr_mults[min(self.stage(step), 2)]
+        if x >= 1 - cfg.cooldown_frac:
             w = (1 - x) / cfg.cooldown_frac
-            mult *= w + (1 - w) * cfg.lr_floor
-        return mult
+            return peak * w + cfg.lr_floor * (1 - w)
+        return peak
+
+    def scalars_frozen(self, step):
+        """True within scalar_freeze_steps of a batch-size or window change: the scalars, tuned
+        to the old shape, would otherwise chase the jump in their gradients."""
+        return any(0 <= step - s < self.cfg.scalar_freeze_steps for s in self.changes)
 
     def momentum(self, step):
         cfg = self.cfg
@@ -1783,14 +1836,16 @@ class Schedule:
         for start in self.stage_starts():
             stage = self.stage(start)
             end = self.total if stage == 3 else (self.stage_start(stage + 1) if stage < 2 else self.cfg.num_steps)
-            long_w, short_w = self.windows(self.long_window_blocks(start))
+            long_w, short_w = self.windows(self.window_blocks(start))
             mtp = ", ".join(f"{w:.3f}" for w in self.mtp_weights(start))
             lines.append(
                 f"steps {start}-{end - 1}: batch {self.batch_tokens(start)} tokens, windows {long_w}/{short_w}, "
                 f"lr x{self.lr_mult(start):.3f}->x{self.lr_mult(end - 1):.3f}, momentum {self.momentum(start):.3f}, mtp [{mtp}]"
             )
         untie = "never" if self.untie_step is None else f"step {self.untie_step}"
-        lines.append(f"untie embedding: {untie}; final validation window {self.windows(self.final_window_blocks())[0]}")
+        final = "/".join(str(w) for w in self.windows(self.final_window_blocks()))
+        lines.append(f"untie embedding: {untie}; scalars paused at steps {self.changes} for {self.cfg.scalar_freeze_steps}; "
+                     f"final validation windows {final}")
         return lines
 
 
@@ -1977,9 +2032,9 @@ class Trainer:
         if step == sched.untie_step:
             self.model.untie()
             self.optimizers.adam.copy_state(self.model.lm_head, self.model.embed)
-        long_blocks = sched.long_window_blocks(step)
-        self.model.rotary.set_window(long_blocks * cfg.window_block, cfg.yarn)
-        return sched.windows(long_blocks), self.mtp_weights[step], sched.batch_tokens(step) // cfg.accum_world_size
+        blocks = sched.window_blocks(step)
+        self.model.rotary.set_window(blocks[0] * cfg.window_block, cfg.yarn)
+        return sched.windows(blocks), self.mtp_weights[step], sched.batch_tokens(step) // cfg.accum_world_size
 
     def train_step(self, step):
         """One optimizer step (with gradient accumulation). Returns this rank's means of what the
@@ -1989,38 +2044,40 @@ class Trainer:
         total, shell_total = 0.0, 0.0
         for _ in range(self.accum):
             inputs, targets, _ = self.train_loader.next_batch(micro_tokens, cfg.max_seq_len)
-            loss = self.forward(inputs, targets, windows, weights) / self.accum
-            total += loss.detach()
+            loss = self.forward(inputs, targets, windows, weights) / self.accum  # summed over tokens
+            total += loss.detach() / micro_tokens
             if cfg.shell_lambda:
                 # outside the compiled forward (which returns one loss, shared with validation): it
                 # repeats the cheap embedding lookup, and keeps the penalty out of the val loss
                 shell = cfg.shell_lambda * shell_penalty(self.model.embed_tokens(inputs)) / self.accum
                 shell_total += shell.detach()
-                loss = loss + shell
+                loss = loss + shell * micro_tokens  # a per-token penalty, summed like the loss
             loss.backward()
-        self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last=step == sched.total - 1)
+        self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last=step == sched.total - 1,
+                             freeze_scalars=sched.scalars_frozen(step))
         return dict(train_loss=total, **({"shell": shell_total} if cfg.shell_lambda else {}))
 
     @torch.no_grad()
-    def validate(self, long_blocks):
-        """Mean cross-entropy over the first val_tokens tokens (all ranks)."""
+    def validate(self, blocks, yarn=True):
+        """Mean cross-entropy over the first val_tokens tokens (all ranks) at (long, short) window
+        blocks; `yarn=False` takes a new long window as it is (the final validation's)."""
         cfg = self.cfg
-        self.model.rotary.set_window(long_blocks * cfg.window_block, cfg.yarn)
-        windows = self.schedule.windows(long_blocks)
+        self.model.rotary.set_window(blocks[0] * cfg.window_block, cfg.yarn and yarn)
+        windows = self.schedule.windows(blocks)
         one = torch.ones(1, device=self.backend.device)
         self.model.eval()
-        losses = [self.forward(x, y, windows, one) for x, y in self.val_loader]
+        losses = [self.forward(x, y, windows, one) / x.numel() for x, y in self.val_loader]
         self.model.train()
         loss = torch.stack(losses).mean()
         if self.backend.world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
         return loss.item()
 
-    def log_sinks(self, step, long_blocks):
+    def log_sinks(self, step, blocks):
         """The sink metric on the first validation slice, at the windows validation just used."""
         inputs, _ = next(iter(self.val_loader))
         self.model.eval()
-        alphas = self.model.first_token_attention(inputs, self.schedule.windows(long_blocks))
+        alphas = self.model.first_token_attention(inputs, self.schedule.windows(blocks))
         self.model.train()
         share = sink_share(alphas)
         strongest = ",".join(f"{a:.3f}" for a in alphas.max(1).values.tolist())
@@ -2041,7 +2098,7 @@ class Trainer:
         for start in sorted(starts):
             for step in range(start, min(start + steps, self.schedule.total)):
                 self.train_step(step)
-        self.validate(self.schedule.long_window_blocks(0))
+        self.validate(self.schedule.window_blocks(0))
         self.model.load_state_dict(model_state)
         self.model.tied = True
         self.optimizers.load_state_dict(optim_state)
@@ -2076,10 +2133,10 @@ class Trainer:
             if step in val_steps:
                 self.backend.synchronize()
                 train_ms += 1000 * (time.perf_counter() - t0)
-                blocks = sched.final_window_blocks() if last else sched.long_window_blocks(step)
+                blocks = sched.final_window_blocks() if last else sched.window_blocks(step)
                 log.line(f"validating at step {step}/{total}: {cfg.val_tokens:,} tokens, clock stopped")
                 start = time.perf_counter()
-                val_loss = self.validate(blocks)
+                val_loss = self.validate(blocks, yarn=not last)
                 val_seconds.append(time.perf_counter() - start)
                 avg = f"{train_ms / step:.2f}" if step else "nan"
                 log.line(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{avg}ms "

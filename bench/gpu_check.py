@@ -198,7 +198,7 @@ def stage_table(report, argv, steps, workdir):
         ms = 1000 * statistics.median(times[1:]) if len(times) > 1 else float("nan")
         tokens = schedule.batch_tokens(start) / backend.world_size
         row = dict(stage=schedule.stage(start), first_step=start, batch_tokens=schedule.batch_tokens(start),
-                   windows=schedule.windows(schedule.long_window_blocks(start)), steps_timed=len(times) - 1,
+                   windows=schedule.windows(schedule.window_blocks(start)), steps_timed=len(times) - 1,
                    first_step_s=times[0], compile_s=times[0] - ms / 1000, ms_per_step=ms,
                    tokens_per_s_per_gpu=1000 * tokens / ms, peak_memory_mib=backend.peak_memory_mib(),
                    loss_first=losses[0], loss_last=losses[-1])
@@ -211,7 +211,7 @@ def stage_table(report, argv, steps, workdir):
     per_stage = {row["stage"]: row["ms_per_step"] for row in report.data["stages"]}
     projected = sum(n * per_stage.get(stage, float("nan")) for stage, n in stage_steps.items()) / 1000
     t0 = time.perf_counter()
-    val_loss = trainer.validate(schedule.final_window_blocks())
+    val_loss = trainer.validate(schedule.final_window_blocks(), yarn=False)
     first_val_s = time.perf_counter() - t0
     report.add("final", dict(projected_train_time_s=projected, world_size=backend.world_size, val_loss_one_batch=val_loss,
                              final_validation_first_call_s=first_val_s),

@@ -54,7 +54,7 @@ def record_op_inputs(flags=()):
     try:
         idx = torch.randint(0, cfg.vocab_size, (TOKENS + 1,), generator=torch.Generator().manual_seed(0))
         schedule = T.Schedule(cfg)
-        windows = schedule.windows(schedule.long_window_blocks(0))
+        windows = schedule.windows(schedule.window_blocks(0))
         model(idx[:-1], idx[1:], windows, torch.tensor(schedule.mtp_weights(0))).backward()
         optimizers.step(0, schedule.lr_mult(0), schedule.momentum(0), last=True)
     finally:

@@ -20,6 +20,9 @@ def test_defaults_are_the_speedrun_record():
     assert cfg.num_steps == 1880 and cfg.extension_steps == 40
     assert cfg.batch_tokens == (131072, 262144, 393216)
     assert cfg.adam_betas == (0.65, 0.95) and cfg.muon_lr == 0.023 and cfg.muon_wd == 1.2
+    # record #53: 262,144 validation tokens per rank and slice, smear gate lr x0.01, 40 paused steps
+    assert cfg.val_batch_tokens // cfg.accum_world_size == 262144 and cfg.val_tokens == 10485760
+    assert cfg.smear_gate_lr_mul == 0.01 and cfg.scalar_freeze_steps == 40 and cfg.attn_lambdas
 
 
 def test_typed_overrides():

@@ -313,3 +313,38 @@ def test_key_offset_moves_still_dims(tmp_path):
     assert torch.equal(k1[:, :, ~still], k0[:, :, ~still])  # rotating dims: unchanged
     assert torch.equal(k1[1:, :, still], k0[:-1, :, still])  # still dims: k[t] takes k[t-1]
     assert torch.equal(k1[0, :, still], torch.zeros_like(k1[0, :, still]))
+
+
+def test_head_is_fp8_only_while_training():
+    """The record runs the lm_head in FP8 when training and in bf16 for validation."""
+    cfg = tg.parse_args(TINY + ["--fp8_head=true"])
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+    x = tg.norm(torch.randn(16, cfg.d_model))
+    bf16 = F.linear(x.bfloat16(), model.lm_head.bfloat16())
+    model.eval()
+    assert torch.equal(model.logits(x), bf16)
+    model.train()
+    fp8 = model.logits(x)
+    assert not torch.equal(fp8, bf16)
+    assert (fp8.float() - bf16.float()).norm() < 0.1 * bf16.float().norm()  # e4m3 operands: a few % off
+
+
+def test_attention_lambdas_scale_qkv_and_output():
+    """Per-layer scalars (init 0.5, 1.0) multiply the QKV and output weights: v and the output scale
+    with them (q and k are normed, so only v's factor shows)."""
+    cfg = tg.parse_args(TINY)
+    torch.manual_seed(1)
+    attn = tg.Attention(cfg, 0)
+    assert attn.lambdas.kind == "scalar" and attn.lambdas.tolist() == [0.5, 1.0]
+    assert tg.Attention(tg.parse_args(TINY + ["--attn_lambdas=false"]), 0).lambdas is None
+    with torch.no_grad():
+        attn.o.normal_(0, 0.1)
+    x = torch.randn(20, cfg.d_model)
+    rotary, attention = tg.Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale), tg.BlockedAttention(16)
+    mask = attention.mask(torch.zeros(20, dtype=torch.long), 16)
+    rotary.set_window(16, True)
+    y = attn(x, None, rotary, attention, mask)
+    with torch.no_grad():
+        attn.lambdas.copy_(torch.tensor([1.0, 3.0]))  # v doubles, the output triples: x6
+    torch.testing.assert_close(attn(x, None, rotary, attention, mask), 6 * y, rtol=1e-4, atol=1e-6)

@@ -1,8 +1,12 @@
-"""Optimizers: Polar Express, NorMuon normalization, cautious masks, Adam vs torch, NorMuon vs a reference."""
+"""Optimizers: Polar Express, NorMuon normalization, cautious masks, Adam vs torch, NorMuon vs a reference,
+and the speedrun preset's first steps vs the record's update rules."""
+import copy
 import math
 
 import pytest
+import record_ref as rr
 import torch
+import torch.nn.functional as F
 
 import train_gpt as tg
 
@@ -51,7 +55,7 @@ def test_polar_express_batch_and_scale():
 def test_normuon_tall_rows():
     u = torch.tensor([[1.0, 1, 1], [2, 2, 2], [3, 0, 0], [0, 0, 4]])[None]
     sm = torch.zeros(1, 4, 1)
-    out = tg.normuon_normalize(u, sm, 0.95)
+    out = tg.normuon_normalize(u, sm, 0.95, -1)
     # row mean squares 1, 4, 3, 16/3; the EMA starts at 0 so it holds 0.05 * those
     assert torch.allclose(sm.view(-1), 0.05 * torch.tensor([1.0, 4, 3, 16 / 3]))
     # rows divided by their RMS: [1,1,1], [1,1,1], [sqrt3,0,0], [0,0,sqrt3] (norm^2 12);
@@ -62,7 +66,7 @@ def test_normuon_tall_rows():
     assert torch.allclose(out.norm(), torch.tensor(math.sqrt(40.0)))
     # second call: the EMA mixes the old mean squares (0.95) with the new ones (0.05)
     u2 = torch.tensor([[2.0, 0, 0], [0, 0, 0], [1, 1, 1], [1, 1, 1]])[None]
-    out2 = tg.normuon_normalize(u2, sm, 0.95)
+    out2 = tg.normuon_normalize(u2, sm, 0.95, -1)
     ms = torch.tensor([4 / 3, 0, 1, 1])
     sm_want = 0.95 * 0.05 * torch.tensor([1.0, 4, 3, 16 / 3]) + 0.05 * ms
     assert torch.allclose(sm.view(-1), sm_want)
@@ -73,11 +77,17 @@ def test_normuon_tall_rows():
 def test_normuon_wide_columns():
     u = torch.tensor([[1.0, 1, 1], [2, 2, 2], [3, 0, 0], [0, 0, 4]]).T[None]  # 3 x 4: per column
     sm = torch.zeros(1, 1, 4)
-    out = tg.normuon_normalize(u, sm, 0.95)
+    out = tg.normuon_normalize(u, sm, 0.95, -2)
     assert torch.allclose(sm.view(-1), 0.05 * torch.tensor([1.0, 4, 3, 16 / 3]))
     r3 = math.sqrt(3)
     want = torch.tensor([[1.0, 1, 1], [1, 1, 1], [r3, 0, 0], [0, 0, r3]]).T * math.sqrt(40 / 12)
     assert torch.allclose(out[0], want, atol=1e-6)
+
+
+def test_normuon_reduce_dim():
+    """Rows of tall and square matrices, columns of wide ones; a gate (one row per head) always by row."""
+    assert tg.normuon_reduce_dim((8, 4), "matrix") == -1 and tg.normuon_reduce_dim((4, 4), "matrix") == -1
+    assert tg.normuon_reduce_dim((4, 8), "matrix") == -2 and tg.normuon_reduce_dim((6, 12), "gate") == -1
 
 
 def test_cautious_mask():
@@ -87,6 +97,9 @@ def test_cautious_mask():
     want = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
     mask = tg.cautious_mask(update, param)
     assert torch.equal(mask, want) and mask.dtype == param.dtype
+    # not strict (the record's NorMuon): a zero on either side counts as agreeing
+    loose = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 1.0]])
+    assert torch.equal(tg.cautious_mask(update, param, strict=False), loose)
 
 
 def adam_pair(seed=0, shapes=((5, 4), (7,))):
@@ -118,9 +131,10 @@ def test_adam_matches_torch(steps):
 
 
 def test_adam_decoupled_decay_matches_adamw():
+    """Our decay is lr^2 * wd (the record's); torch's AdamW decays lr * its weight_decay."""
     ours, ref, g = adam_pair(1)
-    opt = tg.Adam([dict(params=ours)], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.3, cautious=False)
-    torch_opt = torch.optim.AdamW(ref, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.3)
+    opt = tg.Adam([dict(params=ours)], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=30.0, cautious=False)
+    torch_opt = torch.optim.AdamW(ref, lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.01 * 30.0)
     for _ in range(3):
         set_grads(ours, ref, g)
         opt.step()
@@ -138,7 +152,25 @@ def test_adam_cautious_decay_one_step():
     update = torch.tensor([1.0, 1.0, -1.0, -1.0])
     w = torch.tensor([1.0, -2.0, 3.0, -4.0])
     mask = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    assert torch.allclose(p.detach(), w - 0.1 * 0.5 * mask * w - 0.1 * update)
+    assert torch.allclose(p.detach(), w - 0.1**2 * 0.5 * mask * w - 0.1 * update)
+
+
+def test_adam_eps_on_the_uncorrected_root():
+    """The record's Adam: lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps), eps added before
+    the bias correction; with gradients near eps this differs from torch's m^ / (sqrt(v^) + eps)."""
+    p = torch.nn.Parameter(torch.zeros(3))
+    g = torch.tensor([1e-8, -2e-8, 4e-8])
+    opt = tg.Adam([dict(params=[p])], lr=0.1, betas=(0.65, 0.95), eps=1e-8, weight_decay=0.0, cautious=False)
+    for t in (1, 2):
+        p.grad = g.clone()
+        before = p.detach().clone()
+        opt.step()
+        m = (1 - 0.65**t) * g  # constant gradients: the EMAs are the bias factors times g
+        v = (1 - 0.95**t) * g * g
+        want = 0.1 * math.sqrt(1 - 0.95**t) / (1 - 0.65**t) * m / (v.sqrt() + 1e-8)
+        torch.testing.assert_close(before - p.detach(), want, rtol=1e-5, atol=0)
+        torch_style = 0.1 * (m / (1 - 0.65**t)) / ((v / (1 - 0.95**t)).sqrt() + 1e-8)
+        assert not torch.allclose(want, torch_style, rtol=1e-2)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -159,11 +191,12 @@ def ref_polar(g):
     return x.mT if tall else x
 
 
-def ref_normuon_step(w, g, state, lr, wd, mom, beta2, lr_mul):
-    """One NorMuon step on one matrix, per SPEC section 3; returns the new weight."""
+def ref_normuon_step(w, g, state, lr, wd, mom, beta2, lr_mul, per_row=False):
+    """One NorMuon step on one matrix, per SPEC section 3 and the record's code: step lr * lr_mul,
+    decay wd * lr * (lr * lr_mul) where update and weight agree or either is 0; returns the new weight."""
     state.setdefault("m", torch.zeros_like(g))
     rows, cols = g.shape
-    tall = rows >= cols
+    tall = per_row or rows >= cols
     state.setdefault("v", torch.zeros(rows, 1) if tall else torch.zeros(1, cols))
     # lerp exactly as SPEC's momentum EMA is usually written; the same float32 rounding matters here
     # because bf16 Polar Express amplifies a 1-ulp input difference to a few percent of the output
@@ -174,19 +207,19 @@ def ref_normuon_step(w, g, state, lr, wd, mom, beta2, lr_mul):
     state["v"] = beta2 * state["v"] + (1 - beta2) * ms
     n = u / state["v"].sqrt()
     u = n * (u.norm() / n.norm())
-    step_lr = lr * math.sqrt(max(1.0, rows / cols)) * lr_mul
-    mask = ((u > 0) & (w > 0)) | ((u < 0) & (w < 0))
-    return w - wd * lr * lr * mask.float() * w - step_lr * u
+    step_lr = lr * lr_mul
+    mask = ~(((u > 0) & (w < 0)) | ((u < 0) & (w > 0)))
+    return w - wd * lr * step_lr * mask.float() * w - step_lr * u
 
 
 def test_normuon_matches_reference():
     torch.manual_seed(3)
-    shapes = [(16, 32), (16, 32), (16, 32), (32, 16), (32, 16), (24, 24)]
+    shapes = [(16, 32), (16, 32), (16, 32), (32, 16), (32, 16), (24, 24), (4, 8)]
+    kinds = ["matrix"] * 6 + ["gate"]
+    lr_muls = [1.0, 2.0, 1.0, 4.0, 2.0, 1.0, 1.0]  # different multipliers within one shape group
     params = []
-    for i, s in enumerate(shapes):
-        p = torch.nn.Parameter(torch.randn(s))
-        tg.tag(p, "matrix", lr_mul=2.0 if s == (32, 16) else 1.0)  # like the MLP down projection
-        params.append(p)
+    for s, kind, lr_mul in zip(shapes, kinds, lr_muls):
+        params.append(tg.tag(torch.nn.Parameter(torch.randn(s)), kind, lr_mul))
     lr, wd, mom, beta2 = 0.1, 5.0, 0.9, 0.95  # large decay so that the cautious term is visible
     opt = tg.NorMuon(params, lr, wd, mom, beta2, tg.TorchOps)
     ref_w = [p.detach().clone() for p in params]
@@ -198,8 +231,7 @@ def test_normuon_matches_reference():
         before = [p.detach().clone() for p in params]
         opt.step()
         for i, (p, g) in enumerate(zip(params, grads)):
-            lr_mul = 2.0 if shapes[i] == (32, 16) else 1.0
-            ref_w[i] = ref_normuon_step(ref_w[i], g, ref_state[i], lr, wd, mom, beta2, lr_mul)
+            ref_w[i] = ref_normuon_step(ref_w[i], g, ref_state[i], lr, wd, mom, beta2, lr_muls[i], kinds[i] == "gate")
             delta, ref_delta = p.detach() - before[i], ref_w[i] - before[i]
             err = (delta - ref_delta).norm() / ref_delta.norm()
             assert err < 1e-4, (step, i, err.item())
@@ -208,16 +240,157 @@ def test_normuon_matches_reference():
 
 
 def test_normuon_decay_scales_with_lr_squared():
-    """The same step with and without weight decay differs by exactly wd * lr^2 * mask * w."""
+    """The same step with and without weight decay differs by exactly wd * lr * (lr * lr_mul) * mask * w."""
     torch.manual_seed(4)
     w0 = torch.randn(8, 8)
     g = torch.randn(8, 8)
     moves = []
     for wd in (0.0, 3.0):
-        p = tg.tag(torch.nn.Parameter(w0.clone()), "matrix")
+        p = tg.tag(torch.nn.Parameter(w0.clone()), "matrix", lr_mul=2.0)
         p.grad = g.clone()
         tg.NorMuon([p], 0.05, wd, 0.9, 0.95, tg.TorchOps).step()
         moves.append(p.detach())
-    u_sign = -(moves[0] - w0)  # the update (lr * u) from the run without decay
-    mask = (u_sign * w0 > 0).float()
-    assert torch.allclose(moves[0] - moves[1], 3.0 * 0.05**2 * mask * w0, atol=1e-6)
+    u_sign = -(moves[0] - w0)  # the update (lr * lr_mul * u) from the run without decay
+    mask = (u_sign * w0 >= 0).float()
+    assert torch.allclose(moves[0] - moves[1], 3.0 * 0.05 * (0.05 * 2.0) * mask * w0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# The speedrun preset's first steps against the record's update rules (record_ref.py)
+# ------------------------------------------------------------------------------------------------
+
+VOCAB = 1024
+PRESET_SMALL = ["--device=cpu", "--compile=false", "--fp8_head=false", "--triton=false", "--warmup_steps=0",
+                "--vocab_size=1024", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=256",
+                "--batch_tokens=128,256,384", "--accum_world_size=2", "--window_block=32", "--progress=false"]
+
+
+class FakeLoader:
+    """Stands in for both loaders: random tokens, every batch kept for the reference to replay."""
+
+    available = 10**12
+
+    def __init__(self, *args):
+        self.gen = torch.Generator().manual_seed(7)
+        self.batches = []
+
+    def next_batch(self, tokens, max_seq_len):
+        buf = torch.randint(0, VOCAB, (tokens + 1,), generator=self.gen)
+        self.batches.append((buf[:-1], buf[1:]))
+        return buf[:-1], buf[1:], None
+
+
+def record_loss(model, idx, targets, step, block):
+    """The record's training loss: MTP cross-entropies of softcapped logits, summed over tokens.
+    The per-token losses come from our op (checked against plain cross-entropy in test_kernels and
+    test_model): Adam at eps 1e-8 turns any rounding difference in a tiny gradient into a visible
+    update difference, so both sides must round the same way. The reduction is the record's."""
+    short, long = rr.record_ws(step)
+    z = F.linear(model.hidden(idx, (long * block, short * block)), model.lm_head)
+    return tg.TorchOps.softcap_mtp_ce(z, targets, torch.tensor(rr.record_mtp(step)), 30.0, 7.5).sum()
+
+
+def record_steps(model, batches, steps, dims, block, reduce_mean=False):
+    """Train `model` through `steps` by the record's rules on the given micro-batches (2 per step)."""
+    labels = {name: rr.record_label(name, *dims) for name, _ in model.named_parameters()}
+    params = dict(model.named_parameters())
+    muon, adam, scalar_adam = rr.RecordNorMuon(torch.get_default_dtype()), rr.RecordAdam((0.65, 0.95)), rr.RecordAdam((0.9, 0.99))
+    frozen = rr.record_transitions()
+    batches = iter(batches)
+    ws_long = None
+    for step in steps:
+        if step == rr.SPLIT_STEP:
+            model.tied = False
+        new_long = rr.record_ws(step)[1]
+        if new_long != ws_long:
+            model.rotary.set_window(new_long * block, True)
+            ws_long = new_long
+        for _ in range(2):
+            idx, targets = next(batches)
+            loss = record_loss(model, idx, targets, step, block)
+            (loss / (idx.numel() if reduce_mean else 1) / 2).backward()
+        for name, p in params.items():
+            kind, storage, lr_mul, wd_mul, transpose = labels[name]
+            if kind.startswith("muon"):
+                muon.step(p, storage, lr_mul, kind == "muon_gate", transpose, step)
+                p.grad = None
+            elif step % 2 == 1 and p.grad is not None:
+                if kind == "adam":
+                    adam.step(p, lr_mul, wd_mul, step)
+                elif not frozen[step]:
+                    scalar_adam.step(p, lr_mul, wd_mul, step)
+        if step % 2 == 1:
+            model.zero_grad(set_to_none=True)
+        if frozen[step]:
+            for name, p in params.items():
+                if labels[name][0] == "scalar_adam":
+                    p.grad = None
+        if step == rr.COPY_STEP:
+            with torch.no_grad():
+                params["embed"].copy_(params["lm_head"])
+            adam.state[params["embed"]] = {k: v.clone() if torch.is_tensor(v) else v
+                                           for k, v in adam.state[params["lm_head"]].items()}
+
+
+@pytest.fixture
+def float64():
+    """Everything in float64: Adam at eps 1e-8 and lr 0.6 (value embeddings) multiplies a gradient's
+    rounding error by up to lr / eps, so only float64 leaves the two sides comparable to 1e-7."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def preset_trainer(monkeypatch):
+    monkeypatch.setattr(tg, "COMPUTE_DTYPE", torch.float64)
+    monkeypatch.setattr(tg, "TrainLoader", FakeLoader)
+    monkeypatch.setattr(tg, "ValLoader", FakeLoader)
+    cfg = tg.parse_args(PRESET_SMALL)
+    backend = tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+    torch.manual_seed(0)
+    trainer = tg.Trainer(cfg, backend, None)
+    with torch.no_grad():  # give the zero-initialized matrices, gates and tables values so every rule shows
+        for p in trainer.model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    return cfg, trainer
+
+
+@pytest.mark.parametrize("start, n", [(0, 3), (626, 3), (1252, 4), (1879, 3)])
+def test_preset_steps_match_the_record(monkeypatch, float64, start, n):
+    """From the same weights and batches, our trainer's steps equal the record's rules: NorMuon with
+    the merged-shape multipliers (Q, K, V, O x2, MLP up x2, down x4) and decay wd * lr * lr_eff, gates
+    in NorMuon, Adam on odd steps with lr^2 decay, the summed loss, the scalars paused after a change,
+    the absolute lr floor, and the untie at 1254. Starts: momentum warmup and 3-token MTP; the first
+    batch/window change; the untie; the extension (window change, floor lr, momentum cooldown)."""
+    import warnings
+    warnings.filterwarnings("ignore", message=".*autocast.*")
+    cfg, trainer = preset_trainer(monkeypatch)
+    ref = copy.deepcopy(trainer.model)
+    block = cfg.window_block  # smaller than the record's 128 to suit the short test sequences
+    trainer.model.rotary.set_window(rr.record_ws(start)[1] * block, True)  # both start from that stage's
+    ref.rotary.set_window(rr.record_ws(start)[1] * block, True)             # window, unscaled
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    steps = range(start, start + n)
+    for step in steps:
+        trainer.train_step(step)
+    dims = (cfg.d_model, cfg.mlp_hidden, cfg.n_head, cfg.gate_dims)
+    record_steps(ref, trainer.train_loader.batches, steps, dims, block)
+    frozen = rr.record_transitions()
+    scalars_step = any(s % 2 and not frozen[s] for s in steps)
+    for (name, ours), theirs in zip(trainer.model.named_parameters(), ref.parameters()):
+        # every parameter moves, but the embedding before it unties and the scalars while paused
+        if name == "embed":
+            should_move = rr.SPLIT_STEP in steps[:-1]
+        else:
+            should_move = rr.record_label(name, *dims)[0] != "scalar_adam" or scalars_step
+        assert bool((ours - before[name]).abs().max() > 1e-5) == should_move, name
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7, msg=name)
+    if start == 0:  # the same rules on a per-token mean loss land elsewhere: Adam's eps is no longer negligible
+        mean_ref = copy.deepcopy(ref)
+        with torch.no_grad():
+            for p, b in zip(mean_ref.parameters(), before.values()):
+                p.copy_(b)
+        mean_ref.rotary.set_window(rr.record_ws(start)[1] * block, True)
+        record_steps(mean_ref, trainer.train_loader.batches, steps, dims, block, reduce_mean=True)
+        assert not torch.allclose(mean_ref.lm_head, ref.lm_head, rtol=0, atol=1e-6)

@@ -103,8 +103,8 @@ def test_model_trains_on_stablemax_and_validates_on_cross_entropy():
         with torch.autocast("cpu", dtype=T.COMPUTE_DTYPE):
             x = model.hidden(idx, (32, 16))
         z = model.logits(x)
-    torch.testing.assert_close(val, T.TorchOps.softcap_mtp_ce(z, targets, torch.tensor([1.0]), 30.0, 7.5).mean())
-    torch.testing.assert_close(stable, T.TorchOps.stablemax_mtp_ce(z, targets, torch.tensor([1.0]), 30.0, 7.5).mean())
+    torch.testing.assert_close(val, T.TorchOps.softcap_mtp_ce(z, targets, torch.tensor([1.0]), 30.0, 7.5).sum())
+    torch.testing.assert_close(stable, T.TorchOps.stablemax_mtp_ce(z, targets, torch.tensor([1.0]), 30.0, 7.5).sum())
 
 
 def test_orthogonal_gradient():
@@ -133,6 +133,16 @@ def test_orthogonal_gradient_by_hand_and_zero_weights():
     torch.testing.assert_close(zero.grad, torch.tensor([3.0, 4.0]))  # zero weights keep their gradient
 
 
+def test_orthogonal_gradient_of_a_scalar_is_zero_not_nan():
+    """A scalar's gradient is all along its weight: nothing is left, and rescaling must not blow
+    rounding noise (or an exact 0, as inf * 0) up; large gradients (a summed loss) once made NaN."""
+    for value in (0.3, 1.7):
+        s = torch.nn.Parameter(torch.tensor(value))
+        s.grad = torch.tensor(250.0)
+        T.orthogonalize_grads([s], rescale=True)
+        assert s.grad.item() == 0.0
+
+
 @pytest.mark.parametrize("which, kinds", [("matrices", {"matrix"}), ("all", None), ("none", set())])
 def test_perp_grad_chooses_its_parameters(which, kinds):
     cfg = T.parse_args(TINY + [f"--perp_grad={which}"])
@@ -142,7 +152,7 @@ def test_perp_grad_chooses_its_parameters(which, kinds):
     chosen = {id(p) for p in opt.perp_muon + opt.perp_adam}
     want = {id(p) for p in model.parameters() if kinds is None or p.kind in kinds}
     assert chosen == want
-    assert all(p.kind == "matrix" for p in opt.perp_muon)
+    assert all(p.kind in ("matrix", "gate") for p in opt.perp_muon)  # NorMuon's (the attention gates are)
 
 
 def sink_alpha(q, k, docs, window, slot_logit=None):
@@ -366,7 +376,8 @@ def test_every_switch_on_trains(tmp_path):
     train = [r for r in records if r["kind"] == "train"]
     val = [r["val_loss"] for r in records if r["kind"] == "val"]
     sinks = [r for r in records if r["kind"] == "sink"]
-    assert len(train) == 20 and all("shell" in r and r["shell"] > 0 for r in train)
+    # the penalty is logged every step; its hinge may reach 0 once the embeddings sit on the shell
+    assert len(train) == 20 and all("shell" in r and r["shell"] >= 0 for r in train) and train[0]["shell"] > 0
     first, last = (np.mean([r["train_loss"] for r in part]) for part in (train[:3], train[-3:]))
     assert last < first - 0.3, (first, last)
     assert val[-1] < val[0] - 0.3, val

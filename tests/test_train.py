@@ -215,3 +215,21 @@ def test_config_summary_names_the_preset_and_only_what_differs():
     cfg = tg.parse_args(["--preset=cpu", "--baseline", "--num_steps=4", "--batch_tokens=8,8,8", "--run_id=x"])
     assert tg.config_summary(cfg) == "config: --preset=cpu --baseline --num_steps=4 --batch_tokens=8,8,8 (the full config is in the log)"
     assert tg.config_summary(tg.parse_args([])) == "config: --preset=speedrun (the full config is in the log)"
+
+
+def test_final_validation_widens_without_yarn(tmp_path, monkeypatch):
+    """The last validation takes the long window to final_window as it is (no YaRN step: the
+    attention scale stays) and keeps the extension's short window."""
+    calls, validate = [], tg.Trainer.validate
+
+    def spy(self, blocks, yarn=True):
+        before = float(self.model.rotary.attn_scale)
+        loss = validate(self, blocks, yarn)
+        calls.append((tuple(blocks), yarn, before, float(self.model.rotary.attn_scale)))
+        return loss
+
+    monkeypatch.setattr(tg.Trainer, "validate", spy)
+    run(tmp_path, "final", ["--num_steps=3", "--extension_steps=1", "--batch_tokens=256,256,256",
+                            "--final_window=4", "--val_every=0", "--log_every=0"])
+    blocks, yarn, before, after = calls[-1]
+    assert blocks == (4, 1) and yarn is False and after == before
