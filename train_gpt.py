@@ -1410,13 +1410,15 @@ class NorMuon(torch.optim.Optimizer):
             shape = list(grad.shape)
             shape[reduce_dim] = 1
             state["second_moment"] = torch.zeros(shape, device=grad.device, dtype=grad.dtype)
+            # per-matrix lr multipliers, made once: a host-to-device copy every step would stall it
+            lr_muls = [p.lr_mul for p in mine] + [0.0] * (len(weights) - len(mine))  # padding stays 0
+            state["lr_mul"] = torch.tensor(lr_muls, device=weights.device)[:, None, None]
         momentum = state["momentum"]
         momentum.lerp_(grad, 1 - group["momentum"])
         nesterov = grad.lerp_(momentum, group["momentum"])
         u = polar_express(nesterov, self.ops, self.polar_steps).to(grad.dtype)  # normalize in full precision
         u = normuon_normalize(u, state["second_moment"], group["beta2"], reduce_dim)
-        lr_muls = [p.lr_mul for p in mine] + [0.0] * (len(weights) - len(mine))  # padding stays 0
-        step_lr = group["lr"] * torch.tensor(lr_muls, device=weights.device)[:, None, None]
+        step_lr = group["lr"] * state["lr_mul"]
         decay = group["weight_decay"] * group["lr"] * step_lr
         weights.sub_(cautious_mask(u, weights, strict=False) * weights * decay + u * step_lr)
 
