@@ -6,6 +6,7 @@ the CPU, as the GPU would compile: flex attention (forward only: it has no CPU b
 CPU attention (forward and backward, through the Trainer) through every stage change of the
 schedule and the final validation, counting the graphs dynamo builds.
 """
+import os
 import warnings
 
 import pytest
@@ -65,7 +66,7 @@ def test_block_mask_equals_create_block_mask(n, docs, window, seed):
 # The compiled model through the whole schedule (inductor on the CPU)
 # ------------------------------------------------------------------------------------------------
 
-ROOT = __import__("os").path.dirname(__import__("os").path.dirname(__import__("os").path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the speedrun preset's switches (compile, FP8 head, MTP, untie, YaRN, key offset, value embeddings,
 # skip, backout, gates) on a 3-layer model with a layer without attention, and a schedule of 4 stages
 SPEEDRUN_SHAPED = [

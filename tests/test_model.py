@@ -101,7 +101,8 @@ def test_gpt_forward_same_with_flex_and_blocked():
         ha, hb = blocked.hidden(idx, (64, 32)), flex.hidden(idx, (64, 32))
         la, lb = blocked(idx, idx, (64, 32), w), flex(idx, idx, (64, 32), w)
     # both run under bf16 autocast: agreement to a few bf16 roundings
-    assert (ha - hb).abs().max() < 1e-2 and (la - lb).abs() < 1e-3, ((ha - hb).abs().max(), (la - lb).abs())
+    # the loss is summed over the 300 tokens: compare it per token
+    assert (ha - hb).abs().max() < 1e-2 and (la - lb).abs() / idx.numel() < 1e-4, ((ha - hb).abs().max(), (la - lb).abs())
 
 
 # ------------------------------------------------------------------------------------------------

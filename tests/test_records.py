@@ -106,6 +106,15 @@ def test_parse_recovers_code_config_and_every_step(tmp_path):
 GOOD = log_text(3.9, 2000)
 
 
+def assert_log_error(tmp_path, text, what):
+    """parse_log of `text` raises a LogError naming the file and saying `what`."""
+    path = tmp_path / "bad.txt"
+    path.write_text(text)
+    with pytest.raises(rt.LogError) as e:
+        rt.parse_log(str(path))
+    assert str(path) in str(e.value) and what in str(e.value)
+
+
 @pytest.mark.parametrize("text, what", [
     (GOOD[:GOOD.index("final ")], "no 'final val_loss"),
     (GOOD.replace(SEP + "\nconfig", "config"), "no second line of 100 '='"),
@@ -116,11 +125,7 @@ GOOD = log_text(3.9, 2000)
     (GOOD.replace("final val_loss:", "final loss:"), "expected 'final val_loss:X"),
 ])
 def test_truncated_or_foreign_log_names_file_and_what_is_missing(tmp_path, text, what):
-    path = tmp_path / "bad.txt"
-    path.write_text(text)
-    with pytest.raises(rt.LogError) as e:
-        rt.parse_log(str(path))
-    assert str(path) in str(e.value) and what in str(e.value)
+    assert_log_error(tmp_path, text, what)
 
 
 def test_binary_or_missing_file_is_a_log_error(tmp_path):
@@ -309,11 +314,7 @@ def test_parse_a_public_speedrun_log(tmp_path):
     (public_log_text(3.28, 1600).replace("step:8/8 val_loss", "step:7/8 val_loss"), "at its last step"),
 ], ids=["no peak-memory line", "no validation at the last step"])
 def test_truncated_public_log_says_what_is_missing(tmp_path, text, what):
-    path = tmp_path / "bad.txt"
-    path.write_text(text)
-    with pytest.raises(rt.LogError) as e:
-        rt.parse_log(str(path))
-    assert str(path) in str(e.value) and what in str(e.value)
+    assert_log_error(tmp_path, text, what)
 
 
 def test_compare_public_logs_against_a_public_record_folder(tmp_path, capsys):
