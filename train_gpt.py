@@ -2143,6 +2143,7 @@ class Trainer:
                 avg = f"{train_ms / step:.2f}" if step else "nan"
                 log.line(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{avg}ms "
                          f"val_time:{1000 * val_seconds[-1]:.0f}ms")
+                require_finite("val_loss", val_loss, step)
                 log.metric(kind="val", step=step, val_loss=val_loss, train_time_ms=train_ms)
                 if cfg.sink_metric and self.backend.is_master:
                     self.log_sinks(step, blocks)
@@ -2162,6 +2163,7 @@ class Trainer:
                 log.line(f"step:{step + 1}/{total} {shown} train_time:{now:.0f}ms "
                          f"step_avg:{now / (step + 1):.2f}ms eta:{eta:.0f}s")
                 log.metric(kind="train", step=step + 1, **losses, train_time_ms=now)
+                require_finite("train_loss", losses["train_loss"], step + 1)
         tokens = sum(sched.batch_tokens(s) for s in range(total))
         peak = self.backend.peak_memory_mib()
         log.line(f"final val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms tokens:{tokens} peak_memory:{peak}MiB")
@@ -2170,6 +2172,13 @@ class Trainer:
         if record:
             log.line(versus_record(cfg, record, val_loss, train_ms))
         return val_loss, train_ms
+
+
+def require_finite(name, value, step):
+    """Stop a diverged run: nothing after a nan or inf loss is worth training, timing or comparing.
+    Checked where the loss is on the host anyway (log lines, validations): no extra GPU sync."""
+    if not math.isfinite(value):
+        raise SystemExit(f"error: loss is {value} at step {step} ({name})")
 
 
 def clone_tree(obj):

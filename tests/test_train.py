@@ -3,6 +3,7 @@ says what it does, loss going down, the comparison with the record, and one-line
 import dataclasses
 import importlib.util
 import json
+import re
 import os
 
 import numpy as np
@@ -233,3 +234,14 @@ def test_final_validation_widens_without_yarn(tmp_path, monkeypatch):
                             "--final_window=4", "--val_every=0", "--log_every=0"])
     blocks, yarn, before, after = calls[-1]
     assert blocks == (4, 1) and yarn is False and after == before
+
+
+def test_a_diverged_run_stops_with_one_error_line(tmp_path):
+    """A learning rate of 1e30 overflows the weights within a step or two: the run stops at the next
+    log line with the loss that went non-finite, exit status 1, and no final or "vs record" line."""
+    message = failing_run(tmp_path, ["--baseline", "--adamw_lr=1e30", "--log_every=1"], run_id="diverged")
+    assert re.fullmatch(r"error: loss is (nan|inf|-inf) at step [1-3] \(train_loss\)", message), message
+    with open(os.path.join(tmp_path, "diverged.txt")) as f:
+        run_lines = f.read().split(tg.SEPARATOR)[-1].splitlines()  # after the source and versions
+    assert any(line.startswith("step:1/") for line in run_lines)
+    assert not any(line.startswith(("final ", "vs record")) for line in run_lines)
