@@ -12,6 +12,7 @@ TRITON_INTERPRET=1 for the kernels). Any other --name=value is a train_gpt flag 
 Without FineWeb shards in data/fineweb10B the model runs on random tokens (timing and memory are the
 same; the losses then only show that training runs).
 """
+import collections
 import glob
 import json
 import os
@@ -204,9 +205,7 @@ def stage_table(report, argv, steps, workdir):
         report.add("stages", row, f"stage {row['stage']} from step {start:5d}: batch {row['batch_tokens']:7d}, "
                                   f"first step {times[0]:7.1f} s, {ms:8.1f} ms/step, {row['tokens_per_s_per_gpu']:9.0f} "
                                   f"tok/s/GPU, peak {row['peak_memory_mib']} MiB, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    stage_steps = {}
-    for step in range(schedule.total):
-        stage_steps[schedule.stage(step)] = stage_steps.get(schedule.stage(step), 0) + 1
+    stage_steps = collections.Counter(schedule.stage(step) for step in range(schedule.total))
     per_stage = {row["stage"]: row["ms_per_step"] for row in report.data["stages"]}
     projected = sum(n * per_stage.get(stage, float("nan")) for stage, n in stage_steps.items()) / 1000
     t0 = time.perf_counter()
