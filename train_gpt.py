@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import re
+import signal
 import subprocess
 import sys
 import textwrap
@@ -56,6 +57,11 @@ class Config:
     warmup_steps: int = 3  # untimed steps per schedule stage before the clock starts (then reset)
     progress: bool = True  # echo log lines to the console
     log_every: int = 50  # train-loss line (with ETA) every this many steps; 0 = none
+    save_every: int = 0  # checkpoint every this many steps, clock stopped; 0 = never inside the run
+    save_final: bool = True  # checkpoint at the end of the run
+    checkpoint_dir: str = ""  # where checkpoints go; empty: <log_dir>/<run_id>/
+    resume: str = ""  # continue from a checkpoint file, or `auto`: the latest in checkpoint_dir if any
+    resume_any: bool = False  # resume even from a checkpoint of another config or source
     # model shape
     vocab_size: int = 50257  # GPT-2's 50,257 tokens
     vocab_multiple: int = 128  # the embedding and head are padded to a multiple of this
@@ -230,7 +236,7 @@ BOUNDS = {
     **dict.fromkeys(("seed", "warmup_steps", "log_every", "extension_steps", "val_every", "momentum_warmup_steps",
                      "momentum_cooldown_steps", "value_embeds", "lr_mults", "muon_lr", "muon_wd", "mlp_down_lr_mul",
                      "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
-                     "softcap", "shell_lambda"), NOT_NEGATIVE),
+                     "softcap", "shell_lambda", "save_every"), NOT_NEGATIVE),
     **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
     **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
                      "adam_betas", "scalar_betas", "adamw_betas", "untie_frac"), FRACTION),
@@ -1679,6 +1685,16 @@ class TrainLoader:
         more = self.shard_index + 1 < len(self.files)
         self.next_shard = self._prefetch(self.shard_index + 1) if more else None
 
+    def position(self):
+        """Where the next batch starts (the same on every rank): a checkpoint keeps it."""
+        return dict(shard=self.shard_index, doc=self.doc, consumed=self.consumed)
+
+    def seek(self, position):
+        """Continue from `position()` of a run over the same shards."""
+        self.shard_index, self.next_shard = position["shard"] - 1, None
+        self._advance()
+        self.doc, self.consumed = position["doc"], position["consumed"]
+
     def _pieces(self, tokens, max_seq_len):
         """Take pieces totalling exactly `tokens` from the next documents (numpy views)."""
         pieces, need = [], tokens
@@ -1885,6 +1901,18 @@ def versions_and_hardware():
     return "\n".join(lines)
 
 
+def config_json(cfg):
+    """The config as JSON values (tuples as lists), as logs, records and checkpoints hold it."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+@functools.cache
+def source_code():
+    """This file's text: the log embeds it, a checkpoint keeps it to refuse resuming other code."""
+    with open(os.path.abspath(__file__)) as f:
+        return f.read()
+
+
 def config_summary(cfg):
     """One console line: the preset and every value that differs from it (the log has the full JSON)."""
     base, flags = dict(PRESETS[cfg.preset]), [f"--preset={cfg.preset}"]
@@ -1900,23 +1928,31 @@ def config_summary(cfg):
 class RunLog:
     """Writes `<log_dir>/<run_id>.txt` and `.jsonl` on rank 0; every line is flushed as written.
 
-    The console gets the log's path first and a one-line config summary; the log gets the full config."""
+    The console gets the log's path first and a one-line config summary; the log gets the full config.
+    An existing log is never overwritten: only a resumed run continues it (appends)."""
 
     def __init__(self, cfg, backend):
         self.enabled = backend.is_master
         self.console = cfg.progress
+        self.path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
+        metrics_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl")
+        exists = os.path.exists(self.path) or os.path.exists(metrics_path)
+        if exists and not cfg.resume:
+            raise SystemExit(f"error: --run_id={cfg.run_id}: {self.path} already exists and a log is never overwritten; "
+                             "choose another --run_id, or continue that run with --resume")
         if not self.enabled:
             return
-        self.path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
         try:
             os.makedirs(cfg.log_dir, exist_ok=True)
-            self.text = open(self.path, "w")
-            self.metrics = open(os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl"), "w")
+            self.text = open(self.path, "a" if exists else "w")
+            self.metrics = open(metrics_path, "a" if exists else "w")
         except OSError as e:
             raise SystemExit(f"error: --log_dir={cfg.log_dir}: cannot write the run's log there ({e.strerror or e})") from None
         self.show(f"log: {self.path}")
-        with open(os.path.abspath(__file__)) as f:
-            self.text.write(f.read())
+        if exists:
+            self.line(f"continued by a resumed run: {config_summary(cfg)}")
+            return
+        self.text.write(source_code())
         self.text.write(f"{SEPARATOR}\n{versions_and_hardware()}\n{SEPARATOR}\n")
         self.line("config: " + json.dumps(dataclasses.asdict(cfg)), console=False)
         self.show(config_summary(cfg))
@@ -1963,13 +1999,119 @@ def versus_record(cfg, record, val_loss, train_ms):
     theirs = record.get("config")
     if theirs is None:
         return f"not compared with record {name}: its logs carry no config to check this run against"
-    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))  # tuples as JSON lists, like the record's
+    mine = config_json(cfg)
     differ = [f"{key}={show_value(mine[key])} (record: {show_value(theirs.get(key))})"
               for key in COMPARABLE_KEYS if mine[key] != theirs.get(key)]
     if differ:
         return f"not compared with record {name}: this run differs in {', '.join(differ)}"
     return (f"vs record {name}: val_loss {record['val_loss_mean']:.4f} (this run {val_loss - record['val_loss_mean']:+.4f}), "
             f"train_time {record['time_ms_mean']:.0f}ms (this run {train_ms - record['time_ms_mean']:+.0f}ms)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints: save, resume, and a clean stop on SIGINT / SIGTERM
+# ------------------------------------------------------------------------------------------------
+
+# flags that only say how a run is logged, saved and started: a resumed run may change them
+RUN_ONLY_KEYS = ("run_id", "log_dir", "progress", "log_every", "save_every", "save_final", "checkpoint_dir",
+                 "resume", "resume_any", "warmup_steps")
+CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
+STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # signal: exit status (128 + its number, as shells say)
+
+
+def checkpoint_dir(cfg):
+    return cfg.checkpoint_dir or os.path.join(cfg.log_dir, cfg.run_id)
+
+
+def checkpoint_path(folder, step, rank=None):
+    """step_000100.pt: the model and the run's state before step 100 (written last, so its presence
+    means the set is complete); step_000100.rank{r}.pt: rank r's optimizer state, accumulated
+    gradients and RNG, which differ between ranks (sharded moments, local gradients)."""
+    name = f"step_{step:06d}"
+    return os.path.join(folder, f"{name}.pt" if rank is None else f"{name}.rank{rank}.pt")
+
+
+def latest_checkpoint(folder):
+    """The checkpoint of the highest step in `folder`, or None."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    steps = [int(m[1]) for m in map(CHECKPOINT_NAME.fullmatch, names) if m]
+    return checkpoint_path(folder, max(steps)) if steps else None
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, then rename: a crash mid-write never replaces a good file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path, flag="--resume", keys=("config", "model")):
+    """A checkpoint file's dict on the CPU, or one clear error naming the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SystemExit(f"error: {flag}={path}: no such file") from None
+    except Exception as e:
+        raise SystemExit(f"error: {flag}={path}: not a checkpoint of this trainer ({type(e).__name__}: {e})") from None
+    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+    if missing:
+        raise SystemExit(f"error: {flag}={path}: not a checkpoint of this trainer (no {', '.join(missing)})")
+    return state
+
+
+def checkpoint_differences(state, cfg):
+    """What differs between the run that wrote `state` and this one: config values (beyond
+    RUN_ONLY_KEYS) and the source, each as a short phrase."""
+    mine = config_json(cfg)
+    theirs = state["config"]
+    differ = [f"{k}={show_value(theirs.get(k))} (this run: {show_value(v)})"
+              for k, v in mine.items() if k not in RUN_ONLY_KEYS and theirs.get(k) != v]
+    if state["source"] != source_code():
+        differ.append("the source of train_gpt.py")
+    return differ
+
+
+def rng_state():
+    return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class StopSignal:
+    """SIGINT and SIGTERM ask the run to stop at the next step boundary; a second signal acts at once
+    (the default handlers are back). Ranks must stop at the same step, so with several they agree
+    through a one-number all-reduce on the CPU (gloo), which never waits for the GPU."""
+
+    def __init__(self, backend):
+        self.received = 0
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
+        self.group = None
+        if backend.world_size > 1:
+            self.group = dist.new_group(backend="gloo") if backend.device.type == "cuda" else dist.group.WORLD
+
+    def _handle(self, sig, frame):
+        self.received = sig
+        self.close()
+
+    def requested(self):
+        """The signal any rank received (0: none): all ranks get the same answer."""
+        if self.group is None:
+            return self.received
+        flag = torch.tensor([int(self.received)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return int(flag)
+
+    def close(self):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2109,61 +2251,145 @@ class Trainer:
         self.new_train_loader()
         self.backend.synchronize()
 
-    def run(self):
-        cfg, sched, log = self.cfg, self.schedule, self.log
-        b = self.backend
-        log.line(f"backend: {b.device.type} x {b.world_size}, accumulation {self.accum}, ops {b.ops.name}, "
-                 f"attention {type(b.attention).__name__}, compile {cfg.compile}")
-        for line in sched.describe():
-            log.line("schedule: " + line)
+    def save(self, step, train_ms):
+        """Checkpoint the run as it stands before `step` (files: see checkpoint_path). Every rank
+        writes its own part; rank 0 writes the main file last, once all parts are in place."""
+        b, folder = self.backend, checkpoint_dir(self.cfg)
+        os.makedirs(folder, exist_ok=True)
+        grads = {name: p.grad for name, p in self.model.named_parameters() if p.grad is not None}
+        save_atomic(dict(optimizers=self.optimizers.state_dict(), grads=grads, rng=rng_state()),
+                    checkpoint_path(folder, step, b.rank))
+        if b.world_size > 1:
+            dist.barrier()
+        if b.is_master:
+            save_atomic(dict(config=config_json(self.cfg), source=source_code(), world_size=b.world_size,
+                             step=step, train_ms=train_ms, model=self.model.state_dict(), tied=self.model.tied,
+                             loader=self.train_loader.position()), checkpoint_path(folder, step))
+        if b.world_size > 1:
+            dist.barrier()
+        return checkpoint_path(folder, step)
+
+    def resume(self, path):
+        """Load a checkpoint written by the same config, source and world size (or, with
+        --resume_any, another config or source); return (step, train_ms) to continue from."""
+        cfg, b = self.cfg, self.backend
+        state = load_checkpoint(path)
+        if state["world_size"] != b.world_size:
+            raise SystemExit(f"error: --resume={path}: written by {state['world_size']} ranks, this run has "
+                             f"{b.world_size}; resume with the same number of processes")
+        differ = checkpoint_differences(state, cfg)
+        if differ and not cfg.resume_any:
+            raise SystemExit(f"error: --resume={path}: the checkpoint comes from another run: {'; '.join(differ)} "
+                             "(--resume_any=true resumes anyway)")
+        if state["step"] >= self.schedule.total:
+            raise SystemExit(f"error: --resume={path}: that run already finished (step {state['step']})")
+        mine = load_checkpoint(checkpoint_path(os.path.dirname(path), state["step"], b.rank), keys=("optimizers",))
+        self.model.load_state_dict(state["model"])
+        self.model.tied = state["tied"]
+        self.optimizers.load_state_dict(mine["optimizers"])
+        for name, p in self.model.named_parameters():
+            p.grad = mine["grads"][name].to(p.device) if name in mine["grads"] else None
+        set_rng_state(mine["rng"])
+        self.train_loader.seek(state["loader"])
+        return state["step"], state["train_ms"]
+
+    def resume_point(self):
+        """The checkpoint to continue from (--resume, or the latest one with --resume=auto), or None."""
+        if self.cfg.resume != "auto":
+            return self.cfg.resume or None
+        path = latest_checkpoint(checkpoint_dir(self.cfg))
+        if path is None:
+            self.log.line(f"resume: no checkpoint in {checkpoint_dir(self.cfg)} yet, starting at step 0")
+        return path
+
+    def describe(self):
+        """The run's set-up as log lines: backend, schedule, what train_loss means."""
+        cfg, b = self.cfg, self.backend
+        self.log.line(f"backend: {b.device.type} x {b.world_size}, accumulation {self.accum}, ops {b.ops.name}, "
+                      f"attention {type(b.attention).__name__}, compile {cfg.compile}")
+        for line in self.schedule.describe():
+            self.log.line("schedule: " + line)
         if cfg.mtp:
-            log.line("note: train_loss is the multi-token-prediction loss, a weighted sum of the cross-entropies of "
-                     "the next tokens (README); val_loss is the plain next-token cross-entropy")
+            self.log.line("note: train_loss is the multi-token-prediction loss, a weighted sum of the cross-entropies "
+                          "of the next tokens (README); val_loss is the plain next-token cross-entropy")
+
+    def validation(self, step, train_ms):
+        """Validate at `step` (the final validation's windows at the end), log it; return the loss."""
+        cfg, sched, last = self.cfg, self.schedule, step == self.schedule.total
+        blocks = sched.final_window_blocks() if last else sched.window_blocks(step)
+        self.log.line(f"validating at step {step}/{sched.total}: {cfg.val_tokens:,} tokens, clock stopped")
+        start = time.perf_counter()
+        val_loss = self.validate(blocks, yarn=not last)
+        self.val_seconds.append(time.perf_counter() - start)
+        avg = f"{train_ms / step:.2f}" if step else "nan"
+        self.log.line(f"step:{step}/{sched.total} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{avg}ms "
+                      f"val_time:{1000 * self.val_seconds[-1]:.0f}ms")
+        require_finite("val_loss", val_loss, step)
+        self.log.metric(kind="val", step=step, val_loss=val_loss, train_time_ms=train_ms)
+        if cfg.sink_metric and self.backend.is_master:
+            self.log_sinks(step, blocks)
+        return val_loss
+
+    def log_train(self, step, losses, train_ms, vals_left):
+        """The train-loss line after `step` steps (the only host read of the losses)."""
+        if self.backend.world_size > 1:
+            for value in losses.values():
+                dist.all_reduce(value, op=dist.ReduceOp.AVG)
+        losses = {name: float(value) for name, value in losses.items()}
+        total = self.schedule.total
+        eta = eta_seconds(train_ms, step, total, vals_left, self.val_seconds)
+        shown = " ".join(f"{name}:{value:.4f}" for name, value in losses.items())
+        self.log.line(f"step:{step}/{total} {shown} train_time:{train_ms:.0f}ms "
+                      f"step_avg:{train_ms / step:.2f}ms eta:{eta:.0f}s")
+        self.log.metric(kind="train", step=step, **losses, train_time_ms=train_ms)
+        require_finite("train_loss", losses["train_loss"], step)
+
+    def run(self):
+        """Warmup, then the timed loop: validations, checkpoints and a stop on a signal happen at
+        step boundaries with the clock stopped. Returns (final val loss, train ms)."""
+        cfg, sched, log = self.cfg, self.schedule, self.log
+        self.describe()
         if cfg.warmup_steps:
             log.line(f"warmup: {'compiling, ' if cfg.compile else ''}{cfg.warmup_steps} steps per schedule stage "
                      "and a validation, untimed and then undone")
             start = time.perf_counter()
             self.warmup()
             log.line(f"warmup: done in {time.perf_counter() - start:.1f}s")
-        total = sched.total
+        total, first, train_ms = sched.total, 0, 0.0
+        path = self.resume_point()
+        if path:
+            first, train_ms = self.resume(path)
+            log.line(f"resumed from {path} at step {first}/{total}, train_time {train_ms:.0f}ms")
         val_steps = set(range(0, total, cfg.val_every) if cfg.val_every else ()) | {total}
-        train_ms, val_loss, val_seconds = 0.0, float("nan"), []
+        val_steps -= {first} if path else set()  # the saved run validated there before it saved
+        save_steps = set(range(first + 1, total)) if cfg.save_every else set()
+        save_steps = {s for s in save_steps if s % cfg.save_every == 0} | ({total} if cfg.save_final else set())
+        val_loss, self.val_seconds, stop = float("nan"), [], StopSignal(self.backend)
         self.backend.synchronize()
         t0 = time.perf_counter()
-        for step in range(total + 1):
-            last = step == total
-            if step in val_steps:
-                self.backend.synchronize()
-                train_ms += 1000 * (time.perf_counter() - t0)
-                blocks = sched.final_window_blocks() if last else sched.window_blocks(step)
-                log.line(f"validating at step {step}/{total}: {cfg.val_tokens:,} tokens, clock stopped")
-                start = time.perf_counter()
-                val_loss = self.validate(blocks, yarn=not last)
-                val_seconds.append(time.perf_counter() - start)
-                avg = f"{train_ms / step:.2f}" if step else "nan"
-                log.line(f"step:{step}/{total} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{avg}ms "
-                         f"val_time:{1000 * val_seconds[-1]:.0f}ms")
-                require_finite("val_loss", val_loss, step)
-                log.metric(kind="val", step=step, val_loss=val_loss, train_time_ms=train_ms)
-                if cfg.sink_metric and self.backend.is_master:
-                    self.log_sinks(step, blocks)
-                self.backend.synchronize()
-                t0 = time.perf_counter()
-            if last:
-                break
-            losses = self.train_step(step)
-            if cfg.log_every and (step + 1) % cfg.log_every == 0:
-                if self.backend.world_size > 1:
-                    for value in losses.values():
-                        dist.all_reduce(value, op=dist.ReduceOp.AVG)
-                losses = {name: float(value) for name, value in losses.items()}
-                now = train_ms + 1000 * (time.perf_counter() - t0)
-                eta = eta_seconds(now, step + 1, total, sum(s > step for s in val_steps), val_seconds)
-                shown = " ".join(f"{name}:{value:.4f}" for name, value in losses.items())
-                log.line(f"step:{step + 1}/{total} {shown} train_time:{now:.0f}ms "
-                         f"step_avg:{now / (step + 1):.2f}ms eta:{eta:.0f}s")
-                log.metric(kind="train", step=step + 1, **losses, train_time_ms=now)
-                require_finite("train_loss", losses["train_loss"], step + 1)
+        try:
+            for step in range(first, total + 1):
+                signum = stop.requested()
+                if step in val_steps or step in save_steps or signum:
+                    self.backend.synchronize()
+                    train_ms += 1000 * (time.perf_counter() - t0)
+                    if step in val_steps:
+                        val_loss = self.validation(step, train_ms)
+                    if step in save_steps or signum:
+                        log.line(f"checkpoint: {self.save(step, train_ms)}")
+                    if signum:
+                        log.line(f"interrupted at step {step} by {signal.Signals(signum).name}")
+                        raise SystemExit(STOP_SIGNALS[signum])
+                    self.backend.synchronize()
+                    t0 = time.perf_counter()
+                if step == total:
+                    break
+                losses = self.train_step(step)
+                if cfg.log_every and (step + 1) % cfg.log_every == 0:
+                    now = train_ms + 1000 * (time.perf_counter() - t0)
+                    self.log_train(step + 1, losses, now, sum(s > step for s in val_steps))
+        finally:
+            stop.close()
         tokens = sum(sched.batch_tokens(s) for s in range(total))
         peak = self.backend.peak_memory_mib()
         log.line(f"final val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms tokens:{tokens} peak_memory:{peak}MiB")
@@ -2214,6 +2440,10 @@ def main(argv=None):
         if log:
             log.line(message, console=False)  # stderr gets it from SystemExit
         raise SystemExit(message) from None
+    except Exception as e:  # a bug or an unforeseen failure: the traceback goes to stderr, its gist to the log
+        if log:
+            log.line(f"error: {type(e).__name__}: {e}", console=False)
+        raise
     finally:
         if log:
             log.close()

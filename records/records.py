@@ -479,12 +479,23 @@ def cmd_compare(args):
     return 0
 
 
+def failure_reason(log_path, status):
+    """Why a trainer run failed: its log's last `error:` or `interrupted` line, else its exit status."""
+    try:
+        with open(log_path) as f:
+            lines = [line.strip() for line in f if line.startswith(("error:", "interrupted at step"))]
+    except OSError:
+        lines = []
+    return lines[-1] if lines else f"exit status {status}"
+
+
 def run_ablation(arms, runs, seed0, trainer, log_dir):
-    """Run every arm for seeds seed0.. and return each arm's parsed logs.
+    """Run every arm for seeds seed0.. and return each arm's parsed logs and, per arm, why runs failed
+    (a failed run, e.g. a diverged one, is reported, never averaged).
 
     Seeds are the outer loop so that slow drifts of a shared machine hit every arm alike."""
     stamp = uuid.uuid4().hex[:8]
-    logs = [[] for _ in arms]
+    logs, failed = [[] for _ in arms], [[] for _ in arms]
     for seed in range(seed0, seed0 + runs):
         for i, arm in enumerate(arms):
             run_id = f"ablate-{stamp}-arm{i}-seed{seed}"
@@ -492,10 +503,12 @@ def run_ablation(arms, runs, seed0, trainer, log_dir):
             cmd += [f"--log_dir={log_dir}"] if log_dir else []
             print(f"[ablate] arm {i} seed {seed}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
             result = subprocess.run(cmd, cwd=REPO_ROOT)
+            path = os.path.join(REPO_ROOT, log_dir or "logs", run_id + ".txt")
             if result.returncode != 0:
-                raise RecordsError(f"trainer exited with {result.returncode}: {shlex.join(cmd)}")
-            logs[i].append(parse_log(os.path.join(REPO_ROOT, log_dir or "logs", run_id + ".txt")))
-    return logs
+                failed[i].append(f"seed {seed}: {failure_reason(path, result.returncode)}")
+                continue
+            logs[i].append(parse_log(path))
+    return logs, failed
 
 
 def cmd_ablate(args):
@@ -506,9 +519,16 @@ def cmd_ablate(args):
     labels = args.names.split(",") if args.names else [" ".join(a) or "(no flags)" for a in args.arms]
     if len(labels) != len(args.arms):
         raise RecordsError(f"--names gives {len(labels)} names for {len(args.arms)} arms")
-    logs = run_ablation(args.arms, args.runs, args.seed0, args.trainer, args.log_dir)
-    print(format_comparison(comparison_rows(list(zip(labels, logs))), args.markdown))
-    return 0
+    logs, failed = run_ablation(args.arms, args.runs, args.seed0, args.trainer, args.log_dir)
+    done = [(label, runs) for label, runs, why in zip(labels, logs, failed) if not why]
+    if done:
+        if failed[0]:
+            print(f"the control {labels[0]} failed: differences are against {done[0][0]}")
+        print(format_comparison(comparison_rows(done), args.markdown))
+    for label, why in zip(labels, failed):
+        if why:
+            print(f"arm {label}: FAILED in {len(why)} of {args.runs} runs, left out of the table: {'; '.join(why)}")
+    return 1 if any(failed) else 0
 
 
 def cmd_new(args):

@@ -109,8 +109,8 @@ def test_two_processes_match_one(runs):
     assert [m["step"] for m in m2 if m["kind"] == "train"] == [1, 2, 3, 4, 5]
     c1, c2 = (next(m for m in ms if m["kind"] == "config") for ms in (m1, m2))
     assert {k: v for k, v in c1.items() if k != "run_id"} == {k: v for k, v in c2.items() if k != "run_id"}
-    # rank 1 writes no log of its own
-    assert sorted(os.listdir(log_dir)) == ["one.jsonl", "one.txt", "two.jsonl", "two.txt"]
+    # rank 1 writes no log of its own (the folders hold the final checkpoints)
+    assert sorted(os.listdir(log_dir)) == ["one", "one.jsonl", "one.txt", "two", "two.jsonl", "two.txt"]
 
 
 def test_logged_train_loss_is_the_global_batch_mean(runs):

@@ -382,5 +382,24 @@ def test_ablate_needs_two_arms_and_a_working_trainer(tmp_path, capsys):
     assert rt.main(["ablate", "--runs", "1", "--", "--lr=1"]) == 1
     assert "at least two arms" in capsys.readouterr().err
     failing = f"{sys.executable} -c 'raise SystemExit(3)'"
-    assert rt.main(["ablate", "--runs", "1", "--trainer", failing, "--", "--", "--lr=1"]) == 1
-    assert "trainer exited with 3" in capsys.readouterr().err
+    assert rt.main(["ablate", "--runs", "1", "--trainer", failing, "--names", "a,b", "--", "--", "--lr=1"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["arm a: FAILED in 1 of 1 runs, left out of the table: seed 0: exit status 3",
+                   "arm b: FAILED in 1 of 1 runs, left out of the table: seed 0: exit status 3"]
+
+
+def test_ablate_reports_a_diverged_arm_as_failed_instead_of_averaging_it(tmp_path, capsys):
+    """An arm whose runs stop with an error (here: a loss that went nan at lr >= 1) is named with the
+    error its log ends with; the table holds only the arms that finished, and the status is 1."""
+    fake = tmp_path / "fake_trainer.py"
+    fake.write_text(FAKE_TRAINER.replace('config = {', 'if lr >= 1:\n'
+        '    os.makedirs(args["log_dir"], exist_ok=True)\n'
+        '    open(os.path.join(args["log_dir"], args["run_id"] + ".txt"), "w").write("error: loss is nan at step 3\\n")\n'
+        '    sys.exit(1)\nconfig = {'))
+    argv = ["ablate", "--runs", "2", "--trainer", f"{sys.executable} {fake}", "--log_dir", str(tmp_path / "logs"),
+            "--names", "control,ok,diverged"]
+    assert rt.main(argv + ["--", "--lr=0.0", "--", "--lr=0.1", "--", "--lr=1.5"]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in out[1:3]] == ["control", "ok"] and len(out) == 4
+    assert out[3] == ("arm diverged: FAILED in 2 of 2 runs, left out of the table: seed 0: error: loss is nan at "
+                      "step 3; seed 1: error: loss is nan at step 3")

@@ -1,0 +1,168 @@
+"""Checkpoints: a run killed after a checkpoint and resumed ends bitwise where an uninterrupted run
+ends (1 process and 2 gloo ranks); a checkpoint of another config or source is refused; SIGINT and
+SIGTERM stop at a step boundary with a checkpoint and exit 130 / 143; a log is never overwritten;
+a failed save never replaces a good file."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train_gpt as tg
+from test_distributed import ROOT, TINY, data, env, failure, free_port  # noqa: F401 (data is a fixture)
+
+# 8 steps: stage changes at 3 and 6 (batch and window), the untie at step 6, Adam every 2 steps. A
+# checkpoint at step 3 leaves step 2's Adam gradients accumulated but not yet applied.
+STEPS = [a for a in TINY if not a.startswith(("--num_steps", "--val_every"))] + ["--num_steps=8", "--val_every=4"]
+KILL_AT = 3
+
+
+def command(args, nproc, log_dir, run_id):
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+    return cmd + [os.path.join(ROOT, "train_gpt.py"), *args, f"--log_dir={log_dir}", f"--run_id={run_id}"]
+
+
+def run(args, nproc, log_dir, run_id):
+    out = subprocess.run(command(args, nproc, log_dir, run_id), cwd=ROOT, env=env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, failure(out)
+    return out
+
+
+def run_and_kill(args, nproc, log_dir, run_id, wait_for):
+    """Start a run and SIGKILL it (and all its ranks) as soon as `wait_for` exists."""
+    proc = subprocess.Popen(command(args, nproc, log_dir, run_id), cwd=ROOT, env=env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not os.path.exists(wait_for) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(wait_for), "the run never wrote its checkpoint"
+
+
+def final(log_dir, run_id):
+    """(final val loss from the metrics log, the model state of the final checkpoint)."""
+    with open(os.path.join(log_dir, f"{run_id}.jsonl")) as f:
+        val_loss = [json.loads(line) for line in f][-1]["val_loss"]
+    state = tg.load_checkpoint(tg.latest_checkpoint(os.path.join(log_dir, run_id)))
+    return val_loss, state["model"]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp_path, data, nproc):
+    args = STEPS + data + [f"--accum_world_size={nproc}"]
+    run(args, nproc, tmp_path, "whole")
+    saved = tg.checkpoint_path(str(tmp_path / "cut"), KILL_AT)
+    run_and_kill(args + ["--save_every=3"], nproc, tmp_path, "cut", saved)
+    run(args + [f"--resume={saved}"], nproc, tmp_path, "resumed")
+    with open(tmp_path / "resumed.txt") as f:
+        assert f"resumed from {saved} at step {KILL_AT}/8, train_time " in f.read()
+    (loss_whole, whole), (loss_resumed, again) = final(tmp_path, "whole"), final(tmp_path, "resumed")
+    assert loss_resumed == loss_whole
+    assert whole.keys() == again.keys()
+    for name in whole:
+        if torch.is_tensor(whole[name]):
+            assert torch.equal(whole[name], again[name]), name
+        else:
+            assert whole[name] == again[name], name
+    # a checkpoint's step is the number of steps done: the uninterrupted run moved on from there
+    cut = tg.load_checkpoint(saved)
+    assert cut["step"] == KILL_AT and not torch.equal(cut["model"]["lm_head"], whole["lm_head"])
+
+
+def test_resume_refuses_another_config_unless_told(tmp_path, data):
+    args = STEPS + data + ["--accum_world_size=1"]
+    run(args + ["--num_steps=4", "--save_every=2"], 1, tmp_path, "first")
+    saved = tg.checkpoint_path(str(tmp_path / "first"), 2)
+    out = subprocess.run(command(args + [f"--resume={saved}", "--muon_lr=0.01"], 1, tmp_path, "other"),
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        f"error: --resume={saved}: the checkpoint comes from another run: num_steps=4 (this run: 8); "
+        "muon_lr=0.023 (this run: 0.01) (--resume_any=true resumes anyway)")
+    run(args + [f"--resume={saved}", "--num_steps=4", "--muon_lr=0.01", "--resume_any=true"], 1, tmp_path, "forced")
+
+
+def test_checkpoint_differences_names_the_source(tmp_path):
+    cfg = tg.parse_args(["--preset=cpu"])
+    state = dict(config=tg.config_json(cfg), source=tg.source_code())
+    assert tg.checkpoint_differences(state, cfg) == []
+    state["source"] += "# an edit\n"
+    state["config"]["run_id"], state["config"]["seed"] = "another", 7
+    assert tg.checkpoint_differences(state, cfg) == ["seed=7 (this run: 0)", "the source of train_gpt.py"]
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, data, sig, status):
+    args = STEPS + data + ["--accum_world_size=1", "--num_steps=200", "--val_every=0"]
+    proc = subprocess.Popen(command(args, 1, tmp_path, "stopped"), cwd=ROOT, env=env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:  # the first train line: the timed loop is running
+        if line.startswith("step:1/"):
+            break
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == status, stderr
+    assert "Traceback" not in stderr
+    with open(tmp_path / "stopped.txt") as f:
+        lines = f.read().splitlines()
+    stop = next(line for line in lines if line.startswith("interrupted at step "))
+    step = int(stop.split()[3])
+    assert stop == f"interrupted at step {step} by {sig.name}" and 1 <= step < 200
+    assert lines[-2] == f"checkpoint: {tg.checkpoint_path(str(tmp_path / 'stopped'), step)}" and lines[-1] == stop
+    state = tg.load_checkpoint(tg.latest_checkpoint(str(tmp_path / "stopped")))
+    assert state["step"] == step
+    # it resumes: the same run id continues the same log
+    run(args + ["--num_steps=200", "--resume=auto", f"--save_every={step + 1}", "--save_final=false"], 1, tmp_path, "stopped")
+
+
+def test_a_log_is_never_overwritten(tmp_path):
+    (tmp_path / "taken.txt").write_text("a finished run\n")
+    with pytest.raises(SystemExit) as e:
+        tg.main(["--preset=cpu", f"--log_dir={tmp_path}", "--run_id=taken"])
+    assert e.value.code == (f"error: --run_id=taken: {tmp_path / 'taken.txt'} already exists and a log is never "
+                            "overwritten; choose another --run_id, or continue that run with --resume")
+    assert (tmp_path / "taken.txt").read_text() == "a finished run\n"
+
+
+def test_a_failed_save_leaves_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "step_000001.pt")
+    tg.save_atomic({"good": torch.ones(3)}, path)
+
+    def broken_save(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        tg.save_atomic({"good": torch.zeros(3)}, path)
+    assert torch.equal(torch.load(path)["good"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["step_000001.pt"]  # no temporary file left behind
+
+
+def test_latest_checkpoint_and_bad_files(tmp_path):
+    assert tg.latest_checkpoint(str(tmp_path / "none")) is None
+    for step in (9, 10, 2):
+        (tmp_path / f"step_{step:06d}.pt").write_bytes(b"")
+    (tmp_path / "step_000011.rank1.pt").write_bytes(b"")
+    assert tg.latest_checkpoint(str(tmp_path)) == str(tmp_path / "step_000010.pt")
+    bad = tmp_path / "notes.pt"
+    bad.write_text("not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        tg.load_checkpoint(str(bad))
+    assert str(e.value.code).startswith(f"error: --resume={bad}: not a checkpoint of this trainer")
+    with pytest.raises(SystemExit) as e:
+        tg.load_checkpoint(str(tmp_path / "missing.pt"))
+    assert e.value.code == f"error: --resume={tmp_path / 'missing.pt'}: no such file"
+    tg.save_atomic({"model": {}}, str(tmp_path / "partial.pt"))
+    with pytest.raises(SystemExit) as e:
+        tg.load_checkpoint(str(tmp_path / "partial.pt"))
+    assert e.value.code == f"error: --resume={tmp_path / 'partial.pt'}: not a checkpoint of this trainer (no config)"
