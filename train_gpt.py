@@ -2291,6 +2291,9 @@ class Trainer:
             p.grad = mine["grads"][name].to(p.device) if name in mine["grads"] else None
         set_rng_state(mine["rng"])
         self.train_loader.seek(state["loader"])
+        self.log.line(f"resumed from {path} at step {state['step']}/{self.schedule.total}, train_time {state['train_ms']:.0f}ms")
+        if differ:
+            self.log.line(f"resumed despite: {'; '.join(differ)}")
         return state["step"], state["train_ms"]
 
     def resume_point(self):
@@ -2359,7 +2362,6 @@ class Trainer:
         path = self.resume_point()
         if path:
             first, train_ms = self.resume(path)
-            log.line(f"resumed from {path} at step {first}/{total}, train_time {train_ms:.0f}ms")
         val_steps = set(range(0, total, cfg.val_every) if cfg.val_every else ()) | {total}
         val_steps -= {first} if path else set()  # the saved run validated there before it saved
         save_steps = set(range(first + 1, total)) if cfg.save_every else set()
