@@ -32,8 +32,11 @@ def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a checkpoint torch.load can read ({reason})") from None
+        # torch's weights-only refusal is a page of advice; its one line that names the object will do
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        refusal = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+        reason = refusal[0].split(". ")[0] if refusal else f"{type(e).__name__}: {lines[0] if lines else 'no message'}"
+        raise CheckpointError(f"{path}: not a checkpoint torch.load(weights_only=True) can read ({reason})") from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
     if missing:
         raise CheckpointError(f"{path}: not a train_gpt.py checkpoint (expected a dict with "

@@ -3,6 +3,7 @@ context limit and the command line, on a tiny model that learnt a repeating patt
 import dataclasses
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -107,8 +108,13 @@ def test_a_bad_checkpoint_is_one_clear_error(tiny_checkpoint, tmp_path):
 
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(sample.CheckpointError, match=r"notes\.txt: not a checkpoint torch\.load can read"):
+    with pytest.raises(sample.CheckpointError, match=r"notes\.txt: not a checkpoint torch\.load\(weights_only=True\) can read \(\w+Error: "):
         sample.load_model(str(text), "cpu")
+
+    numpy_inside = tmp_path / "numpy_inside.pt"  # e.g. numpy's rng state: more than weights_only=True loads
+    torch.save({"config": {}, "model": {}, "tied": True, "rng": np.random.get_state()}, numpy_inside)
+    with pytest.raises(sample.CheckpointError, match=r"numpy_inside\.pt: not a checkpoint .* \(WeightsUnpickler error: Unsupported global: .*numpy"):
+        sample.load_model(str(numpy_inside), "cpu")
 
     weights_only = tmp_path / "weights.pt"
     torch.save({"model": tiny_checkpoint.model.state_dict()}, weights_only)
