@@ -46,6 +46,8 @@ def read_checkpoint(path):
 
 def config_from_dict(path, values):
     """Rebuild the Config saved as dataclasses.asdict (lists stand for tuples once it went through JSON)."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: its 'config' is a {type(values).__name__}, expected dataclasses.asdict of a Config")
     known = {f.name for f in dataclasses.fields(tg.Config)}
     unknown = sorted(set(values) - known)
     if unknown:

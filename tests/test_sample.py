@@ -121,6 +121,11 @@ def test_a_bad_checkpoint_is_one_clear_error(tiny_checkpoint, tmp_path):
     with pytest.raises(sample.CheckpointError, match=r"weights\.pt: not a train_gpt\.py checkpoint .* missing 'config', 'tied'"):
         sample.load_model(str(weights_only), "cpu")
 
+    flat = tmp_path / "flat.pt"
+    torch.save({"config": "--preset=cpu", "model": {}, "tied": True}, flat)
+    with pytest.raises(sample.CheckpointError, match=r"flat\.pt: its 'config' is a str, expected dataclasses\.asdict"):
+        sample.load_model(str(flat), "cpu")
+
     config = dataclasses.asdict(tiny_checkpoint.cfg)
     other = tmp_path / "other.pt"
     torch.save({"config": {**config, "n_experts": 8}, "model": {}, "tied": True}, other)
