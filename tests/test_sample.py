@@ -1,0 +1,138 @@
+"""sample.py: loading a checkpoint, the logits it samples from, greedy and seeded sampling, the
+context limit and the command line, on a tiny model that learnt a repeating pattern (conftest)."""
+import dataclasses
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+import sample
+import train_gpt as tg
+from data.tokenize_corpus import gpt2_encoding
+
+ENC = gpt2_encoding()
+
+
+def continuation(pattern, prompt, n):
+    """The next n words of `pattern` repeated forever after `prompt` (which ends inside it), as text."""
+    words = pattern.split()
+    start = (words.index(prompt.split()[-1]) + 1) % len(words)
+    return "".join(" " + w for w in itertools.islice(itertools.cycle(words[start:] + words[:start]), n))
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_checkpoint):
+    return sample.load_model(tiny_checkpoint.path, "cpu")
+
+
+def generate(model, prompt, n, **kw):
+    return ENC.decode(sample.generate(model, ENC.encode_ordinary(prompt), n, **kw))
+
+
+def test_load_model_restores_what_training_left(tiny_checkpoint, loaded):
+    cfg, model = loaded
+    assert cfg == tiny_checkpoint.cfg  # tuples rebuilt as tuples, not lists
+    assert not model.training and model.tied is False and tiny_checkpoint.model.tied is False
+    # YaRN raised the attention scale at the window change: it travels as the Rotary's extra state
+    assert model.rotary.attn_scale == tiny_checkpoint.model.rotary.attn_scale != cfg.attn_scale
+    trained = tiny_checkpoint.model.state_dict()
+    for name, value in model.state_dict().items():
+        if torch.is_tensor(value):
+            assert torch.equal(value, trained[name]), name
+
+
+def test_logits_are_what_the_loss_scores(tiny_checkpoint, loaded):
+    """Cross-entropy of the sampler's logits equals the model's own loss (softcap inside it)."""
+    cfg, model = loaded
+    assert cfg.softcap > 0
+    tokens = torch.tensor([tg.BOS_ID] + ENC.encode_ordinary("a b c d e f g h a b c x y"))
+    windows = sample.final_windows(cfg)
+    logits = sample.softcapped_logits(model, tokens[:-1], windows)
+    ours = torch.nn.functional.cross_entropy(logits, tokens[1:], reduction="sum")
+    with torch.no_grad():
+        theirs = model(tokens[:-1], tokens[1:], windows, torch.ones(1))
+    # fp32 sums over the 50,304 logits in another order: about 1e-4 per token apart
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-3 * len(tokens))
+
+
+@pytest.mark.parametrize("prompt", ["a b c", "e f", "h a b c d e f g h a b c d e"])
+def test_greedy_continues_the_pattern(tiny_checkpoint, loaded, prompt):
+    _, model = loaded
+    n = 12
+    assert generate(model, prompt, n, temperature=0) == continuation(tiny_checkpoint.pattern, prompt, n)
+
+
+def test_seeded_sampling_repeats_and_top_k_1_is_greedy(loaded):
+    _, model = loaded
+
+    def draw(seed, temperature=3.0, top_k=50):
+        return generate(model, "a b", 8, temperature=temperature, top_k=top_k,
+                        generator=torch.Generator().manual_seed(seed))
+
+    assert draw(0) == draw(0)
+    assert len({draw(seed) for seed in range(4)}) > 1  # at this temperature the seeds' draws differ
+    assert draw(1, temperature=1.0, top_k=1) == generate(model, "a b", 8, temperature=0)
+
+
+def test_context_keeps_bos_and_the_newest_tokens(loaded):
+    """A prompt longer than max_seq_len: only its last max_seq_len - 1 tokens matter."""
+    cfg, model = loaded
+    tail = ENC.encode_ordinary(" ".join(["c d e f g h a b"] * 8))[: cfg.max_seq_len - 1]
+    assert len(tail) == cfg.max_seq_len - 1
+    outs = {tuple(sample.generate(model, ENC.encode_ordinary(junk) + tail, 6, temperature=0))
+            for junk in ("x y z", "q r s t u v w")}
+    assert len(outs) == 1
+    assert sample.within_context([tg.BOS_ID, 1, 2, 3, 4], 3) == [tg.BOS_ID, 3, 4]
+
+
+def test_cli_prints_the_continuation(tiny_checkpoint, capsys):
+    sample.main([tiny_checkpoint.path, "--prompt=a b c", "--max_tokens=5", "--temperature=0", "--device=cpu"])
+    assert capsys.readouterr().out == " d e f g h\n"
+    sample.main([tiny_checkpoint.path, "--prompt=a", "--max_tokens=3", "--num_samples=2", "--device=cpu"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "--- sample 1 ---" and lines[2] == "--- sample 2 ---" and len(lines) == 4
+
+
+def test_cli_rejects_a_bad_flag(tiny_checkpoint, capsys):
+    with pytest.raises(SystemExit) as e:
+        sample.main([tiny_checkpoint.path, "--temperature=-1"])
+    assert e.value.code == 2 and "--temperature: expected a number >= 0, got '-1'" in capsys.readouterr().err
+
+
+def test_a_bad_checkpoint_is_one_clear_error(tiny_checkpoint, tmp_path):
+    missing = tmp_path / "nope.pt"
+    with pytest.raises(SystemExit) as e:
+        sample.main([str(missing)])
+    assert e.value.code == f"error: {missing}: no such file (expected a checkpoint written by train_gpt.py)"
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a checkpoint\n")
+    with pytest.raises(sample.CheckpointError, match=r"notes\.txt: not a checkpoint torch\.load\(weights_only=True\) can read \(\w+Error: "):
+        sample.load_model(str(text), "cpu")
+
+    numpy_inside = tmp_path / "numpy_inside.pt"  # e.g. numpy's rng state: more than weights_only=True loads
+    torch.save({"config": {}, "model": {}, "tied": True, "rng": np.random.get_state()}, numpy_inside)
+    with pytest.raises(sample.CheckpointError, match=r"numpy_inside\.pt: not a checkpoint .* \(WeightsUnpickler error: Unsupported global: .*numpy"):
+        sample.load_model(str(numpy_inside), "cpu")
+
+    weights_only = tmp_path / "weights.pt"
+    torch.save({"model": tiny_checkpoint.model.state_dict()}, weights_only)
+    with pytest.raises(sample.CheckpointError, match=r"weights\.pt: not a train_gpt\.py checkpoint .* missing 'config', 'tied'"):
+        sample.load_model(str(weights_only), "cpu")
+
+    flat = tmp_path / "flat.pt"
+    torch.save({"config": "--preset=cpu", "model": {}, "tied": True}, flat)
+    with pytest.raises(sample.CheckpointError, match=r"flat\.pt: its 'config' is a str, expected dataclasses\.asdict"):
+        sample.load_model(str(flat), "cpu")
+
+    config = dataclasses.asdict(tiny_checkpoint.cfg)
+    other = tmp_path / "other.pt"
+    torch.save({"config": {**config, "n_experts": 8}, "model": {}, "tied": True}, other)
+    with pytest.raises(sample.CheckpointError, match=r"other\.pt: config fields n_experts are unknown"):
+        sample.load_model(str(other), "cpu")
+
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"config": {**config, "d_model": 32}, "model": tiny_checkpoint.model.state_dict(), "tied": False}, wrong)
+    with pytest.raises(sample.CheckpointError, match=r"wrong\.pt: the weights do not fit the model its config describes"):
+        sample.load_model(str(wrong), "cpu")
