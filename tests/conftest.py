@@ -26,9 +26,7 @@ TINY_DOCS = 3 * TINY_STEPS + 10  # a step reads 129 tokens: two 64-token pieces 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
-    """A checkpoint (train_gpt.py's contract: config, model, tied) of a tiny model trained by the
-    Trainer on documents that repeat PATTERN, with the untie step and a YaRN window change behind it."""
-    import dataclasses
+    """The final checkpoint of a tiny model trained by the Trainer on documents that repeat PATTERN, with the untie step and a YaRN window change behind it."""
     import types
     import warnings
 
@@ -61,7 +59,5 @@ def tiny_checkpoint(tmp_path_factory):
         trainer = tg.Trainer(cfg, backend, log)
         val_loss, _ = trainer.run()
     log.close()
-    path = folder / "tiny.pt"
-    model = trainer.model
-    torch.save({"config": dataclasses.asdict(cfg), "model": model.state_dict(), "tied": model.tied}, path)
-    return types.SimpleNamespace(path=str(path), cfg=cfg, model=model, val_loss=val_loss, pattern=PATTERN)
+    path = tg.checkpoint_path(tg.checkpoint_dir(cfg), TINY_STEPS)  # the run's own final checkpoint
+    return types.SimpleNamespace(path=path, cfg=cfg, model=trainer.model, val_loss=val_loss, pattern=PATTERN)
