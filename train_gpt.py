@@ -78,7 +78,7 @@ class Config:
     extension_steps: int = 40  # extra steps after the schedule at the last batch size and the extension window
     batch_tokens: tuple = (131072, 262144, 393216)  # global tokens per step, by thirds
     max_seq_len: int = 2048  # longest piece of a document in a batch; a longer document's tail is dropped
-    accum_world_size: int = 8  # the batch is split for this many ranks; fewer ranks accumulate
+    accum_world_size: int = 8  # the batch is split for this many ranks; fewer ranks accumulate, a multiple take smaller slices
     lr_mults: tuple = (1.0, 1.52, 1.73)  # learning-rate multiplier by thirds of training
     cooldown_frac: float = 0.55  # linear learning-rate cooldown over this last fraction of the scheduled steps
     lr_floor: float = 0.1  # the cooldown ends at this multiplier, whatever the stage's peak
