@@ -184,7 +184,8 @@ def test_one_two_four_and_eight_ranks_match_one_process_with_accumulation(tmp_pa
         assert m["final"][0]["val_loss"] == m["val"][-1]["val_loss"]
         assert {k: v for k, v in m["config"][0].items() if k != "run_id"} == {k: v for k, v in metrics["config"][0].items() if k != "run_id"}
     # only rank 0 writes logs
-    assert sorted(os.listdir(tmp_path)) == sorted(f"w{w}.{ext}" for w in (1, 2, 4, 8) for ext in ("jsonl", "txt"))
+    files = sorted(f.name for f in tmp_path.iterdir() if f.is_file())
+    assert files == sorted(f"w{w}.{ext}" for w in (1, 2, 4, 8) for ext in ("jsonl", "txt"))
 
 
 def test_more_ranks_than_accum_world_size(tmp_path, data):
