@@ -84,7 +84,7 @@ class Config:
     extension_steps: int = 40  # extra steps after the schedule at the last batch size and the extension window
     batch_tokens: tuple = (131072, 262144, 393216)  # global tokens per step, by thirds
     max_seq_len: int = 2048  # longest piece of a document in a batch; a longer document's tail is dropped
-    accum_world_size: int = 8  # the batch is split for this many ranks; fewer ranks accumulate
+    accum_world_size: int = 8  # the batch is split for this many ranks; fewer ranks accumulate, a multiple take smaller slices
     lr_mults: tuple = (1.0, 1.52, 1.73)  # learning-rate multiplier by thirds of training
     cooldown_frac: float = 0.55  # linear learning-rate cooldown over this last fraction of the scheduled steps
     lr_floor: float = 0.1  # the cooldown ends at this multiplier, whatever the stage's peak
@@ -2126,44 +2126,63 @@ def eta_seconds(train_ms, steps_done, total, vals_left, val_seconds):
     return train_ms / steps_done * (total - steps_done) / 1000 + vals_left * val_mean
 
 
+def split_batch(cfg, world):
+    """(parts, accum, loss_factor): how `world` ranks share every batch, training and validation.
+
+    The recipe cuts each batch into accum_world_size micro-batches. Fewer ranks (a divisor) run
+    accum_world_size / world of them one after the other; more ranks (a multiple that divides every
+    batch) cut it into `world` smaller ones, one each. Either way each batch is cut into `parts`
+    micro-batches of batch / parts tokens and each rank runs `accum` of them per step. The loss is
+    a sum over tokens and the ranks average their gradients, so scaling each micro-batch's loss by
+    world / accum_world_size makes the gradient applied the global batch's sum / accum_world_size
+    for every world size: the record's scale, which Adam's eps is measured against."""
+    a = cfg.accum_world_size
+    batches = sorted(set(cfg.batch_tokens) | {cfg.val_batch_tokens})
+    for tokens in batches:
+        if tokens % a:
+            raise SystemExit(f"error: batch of {tokens} tokens does not split over accum_world_size={a}")
+    if a % world == 0:
+        return a, a // world, world / a
+    common = math.gcd(*batches)
+    if world % a == 0 and common % world == 0:
+        return world, 1, world / a
+    works = f"a divisor of {a} ({', '.join(str(n) for n in range(1, a + 1) if a % n == 0)}: ranks accumulate)"
+    more = [str(n) for n in range(2 * a, common + 1, a) if common % n == 0]
+    if more:
+        shown = ", ".join(more[:3]) + (", ..." if len(more) > 3 else "")
+        works += f" or a multiple of {a} that divides every batch ({shown}: a smaller slice each)"
+    raise SystemExit(
+        f"error: world size {world} cannot split the batches of preset {cfg.preset} (accum_world_size={a}, "
+        f"batch_tokens={show_value(cfg.batch_tokens)}, val_batch_tokens={cfg.val_batch_tokens}); "
+        f"world sizes that work: {works}"
+    )
+
+
 class Trainer:
     """Owns the model, optimizers, loaders and schedule; runs steps, validation and the timed loop."""
 
     def __init__(self, cfg, backend, log):
         self.cfg, self.backend, self.log = cfg, backend, log
         self.schedule = Schedule(cfg)
-        self.check_batches()
+        self.parts, self.accum, self.loss_factor = split_batch(cfg, backend.world_size)
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg, backend.ops, backend.attention).to(backend.device)
         if cfg.compile:
             torch._dynamo.config.cache_size_limit = 64  # one graph per (stage, window, tied) is expected
         self.forward = torch.compile(self.model, fullgraph=True, dynamic=False) if cfg.compile else self.model
         self.optimizers = Optimizers(self.model, cfg, backend)
-        self.accum = cfg.accum_world_size // backend.world_size
         # every step's MTP weights on the device up front: making them inside a step would copy
         # from the host and stall the GPU stream each step
         self.mtp_weights = [torch.tensor(self.schedule.mtp_weights(s), device=backend.device) for s in range(self.schedule.total)]
         self.new_train_loader()
-        needed = sum(self.schedule.batch_tokens(s) + cfg.accum_world_size for s in range(self.schedule.total))
+        needed = sum(self.schedule.batch_tokens(s) + self.parts for s in range(self.schedule.total))
         if needed > self.train_loader.available:
             raise SystemExit(
                 f"error: the schedule needs {needed:,} training tokens but {cfg.train_files} holds "
                 f"{self.train_loader.available:,}; download more shards or shorten the schedule"
             )
-        self.val_loader = ValLoader(cfg.val_files, cfg.val_tokens, cfg.val_batch_tokens // cfg.accum_world_size,
+        self.val_loader = ValLoader(cfg.val_files, cfg.val_tokens, cfg.val_batch_tokens // self.parts,
                                     backend.rank, backend.world_size, cfg.vocab_size, backend.device)
-
-    def check_batches(self):
-        """Every batch must split evenly into ranks and accumulation steps: say so at start if not."""
-        cfg, world = self.cfg, self.backend.world_size
-        if cfg.accum_world_size % world:
-            raise SystemExit(
-                f"error: preset {cfg.preset} splits its batch for accum_world_size={cfg.accum_world_size} ranks; "
-                f"world size {world} does not divide it (use 1, 2, 4 ... ranks, or set --accum_world_size)"
-            )
-        for tokens in set(cfg.batch_tokens) | {cfg.val_batch_tokens}:
-            if tokens % cfg.accum_world_size:
-                raise SystemExit(f"error: batch of {tokens} tokens does not split over accum_world_size={cfg.accum_world_size}")
 
     def new_train_loader(self):
         b = self.backend
@@ -2178,7 +2197,7 @@ class Trainer:
             self.optimizers.adam.copy_state(self.model.lm_head, self.model.embed)
         blocks = sched.window_blocks(step)
         self.model.rotary.set_window(blocks[0] * cfg.window_block, cfg.yarn)
-        return sched.windows(blocks), self.mtp_weights[step], sched.batch_tokens(step) // cfg.accum_world_size
+        return sched.windows(blocks), self.mtp_weights[step], sched.batch_tokens(step) // self.parts
 
     def train_step(self, step):
         """One optimizer step (with gradient accumulation). Returns this rank's means of what the
@@ -2188,15 +2207,15 @@ class Trainer:
         total, shell_total = 0.0, 0.0
         for _ in range(self.accum):
             inputs, targets, _ = self.train_loader.next_batch(micro_tokens, cfg.max_seq_len)
-            loss = self.forward(inputs, targets, windows, weights) / self.accum  # summed over tokens
-            total += loss.detach() / micro_tokens
+            loss = self.forward(inputs, targets, windows, weights)  # summed over tokens
+            total += loss.detach() / (micro_tokens * self.accum)
             if cfg.shell_lambda:
                 # outside the compiled forward (which returns one loss, shared with validation): it
                 # repeats the cheap embedding lookup, and keeps the penalty out of the val loss
-                shell = cfg.shell_lambda * shell_penalty(self.model.embed_tokens(inputs)) / self.accum
-                shell_total += shell.detach()
+                shell = cfg.shell_lambda * shell_penalty(self.model.embed_tokens(inputs))
+                shell_total += shell.detach() / self.accum
                 loss = loss + shell * micro_tokens  # a per-token penalty, summed like the loss
-            loss.backward()
+            (loss * self.loss_factor).backward()
         self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last=step == sched.total - 1,
                              freeze_scalars=sched.scalars_frozen(step))
         return dict(train_loss=total, **({"shell": shell_total} if cfg.shell_lambda else {}))

@@ -1,7 +1,7 @@
-"""Config: typed overrides, presets, --baseline, and clear errors for bad flags and batch splits."""
+"""Config: typed overrides, presets, --baseline, and clear errors for bad flags (the batch split over
+ranks: tests/test_distributed.py)."""
 import re
 from dataclasses import fields
-from types import SimpleNamespace
 
 import pytest
 
@@ -186,29 +186,3 @@ def test_help_shows_the_values_of_the_chosen_preset(capsys):
     assert any(re.fullmatch(r"  --num_steps=150 +scheduled steps.*", line) for line in lines)
     assert any(re.fullmatch(r"  --n_layer=3 +transformer blocks", line) for line in lines)
     assert any(re.fullmatch(r"  --muon=false +.*", line) for line in lines)
-
-
-def check(cfg, world):
-    tg.Trainer.check_batches(SimpleNamespace(cfg=cfg, backend=SimpleNamespace(world_size=world)))
-
-
-def test_batch_split_checks():
-    cfg = tg.parse_args([])  # speedrun: accum_world_size 8
-    for world in (1, 2, 4, 8):
-        check(cfg, world)
-    with pytest.raises(SystemExit) as e:
-        check(cfg, 3)
-    msg = str(e.value.code)
-    assert "world size 3" in msg and "accum_world_size=8" in msg
-    # a preset whose batch does not divide over accum_world_size
-    cfg = tg.parse_args(["--preset=cpu", "--accum_world_size=3"])
-    with pytest.raises(SystemExit) as e:
-        check(cfg, 1)
-    msg = str(e.value.code)
-    assert "accum_world_size=3" in msg and "does not split" in msg
-    assert re.search(r"batch of (2048|4096|8192) tokens", msg)
-    # the validation batch is checked too
-    cfg = tg.parse_args(["--preset=cpu", "--accum_world_size=2", "--val_batch_tokens=8193"])
-    with pytest.raises(SystemExit) as e:
-        check(cfg, 2)
-    assert "8193" in str(e.value.code)

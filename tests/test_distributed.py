@@ -1,28 +1,56 @@
-"""Distributed: a 2-process gloo run (torchrun) matches a 1-process run with gradient accumulation.
+"""Distributed: gloo runs under torchrun match 1-process runs with gradient accumulation.
 
-Both runs see the same global batch of each step: 1 process takes the two micro-batches one after
-the other (accum 2), 2 processes take one each and average gradients (reduce-scatter / all-reduce).
+Runs that cut each batch into the same number of micro-batches, max(world size, accum_world_size),
+see the same token pieces: 1 process takes them one after the other, N processes side by side
+(ranks walk the documents in the same order) and average their gradients (NorMuon reduce-scatter,
+Adam all-reduce). Each run goes through the hook at the end of this file, which saves its first
+gradients and parameters next to the metrics log.
 """
 import json
+import math
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
+import torch
+import torch.distributed as dist
 
 import train_gpt as tg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BOS = 50256
 
-TINY = ["--preset=cpu", "--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
+# 3 layers: NorMuon's q/k/v/o group holds 12 matrices (on 8 ranks 2 each: ranks 6 and 7 own only
+# padding) and the MLP up, MLP down and gate groups 3 each (fewer than 4 or 8 ranks; on 2 ranks the
+# second owns one matrix and one padding slot)
+TINY = ["--preset=cpu", "--n_layer=3", "--d_model=32", "--n_head=1", "--head_dim=32", "--mlp_hidden=128",
         "--long_window_layers=1", "--window_block=32", "--long_windows=1,2,2", "--extension_window=2",
-        "--final_window=2", "--batch_tokens=512,512,512", "--max_seq_len=128", "--val_tokens=1024",
-        "--val_batch_tokens=512", "--skip_from=-1", "--backout_layer=-1", "--accum_world_size=2",
-        "--num_steps=5", "--extension_steps=0", "--val_every=5", "--log_every=1", "--progress=false",
-        "--momentum_warmup_steps=2", "--momentum_cooldown_steps=2"]
+        "--final_window=2", "--batch_tokens=256,256,256", "--max_seq_len=128", "--val_tokens=256",
+        "--val_batch_tokens=256", "--skip_from=-1", "--backout_layer=-1", "--num_steps=3",
+        "--extension_steps=0", "--log_every=1", "--progress=false", "--momentum_warmup_steps=2",
+        "--momentum_cooldown_steps=2", "--save_final=false"]
+STEPS = 3
+COMPARED_STEPS = 2  # gradients of the first 2 steps and the parameters after them are compared
+PADDED_VOCAB = 50304  # 50,257 rounded up to a multiple of 128: the columns of the head
+
+# Measured on this machine (torch 2.13 CPU, OMP_NUM_THREADS=1), 2, 4 and 8 ranks against 1 process,
+# each gap relative to the tensor's largest entry:
+# - gradients of steps 0 and 1, averaged over ranks as the optimizers average them: at most 1.8e-7;
+#   only the order of the sums differs (accumulated micro-batches vs a gloo average);
+# - parameters after those 2 steps: at most 7.7e-8 (every matrix moved by at least 0.11 of its
+#   largest entry: a matrix left out of a shard or updated from another's gradient is that far off);
+# - train losses of all 3 steps: at most 2e-6; the final val loss: at most 5.6e-5. After step 1 the
+#   runs drift apart: bf16 activations and Polar Express turn a 1e-7 difference into 1e-3 of a
+#   gradient at step 2, so parameters are compared before it.
+# A wrong split moves the gradients far more: a missing or doubled factor by 0.5 or 1, other data by
+# whole tokens' worth.
+GRAD_TOL = 1e-5
+PARAM_TOL = 1e-3
+LOSS_TOL = 1e-3
 
 
 def free_port():
@@ -32,7 +60,7 @@ def free_port():
 
 
 def env():
-    e = dict(os.environ, OMP_NUM_THREADS="1")
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
     e.pop("TRITON_INTERPRET", None)
     return e
 
@@ -42,7 +70,7 @@ def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dist_data")
     rng = np.random.default_rng(0)
     docs, total = [], 0
-    while total < 30000:  # 5 steps x 2 ranks x 513 tokens, with tails of long documents dropped
+    while total < 10000:  # 3 steps x 264 tokens, with tails of long documents dropped
         d = np.concatenate([[BOS], rng.integers(0, 64, rng.integers(20, 300))])
         docs.append(d)
         total += d.size
@@ -53,11 +81,12 @@ def data(tmp_path_factory):
 
 
 def run(args, nproc, log_dir, run_id):
+    """train_gpt.main on `nproc` gloo processes, through the hook at the end of this file."""
     cmd = [sys.executable]
     if nproc > 1:
         cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
-    cmd += [os.path.join(ROOT, "train_gpt.py"), *args, f"--log_dir={log_dir}", f"--run_id={run_id}"]
-    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    cmd += [os.path.abspath(__file__), *args, f"--log_dir={log_dir}", f"--run_id={run_id}"]
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
 def failure(out):
@@ -67,64 +96,154 @@ def failure(out):
     return "\n".join(keep[-40:])
 
 
-def metrics(log_dir, run_id):
+def train(args, nproc, log_dir, run_id):
+    """Run; return its metrics by kind, its gradients of the compared steps and the parameters after them."""
+    start = time.perf_counter()
+    out = run(args, nproc, log_dir, run_id)
+    assert out.returncode == 0, failure(out)
+    print(f"{run_id}: {nproc} process(es), {time.perf_counter() - start:.0f}s")
+    by_kind = {}
     with open(os.path.join(log_dir, f"{run_id}.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        for line in f:
+            m = json.loads(line)
+            by_kind.setdefault(m["kind"], []).append(m)
+    saved_path = os.path.join(log_dir, f"{run_id}.pt")
+    saved = torch.load(saved_path)
+    os.remove(saved_path)  # the embedding tables make it tens of MB
+    return by_kind, saved["grads"], saved["params"]
 
 
-# Measured on this machine (torch 2.13 CPU, OMP_NUM_THREADS=1): after 5 steps the val loss is
-# 8.3881435 with 1 process and 8.3882008 with 2, a gap of 5.7e-5 (the model moved 2.4 from 10.82).
-# The runs are not bit-identical: gradients are summed in a different order (two accumulated halves
-# vs a gloo average) and bf16 Polar Express amplifies a 1-ulp gradient difference to a few percent of
-# one update matrix. The tolerance 2e-3 is 35x the measured gap, yet a wrong split (other data, a
-# missing average, a shard of matrices never updated) moves a tiny model's loss by far more.
-VAL_TOL = 2e-3
+def largest_gap(a, b, scale=1.0):
+    """max |a - scale * b| over the tensors of two dicts, relative to each tensor's largest entry in a."""
+    assert a.keys() == b.keys()
+    return max(((a[k] - scale * b[k]).abs().max() / a[k].abs().max().clamp_min(1e-30)).item() for k in a)
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, data):
-    log_dir = tmp_path_factory.mktemp("dist_logs")
-    args = TINY + data
-    one = run(args, 1, log_dir, "one")
-    assert one.returncode == 0, failure(one)
-    two = run(args, 2, log_dir, "two")
-    assert two.returncode == 0, failure(two)
-    return log_dir, metrics(log_dir, "one"), metrics(log_dir, "two")
+def loss_gaps(ref, other, kind, key):
+    return [abs(a[key] - b[key]) for a, b in zip(ref[kind], other[kind], strict=True)]
 
 
-def test_two_processes_match_one(runs):
-    log_dir, m1, m2 = runs
-    val1 = {m["step"]: m["val_loss"] for m in m1 if m["kind"] == "val"}
-    val2 = {m["step"]: m["val_loss"] for m in m2 if m["kind"] == "val"}
-    assert sorted(val1) == sorted(val2) == [0, 5]
-    final1 = next(m for m in m1 if m["kind"] == "final")["val_loss"]
-    final2 = next(m for m in m2 if m["kind"] == "final")["val_loss"]
-    print(f"val@0 {val1[0]:.7f} vs {val2[0]:.7f}; val@5 {val1[5]:.7f} vs {val2[5]:.7f}; "
-          f"diff {abs(val1[5] - val2[5]):.2e}")
-    assert abs(val1[0] - val2[0]) < 1e-5  # same init, same val data split over ranks
-    assert abs(val1[5] - val2[5]) < VAL_TOL and final1 == val1[5] and final2 == val2[5]
-    assert val1[5] < val1[0] - 0.5  # the runs did train (else equality would prove little)
-    # both logged 5 train steps and the same config apart from the run id
-    assert [m["step"] for m in m1 if m["kind"] == "train"] == [1, 2, 3, 4, 5]
-    assert [m["step"] for m in m2 if m["kind"] == "train"] == [1, 2, 3, 4, 5]
-    c1, c2 = (next(m for m in ms if m["kind"] == "config") for ms in (m1, m2))
-    assert {k: v for k, v in c1.items() if k != "run_id"} == {k: v for k, v in c2.items() if k != "run_id"}
-    # rank 1 writes no log of its own (the folders hold the final checkpoints)
-    assert sorted(os.listdir(log_dir)) == ["one", "one.jsonl", "one.txt", "two", "two.jsonl", "two.txt"]
+def test_split_batch():
+    """(parts, accum, loss factor) worked out by hand: the gradient is the global sum / accum_world_size
+    when each rank's loss is scaled by the factor and the ranks average."""
+    speedrun = tg.parse_args([])  # accum_world_size 8; batches 131072, 262144, 393216 and val 2097152
+    cases = {1: (8, 8, 1 / 8), 2: (8, 4, 1 / 4), 4: (8, 2, 1 / 2), 8: (8, 1, 1.0), 16: (16, 1, 2.0),
+             32: (32, 1, 4.0), 131072: (131072, 1, 16384.0)}
+    for world, expected in cases.items():
+        assert tg.split_batch(speedrun, world) == expected
+    for world in (3, 6, 12, 24, 262144):  # neither divides 8 nor is a multiple of 8 dividing every batch
+        with pytest.raises(SystemExit) as e:
+            tg.split_batch(speedrun, world)
+        msg = e.value.code
+        assert msg.startswith(f"error: world size {world} cannot split the batches of preset speedrun ")
+        assert "accum_world_size=8" in msg and "batch_tokens=131072,262144,393216" in msg
+        assert "val_batch_tokens=2097152" in msg and "(1, 2, 4, 8: ranks accumulate)" in msg
+        assert "(16, 32, 64, ...: a smaller slice each)" in msg and "\n" not in msg
+    # cpu preset: accum_world_size 1, batches 2048, 4096, 6144, val 8192: any power of 2 up to 2048
+    cpu = tg.parse_args(["--preset=cpu"])
+    assert tg.split_batch(cpu, 1) == (1, 1, 1.0)
+    assert tg.split_batch(cpu, 2) == (2, 1, 2.0)
+    assert tg.split_batch(cpu, 2048) == (2048, 1, 2048.0)
+    with pytest.raises(SystemExit) as e:
+        tg.split_batch(cpu, 4096)
+    assert "world size 4096" in e.value.code
+    # accum_world_size 6 with batches of 12 and 24 tokens: 1, 2, 3, 6 accumulate, 12 splits, 4 and 24 do not
+    six = tg.parse_args(["--preset=cpu", "--accum_world_size=6", "--batch_tokens=12,24,24", "--val_batch_tokens=24"])
+    assert tg.split_batch(six, 3) == (6, 2, 0.5)
+    assert tg.split_batch(six, 12) == (12, 1, 2.0)
+    for world in (4, 24):
+        with pytest.raises(SystemExit) as e:
+            tg.split_batch(six, world)
+        assert "(1, 2, 3, 6: ranks accumulate) or a multiple of 6 that divides every batch (12: a smaller slice each)" in e.value.code
+    # no larger world size works: the message offers only the divisors
+    with pytest.raises(SystemExit) as e:
+        tg.split_batch(tg.parse_args(["--preset=cpu", "--accum_world_size=2048"]), 3)
+    assert e.value.code.endswith("world sizes that work: a divisor of 2048 (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048: ranks accumulate)")
+    # a batch that does not split over accum_world_size is refused whatever the world size
+    for args in (["--accum_world_size=3"], ["--accum_world_size=2", "--val_batch_tokens=8193"]):
+        with pytest.raises(SystemExit) as e:
+            tg.split_batch(tg.parse_args(["--preset=cpu", *args]), 1)
+        assert "does not split over accum_world_size=" in e.value.code
 
 
-def test_logged_train_loss_is_the_global_batch_mean(runs):
-    """The train_loss a run logs should not depend on how the global batch is split over processes."""
-    _, m1, m2 = runs
-    t1 = [m["train_loss"] for m in m1 if m["kind"] == "train"]
-    t2 = [m["train_loss"] for m in m2 if m["kind"] == "train"]
-    print("train losses, 1 process:", t1, "2 processes:", t2)
-    assert t1 == pytest.approx(t2, abs=VAL_TOL)
+def test_one_two_four_and_eight_ranks_match_one_process_with_accumulation(tmp_path, data):
+    args = TINY + data + ["--accum_world_size=8", "--val_every=0"]
+    metrics, grads, params = train(args, 1, tmp_path, "w1")
+    # not vacuous: every matrix has a gradient by step 1, and train_loss is a per-token mean (at
+    # init about ln(vocab) per target; up to 3 targets weighted 1, 1/2, 1/4), not a sum
+    assert all(g.abs().max() > 0 for name, g in grads[1].items() if name.startswith("blocks.") and "lambdas" not in name)
+    assert math.log(PADDED_VOCAB) < metrics["train"][0]["train_loss"] < 1.75 * math.log(PADDED_VOCAB)
+    for world in (2, 4, 8):
+        m, g, p = train(args, world, tmp_path, f"w{world}")
+        grad_gap = max(largest_gap(a, b) for a, b in zip(grads, g, strict=True))
+        param_gap = largest_gap(params, p)
+        train_gap, val_gap = max(loss_gaps(metrics, m, "train", "train_loss")), loss_gaps(metrics, m, "val", "val_loss")[0]
+        print(f"{world} ranks: grads {grad_gap:.1e} params {param_gap:.1e} train {train_gap:.1e} val {val_gap:.1e}")
+        assert grad_gap < GRAD_TOL and param_gap < PARAM_TOL and train_gap < LOSS_TOL and val_gap < LOSS_TOL
+        assert [x["step"] for x in m["train"]] == [1, 2, 3] and [x["step"] for x in m["val"]] == [STEPS]
+        assert m["final"][0]["val_loss"] == m["val"][-1]["val_loss"]
+        assert {k: v for k, v in m["config"][0].items() if k != "run_id"} == {k: v for k, v in metrics["config"][0].items() if k != "run_id"}
+    # only rank 0 writes logs
+    files = sorted(f.name for f in tmp_path.iterdir() if f.is_file())
+    assert files == sorted(f"w{w}.{ext}" for w in (1, 2, 4, 8) for ext in ("jsonl", "txt"))
 
 
-def test_world_size_must_divide_accum(tmp_path, data):
-    args = [a for a in TINY if not a.startswith("--accum_world_size")] + data + ["--accum_world_size=3"]
+def test_more_ranks_than_accum_world_size(tmp_path, data):
+    """2 ranks at accum_world_size=1 cut each batch into 2 slices, one each: the pieces 1 process
+    takes at accum_world_size=2. Their gradient is the global sum / 1, twice the other run's sum / 2.
+
+    The parameters are not compared: the optimizers see the gradient's scale where it is tiny. Polar
+    Express divides by |g| + 1e-6, so the gates' step-1 gradient (norm 3e-4) starts its iterations at
+    singular value 0.976 or 0.980 and ends at 1.08 or 0.87; Adam's eps moves the value embeddings by
+    0.17 of their largest entry. That is why every world size must keep the record's scale."""
+    args = TINY + data + ["--val_every=3"]
+    one, grads1, _ = train(args + ["--accum_world_size=2"], 1, tmp_path, "accum2_w1")
+    two, grads2, _ = train(args + ["--accum_world_size=1"], 2, tmp_path, "accum1_w2")
+    grad_gap = max(largest_gap(a, b, scale=2.0) for a, b in zip(grads2, grads1, strict=True))
+    train_gap = max(loss_gaps(one, two, "train", "train_loss")[:COMPARED_STEPS])
+    val_gap = loss_gaps(one, two, "val", "val_loss")[0]  # at step 0: the same slices, split over ranks
+    print(f"2 ranks vs 1 process: grads (x 2) {grad_gap:.1e} train {train_gap:.1e} val at step 0 {val_gap:.1e}")
+    assert grad_gap < GRAD_TOL and train_gap < LOSS_TOL and val_gap < LOSS_TOL
+    assert [x["step"] for x in two["val"]] == [0, STEPS]
+
+
+def test_a_world_size_that_fits_no_rule_is_refused(tmp_path, data):
+    args = TINY + data + ["--accum_world_size=3", "--batch_tokens=1536,1536,1536", "--val_batch_tokens=1536"]
     out = run(args, 2, tmp_path, "bad")
     assert out.returncode != 0
-    text = out.stdout + out.stderr
-    assert "world size 2 does not divide" in text and "accum_world_size=3" in text
+    assert "error: world size 2 cannot split the batches of preset cpu (accum_world_size=3" in out.stderr
+
+
+def train_and_save():
+    """Test-only hook (this file run under torchrun): train as train_gpt.py does; rank 0 saves the
+    gradients of the first COMPARED_STEPS steps, averaged over ranks as the optimizers average them,
+    and the parameters after them to <log_dir>/<run_id>.pt."""
+    run_trainer = tg.Trainer.run
+
+    def run_and_save(trainer):
+        grads, params, optimizer_step = [], {}, trainer.optimizers.step
+
+        def step(i, *args, **kwargs):
+            if i < COMPARED_STEPS:
+                grads.append({})
+                for name, p in trainer.model.named_parameters():
+                    if p.grad is not None:
+                        grads[i][name] = p.grad.clone()
+                        if dist.is_initialized():
+                            dist.all_reduce(grads[i][name], op=dist.ReduceOp.AVG)
+            optimizer_step(i, *args, **kwargs)
+            if i == COMPARED_STEPS - 1:
+                params.update((name, p.detach().clone()) for name, p in trainer.model.named_parameters())
+
+        trainer.optimizers.step = step
+        result = run_trainer(trainer)
+        if trainer.backend.is_master:
+            torch.save(dict(grads=grads, params=params), os.path.join(trainer.cfg.log_dir, f"{trainer.cfg.run_id}.pt"))
+        return result
+
+    tg.Trainer.run = run_and_save
+    tg.main()
+
+
+if __name__ == "__main__":
+    train_and_save()
