@@ -15,7 +15,7 @@ import torch
 import train_gpt as tg
 from test_distributed import ROOT, TINY, data, env, failure, free_port  # noqa: F401 (data is a fixture)
 
-# 8 steps: stage changes at 3 and 6 (batch and window), the untie at step 6, Adam every 2 steps. A
+# 8 steps: stages start at 3 (a wider window, with YaRN) and 6 (the untie), Adam steps every 2. A
 # checkpoint at step 3 leaves step 2's Adam gradients accumulated but not yet applied.
 STEPS = [a for a in TINY if not a.startswith(("--num_steps", "--save_final"))] + ["--num_steps=8", "--val_every=4"]
 KILL_AT = 3
