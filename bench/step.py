@@ -99,7 +99,7 @@ def main(argv):
             print(f"{'stage':>5s} {'step':>6s} {'batch':>7s} {'windows':>9s} {'ms/step':>9s} {'tok/s/dev':>10s} "
                   f"{'FLOP/tok':>10s} {'GFLOP/s':>9s} {mfu_names}", flush=True)
         for start, times, _ in G.stage_runs(trainer, untimed, steps):
-            ms = 1000 * statistics.median(times[untimed:])
+            ms = 1000 * statistics.median(times[untimed:]) if len(times) > untimed else float("nan")  # a short stage
             windows = schedule.windows(schedule.window_blocks(start))
             flops = flops_per_token(cfg, windows)
             tokens_per_s = schedule.batch_tokens(start) / backend.world_size / (ms / 1000)
