@@ -49,6 +49,7 @@ class Config:
     preset: str = "speedrun"  # speedrun (8xH100 record recipe) | cpu (small model on the bundled sample)
     seed: int = 0  # seed of the model's initialization
     device: str = "auto"  # auto | cuda | cpu
+    cpu_dtype: str = "auto"  # matmul dtype on a CPU: auto (bf16 if it has AVX512-BF16 or AMX, else fp32) | bf16 | fp32; CUDA: bf16
     compile: bool = True  # torch.compile the model (warmup then compiles, untimed)
     run_id: str = ""  # empty: a fresh uuid
     log_dir: str = "logs"  # where <run_id>.txt (the record log) and <run_id>.jsonl go
@@ -217,6 +218,7 @@ class ConfigError(ValueError):
 # flags that take one of a few words
 CHOICES = {
     "device": ("auto", "cuda", "cpu"),
+    "cpu_dtype": ("auto", "bf16", "fp32"),
     "gate_attn": ("none", "relu", "sigmoid"),
     "gate_mlp": ("none", "relu", "sigmoid"),
     "perp_grad": ("none", "matrices", "all"),
@@ -378,6 +380,7 @@ def parse_args(argv):
 
 
 FLEX_BLOCK = 128  # flex_attention's sparse block: the mask is built per 128 x 128 tile of (query, key)
+CPU_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class FlexAttention:
@@ -486,6 +489,8 @@ class Backend:
     world_size: int
     ops: type
     attention: object
+    # the model's matmul dtype; the default is read when a Backend is made (tests may patch it)
+    compute_dtype: torch.dtype = dataclasses.field(default_factory=lambda: COMPUTE_DTYPE)
 
     @property
     def is_master(self):
@@ -503,8 +508,19 @@ class Backend:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
+def cpu_compute_dtype(choice):
+    """The CPU's matmul dtype for --cpu_dtype: with `auto`, bf16 only where the CPU multiplies it
+    natively (AVX512-BF16 or AMX: ~4x fp32); AVX2-only CPUs emulate bf16, 5x or more slower than fp32.
+    Read from the CPU's features, not timed, so every rank and every run on a host agrees."""
+    if choice == "auto":
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        choice = "bf16" if native else "fp32"
+    return CPU_DTYPES[choice]
+
+
 def setup_backend(cfg):
-    """Pick the device, start the process group (NCCL on CUDA, gloo on CPU), the attention and ops."""
+    """Pick the device, start the process group (NCCL on CUDA, gloo on CPU), the attention, the ops
+    and the matmul dtype."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device=cuda but no CUDA device is available")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -520,7 +536,8 @@ def setup_backend(cfg):
     triton_ops = globals().get("TritonOps")
     ops = triton_ops if use_cuda and cfg.triton and triton_ops is not None else TorchOps
     attention = FlexAttention() if use_cuda else BlockedAttention(cfg.window_block)
-    return Backend(device, rank, world_size, ops, attention)
+    compute_dtype = COMPUTE_DTYPE if use_cuda else cpu_compute_dtype(cfg.cpu_dtype)
+    return Backend(device, rank, world_size, ops, attention, compute_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -927,7 +944,7 @@ if triton is not None:
 # Model
 # ------------------------------------------------------------------------------------------------
 
-COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA and on CPUs with AVX512-BF16
+COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA (on a CPU: the backend's choice, --cpu_dtype)
 YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which YaRN fully/never rescales
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
@@ -1099,25 +1116,25 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     """ReLU^2 MLP; the up projection and activation run as one fused op."""
 
-    def __init__(self, cfg, ops):
+    def __init__(self, cfg, ops, dtype=COMPUTE_DTYPE):
         super().__init__()
         d, hidden = cfg.d_model, cfg.mlp_hidden
-        self.ops = ops
+        self.ops, self.dtype = ops, dtype
         # both count as hidden x d for Muon's shape multiplier: the record stores down transposed
         self.up = tag(uniform_matrix(hidden, d, math.sqrt(3) * 0.5 / math.sqrt(d)), "matrix", shape_lr_mul(hidden, d))
         self.down = tag(nn.Parameter(torch.zeros(d, hidden)), "matrix", shape_lr_mul(hidden, d) * cfg.mlp_down_lr_mul)
 
     def forward(self, x):
-        # bf16 whatever autocast left x as (the residual stream and rms_norm are fp32 under it):
-        # the fused kernel's tiles are sized for 2-byte operands
-        return F.linear(self.ops.linear_relu2(x.to(COMPUTE_DTYPE), self.up.to(COMPUTE_DTYPE)), self.down)
+        # the compute dtype whatever autocast left x as (the residual stream and rms_norm are fp32
+        # under it): the fused kernel's tiles are sized for 2-byte operands
+        return F.linear(self.ops.linear_relu2(x.to(self.dtype), self.up.to(self.dtype)), self.down)
 
 
 class Block(nn.Module):
-    def __init__(self, cfg, layer, ops):
+    def __init__(self, cfg, layer, ops, dtype=COMPUTE_DTYPE):
         super().__init__()
         self.attn = None if layer in cfg.no_attn_layers else Attention(cfg, layer)
-        self.mlp = MLP(cfg, ops)
+        self.mlp = MLP(cfg, ops, dtype)
         self.long = layer in cfg.long_window_layers
         self.attn_out_gate = output_gate(cfg, cfg.gate_attn) if self.attn is not None else None
         self.mlp_out_gate = output_gate(cfg, cfg.gate_mlp)
@@ -1148,9 +1165,9 @@ class GPT(nn.Module):
     """The record model. forward(idx, targets, windows, mtp_weights) returns the token losses'
     sum: the record trains on the sum, which sets the gradient scale Adam's eps is measured against."""
 
-    def __init__(self, cfg, ops, attention):
+    def __init__(self, cfg, ops, attention, dtype=COMPUTE_DTYPE):
         super().__init__()
-        self.cfg, self.ops, self.attention = cfg, ops, attention
+        self.cfg, self.ops, self.attention, self.dtype = cfg, ops, attention, dtype
         d = cfg.d_model
         self.vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
         self.lm_head = tag(nn.Parameter(torch.randn(self.vocab, d) * 0.005), "head")
@@ -1163,7 +1180,7 @@ class GPT(nn.Module):
             tag(nn.Parameter(torch.zeros(self.vocab, inner)), "value_embed", cfg.value_embed_lr_mul)
             for _ in range(cfg.value_embeds)
         )
-        self.blocks = nn.ModuleList(Block(cfg, i, ops) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i, ops, dtype) for i in range(cfg.n_layer))
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale)
         if cfg.smear:
             self.smear_lambda = tag(nn.Parameter(torch.zeros(())), "scalar")
@@ -1194,7 +1211,8 @@ class GPT(nn.Module):
     def hidden(self, idx, windows, attention=None):
         """Final normed hidden states [T, d] for a packed sequence of documents (`attention`
         replaces the backend's, e.g. by a SinkProbe around it)."""
-        with torch.autocast(idx.device.type, dtype=COMPUTE_DTYPE):
+        # autocast for 16-bit dtypes only: fp32 needs none (and CPU autocast takes no other)
+        with torch.autocast(idx.device.type, dtype=self.dtype, enabled=self.dtype.itemsize == 2):
             return self._hidden(idx, windows, attention or self.attention)
 
     def _hidden(self, idx, windows, attention):
@@ -1220,9 +1238,9 @@ class GPT(nn.Module):
         return norm(x)
 
     def logits(self, x):
-        """Raw head outputs z [T, vocab] in bf16 (the softcap is applied inside the loss); FP8
-        only while training, validation runs the head in bf16."""
-        x, w = x.to(COMPUTE_DTYPE), self.lm_head.to(COMPUTE_DTYPE)
+        """Raw head outputs z [T, vocab] in the compute dtype (the softcap is applied inside the loss);
+        FP8 only while training, validation runs the head in the compute dtype."""
+        x, w = x.to(self.dtype), self.lm_head.to(self.dtype)
         if self.cfg.fp8_head and self.training:
             return fp8_linear(x, w)
         return F.linear(x, w)
@@ -1315,9 +1333,9 @@ POLAR_NORM_MARGIN = 1.02  # divide by a bit more than the Frobenius norm so no s
 NORMUON_EPS = 1e-10
 
 
-def polar_express(g, ops, steps=len(POLAR_EXPRESS_COEFFS)):
-    """Approximately orthogonalize a batch of matrices [..., m, n] in bf16 (singular values -> ~1)."""
-    x = g.to(COMPUTE_DTYPE)
+def polar_express(g, ops, steps=len(POLAR_EXPRESS_COEFFS), dtype=COMPUTE_DTYPE):
+    """Approximately orthogonalize a batch of matrices [..., m, n] in `dtype` (singular values -> ~1)."""
+    x = g.to(dtype)
     tall = g.size(-2) > g.size(-1)
     if tall:  # work in the wide orientation so X X^T is the small Gram matrix
         x = x.mT
@@ -1359,13 +1377,15 @@ class NorMuon(torch.optim.Optimizer):
     Each matrix steps lr * lr_mul and decays weight_decay * lr * (lr * lr_mul), as in the record.
     """
 
-    def __init__(self, params, lr, weight_decay, momentum, beta2, ops, rank=0, world_size=1, polar_steps=5):
+    def __init__(self, params, lr, weight_decay, momentum, beta2, ops, rank=0, world_size=1, polar_steps=5,
+                 dtype=COMPUTE_DTYPE):
         by_shape = {}
         for p in params:
             by_shape.setdefault((tuple(p.shape), p.kind), []).append(p)
         groups = [dict(params=ps) for _, ps in sorted(by_shape.items())]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
         self.ops, self.rank, self.world_size, self.polar_steps = ops, rank, world_size, polar_steps
+        self.dtype = dtype  # of the orthogonalization: the backend's compute dtype
 
     def _shard(self, group):
         params = group["params"]
@@ -1422,7 +1442,7 @@ class NorMuon(torch.optim.Optimizer):
         momentum = state["momentum"]
         momentum.lerp_(grad, 1 - group["momentum"])
         nesterov = grad.lerp_(momentum, group["momentum"])
-        u = polar_express(nesterov, self.ops, self.polar_steps).to(grad.dtype)  # normalize in full precision
+        u = polar_express(nesterov, self.ops, self.polar_steps, self.dtype).to(grad.dtype)  # normalize in full precision
         u = normuon_normalize(u, state["second_moment"], group["beta2"], reduce_dim)
         step_lr = group["lr"] * state["lr_mul"]
         decay = group["weight_decay"] * group["lr"] * step_lr
@@ -1501,7 +1521,7 @@ class Optimizers:
         if cfg.muon:
             matrices = [p for p in params if p.kind in ("matrix", "gate")]
             self.muon = NorMuon(matrices, cfg.muon_lr, cfg.muon_wd, cfg.muon_momentum, cfg.muon_beta2,
-                                backend.ops, backend.rank, world, cfg.polar_steps)
+                                backend.ops, backend.rank, world, cfg.polar_steps, backend.compute_dtype)
             adam_betas, wd = cfg.adam_betas, cfg.adam_wd
             kinds = {  # kind: (lr, betas, weight decay)
                 "head": (cfg.adam_lr, adam_betas, wd),
@@ -2166,7 +2186,7 @@ class Trainer:
         self.schedule = Schedule(cfg)
         self.parts, self.accum, self.loss_factor = split_batch(cfg, backend.world_size)
         torch.manual_seed(cfg.seed)
-        self.model = GPT(cfg, backend.ops, backend.attention).to(backend.device)
+        self.model = GPT(cfg, backend.ops, backend.attention, backend.compute_dtype).to(backend.device)
         if cfg.compile:
             torch._dynamo.config.cache_size_limit = 64  # one graph per (stage, window, tied) is expected
         self.forward = torch.compile(self.model, fullgraph=True, dynamic=False) if cfg.compile else self.model
@@ -2328,7 +2348,8 @@ class Trainer:
         """The run's set-up as log lines: backend, schedule, what train_loss means."""
         cfg, b = self.cfg, self.backend
         self.log.line(f"backend: {b.device.type} x {b.world_size}, accumulation {self.accum}, ops {b.ops.name}, "
-                      f"attention {type(b.attention).__name__}, compile {cfg.compile}")
+                      f"attention {type(b.attention).__name__}, compute {str(b.compute_dtype).removeprefix('torch.')}, "
+                      f"compile {cfg.compile}")
         for line in self.schedule.describe():
             self.log.line("schedule: " + line)
         if cfg.mtp:

@@ -44,10 +44,9 @@ MEAN_DOC_TOKENS = 1000
 class Report:
     """The check's rows, printed and written to JSON (temporary file + rename) as each arrives."""
 
-    def __init__(self, path, enabled):
+    def __init__(self, path, enabled, **sections):
         self.path, self.enabled = path, enabled
-        self.data = dict(date=time.strftime("%Y-%m-%d %H:%M"), device=device_name(), torch=torch.__version__,
-                         record=RECORD, kernels=[], stages=[])
+        self.data = dict(date=time.strftime("%Y-%m-%d %H:%M"), device=device_name(), torch=torch.__version__, **sections)
 
     def add(self, section, row, line):
         """Append `row` to a list section (kernels, stages) or set a single one (final)."""
@@ -66,7 +65,8 @@ class Report:
 
 
 def device_name():
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    """The GPU's name, or the CPU's model, cores and torch threads."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else T.versions_and_hardware().splitlines()[-1]
 
 
 def synchronize(device):
@@ -171,30 +171,44 @@ def synthetic_data(folder, cfg, val_tokens):
     return [f"--train_files={folder}/train_*.bin", f"--val_files={folder}/val_*.bin"]
 
 
-def stage_table(report, argv, steps, workdir):
-    """A few steps at the start of every stage (the untie included): compile time, ms per step,
-    tokens/s per GPU, peak memory, losses; then the final validation."""
+def build_trainer(argv, workdir, run_name):
+    """A Trainer for train_gpt flags `argv`, logging into `workdir`; on random tokens there
+    (synthetic_data) when the config's training shards are missing. Validation scores one batch."""
     cfg = T.parse_args(argv)
     val_tokens = cfg.val_batch_tokens  # one validation batch
-    extra = [f"--val_tokens={val_tokens}", f"--log_dir={workdir}", f"--run_id=gpu_check_{os.getpid()}", "--progress=false"]
+    extra = [f"--val_tokens={val_tokens}", f"--log_dir={workdir}", f"--run_id={run_name}_{os.getpid()}", "--progress=false"]
     if not glob.glob(cfg.train_files):
         extra += synthetic_data(workdir, cfg, val_tokens)
     cfg = T.parse_args(argv + extra)
     backend = T.setup_backend(cfg)
-    trainer = T.Trainer(cfg, backend, T.RunLog(cfg, backend))
-    schedule = trainer.schedule
+    return T.Trainer(cfg, backend, T.RunLog(cfg, backend))
+
+
+def stage_runs(trainer, untimed, steps):
+    """For the start of every stage (the untie included): run `untimed` steps, then time up to
+    `steps` more. Yields (first step, seconds of each step, losses of each step), untimed ones first."""
+    schedule, backend = trainer.schedule, trainer.backend
     starts = sorted(set(schedule.stage_starts()) | ({schedule.untie_step} - {None}))
     for start in starts:
         if backend.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
-        for step in range(start, min(start + steps + 1, schedule.total)):
+        for step in range(start, min(start + untimed + steps, schedule.total)):
             backend.synchronize()
             t0 = time.perf_counter()
             out = trainer.train_step(step)
             backend.synchronize()
             times.append(time.perf_counter() - t0)
             losses.append(float(out["train_loss"]))
+        yield start, times, losses
+
+
+def stage_table(report, argv, steps, workdir):
+    """A few steps at the start of every stage (the untie included): compile time, ms per step,
+    tokens/s per GPU, peak memory, losses; then the final validation."""
+    trainer = build_trainer(argv, workdir, "gpu_check")
+    schedule, backend = trainer.schedule, trainer.backend
+    for start, times, losses in stage_runs(trainer, 1, steps):
         ms = 1000 * statistics.median(times[1:]) if len(times) > 1 else float("nan")
         tokens = schedule.batch_tokens(start) / backend.world_size
         row = dict(stage=schedule.stage(start), first_step=start, batch_tokens=schedule.batch_tokens(start),
@@ -218,14 +232,20 @@ def stage_table(report, argv, steps, workdir):
                f"peak {RECORD['peak_allocated_gib']} GiB); final validation first call {first_val_s:.1f} s")
 
 
+def split_options(argv, names):
+    """The script's own options among `argv` ({name: text after '=', or '' for a bare flag}) and
+    the rest, which are train_gpt flags."""
+    own = {a.split("=")[0]: a.partition("=")[2] for a in argv if a.split("=")[0] in names}
+    return own, [a for a in argv if a.split("=")[0] not in names]
+
+
 def main(argv):
-    own = {a.split("=")[0]: a for a in argv if a.split("=")[0] in ("--quick", "--smoke", "--steps", "--out")}
-    rest = [a for a in argv if a not in own.values()]
+    own, rest = split_options(argv, ("--quick", "--smoke", "--steps", "--out"))
     smoke = "--smoke" in own
-    steps = int(own["--steps"].split("=")[1]) if "--steps" in own else (1 if smoke else 3 if "--quick" in own else 6)
-    out = own["--out"].split("=", 1)[1] if "--out" in own else os.path.join("logs", "gpu_check.json")
+    steps = int(own["--steps"]) if "--steps" in own else (1 if smoke else 3 if "--quick" in own else 6)
+    out = own.get("--out") or os.path.join("logs", "gpu_check.json")
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
-    report = Report(out, int(os.environ.get("RANK", 0)) == 0)
+    report = Report(out, int(os.environ.get("RANK", 0)) == 0, record=RECORD, kernels=[], stages=[])
     if report.enabled:
         check_kernels(report, device, SMOKE_SHAPES if smoke else KERNEL_SHAPES)
     model_argv = (["--device=cpu", "--fp8_head=true"] + SMOKE_FLAGS if smoke else []) + rest

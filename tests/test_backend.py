@@ -142,3 +142,16 @@ def test_compiled_training_through_every_stage(tmp_path):
     # + the warmup's validation at the first window and the final one at the last window
     assert graphs() - start == 6
     assert 5 < val_loss < 11
+
+
+@pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, torch.float32), (True, False, torch.bfloat16),
+                                                    (False, True, torch.bfloat16)])
+def test_cpu_dtype_auto_follows_native_bf16(monkeypatch, avx512_bf16, amx, want):
+    """--cpu_dtype=auto takes bf16 only where the CPU multiplies it natively; bf16 and fp32 are taken
+    as asked on any CPU; CUDA ignores the flag (the fused kernels need bf16)."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    backend = tg.setup_backend(tg.parse_args(["--preset=cpu"]))
+    assert backend.device.type == "cpu" and backend.compute_dtype == want
+    assert tg.setup_backend(tg.parse_args(["--preset=cpu", "--cpu_dtype=bf16"])).compute_dtype == torch.bfloat16
+    assert tg.setup_backend(tg.parse_args(["--preset=cpu", "--cpu_dtype=fp32"])).compute_dtype == torch.float32

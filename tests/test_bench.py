@@ -1,11 +1,17 @@
-"""Benchmark scripts: the GPU check runs end to end on the CPU (its --smoke mode), so it does not rot
-between the rare sessions that have a GPU to run it on."""
+"""Benchmark scripts: the GPU check and the throughput benchmark run end to end on the CPU (their
+--smoke modes), so they do not rot between the rare sessions that have a GPU to run them on; the
+throughput benchmark's FLOP count is checked against a hand count."""
 import json
 import os
 import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+import gpu_check  # noqa: E402
+import step  # noqa: E402
+
+T = gpu_check.T
 
 
 def test_gpu_check_smoke(tmp_path):
@@ -26,3 +32,41 @@ def test_gpu_check_smoke(tmp_path):
     assert stages[0]["loss_first"] > 10 and all(row["loss_last"] < 20 for row in stages)
     assert report["final"]["world_size"] == 1 and report["final"]["projected_train_time_s"] > 0
     assert "stage 3 from step" in run.stdout and "projected train time" in run.stdout
+
+
+def test_flops_per_token_hand_count():
+    """The smoke model: 3 layers of width 64, 2 heads of 32, MLP 256, attention in layers 0 and 2
+    (layer 2 long), the 12-channel head gate and smear gate, vocabulary 50,257 padded to 50,304."""
+    cfg = T.parse_args(["--preset=cpu"] + gpu_check.SMOKE_FLAGS)
+    attention_layer = 4 * 64 * 64 + 2 * 12  # Q, K, V, O; the per-head gate
+    mlp_layer = 2 * 64 * 256
+    weights = 2 * attention_layer + 3 * mlp_layer + 50304 * 64 + 12  # ... the head, the smear gate
+    assert step.matmul_params(cfg) == weights == 3350588
+    # q.k and p.v, 2 FLOPs a multiply-add, 3x for forward + backward, 64 channels of queries:
+    # layer 0 sees the short window, layer 2 the long one
+    assert step.flops_per_token(cfg, (192, 64)) == 6 * weights + 3 * 2 * 2 * 64 * (64 + 192)
+    # no query sees more keys than max_seq_len (256) holds
+    assert step.attention_flops(cfg, (512, 320)) == 12 * 64 * (256 + 256)
+
+
+def test_step_bench_smoke(tmp_path):
+    out = tmp_path / "step.json"
+    run = subprocess.run([sys.executable, "bench/step.py", "--smoke", "--cpu_dtype=fp32", f"--out={out}"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    peaks = report["peaks"]
+    assert set(peaks) == {"bf16", "fp32"} and all(p > 0 for p in peaks.values())
+    assert report["config"]["compute_dtype"] == "float32"  # the train_gpt flag reached the backend
+    cfg = T.parse_args(report["config"]["argv"])
+    stages = report["stages"]
+    assert [row["first_step"] for row in stages] == [0, 2, 4, 6] and [row["stage"] for row in stages] == [0, 1, 2, 3]
+    for row in stages:
+        assert row["steps_timed"] == 1 and row["ms_per_step"] > 0
+        assert row["flops_per_token"] == step.flops_per_token(cfg, tuple(row["windows"]))
+        tokens_per_s = row["batch_tokens"] / (row["ms_per_step"] / 1000)
+        assert abs(row["tokens_per_s_per_device"] - tokens_per_s) < 1e-9 * tokens_per_s
+        assert abs(row["flop_per_s"] - row["flops_per_token"] * tokens_per_s) < 1e-9 * row["flop_per_s"]
+        assert set(row["mfu"]) == {"bf16", "fp32"}
+        assert all(abs(share - row["flop_per_s"] / peaks[name]) < 1e-9 * share for name, share in row["mfu"].items())
+    assert "MFU bf16" in run.stdout and "MFU fp32" in run.stdout

@@ -331,6 +331,34 @@ def test_head_is_fp8_only_while_training():
     assert (fp8.float() - bf16.float()).norm() < 0.1 * bf16.float().norm()  # e4m3 operands: a few % off
 
 
+def test_fp32_compute_dtype_multiplies_in_fp32():
+    """A model built for fp32 (the CPU backend's choice where bf16 is emulated) runs autocast-free:
+    its hidden states and logits match a float64 copy's to fp32 rounding; the default bf16 model's
+    are ~1e-2 off."""
+    cfg = tg.parse_args(TINY)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))  # the zero-init projections would hide the blocks
+    bf16 = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+    exact = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float64).double()
+    bf16.load_state_dict(model.state_dict())
+    exact.load_state_dict(model.state_dict())
+    idx = torch.randint(0, cfg.vocab_size, (96,), generator=torch.Generator().manual_seed(1))
+    idx[0] = BOS
+
+    def outputs(m):
+        x = m.hidden(idx, (64, 32))
+        return x.double(), m.logits(x).double()
+
+    want = outputs(exact)
+    got, rounded = outputs(model), outputs(bf16)
+    assert model.logits(torch.randn(4, cfg.d_model)).dtype == torch.float32
+    assert all((a - b).abs().max() < 1e-4 * b.abs().max() for a, b in zip(got, want))
+    assert all((a - b).abs().max() > 1e-3 * b.abs().max() for a, b in zip(rounded, want))
+
+
 def test_attention_lambdas_scale_qkv_and_output():
     """Per-layer scalars (init 0.5, 1.0) multiply the QKV and output weights: v and the output scale
     with them (q and k are normed, so only v's factor shows)."""
