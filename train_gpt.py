@@ -1355,10 +1355,10 @@ def muon_view(p, t):
 
 
 def normuon_update(grad, weights, momentum_buf, second_moment, lr_mul, hyper, beta2, reduce_dim, ops, polar_steps):
-    """One NorMuon step on a stack of matrices, in place on `weights` and the state (and `grad`).
+    """One NorMuon step on a stack of matrices, in place on `weights` and the state.
     `hyper` is a tensor [1 - momentum, momentum, lr, weight_decay * lr], so new values never recompile."""
     momentum_buf.lerp_(grad, hyper[0])
-    nesterov = grad.lerp_(momentum_buf, hyper[1])
+    nesterov = grad.lerp(momentum_buf, hyper[1])  # not in place: inductor's CPU codegen fails on that
     u = polar_express(nesterov, ops, polar_steps).to(grad.dtype)  # normalize in full precision
     u = normuon_normalize(u, second_moment, beta2, reduce_dim)
     step_lr = hyper[2] * lr_mul
