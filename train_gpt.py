@@ -1436,8 +1436,9 @@ class NorMuon(torch.optim.Optimizer):
                 self.hyper[index] = grad.new_empty(4)
             hyper = self.hyper[index]
             fill(hyper, (1 - group["momentum"], group["momentum"], group["lr"], group["weight_decay"] * group["lr"]))
+            reduce_dim = normuon_reduce_dim(grad.shape, params[0].kind)
             self.update(grad, weights, state["momentum"], state["second_moment"], state["lr_mul"], hyper,
-                        group["beta2"], state["reduce_dim"], self.ops, self.polar_steps)
+                        group["beta2"], reduce_dim, self.ops, self.polar_steps)
             if self.world_size == 1:
                 gathers.append((params, weights, None))
                 continue
@@ -1453,7 +1454,6 @@ class NorMuon(torch.optim.Optimizer):
         state = self.state[group["params"][0]]
         if not state:
             reduce_dim = normuon_reduce_dim(grad.shape, group["params"][0].kind)
-            state["reduce_dim"] = reduce_dim
             state["momentum"] = torch.zeros_like(grad)
             shape = list(grad.shape)
             shape[reduce_dim] = 1
