@@ -1472,9 +1472,9 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, hyper, beta1, beta2, eps, deca
     exp_avg_sq.lerp_(grad.square(), 1 - beta2)
     # eps is added to the root of the uncorrected second moment, as in the record
     update = exp_avg / (exp_avg_sq.sqrt() + eps)
-    if decay:
-        param.sub_((cautious_mask(update, param) * param if cautious else param) * hyper[1])
-    param.sub_(update * hyper[0])
+    if decay:  # addcmul_ with the 0-d hyperparameter: one pass, like sub_'s alpha
+        param.addcmul_(cautious_mask(update, param) * param if cautious else param, hyper[1], value=-1)
+    param.addcmul_(update, hyper[0], value=-1)
 
 
 class Adam(torch.optim.Optimizer):
