@@ -14,7 +14,7 @@ import train_gpt as T
 FUSED_OPS = ("sym_mm", "sym_axpby", "linear_relu2", "softcap_mtp_ce")
 # leading tensor arguments of each op that a kernel multiplies (the rest: targets, MTP weights)
 OPERANDS = {"sym_mm": 1, "sym_axpby": 1, "linear_relu2": 2, "softcap_mtp_ce": 1, "fp8_linear": 2}
-SMALL = ["--device=cpu", "--n_layer=6", "--d_model=128", "--n_head=2", "--head_dim=64", "--mlp_hidden=512",
+SMALL = ["--device=cpu", "--compile=false", "--n_layer=6", "--d_model=128", "--n_head=2", "--head_dim=64", "--mlp_hidden=512",
          "--vocab_size=1000", "--no_attn_layers=3", "--long_window_layers=1,5", "--skip_from=1", "--skip_to=3",
          "--backout_layer=4", "--window_block=64"]
 TOKENS = 256

@@ -2,10 +2,14 @@
 and the speedrun preset's first steps vs the record's update rules."""
 import copy
 import math
+import os
+import zlib
 
 import pytest
 import record_ref as rr
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import train_gpt as tg
@@ -172,8 +176,8 @@ def test_adam_eps_on_the_uncorrected_root():
 # ------------------------------------------------------------------------------------------------
 
 
-def ref_polar(g):
-    x = g.to(torch.bfloat16)
+def ref_polar(g, dtype=torch.bfloat16):
+    x = g.to(dtype)
     tall = x.shape[-2] > x.shape[-1]
     if tall:
         x = x.mT
@@ -185,25 +189,25 @@ def ref_polar(g):
     return x.mT if tall else x
 
 
-def ref_normuon_step(w, g, state, lr, wd, mom, beta2, lr_mul, per_row=False):
+def ref_normuon_step(w, g, state, lr, wd, mom, beta2, lr_mul, per_row=False, dtype=torch.bfloat16):
     """One NorMuon step on one matrix, per SPEC section 3 and the record's code: step lr * lr_mul,
     decay wd * lr * (lr * lr_mul) where update and weight agree or either is 0; returns the new weight."""
     state.setdefault("m", torch.zeros_like(g))
     rows, cols = g.shape
     tall = per_row or rows >= cols
-    state.setdefault("v", torch.zeros(rows, 1) if tall else torch.zeros(1, cols))
+    state.setdefault("v", g.new_zeros(rows, 1) if tall else g.new_zeros(1, cols))
     # lerp exactly as SPEC's momentum EMA is usually written; the same float32 rounding matters here
     # because bf16 Polar Express amplifies a 1-ulp input difference to a few percent of the output
     state["m"] = torch.lerp(state["m"], g, 1 - mom)
     nesterov = torch.lerp(g, state["m"], mom)
-    u = ref_polar(nesterov).float()
+    u = ref_polar(nesterov, dtype).to(g.dtype)
     ms = (u * u).mean(dim=1, keepdim=True) if tall else (u * u).mean(dim=0, keepdim=True)
     state["v"] = beta2 * state["v"] + (1 - beta2) * ms
     n = u / state["v"].sqrt()
     u = n * (u.norm() / n.norm())
     step_lr = lr * lr_mul
     mask = ~(((u > 0) & (w < 0)) | ((u < 0) & (w > 0)))
-    return w - wd * lr * step_lr * mask.float() * w - step_lr * u
+    return w - wd * lr * step_lr * mask.to(w.dtype) * w - step_lr * u
 
 
 def test_normuon_matches_reference():
@@ -388,3 +392,261 @@ def test_preset_steps_match_the_record(monkeypatch, float64, start, n):
         mean_ref.rotary.set_window(rr.record_ws(start)[1] * block, True)
         record_steps(mean_ref, trainer.train_loader.batches, steps, dims, block, reduce_mean=True)
         assert not torch.allclose(mean_ref.lm_head, ref.lm_head, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimizers on 1, 2 and 3 ranks (sharded, hooks, padding) and compiled, against an eager reference
+# ------------------------------------------------------------------------------------------------
+
+TOY_FLAGS = ["--compile=false", "--adam_every=2"]
+TOY_STEPS, TOY_ACCUM = 5, 2  # Adam steps after steps 1, 3 and 4 (the last)
+TOY_UNTIE, TOY_FREEZE = 2, 3  # the embedding unties at step 2; the scalars' gradients are dropped at 3
+
+
+def toy_lr_mult(step):
+    return 1.0 - 0.1 * step
+
+
+def toy_momentum(step):
+    return 0.85 + 0.02 * step
+
+
+class ToyModel(torch.nn.Module):
+    """A parameter of every kind the optimizers tell apart. On 2 ranks the head and embedding (10
+    rows) split evenly and the value embeddings (9) pad; on 3 the reverse. NorMuon's groups: 6 MLP
+    matrices (3 tall, handled transposed, with 3 wide), 5 square ones, 3 gates (wide, per row)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+
+        def param(shape, kind, lr_mul=1.0):
+            return tg.tag(torch.nn.Parameter(torch.randn(shape, generator=g)), kind, lr_mul)
+
+        self.head, self.embed = param((10, 6), "head"), param((10, 6), "embed")
+        self.value_embeds = torch.nn.ParameterList(param((9, 6), "value_embed") for _ in range(2))
+        self.smear_gate, self.x0 = param((1, 4), "smear_gate"), param((3,), "x0")
+        self.lambdas, self.skip = param((3,), "scalar"), param((), "scalar")
+        self.matrices = torch.nn.ParameterList(
+            [param((12, 6), "matrix", 1.0 + i) for i in range(3)] + [param((6, 12), "matrix", 2.0 + i) for i in range(3)]
+            + [param((6, 6), "matrix", 1.0 + i / 2) for i in range(5)] + [param((2, 4), "gate", 1.0 + i) for i in range(3)])
+
+
+def toy_in_use(name, step):
+    """The embedding takes no gradient until it unties (it reads the head)."""
+    return name != "embed" or step >= TOY_UNTIE
+
+
+def toy_coeffs(name, shape, rank, step, micro):
+    """The micro-batch's loss a . w + b . w^2 / 2 for one parameter: gradient a + b w, per rank."""
+    g = torch.Generator().manual_seed(zlib.crc32(f"{name} {rank} {step} {micro}".encode()))
+    return torch.randn(shape, generator=g), torch.rand(shape, generator=g)
+
+
+def toy_train(model, opt, rank, start=0, stop=TOY_STEPS):
+    """Steps start..stop-1 as the trainer takes them; returns which parameters' gradients were
+    on their way to the other ranks after each backward (step, micro-batch) -> names."""
+    launched = {}
+    for step in range(start, stop):
+        if step == TOY_UNTIE:
+            with torch.no_grad():
+                model.embed.copy_(model.head)
+            opt.adam.copy_state(model.head, model.embed)
+        last = step == TOY_STEPS - 1
+        for micro in range(TOY_ACCUM):
+            loss = 0.0
+            for name, p in model.named_parameters():
+                if toy_in_use(name, step):
+                    a, b = toy_coeffs(name, p.shape, rank, step, micro)
+                    loss = loss + (a * p).sum() + (b * p * p).sum() / 2
+            if micro == TOY_ACCUM - 1:
+                opt.arm(step, last)
+            loss.backward()
+            launched[step, micro] = sorted(name for name, p in model.named_parameters() if p in opt.adam.reducing)
+        opt.step(step, toy_lr_mult(step), toy_momentum(step), last, freeze_scalars=step == TOY_FREEZE)
+    return launched
+
+
+def toy_optimizers(model, rank, world, perp, extra=()):
+    flags = TOY_FLAGS + (["--perp_grad=all", "--perp_grad_rescale=true"] if perp else [])
+    cfg = tg.parse_args(flags + list(extra))
+    return tg.Optimizers(model, cfg, tg.Backend(torch.device("cpu"), rank, world, tg.TorchOps, None))
+
+
+def ref_perp(g, w):
+    """perpGrad with the norm restored, in float32 as the trainer computes it."""
+    w32, g32 = w.float(), g.float()
+    perp = g32 - (w32 * g32).sum() / max(w32.square().sum().item(), torch.finfo(torch.float32).tiny) * w32
+    left, full = perp.norm(), g32.norm()
+    return (perp * (full / left) if left > torch.finfo(torch.float32).eps * full else torch.zeros_like(perp)).to(g.dtype)
+
+
+def ref_adam_step(w, g, state, lr, betas, eps, wd, cautious):
+    """Adam as the record: bias-corrected step size, eps on the raw root, decay lr^2 * wd first."""
+    b1, b2 = betas
+    t = state["step"] = state.get("step", 0) + 1
+    state["m"] = b1 * state.get("m", torch.zeros_like(g)) + (1 - b1) * g
+    state["v"] = b2 * state.get("v", torch.zeros_like(g)) + (1 - b2) * g * g
+    update = state["m"] / (state["v"].sqrt() + eps)
+    if wd:
+        w = w - lr * lr * wd * ((update * w > 0) if cautious else 1) * w
+    return w - lr * math.sqrt(1 - b2**t) / (1 - b1**t) * update
+
+
+def ref_toy_train(model, world, perp):
+    """The toy run by the update rules, one parameter at a time: the ranks' gradients (each rank's
+    summed over its micro-batches, and for Adam over the steps since it last stepped) perpGrad'ed
+    per rank, then averaged; NorMuon every step, Adam every second step and the last."""
+    cfg = tg.parse_args(TOY_FLAGS)
+    kinds = {name: p.kind for name, p in model.named_parameters()}
+    lr_muls = {name: p.lr_mul for name, p in model.named_parameters()}
+    w = {name: p.detach().clone() for name, p in model.named_parameters()}
+    muon_state, adam_state, pending = {}, {}, {}  # pending: name -> per-rank gradient sums for Adam
+    adam_lr = {"head": (cfg.adam_lr, cfg.adam_betas, cfg.adam_wd), "embed": (cfg.adam_lr, cfg.adam_betas, cfg.adam_wd),
+               "value_embed": (cfg.adam_lr * cfg.value_embed_lr_mul, cfg.adam_betas, cfg.adam_wd),
+               "smear_gate": (cfg.adam_lr * cfg.smear_gate_lr_mul, cfg.adam_betas, 0.0),
+               "x0": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.adam_betas, 0.0),
+               "scalar": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.scalar_betas, 0.0)}
+
+    def average(grads, name):
+        return torch.stack([ref_perp(g, w[name]) if perp else g for g in grads]).mean(0)
+
+    for step in range(TOY_STEPS):
+        if step == TOY_UNTIE:
+            w["embed"] = w["head"].clone()
+            adam_state["embed"] = copy.deepcopy(adam_state["head"])
+        grads = {name: [sum(a + b * w[name] for a, b in (toy_coeffs(name, w[name].shape, r, step, micro)
+                                                           for micro in range(TOY_ACCUM))) for r in range(world)]
+                 for name in w if toy_in_use(name, step)}
+        lr_mult = toy_lr_mult(step)
+        for name, gs in grads.items():
+            if kinds[name] in ("matrix", "gate"):
+                w[name] = ref_normuon_step(w[name], average(gs, name), muon_state.setdefault(name, {}),
+                                           cfg.muon_lr * lr_mult, cfg.muon_wd, toy_momentum(step), cfg.muon_beta2,
+                                           lr_muls[name], kinds[name] == "gate", torch.float64)
+            elif kinds[name] == "scalar" and step == TOY_FREEZE:
+                pending.pop(name, None)
+            else:
+                pending[name] = [a + b for a, b in zip(pending[name], gs)] if name in pending else gs
+        if (step + 1) % cfg.adam_every == 0 or step == TOY_STEPS - 1:
+            for name, gs in pending.items():
+                lr, betas, wd = adam_lr[kinds[name]]
+                w[name] = ref_adam_step(w[name], average(gs, name), adam_state.setdefault(name, {}), lr * lr_mult,
+                                        betas, cfg.adam_eps, wd, cautious=True)
+            pending = {}
+    return w, adam_state
+
+
+def toy_rank(rank, world, store, out):
+    """One rank of the toy run (spawned): both perpGrad settings, then the warmup's snapshot and
+    restore (sharded Adam state included) and a rerun from there; saves what the test compares."""
+    torch.set_default_dtype(torch.float64)
+    tg.COMPUTE_DTYPE = torch.float64
+    torch.set_num_threads(1)
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    result = {}
+    for perp in (False, True):
+        model = ToyModel()
+        opt = toy_optimizers(model, rank, world, perp)
+        result[perp, "launched"] = toy_train(model, opt, rank)
+        result[perp] = {name: p.detach().clone() for name, p in model.named_parameters()}
+        result[perp, "head"] = {k: opt.adam.state[model.head][k] for k in ("exp_avg", "exp_avg_sq")}
+    model = ToyModel()
+    opt = toy_optimizers(model, rank, world, False)
+    toy_train(model, opt, rank, stop=TOY_UNTIE)
+    model_state, opt_state = tg.clone_tree(model.state_dict()), tg.clone_tree(opt.state_dict())
+    toy_train(model, opt, rank, start=TOY_UNTIE)
+    first = {name: p.detach().clone() for name, p in model.named_parameters()}
+    model.load_state_dict(model_state)
+    opt.load_state_dict(opt_state)
+    toy_train(model, opt, rank, start=TOY_UNTIE)
+    result["rerun"] = all(torch.equal(first[name], p) for name, p in model.named_parameters())
+    torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def check_toy(result, ref, rank, world):
+    for perp in (False, True):
+        want, want_state = ref[perp]
+        for name, theirs in want.items():
+            torch.testing.assert_close(result[perp][name], theirs, rtol=1e-9, atol=1e-9, msg=f"{name} perp={perp}")
+        # each rank keeps only its rows of the head's moments (zero-padded to whole shares)
+        per_rank = -(-10 // world)
+        for ours, key in ((result[perp, "head"]["exp_avg"], "m"), (result[perp, "head"]["exp_avg_sq"], "v")):
+            rows = F.pad(want_state["head"][key], (0, 0, 0, per_rank * world - 10))[rank * per_rank: (rank + 1) * per_rank]
+            torch.testing.assert_close(ours, rows, rtol=1e-9, atol=1e-12)
+    assert result["rerun"]
+    # the tables' reduce-scatters start during the last backward before each Adam step, none other
+    for (step, micro), names in result[False, "launched"].items():
+        tables = ["head", "value_embeds.0", "value_embeds.1"] + (["embed"] if step >= TOY_UNTIE else [])
+        adam_steps = step % 2 == 1 or step == TOY_STEPS - 1
+        assert names == (sorted(tables) if world > 1 and adam_steps and micro == TOY_ACCUM - 1 else []), (step, micro)
+
+
+@pytest.fixture(scope="module")
+def toy_reference():
+    """The reference runs for 1, 2 and 3 ranks, both perpGrad settings, in float64."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        return {world: {perp: ref_toy_train(ToyModel(), world, perp) for perp in (False, True)} for world in (1, 2, 3)}
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_optimizers_one_rank_match_the_rules(tmp_path, monkeypatch, toy_reference):
+    monkeypatch.setattr(tg, "COMPUTE_DTYPE", torch.float64)
+    try:
+        toy_rank(0, 1, None, str(tmp_path))
+    finally:
+        torch.set_default_dtype(torch.float32)
+    check_toy(torch.load(tmp_path / "rank0.pt"), toy_reference[1], 0, 1)
+
+
+@pytest.mark.parametrize("world", [2])
+def test_optimizers_across_ranks_match_the_rules(tmp_path, toy_reference, world):
+    """gloo ranks spawned here: Adam's tables reduce-scattered from the gradient hooks (padded on 3
+    ranks for the head, on 2 for the value embeddings), NorMuon's groups padded or not."""
+    mp.spawn(toy_rank, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    for rank, result in enumerate(results):
+        check_toy(result, toy_reference[world], rank, world)
+
+
+class CompileToy(torch.nn.Module):
+    """One Adam table and one NorMuon group (a tall matrix among wide ones): two graphs to compile."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(1)
+        self.head = tg.tag(torch.nn.Parameter(torch.randn(10, 6, generator=g)), "head")
+        shapes = [(12, 6), (6, 12), (6, 12)]
+        self.matrices = torch.nn.ParameterList(
+            tg.tag(torch.nn.Parameter(torch.randn(s, generator=g)), "matrix", 1.0 + i) for i, s in enumerate(shapes))
+
+
+def test_compiled_step_matches_eager(monkeypatch):
+    """--compile: the fused Adam update and the NorMuon update through inductor (CPU) land where eager does."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(tg, "COMPUTE_DTYPE", torch.float64)
+    torch.set_default_dtype(torch.float64)
+    try:
+        runs = []
+        for compile in (False, True):
+            model = CompileToy()
+            # one Polar Express iteration: a smaller graph compiles faster, and the rest is the same code
+            opt = toy_optimizers(model, 0, 1, False, ["--polar_steps=1", f"--compile={compile}"])
+            graphs = counters["stats"]["unique_graphs"]
+            for step in range(2):  # NorMuon steps twice, Adam after the second (the last)
+                for name, p in model.named_parameters():
+                    a, b = toy_coeffs(name, p.shape, 0, step, 0)
+                    p.grad = a + b * p.detach()
+                opt.step(step, toy_lr_mult(step), toy_momentum(step), last=step == 1)
+            runs.append({name: p.detach().clone() for name, p in model.named_parameters()})
+        assert counters["stats"]["unique_graphs"] - graphs == 2  # the compiled run compiled both updates
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for name, eager in runs[0].items():
+        assert not torch.equal(eager, CompileToy().get_parameter(name).double())  # it moved
+        torch.testing.assert_close(runs[1][name], eager, rtol=1e-10, atol=1e-12, msg=name)
