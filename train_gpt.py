@@ -2105,12 +2105,12 @@ class RunLog:
         self.console = cfg.progress
         self.path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
         metrics_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl")
+        if not self.enabled:  # rank 0 alone looks: the others could see the log it has just made
+            return
         exists = os.path.exists(self.path) or os.path.exists(metrics_path)
         if exists and not cfg.resume:
             raise SystemExit(f"error: --run_id={cfg.run_id}: {self.path} already exists and a log is never overwritten; "
                              "choose another --run_id, or continue that run with --resume")
-        if not self.enabled:
-            return
         try:
             os.makedirs(cfg.log_dir, exist_ok=True)
             self.text = open(self.path, "a" if exists else "w")
@@ -2419,11 +2419,12 @@ class Trainer:
         self.log.metric(kind="sink", step=step, share=share, alpha=alphas.tolist(), threshold=SINK_THRESHOLD)
 
     def warmup(self):
-        """Untimed: compile and run a few real steps of every schedule stage, then restore the model,
-        the optimizers and the data so the timed run starts from scratch."""
-        steps = self.cfg.warmup_steps
-        if not steps:
+        """Untimed: compile and run a few real steps of every schedule stage (at least adam_every, so
+        that Adam's compiled update runs too), then restore the model, the optimizers and the data so
+        the timed run starts from scratch."""
+        if not self.cfg.warmup_steps:
             return
+        steps = max(self.cfg.warmup_steps, self.optimizers.adam_every)
         model_state = clone_tree(self.model.state_dict())
         optim_state = clone_tree(self.optimizers.state_dict())
         starts = set(self.schedule.stage_starts())

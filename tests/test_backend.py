@@ -119,28 +119,38 @@ def test_compiled_flex_forward_through_every_stage(tmp_path):
     assert graphs() - start == 5 and 10 < val_loss < 11.5  # ~ln(50304) for an untrained model
 
 
+def counting(calls):
+    """Wrap a function to append, per call, the number of graphs it compiled."""
+    def wrapper(fn):
+        def counted(*args, **kwargs):
+            before = graphs()
+            out = fn(*args, **kwargs)
+            calls.append(graphs() - before)
+            return out
+        return counted
+    return wrapper
+
+
 def test_compiled_training_through_every_stage(tmp_path):
-    """Forward and backward compiled, with the CPU attention: the untimed warmup compiles every
-    stage (and the untie), and the timed steps that follow compile nothing."""
+    """Forward and backward compiled, with the CPU attention, and the optimizers' updates compiled:
+    the untimed warmup compiles every stage (and the untie), and the timed steps compile nothing."""
     trainer = compiled_trainer(tmp_path, tg.BlockedAttention(128), "blocked")
-    per_step = []
-    train_step = trainer.train_step
-
-    def counted(step):
-        before = graphs()
-        out = train_step(step)
-        per_step.append(graphs() - before)
-        return out
-
-    trainer.train_step = counted
+    per_step, per_forward, per_optimizer_step = [], [], []
+    trainer.train_step = counting(per_step)(trainer.train_step)
+    trainer.forward = counting(per_forward)(trainer.forward)
+    trainer.optimizers.step = counting(per_optimizer_step)(trainer.optimizers.step)
     start = graphs()
     val_loss, _ = trainer.run()
-    total = trainer.schedule.total
-    warmup, timed = per_step[:-total], per_step[-total:]
-    assert sum(warmup) == stage_graphs(trainer.schedule) == 4
-    assert timed == [0] * total
+    total, schedule = trainer.schedule.total, trainer.schedule
+    warmup = len(per_step) - total
+    assert per_step[warmup:] == [0] * total
+    # the optimizers: NorMuon's update and Adam's fused update compile in the warmup's steps (a
+    # graph per group shape), never again; the model: a graph per stage in the warmup's steps
+    optimizer_graphs = sum(per_optimizer_step)
+    assert per_optimizer_step[warmup:] == [0] * total and optimizer_graphs > 0
+    assert sum(per_step[:warmup]) == stage_graphs(schedule) + optimizer_graphs and stage_graphs(schedule) == 4
     # + the warmup's validation at the first window and the final one at the last window
-    assert graphs() - start == 6
+    assert sum(per_forward) == 6 and graphs() - start == 6 + optimizer_graphs
     assert 5 < val_loss < 11
 
 

@@ -2,6 +2,7 @@
 ends (1 process and 2 gloo ranks); a checkpoint of another config or source is refused; SIGINT and
 SIGTERM stop at a step boundary with a checkpoint and exit 130 / 143; a log is never overwritten;
 a failed save never replaces a good file."""
+import contextlib
 import json
 import os
 import signal
@@ -36,13 +37,15 @@ def run(args, nproc, log_dir, run_id):
 
 
 def run_and_kill(args, nproc, log_dir, run_id, wait_for):
-    """Start a run and SIGKILL it (and all its ranks) as soon as `wait_for` exists."""
+    """Start a run and SIGKILL it (and all its ranks) as soon as `wait_for` exists (if it has not
+    finished by then: the resume from `wait_for` is what the test checks either way)."""
     proc = subprocess.Popen(command(args, nproc, log_dir, run_id), cwd=ROOT, env=env(), start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not os.path.exists(wait_for) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # it may have finished
+        os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert os.path.exists(wait_for), "the run never wrote its checkpoint"
 
