@@ -10,7 +10,6 @@ longer. The attention windows are those of the run's final validation.
 """
 import argparse
 import dataclasses
-import os
 
 import torch
 import torch.nn.functional as F
@@ -18,40 +17,14 @@ import torch.nn.functional as F
 import train_gpt as tg
 from data.tokenize_corpus import gpt2_encoding
 
-CHECKPOINT_KEYS = ("config", "model", "tied")  # what every checkpoint of train_gpt.py holds
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be loaded, with the file named in the message."""
-
-
-def read_checkpoint(path):
-    """The checkpoint's dict, on the CPU; a missing file or one that is not a checkpoint is a CheckpointError."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path}: no such file (expected a checkpoint written by train_gpt.py)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        # torch's weights-only refusal is a page of advice; its one line that names the object will do
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        refusal = [line for line in lines if line.startswith("WeightsUnpickler error:")]
-        reason = refusal[0].split(". ")[0] if refusal else f"{type(e).__name__}: {lines[0] if lines else 'no message'}"
-        raise CheckpointError(f"{path}: not a checkpoint torch.load(weights_only=True) can read ({reason})") from None
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(ckpt, dict) or key not in ckpt]
-    if missing:
-        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint (expected a dict with "
-                              f"{', '.join(map(repr, CHECKPOINT_KEYS))}; missing {', '.join(map(repr, missing))})")
-    return ckpt
-
-
 def config_from_dict(path, values):
     """Rebuild the Config saved as dataclasses.asdict (lists stand for tuples once it went through JSON)."""
     if not isinstance(values, dict):
-        raise CheckpointError(f"{path}: its 'config' is a {type(values).__name__}, expected dataclasses.asdict of a Config")
+        raise tg.CheckpointError(f"{path}: its 'config' is a {type(values).__name__}, expected dataclasses.asdict of a Config")
     known = {f.name for f in dataclasses.fields(tg.Config)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise CheckpointError(f"{path}: config fields {', '.join(unknown)} are unknown to this train_gpt.py "
+        raise tg.CheckpointError(f"{path}: config fields {', '.join(unknown)} are unknown to this train_gpt.py "
                               "(the checkpoint comes from another version of it)")
     return tg.Config(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})
 
@@ -59,7 +32,7 @@ def config_from_dict(path, values):
 def load_model(path, device="auto"):
     """(cfg, model): the checkpoint's model on `device` (auto | cpu | cuda), in eval mode, with the
     backend train_gpt.py would pick there (on CPU: the torch ops and the blocked attention)."""
-    ckpt = read_checkpoint(path)
+    ckpt = tg.read_checkpoint(path)
     cfg = config_from_dict(path, ckpt["config"])
     cfg.device = device
     backend = tg.setup_backend(cfg)
@@ -67,7 +40,7 @@ def load_model(path, device="auto"):
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path}: the weights do not fit the model its config describes "
+        raise tg.CheckpointError(f"{path}: the weights do not fit the model its config describes "
                               f"({str(e).strip().splitlines()[0]})") from None
     model.tied = bool(ckpt["tied"])
     return cfg, model.to(backend.device).eval()
@@ -155,7 +128,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         cfg, model = load_model(args.checkpoint, args.device)
-    except CheckpointError as e:
+    except tg.CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
     enc = gpt2_encoding()
     generator = torch.Generator(device=model.lm_head.device).manual_seed(args.seed)

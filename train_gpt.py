@@ -2218,18 +2218,38 @@ def save_atomic(obj, path):
             os.remove(tmp)
 
 
-def load_checkpoint(path, flag="--resume", keys=("config", "model")):
-    """A checkpoint file's dict on the CPU, or one clear error naming the file."""
+CHECKPOINT_KEYS = ("config", "model", "tied")  # what every main checkpoint file holds
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used, with the file named in the message."""
+
+
+def read_checkpoint(path, keys=CHECKPOINT_KEYS):
+    """A checkpoint file's dict on the CPU, or a CheckpointError saying what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file (expected a checkpoint written by train_gpt.py)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SystemExit(f"error: {flag}={path}: no such file") from None
     except Exception as e:
-        raise SystemExit(f"error: {flag}={path}: not a checkpoint of this trainer ({type(e).__name__}: {e})") from None
-    missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+        # torch's weights-only refusal is a page of advice; its one line that names the object will do
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        refusal = [line for line in lines if line.startswith("WeightsUnpickler error:")]
+        reason = refusal[0].split(". ")[0] if refusal else f"{type(e).__name__}: {lines[0] if lines else 'no message'}"
+        raise CheckpointError(f"{path}: not a checkpoint torch.load(weights_only=True) can read ({reason})") from None
+    missing = [key for key in keys if not isinstance(state, dict) or key not in state]
     if missing:
-        raise SystemExit(f"error: {flag}={path}: not a checkpoint of this trainer (no {', '.join(missing)})")
+        raise CheckpointError(f"{path}: not a train_gpt.py checkpoint (expected a dict with "
+                              f"{', '.join(map(repr, keys))}; missing {', '.join(map(repr, missing))})")
     return state
+
+
+def load_checkpoint(path, flag="--resume", keys=CHECKPOINT_KEYS):
+    """read_checkpoint for a flag of this trainer: a bad file is one `error:` line naming the flag."""
+    try:
+        return read_checkpoint(path, keys)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {flag}={e}") from None
 
 
 def checkpoint_differences(state, cfg):

@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import sample  # noqa: E402
 from data.tokenize_corpus import gpt2_encoding  # noqa: E402
-from train_gpt import BOS_ID  # noqa: E402
+from train_gpt import BOS_ID, CheckpointError  # noqa: E402
 
 NUM_ENDINGS = 4  # HellaSwag's endings per example
 
@@ -108,7 +108,7 @@ def main(argv=None):
     try:
         examples = read_examples(args.data, args.limit)
         _, model = sample.load_model(args.checkpoint, args.device)
-    except (DataError, sample.CheckpointError) as e:
+    except (DataError, CheckpointError) as e:
         raise SystemExit(f"error: {e}") from None
     if not examples:
         raise SystemExit(f"error: --data={args.data}: no examples in the file")

@@ -169,11 +169,12 @@ def test_latest_checkpoint_and_bad_files(tmp_path):
     bad.write_text("not a checkpoint")
     with pytest.raises(SystemExit) as e:
         tg.load_checkpoint(str(bad))
-    assert str(e.value.code).startswith(f"error: --resume={bad}: not a checkpoint of this trainer")
+    assert str(e.value.code).startswith(f"error: --resume={bad}: not a checkpoint torch.load(weights_only=True) can read (")
     with pytest.raises(SystemExit) as e:
         tg.load_checkpoint(str(tmp_path / "missing.pt"))
-    assert e.value.code == f"error: --resume={tmp_path / 'missing.pt'}: no such file"
+    assert e.value.code == f"error: --resume={tmp_path / 'missing.pt'}: no such file (expected a checkpoint written by train_gpt.py)"
     tg.save_atomic({"model": {}}, str(tmp_path / "partial.pt"))
     with pytest.raises(SystemExit) as e:
         tg.load_checkpoint(str(tmp_path / "partial.pt"))
-    assert e.value.code == f"error: --resume={tmp_path / 'partial.pt'}: not a checkpoint of this trainer (no config)"
+    assert e.value.code == (f"error: --resume={tmp_path / 'partial.pt'}: not a train_gpt.py checkpoint "
+                            "(expected a dict with 'config', 'model', 'tied'; missing 'config', 'tied')")

@@ -108,31 +108,31 @@ def test_a_bad_checkpoint_is_one_clear_error(tiny_checkpoint, tmp_path):
 
     text = tmp_path / "notes.txt"
     text.write_text("not a checkpoint\n")
-    with pytest.raises(sample.CheckpointError, match=r"notes\.txt: not a checkpoint torch\.load\(weights_only=True\) can read \(\w+Error: "):
+    with pytest.raises(tg.CheckpointError, match=r"notes\.txt: not a checkpoint torch\.load\(weights_only=True\) can read \(\w+Error: "):
         sample.load_model(str(text), "cpu")
 
     numpy_inside = tmp_path / "numpy_inside.pt"  # e.g. numpy's rng state: more than weights_only=True loads
     torch.save({"config": {}, "model": {}, "tied": True, "rng": np.random.get_state()}, numpy_inside)
-    with pytest.raises(sample.CheckpointError, match=r"numpy_inside\.pt: not a checkpoint .* \(WeightsUnpickler error: Unsupported global: .*numpy"):
+    with pytest.raises(tg.CheckpointError, match=r"numpy_inside\.pt: not a checkpoint .* \(WeightsUnpickler error: Unsupported global: .*numpy"):
         sample.load_model(str(numpy_inside), "cpu")
 
     weights_only = tmp_path / "weights.pt"
     torch.save({"model": tiny_checkpoint.model.state_dict()}, weights_only)
-    with pytest.raises(sample.CheckpointError, match=r"weights\.pt: not a train_gpt\.py checkpoint .* missing 'config', 'tied'"):
+    with pytest.raises(tg.CheckpointError, match=r"weights\.pt: not a train_gpt\.py checkpoint .* missing 'config', 'tied'"):
         sample.load_model(str(weights_only), "cpu")
 
     flat = tmp_path / "flat.pt"
     torch.save({"config": "--preset=cpu", "model": {}, "tied": True}, flat)
-    with pytest.raises(sample.CheckpointError, match=r"flat\.pt: its 'config' is a str, expected dataclasses\.asdict"):
+    with pytest.raises(tg.CheckpointError, match=r"flat\.pt: its 'config' is a str, expected dataclasses\.asdict"):
         sample.load_model(str(flat), "cpu")
 
     config = dataclasses.asdict(tiny_checkpoint.cfg)
     other = tmp_path / "other.pt"
     torch.save({"config": {**config, "n_experts": 8}, "model": {}, "tied": True}, other)
-    with pytest.raises(sample.CheckpointError, match=r"other\.pt: config fields n_experts are unknown"):
+    with pytest.raises(tg.CheckpointError, match=r"other\.pt: config fields n_experts are unknown"):
         sample.load_model(str(other), "cpu")
 
     wrong = tmp_path / "wrong.pt"
     torch.save({"config": {**config, "d_model": 32}, "model": tiny_checkpoint.model.state_dict(), "tied": False}, wrong)
-    with pytest.raises(sample.CheckpointError, match=r"wrong\.pt: the weights do not fit the model its config describes"):
+    with pytest.raises(tg.CheckpointError, match=r"wrong\.pt: the weights do not fit the model its config describes"):
         sample.load_model(str(wrong), "cpu")
