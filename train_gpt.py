@@ -500,6 +500,11 @@ class Backend:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    def records_track(self, preset):
+        """The records track a run of `preset` belongs to: the preset's own, or on a CPU that computes
+        in float32 (no native bf16) `<preset>-fp32`, whose times do not compare with bf16 hosts'."""
+        return preset if self.compute_dtype == torch.bfloat16 else f"{preset}-fp32"
+
     def peak_memory_mib(self):
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated() // 2**20
@@ -2521,7 +2526,7 @@ class Trainer:
         cfg, b = self.cfg, self.backend
         self.log.line(f"backend: {b.device.type} x {b.world_size}, accumulation {self.accum}, ops {b.ops.name}, "
                       f"attention {type(b.attention).__name__}, compute {str(b.compute_dtype).removeprefix('torch.')}, "
-                      f"compile {cfg.compile}")
+                      f"compile {cfg.compile}, records track {b.records_track(cfg.preset)}")
         for line in self.schedule.describe():
             self.log.line("schedule: " + line)
         if cfg.mtp:
@@ -2608,7 +2613,7 @@ class Trainer:
         peak = self.backend.peak_memory_mib()
         log.line(f"final val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms tokens:{tokens} peak_memory:{peak}MiB")
         log.metric(kind="final", val_loss=val_loss, train_time_ms=train_ms, tokens=tokens, peak_memory_mib=peak)
-        record = current_record(cfg.preset)
+        record = current_record(self.backend.records_track(cfg.preset))
         if record:
             log.line(versus_record(cfg, record, val_loss, train_ms))
         return val_loss, train_ms

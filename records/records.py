@@ -42,7 +42,9 @@ MIN_RECORD_RUNS = 2  # the fewest runs whose spread the t-test can estimate
 CPU_TARGET = 5.30  # what the full recipe reaches on the cpu preset in about 5 minutes (mean 5.27)
 TRACKS = {
     "speedrun": {"target": 3.28, "hardware": "8xH100, FineWeb 10B"},
-    "cpu": {"target": CPU_TARGET, "hardware": "2 CPU cores, bundled sample (cpu preset)"},
+    "cpu": {"target": CPU_TARGET, "hardware": "2 CPU cores with AVX512-BF16 (bf16 matmuls), bundled sample (cpu preset)"},
+    # a CPU without native bf16 multiplies in fp32 (--cpu_dtype=auto), several times slower
+    "cpu-fp32": {"target": CPU_TARGET, "hardware": "2 CPU cores without AVX512-BF16 (fp32 matmuls), bundled sample (cpu preset)"},
 }
 RECORD_META = "record.json"
 INDEX = "index.json"
@@ -52,6 +54,7 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 STEP_RE = re.compile(r"^step:(\d+)/(\d+) (.*)$")
 # the last line of a public speedrun log (which has no config line and no final line)
 PEAK_RE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB$")
+TRACK_RE = re.compile(r"^backend: .*, records track (\S+)$")  # the trainer says which track its run is on
 PUBLIC_TRACK = "speedrun"  # public speedrun logs are all 8xH100 FineWeb runs
 PER_RUN_KEYS = ("seed", "run_id", "log_dir", "progress")  # config keys that differ between runs of one recipe
 # key:number[unit]; the unit joins the key (train_time:12ms -> train_time_ms=12)
@@ -79,9 +82,12 @@ class Log:
     config: dict  # None for a public speedrun log, which has no config line
     steps: list  # dicts: step, total_steps, val_loss or train_loss, train_time_ms, step_avg_ms
     final: dict  # val_loss, train_time_ms, and whatever else the final line carries
+    named_track: str = None  # the track the trainer's backend line names (logs before 2026-12-02 name none)
 
     @property
     def track(self):
+        if self.named_track:
+            return self.named_track
         return self.config["preset"] if self.config else PUBLIC_TRACK
 
 
@@ -123,7 +129,8 @@ def parse_log(path):
     else:
         steps = parse_steps(rest)
         config, final = None, public_final(path, rest, steps)
-    return Log(path, code, versions, config, steps, final)
+    named = [m[1] for m in map(TRACK_RE.match, (line for _, line in rest)) if m]
+    return Log(path, code, versions, config, steps, final, named[0] if named else None)
 
 
 def parse_config(path, num, line):

@@ -165,3 +165,11 @@ def test_cpu_dtype_auto_follows_native_bf16(monkeypatch, avx512_bf16, amx, want)
     assert backend.device.type == "cpu" and backend.compute_dtype == want
     assert tg.setup_backend(tg.parse_args(["--preset=cpu", "--cpu_dtype=bf16"])).compute_dtype == torch.bfloat16
     assert tg.setup_backend(tg.parse_args(["--preset=cpu", "--cpu_dtype=fp32"])).compute_dtype == torch.float32
+
+
+def test_records_track_follows_the_matmul_dtype():
+    """fp32 CPU runs (no native bf16) are timed on a track of their own, never against bf16 hosts."""
+    def track(dtype, preset):
+        return tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None, dtype).records_track(preset)
+    assert track(torch.bfloat16, "cpu") == "cpu" and track(torch.bfloat16, "speedrun") == "speedrun"
+    assert track(torch.float32, "cpu") == "cpu-fp32"

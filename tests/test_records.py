@@ -34,12 +34,14 @@ SAMPLES = [
 ]
 
 
-def log_text(final_loss, final_ms, code=CODE, preset="cpu", seed=0, run_id="run0"):
-    """A complete log: val at steps 0/10/20, train lines at 5/15, an unknown line, the final line."""
+def log_text(final_loss, final_ms, code=CODE, preset="cpu", seed=0, run_id="run0", track=None):
+    """A complete log: val at steps 0/10/20, train lines at 5/15, an unknown line, the final line;
+    with `track`, the trainer's backend line naming it."""
     config = {"preset": preset, "seed": seed, "run_id": run_id, "lr": 0.02}
     half = final_ms // 2
+    backend = [f"backend: cpu x 1, accumulation 1, ops torch, compute float32, compile False, records track {track}"]
     return "\n".join([
-        code.rstrip("\n"), SEP, VERSIONS, SEP, "config: " + json.dumps(config),
+        code.rstrip("\n"), SEP, VERSIONS, SEP, "config: " + json.dumps(config), *(backend if track else []),
         "step:0/20 val_loss:10.8254 train_time:0ms step_avg:nanms",
         f"step:5/20 train_loss:6.1234 train_time:{half // 2}ms step_avg:{half / 10:.2f}ms",
         f"step:10/20 val_loss:{final_loss + 1:.4f} train_time:{half}ms step_avg:{half / 10:.2f}ms",
@@ -157,8 +159,8 @@ def test_plot_is_a_png_with_one_curve_per_set(tmp_path):
     assert list(x) == pytest.approx([0.925, 1.85]) and list(y) == pytest.approx([4.91, 3.91])
 
 
-def new_record(root, name, losses, times, *extra, code=CODE):
-    paths = write_logs(os.path.join(root, "..", "incoming", name), losses, times, code=code)
+def new_record(root, name, losses, times, *extra, code=CODE, track=None):
+    paths = write_logs(os.path.join(root, "..", "incoming", name), losses, times, code=code, track=track)
     return rt.main(["new", name, *paths, "--root", str(root), *extra])
 
 
@@ -168,6 +170,7 @@ TEST_CPU_TARGET = 4.0  # the synthetic logs' losses sit around this; the real CP
 @pytest.fixture
 def root(tmp_path, monkeypatch):
     monkeypatch.setitem(rt.TRACKS["cpu"], "target", TEST_CPU_TARGET)
+    monkeypatch.setitem(rt.TRACKS["cpu-fp32"], "target", TEST_CPU_TARGET)
     r = tmp_path / "records"
     r.mkdir()
     (r / "README.md").write_text(f"# Our records\n\nHand-written intro.\n\n{rt.MARKER}\nold table\n")
@@ -227,6 +230,20 @@ def test_other_target_is_timed_only_against_its_own_records(root):
     assert new_record(root, "lower2", [3.80, 3.81, 3.805], [3200, 3200, 3200], "--target", "3.85") == 1
     recs = json.loads((root / "index.json").read_text())["tracks"]["cpu"]["records"]
     assert [(r["name"], r["target"]) for r in recs] == [("baseline", TEST_CPU_TARGET), ("lower", 3.85)]
+
+
+def test_the_track_a_log_names_keeps_its_times_apart(root, tmp_path):
+    """A CPU without native bf16 runs the cpu preset in fp32, several times slower: the trainer names
+    the cpu-fp32 track in its backend line, and those runs are timed only against each other."""
+    assert rt.parse_log(write_logs(tmp_path / "named", [3.9], [10], track="cpu-fp32")[0]).track == "cpu-fp32"
+    assert rt.parse_log(write_logs(tmp_path / "older", [3.9], [10])[0]).track == "cpu"  # no backend line: the preset
+    assert new_record(root, "bf16", [3.90, 3.92, 3.91], [2000, 2100, 2050]) == 0
+    assert new_record(root, "fp32", [3.90, 3.92, 3.91], [9000, 9100, 9050], track="cpu-fp32") == 0
+    assert new_record(root, "fp32_slower", [3.90, 3.92, 3.91], [9900, 9900, 9900], track="cpu-fp32") == 1
+    tracks = json.loads((root / "index.json").read_text())["tracks"]
+    assert [r["name"] for r in tracks["cpu"]["records"]] == ["bf16"]
+    assert [r["name"] for r in tracks["cpu-fp32"]["records"]] == ["fp32"]
+    assert [f.name[11:] for f in (root / "cpu-fp32").iterdir()] == ["fp32"]
 
 
 def test_compare_against_latest_record(root, tmp_path, capsys):

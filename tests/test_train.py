@@ -38,7 +38,9 @@ def write_index(tmp_path, monkeypatch, config):
     """A records index whose cpu record has these numbers and this config; the trainer reads it."""
     record = {"name": "rec", "val_loss_mean": 5.25, "time_ms_mean": 300000.0, "config": config}
     path = tmp_path / "index.json"
-    path.write_text(json.dumps({"tracks": {"cpu": {"target": 5.3, "records": [{**record, "target": 5.3}]}}}))
+    # the track a cpu run is on here: cpu, or cpu-fp32 on a host without native bf16
+    track = tg.setup_backend(tg.parse_args(["--preset=cpu"])).records_track("cpu")
+    path.write_text(json.dumps({"tracks": {track: {"target": 5.3, "records": [{**record, "target": 5.3}]}}}))
     monkeypatch.setattr(tg, "RECORDS_INDEX", str(path))
 
 
@@ -69,6 +71,7 @@ def test_smoke_run_log_parses_and_the_console_says_what_happens(tmp_path, monkey
     # config line: the whole Config as JSON
     assert log.config["preset"] == "cpu" and log.config["run_id"] == "smoke" and log.config["seed"] == 0
     assert log.config["n_layer"] == 2 and log.config["d_model"] == 64 and log.config["batch_tokens"] == [256, 256, 256]
+    assert log.track == tg.setup_backend(tg.parse_args(["--preset=cpu"])).records_track("cpu")  # from the backend line
     # step lines: val at 0, 2 and the end, train at 1..3, all out of 3 steps
     vals = [s for s in log.steps if "val_loss" in s]
     trains = [s for s in log.steps if "train_loss" in s]
