@@ -500,6 +500,11 @@ class Backend:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
+    @property
+    def loss_on_host(self):
+        """Whether reading a loss costs nothing (the CPU); on a GPU it would stall the stream."""
+        return self.device.type == "cpu"
+
     def records_track(self, preset):
         """The records track a run of `preset` belongs to: the preset's own, or on a CPU that computes
         in float32 (no native bf16) `<preset>-fp32`, whose times do not compare with bf16 hosts'."""
@@ -2550,12 +2555,16 @@ class Trainer:
             self.log_sinks(step, blocks)
         return val_loss
 
-    def log_train(self, step, losses, train_ms, vals_left):
-        """The train-loss line after `step` steps (the only host read of the losses)."""
+    def mean_over_ranks(self, losses):
+        """The step's losses averaged over ranks, as Python floats (a host read)."""
         if self.backend.world_size > 1:
             for value in losses.values():
                 dist.all_reduce(value, op=dist.ReduceOp.AVG)
-        losses = {name: float(value) for name, value in losses.items()}
+        return {name: float(value) for name, value in losses.items()}
+
+    def log_train(self, step, losses, train_ms, vals_left):
+        """The train-loss line after `step` steps."""
+        losses = self.mean_over_ranks(losses)
         total = self.schedule.total
         eta = eta_seconds(train_ms, step, total, vals_left, self.val_seconds)
         shown = " ".join(f"{name}:{value:.4f}" for name, value in losses.items())
@@ -2607,6 +2616,8 @@ class Trainer:
                 if cfg.log_every and (step + 1) % cfg.log_every == 0:
                     now = train_ms + 1000 * (time.perf_counter() - t0)
                     self.log_train(step + 1, losses, now, sum(s > step for s in val_steps))
+                elif self.backend.loss_on_host or step + 1 in save_steps:  # never save a diverged model
+                    require_finite("train_loss", self.mean_over_ranks(losses)["train_loss"], step + 1)
         finally:
             stop.close()
         tokens = sum(sched.batch_tokens(s) for s in range(total))
@@ -2621,7 +2632,8 @@ class Trainer:
 
 def require_finite(name, value, step):
     """Stop a diverged run: nothing after a nan or inf loss is worth training, timing or comparing.
-    Checked where the loss is on the host anyway (log lines, validations): no extra GPU sync."""
+    Checked every step on the CPU; on a GPU where the loss is on the host anyway (log lines,
+    validations, checkpoints): no extra sync."""
     if not math.isfinite(value):
         raise SystemExit(f"error: loss is {value} at step {step} ({name})")
 
@@ -2637,21 +2649,48 @@ def clone_tree(obj):
     return obj
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM outside the timed loop's watch (start-up, warmup, a second signal)."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def fresh_run_id(preset, backend):
+    """A new run id, rank 0's on every rank, so that all ranks write into one checkpoint folder."""
+    ids = [f"{preset}_{uuid.uuid4().hex[:8]}"]
+    if backend.world_size > 1:
+        dist.broadcast_object_list(ids, src=0)
+    return ids[0]
+
+
 def main(argv=None):
     """Train. A bad flag: one `error:` line, exit 2. A foreseeable failure (data, log dir, world size):
-    one `error:` line on stderr and in the log, exit 1, no traceback."""
+    one `error:` line on stderr and in the log, exit 1, no traceback. A signal before the timed loop
+    (or a second one in it): one `interrupted` line, exit 130 / 143, no traceback."""
     try:
         cfg = parse_args(sys.argv[1:] if argv is None else argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    if not cfg.run_id:
-        cfg.run_id = f"{cfg.preset}_{uuid.uuid4().hex[:8]}"
-    log = None
+    log, handlers = None, {sig: signal.signal(sig, raise_interrupted) for sig in STOP_SIGNALS}
     try:
         backend = setup_backend(cfg)
+        cfg.run_id = cfg.run_id or fresh_run_id(cfg.preset, backend)
         log = RunLog(cfg, backend)
         return Trainer(cfg, backend, log).run()
+    except Interrupted as e:
+        message = (f"interrupted by {signal.Signals(e.signum).name} before the first step or by a second "
+                   "signal: no checkpoint written")
+        if log:
+            log.line(message, console=False)
+        print(message, file=sys.stderr)
+        raise SystemExit(STOP_SIGNALS[e.signum]) from None
     except (ShardError, OSError, SystemExit) as e:
         message = e.code if isinstance(e, SystemExit) else f"error: {e}"
         if not isinstance(message, str):  # a plain exit status, not an error of ours
@@ -2664,6 +2703,8 @@ def main(argv=None):
             log.line(f"error: {type(e).__name__}: {e}", console=False)
         raise
     finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         if log:
             log.close()
         if dist.is_initialized():

@@ -48,6 +48,7 @@ def run_and_kill(args, nproc, log_dir, run_id, wait_for):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert os.path.exists(wait_for), "the run never wrote its checkpoint"
+    return proc.returncode
 
 
 def final(log_dir, run_id):
@@ -63,7 +64,9 @@ def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp
     args = STEPS + data + [f"--accum_world_size={nproc}"]
     run(args, nproc, tmp_path, "whole")
     saved = tg.checkpoint_path(str(tmp_path / "cut"), KILL_AT)
-    run_and_kill(args + ["--save_every=3"], nproc, tmp_path, "cut", saved)
+    status = run_and_kill(args + ["--save_every=3"], nproc, tmp_path, "cut", saved)
+    assert status == -signal.SIGKILL  # killed, not finished: its final checkpoint is missing
+    assert tg.latest_checkpoint(str(tmp_path / "cut")) != tg.checkpoint_path(str(tmp_path / "cut"), 8)
     run(args + [f"--resume={saved}"], nproc, tmp_path, "resumed")
     with open(tmp_path / "resumed.txt") as f:
         assert f"resumed from {saved} at step {KILL_AT}/8, train_time " in f.read()
@@ -132,6 +135,57 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, data, sig
     at = next(i for i, line in enumerate(after) if line.startswith(f"resumed from {saved} at step {step}/{step + 1}, "))
     assert after[at + 1] == f"resumed despite: num_steps=30 (this run: {step + 1})"
     assert any(line.startswith("final val_loss:") for line in after[at:])
+
+
+def worker_with_rank(pid, rank):
+    """The pid of the process under `pid` (torchrun) whose environment says RANK=`rank`."""
+    for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
+        environ = open(f"/proc/{child}/environ", "rb").read().split(b"\0")
+        if f"RANK={rank}".encode() in environ:
+            return int(child)
+        found = worker_with_rank(child, rank)
+        if found:
+            return found
+    return None
+
+
+def test_ranks_agree_on_the_stop_step_when_one_rank_is_signalled(tmp_path, data):
+    """SIGTERM to rank 1 only: rank 0, which got no signal, stops at the same step boundary, both
+    save their part of one checkpoint (in one folder, the run id being rank 0's) and exit 143."""
+    args = STEPS + data + ["--accum_world_size=2", "--num_steps=30", "--val_every=0", "--progress=true"]
+    cmd = [a for a in command(args, 2, tmp_path, "unused") if not a.startswith("--run_id=")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    for line in proc.stdout:
+        if line.startswith("step:1/"):
+            break
+    os.kill(worker_with_rank(proc.pid, 1), signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "exitcode  : 143" in stderr, stderr
+    logs = [f for f in os.listdir(tmp_path) if f.endswith(".txt")]
+    folders = [f for f in os.listdir(tmp_path) if (tmp_path / f).is_dir()]
+    assert len(logs) == 1 and folders == [logs[0][: -len(".txt")]]
+    lines = (tmp_path / logs[0]).read_text().splitlines()
+    step = int(lines[-1].split()[3])
+    assert lines[-1] == f"interrupted at step {step} by SIGTERM" and 1 <= step < 30
+    saved = tg.checkpoint_path(str(tmp_path / folders[0]), step)
+    assert lines[-2] == f"checkpoint: {saved}"
+    assert sorted(os.listdir(tmp_path / folders[0])) == sorted(
+        os.path.basename(tg.checkpoint_path("", step, rank)) for rank in (None, 0, 1))
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_warmup_is_one_line(tmp_path, data, monkeypatch, capsys, sig, status):
+    """Before the timed loop there is nothing to save: the run says so and exits, no traceback."""
+    monkeypatch.setattr(tg.Trainer, "warmup", lambda self: (os.kill(os.getpid(), sig), time.sleep(5)))
+    handlers = {s: signal.getsignal(s) for s in tg.STOP_SIGNALS}
+    with pytest.raises(SystemExit) as e:
+        tg.main(STEPS + data + ["--accum_world_size=1", "--warmup_steps=1", f"--log_dir={tmp_path}", "--run_id=early"])
+    assert e.value.code == status
+    message = f"interrupted by {sig.name} before the first step or by a second signal: no checkpoint written"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == message
+    assert (tmp_path / "early.txt").read_text().splitlines()[-1] == message
+    assert not (tmp_path / "early").exists()
+    assert {s: signal.getsignal(s) for s in tg.STOP_SIGNALS} == handlers  # main puts the handlers back
 
 
 def test_a_log_is_never_overwritten(tmp_path):

@@ -248,3 +248,12 @@ def test_a_diverged_run_stops_with_one_error_line(tmp_path):
         run_lines = f.read().split(tg.SEPARATOR)[-1].splitlines()  # after the source and versions
     assert any(line.startswith("step:1/") for line in run_lines)
     assert not any(line.startswith(("final ", "vs record")) for line in run_lines)
+
+
+def test_on_the_cpu_a_diverged_run_stops_at_once_without_log_lines(tmp_path):
+    """Reading the loss is free on the CPU, so it is checked after every step, not only at log lines
+    and validations (here: none before step 10)."""
+    message = failing_run(tmp_path, ["--baseline", "--adamw_lr=1e30", "--log_every=0", "--num_steps=10",
+                                     "--save_every=5"], run_id="quiet")
+    assert re.fullmatch(r"error: loss is (nan|inf|-inf) at step [1-3] \(train_loss\)", message), message
+    assert not os.path.exists(os.path.join(tmp_path, "quiet"))  # no checkpoint of a diverged model
