@@ -4,7 +4,8 @@ figure as soon as it is measured (a run cut short keeps what it measured).
 
     python bench/gpu_check.py                          # one GPU: each step accumulates 8 micro-batches
     torchrun --nproc_per_node=8 bench/gpu_check.py     # the record's 8 GPUs
-    python bench/gpu_check.py --quick                  # 3 steps per stage (about 8 minutes with compile)
+    python bench/gpu_check.py --quick                  # 3 steps per stage (meant to fit 8 minutes with
+                                                       # compile; not yet timed on a GPU)
 
 Options: --steps=N (timed steps per stage, default 6), --out=PATH (JSON, default
 logs/gpu_check.json), --smoke (tiny shapes and model: checks this script itself on a CPU, with
@@ -218,7 +219,8 @@ def stage_table(report, argv, steps, workdir):
                    loss_first=losses[0], loss_last=losses[-1])
         report.add("stages", row, f"stage {row['stage']} from step {start:5d}: batch {row['batch_tokens']:7d}, "
                                   f"first step {times[0]:7.1f} s, {ms:8.1f} ms/step, {row['tokens_per_s_per_gpu']:9.0f} "
-                                  f"tok/s/GPU, peak {row['peak_memory_mib']} MiB, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
+                                  f"tok/s/GPU, peak {row['peak_memory_mib'] / 1024:.1f} GiB, "
+                                  f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
     stage_steps = collections.Counter(schedule.stage(step) for step in range(schedule.total))
     per_stage = {row["stage"]: row["ms_per_step"] for row in report.data["stages"]}
     projected = sum(n * per_stage.get(stage, float("nan")) for stage, n in stage_steps.items()) / 1000
@@ -230,6 +232,22 @@ def stage_table(report, argv, steps, workdir):
                f"projected train time for {schedule.total} steps on {backend.world_size} GPU(s): {projected:.1f} s "
                f"(record on 8: {RECORD['train_time_s']} s, {RECORD['ms_per_step_8gpu']} ms/step, "
                f"peak {RECORD['peak_allocated_gib']} GiB); final validation first call {first_val_s:.1f} s")
+
+
+def print_table(data):
+    """The stages as one table, the record's figures under it (what the README asks to report)."""
+    print(f"\n{data['date']}, {data['device']}, torch {data['torch']}")
+    print("| stage | first step | batch | compile (s) | ms/step | tokens/s/GPU | peak (GiB) | loss first -> last |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in data["stages"]:
+        print(f"| {r['stage']} | {r['first_step']} | {r['batch_tokens']} | {r['compile_s']:.1f} | {r['ms_per_step']:.1f} | "
+              f"{r['tokens_per_s_per_gpu']:.0f} | {r['peak_memory_mib'] / 1024:.1f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+    final, record = data.get("final", {}), data["record"]
+    print(f"projected train time on {final.get('world_size')} GPU(s): {final.get('projected_train_time_s', float('nan')):.1f} s; "
+          f"record on 8 H100s: {record['train_time_s']} s, {record['ms_per_step_8gpu']} ms/step, "
+          f"peak {record['peak_allocated_gib']} GiB")
+    bad = [row["op"] for row in data["kernels"] if not row["ok"]]
+    print(f"kernels: {'all within tolerance' if not bad else 'OUT OF TOLERANCE: ' + ', '.join(bad)}", flush=True)
 
 
 def split_options(argv, names):
@@ -244,13 +262,21 @@ def main(argv):
     smoke = "--smoke" in own
     steps = int(own["--steps"]) if "--steps" in own else (1 if smoke else 3 if "--quick" in own else 6)
     out = own.get("--out") or os.path.join("logs", "gpu_check.json")
-    device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("error: no CUDA device: this check times the GPU path; on a CPU, --smoke (with "
+                         "TRITON_INTERPRET=1) checks the script itself")
+    if smoke and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("error: --smoke runs the Triton kernels on the CPU, which needs TRITON_INTERPRET=1 in "
+                         "the environment (set before Python starts)")
+    device = torch.device("cuda" if not smoke else "cpu")
     report = Report(out, int(os.environ.get("RANK", 0)) == 0, record=RECORD, kernels=[], stages=[])
     if report.enabled:
         check_kernels(report, device, SMOKE_SHAPES if smoke else KERNEL_SHAPES)
     model_argv = (["--device=cpu", "--fp8_head=true"] + SMOKE_FLAGS if smoke else []) + rest
     with tempfile.TemporaryDirectory() as workdir:
         stage_table(report, model_argv, steps, workdir)
+    if report.enabled:
+        print_table(report.data)
     return report.data
 
 

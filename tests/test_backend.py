@@ -62,6 +62,25 @@ def test_block_mask_equals_create_block_mask(n, docs, window, seed):
     assert torch.allclose(y, y_ref, atol=1e-6)
 
 
+def test_block_mask_never_visits_token_pairs(monkeypatch):
+    """At the speedrun's 49,152 tokens per GPU the mask is built from 384 x 384 tiles, without
+    create_block_mask, which evaluates the mask at all 2.4 billion (query, key) pairs (the per-token
+    test runs only inside flex_attention, on partial tiles)."""
+    import torch.nn.attention.flex_attention as flex
+
+    def every_pair(*args, **kwargs):
+        raise AssertionError("create_block_mask evaluates the mask at every (query, key) pair")
+
+    monkeypatch.setattr(flex, "create_block_mask", every_pair)
+    n, window = 49152, 13 * 128
+    doc_ids = packing(n, 40, 0)
+    mask = tg.FlexAttention().mask(doc_ids, window)
+    tiles = n // tg.FLEX_BLOCK
+    assert mask.kv_num_blocks.shape == (1, 1, tiles) and mask.kv_indices.shape == (1, 1, tiles, tiles)
+    # a window of 13 tiles reaches at most 14 key tiles from any query tile
+    assert int((mask.kv_num_blocks + mask.full_kv_num_blocks).max()) <= window // tg.FLEX_BLOCK + 1
+
+
 # ------------------------------------------------------------------------------------------------
 # The compiled model through the whole schedule (inductor on the CPU)
 # ------------------------------------------------------------------------------------------------

@@ -32,6 +32,17 @@ def test_gpu_check_smoke(tmp_path):
     assert stages[0]["loss_first"] > 10 and all(row["loss_last"] < 20 for row in stages)
     assert report["final"]["world_size"] == 1 and report["final"]["projected_train_time_s"] > 0
     assert "stage 3 from step" in run.stdout and "projected train time" in run.stdout
+    table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert len(table) == 2 + len(stages) and table[2].startswith("| 0 | 0 | 256 | ")
+    assert run.stdout.rstrip().endswith("kernels: all within tolerance")
+
+
+def test_gpu_check_says_what_it_needs():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    for argv, expected in [([], "error: no CUDA device"), (["--smoke"], "error: --smoke runs the Triton kernels")]:
+        run = subprocess.run([sys.executable, "bench/gpu_check.py", *argv], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert run.returncode == 1 and run.stderr.startswith(expected) and "Traceback" not in run.stderr
 
 
 def test_flops_per_token_hand_count():

@@ -266,6 +266,14 @@ def test_sm90_build_has_no_spills_and_fits(sm90_reports, name):
         assert r["wgmma"], f"{name}: no wgmma instruction in the sm_90 PTX"
 
 
+def test_sm90_probe_catches_fp32_operands():
+    """The shared-memory check above can fail too: the tiles sized for bf16, fed fp32 (the crash the
+    dtype contract guards), need 294,912 bytes, more than an H100 has."""
+    r = run_aot("import json, aot_sm90; print(json.dumps(aot_sm90.compile_report('linear_relu2', "
+                "x_ptr='*fp32', w_ptr='*fp32', out_ptr='*fp32')))")
+    assert r["shared"] > SMEM_LIMIT, r
+
+
 def test_sm90_probe_catches_spills():
     """The check above can fail: a 128x256 tile with 4 warps does spill."""
     r = run_aot("import json, aot_sm90; print(json.dumps(aot_sm90.compile_report('linear_relu2', BLOCK_N=256, num_warps=4)))")

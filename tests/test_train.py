@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import re
+import threading
 import os
 
 import numpy as np
@@ -127,22 +128,37 @@ def test_warmup_leaves_no_trace(tmp_path):
 
 
 def test_train_step_never_reads_the_device(tmp_path, monkeypatch):
-    """On a GPU, reading a tensor's value on the host (item, int, float, bool) stalls until the stream
-    catches up. No step of any stage does it: stage changes, YaRN, the MTP weights and the untie
-    included (train-loss logging, outside train_step, is the only read and happens every log_every)."""
+    """On a GPU, reading a tensor's value on the host (item, int, float, bool, tolist, numpy, a copy
+    to the CPU) stalls until the stream catches up, and a tensor made from host values
+    (torch.tensor, as_tensor on a device) is a blocking copy from pageable memory. No step of any stage does
+    either: stage changes, YaRN, the MTP weights, the untie, the FP8 head and accumulation included
+    (train-loss logging, outside train_step, is the only read and happens every log_every). The
+    loader's prefetch thread, which reads shards on the host, is left alone."""
     argv = TINY + SAMPLE + [f"--log_dir={tmp_path}", "--run_id=nosync", "--num_steps=6", "--extension_steps=2",
-                            "--batch_tokens=256,256,256", "--shell_lambda=0.008"]
+                            "--batch_tokens=256,256,256", "--shell_lambda=0.008", "--fp8_head=true",
+                            "--accum_world_size=2"]
     cfg = tg.parse_args(argv)
     backend = tg.setup_backend(cfg)
     trainer = tg.Trainer(cfg, backend, tg.RunLog(cfg, backend))
-    assert trainer.schedule.untie_step is not None
+    assert trainer.schedule.untie_step is not None and trainer.accum == 2
 
-    def host_read(*args):
-        raise AssertionError("a tensor was read on the host inside train_step")
+    def forbidden(owner, name, only_to_a_device=False):
+        original = getattr(owner, name)
 
-    for name in ("item", "__int__", "__float__", "__bool__"):
-        monkeypatch.setattr(torch.Tensor, name, host_read)
-    for step in range(trainer.schedule.total):
+        def guarded(*args, **kwargs):
+            to_device = kwargs.get("device") is not None  # a host-only tensor (the loader's cu_seqlens) is fine
+            if threading.current_thread() is threading.main_thread() and (to_device or not only_to_a_device):
+                raise AssertionError(f"{name} inside train_step")
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, guarded)
+
+    for name in ("item", "__int__", "__float__", "__bool__", "tolist", "numpy", "cpu"):
+        forbidden(torch.Tensor, name)
+    trainer.train_step(0)  # makes the optimizers' state, once per run (NorMuon's lr multipliers from the host)
+    for name in ("tensor", "as_tensor"):
+        forbidden(torch, name, only_to_a_device=True)
+    for step in range(1, trainer.schedule.total):
         trainer.train_step(step)
     monkeypatch.undo()
     assert not trainer.model.tied
