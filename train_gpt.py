@@ -1395,8 +1395,15 @@ def normuon_update(grad, weights, momentum_buf, second_moment, lr_mul, hyper, be
     nesterov = grad.lerp(momentum_buf, hyper[1])  # not in place: inductor's CPU codegen fails on that
     u = polar_express(nesterov, ops, polar_steps, dtype).to(grad.dtype)  # normalize in full precision
     u = normuon_normalize(u, second_moment, beta2, reduce_dim)
-    step_lr = hyper[2] * lr_mul
-    weights.sub_(cautious_mask(u, weights, strict=False) * weights * (hyper[3] * step_lr) + u * step_lr)
+    step_lr, decay = normuon_rates(hyper[2], hyper[3], lr_mul)
+    weights.sub_(cautious_mask(u, weights, strict=False) * weights * decay + u * step_lr)
+
+
+def normuon_rates(lr, lr_decay, lr_mul):
+    """A matrix's step size lr * lr_mul and decay coefficient lr_decay (weight_decay * lr) times
+    that, as in the record: on the step's device tensors, or on numbers for Optimizers.hyperparams."""
+    step_lr = lr * lr_mul
+    return step_lr, lr_decay * step_lr
 
 
 def fill(t, values):
@@ -1470,7 +1477,7 @@ class NorMuon(torch.optim.Optimizer):
             if index not in self.hyper:
                 self.hyper[index] = grad.new_empty(4)
             hyper = self.hyper[index]
-            fill(hyper, (1 - group["momentum"], group["momentum"], group["lr"], group["weight_decay"] * group["lr"]))
+            fill(hyper, self.group_hyper(group))
             reduce_dim = normuon_reduce_dim(grad.shape, params[0].kind)
             self.update(grad, weights, state["momentum"], state["second_moment"], state["lr_mul"], hyper,
                         group["beta2"], reduce_dim, self.ops, self.polar_steps, self.dtype)
@@ -1483,6 +1490,20 @@ class NorMuon(torch.optim.Optimizer):
             if work is not None:
                 work.wait()
             torch._foreach_copy_([muon_view(p, p) for p in params], list(full[: len(params)].unbind(0)))
+
+    @staticmethod
+    def group_hyper(group):
+        """The group's [1 - momentum, momentum, lr, weight_decay * lr], as normuon_update reads them."""
+        return 1 - group["momentum"], group["momentum"], group["lr"], group["weight_decay"] * group["lr"]
+
+    def hyperparams(self):
+        """Per matrix: (step size, decay coefficient, (momentum, beta2)) at the groups' settings."""
+        table = {}
+        for group in self.param_groups:
+            _, momentum, lr, lr_decay = self.group_hyper(group)
+            for p in group["params"]:
+                table[p] = (*normuon_rates(lr, lr_decay, p.lr_mul), (momentum, group["beta2"]))
+        return table
 
     def _state(self, group, grad, mine):
         """The group's momentum, second moment and per-matrix lr multipliers (of this rank's share)."""
@@ -1577,7 +1598,7 @@ class Adam(torch.optim.Optimizer):
                     self._reduce(p)
         self.armed = False
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
+            lr, decay, (beta1, beta2) = self.rates(group)
             for p in group["params"]:
                 if p not in self.reducing:
                     continue
@@ -1593,8 +1614,7 @@ class Adam(torch.optim.Optimizer):
                 t = state["step"]
                 if p not in self.hyper:
                     self.hyper[p] = grad.new_empty(2)
-                fill(self.hyper[p], (group["lr"] * math.sqrt(1 - beta2**t) / (1 - beta1**t),
-                                     group["lr"] ** 2 * group["weight_decay"]))
+                fill(self.hyper[p], (lr * math.sqrt(1 - beta2**t) / (1 - beta1**t), decay))
                 rows, padded = self._rows(p, grad)
                 self.update(rows, grad, state["exp_avg"], state["exp_avg_sq"], self.hyper[p], beta1, beta2,
                             group["eps"], bool(group["weight_decay"]), self.cautious)
@@ -1603,6 +1623,15 @@ class Adam(torch.optim.Optimizer):
                     self.gathers.append((p, padded, dist.all_gather_into_tensor(full, rows, async_op=True)))
         if wait:
             self.wait()
+
+    @staticmethod
+    def rates(group):
+        """A group's lr (before the bias correction), decay coefficient lr^2 * weight_decay and betas."""
+        return group["lr"], group["lr"] ** 2 * group["weight_decay"], group["betas"]
+
+    def hyperparams(self):
+        """Per parameter: (lr, decay coefficient, betas) at the groups' settings."""
+        return {p: self.rates(group) for group in self.param_groups for p in group["params"]}
 
     def _rows(self, p, grad):
         """The rows of p this rank updates with `grad` (its averaged rows), in place in p where the
@@ -1717,15 +1746,11 @@ class Optimizers:
             for p in self.scalars:
                 p.grad = None
         adam_steps = self.adam_steps(step, last)
+        self.set_schedule(lr_mult, momentum)
         if self.muon is not None:
-            for group in self.muon.param_groups:
-                group["lr"] = group["base_lr"] * lr_mult
-                group["momentum"] = momentum
             orthogonalize_grads(self.perp_muon, self.cfg.perp_grad_rescale)
             pending = self.muon.reduce_grads()
         if adam_steps:
-            for group in self.adam.param_groups:
-                group["lr"] = group["base_lr"] * lr_mult
             self.adam.step(wait=False)  # perpGrad included
         if self.muon is not None:
             self.muon.update_and_gather(pending)
@@ -1733,6 +1758,21 @@ class Optimizers:
         if adam_steps:
             self.adam.wait()
             self.adam.zero_grad(set_to_none=True)
+
+    def set_schedule(self, lr_mult, momentum):
+        """Every group's lr (its base lr * lr_mult) and NorMuon's momentum for the coming step."""
+        for group in (self.muon.param_groups if self.muon else []):
+            group["lr"] = group["base_lr"] * lr_mult
+            group["momentum"] = momentum
+        for group in self.adam.param_groups:
+            group["lr"] = group["base_lr"] * lr_mult
+
+    def hyperparams(self, lr_mult, momentum):
+        """Per parameter: the (lr, decay coefficient, betas) that a step at this lr_mult and momentum
+        takes (NorMuon's betas: momentum, beta2), from the formulas the steps use; sets the schedule
+        as step() does, so a table can be checked without stepping."""
+        self.set_schedule(lr_mult, momentum)
+        return {**(self.muon.hyperparams() if self.muon else {}), **self.adam.hyperparams()}
 
     def state_dict(self):
         return [opt.state_dict() for opt in (self.muon, self.adam) if opt is not None]
@@ -2328,32 +2368,29 @@ def eta_seconds(train_ms, steps_done, total, vals_left, val_seconds):
 def split_batch(cfg, world):
     """(parts, accum, loss_factor): how `world` ranks share every batch, training and validation.
 
-    The recipe cuts each batch into accum_world_size micro-batches. Fewer ranks (a divisor) run
-    accum_world_size / world of them one after the other; more ranks (a multiple that divides every
-    batch) cut it into `world` smaller ones, one each. Either way each batch is cut into `parts`
-    micro-batches of batch / parts tokens and each rank runs `accum` of them per step. The loss is
-    a sum over tokens and the ranks average their gradients, so scaling each micro-batch's loss by
-    world / accum_world_size makes the gradient applied the global batch's sum / accum_world_size
-    for every world size: the record's scale, which Adam's eps is measured against."""
+    The recipe cuts each batch into accum_world_size micro-batches. Any world size works whose least
+    common multiple with accum_world_size divides every batch: each batch is cut into `parts` (that
+    multiple) micro-batches of batch / parts tokens, and each rank runs `accum` = parts / world of
+    them per step. Fewer ranks than accum_world_size (a divisor) accumulate; more (a multiple) take
+    a smaller slice each. The loss is a sum over tokens and the ranks average their gradients, so
+    scaling each micro-batch's loss by world / accum_world_size makes the gradient applied the
+    global batch's sum / accum_world_size for every world size: the record's scale, which Adam's eps
+    is measured against."""
     a = cfg.accum_world_size
     batches = sorted(set(cfg.batch_tokens) | {cfg.val_batch_tokens})
     for tokens in batches:
         if tokens % a:
             raise SystemExit(f"error: batch of {tokens} tokens does not split over accum_world_size={a}")
-    if a % world == 0:
-        return a, a // world, world / a
     common = math.gcd(*batches)
-    if world % a == 0 and common % world == 0:
-        return world, 1, world / a
-    works = f"a divisor of {a} ({', '.join(str(n) for n in range(1, a + 1) if a % n == 0)}: ranks accumulate)"
-    more = [str(n) for n in range(2 * a, common + 1, a) if common % n == 0]
-    if more:
-        shown = ", ".join(more[:3]) + (", ..." if len(more) > 3 else "")
-        works += f" or a multiple of {a} that divides every batch ({shown}: a smaller slice each)"
+    parts = math.lcm(a, world)
+    if common % parts == 0:
+        return parts, parts // world, world / a
+    works = [n for n in range(1, common + 1) if common % n == 0 and common % math.lcm(a, n) == 0]
+    shown = ", ".join(map(str, works[:8])) + (", ..." if len(works) > 8 else "")
     raise SystemExit(
         f"error: world size {world} cannot split the batches of preset {cfg.preset} (accum_world_size={a}, "
-        f"batch_tokens={show_value(cfg.batch_tokens)}, val_batch_tokens={cfg.val_batch_tokens}); "
-        f"world sizes that work: {works}"
+        f"batch_tokens={show_value(cfg.batch_tokens)}, val_batch_tokens={cfg.val_batch_tokens}): "
+        f"lcm({world}, {a}) = {parts} micro-batches must divide every batch; world sizes that work: {shown}"
     )
 
 

@@ -1,6 +1,7 @@
 """An independent transcription of record #53 (modded-nanogpt commit 9060ff47, "multi-token prediction
-+ untie LM head at 2/3", 1880 + 40 steps): its schedule formulas and its optimizer update rules,
-written from the record's code in its own terms, for the tests to hold train_gpt against.
++ untie LM head at 2/3", 1880 + 40 steps): its schedule formulas, its optimizer update rules and
+per-parameter hyperparameters, and its model's parameters, written from the record's code in its own
+terms, for the tests to hold train_gpt against.
 
 Nothing here is imported from train_gpt. Storage shapes are the record's: attention as one
 (4d x d) [Q; K; V; O] matrix, the MLP's c_fc and c_proj both as (hidden x d), c_proj transposed.
@@ -14,6 +15,16 @@ TOTAL = SCHEDULED + EXTENSION
 WS_SCHEDULE, WS_FINAL, WS_VALIDATE = (3, 7, 11), 13, 20
 BS_SCHEDULE, BS_EXTENSION = (8 * 2048 * 8, 16 * 2048 * 8, 24 * 2048 * 8), 24 * 2048 * 8
 TRANSITION_STEPS = 40
+# the model: width, MLP hidden (4 x width), heads, the attention gate's inputs; 11 layers, layer 6
+# without attention, 3 value-embedding tables
+D_MODEL, MLP_HIDDEN, N_HEAD, GATE_DIMS = 768, 4 * 768, 6, 12
+RECORD_DIMS = (D_MODEL, MLP_HIDDEN, N_HEAD, GATE_DIMS)
+N_LAYER, NO_ATTN_LAYER, VALUE_EMBEDS = 11, 6, 3
+# the optimizers: NorMuon lr, weight decay and beta2; DistAdam lr and weight decay, the main one's
+# betas and the scalar one's
+MUON_LR, MUON_WD, MUON_BETA2 = 0.023, 1.2, 0.95
+ADAM_LR, ADAM_WD = 0.008, 0.005
+ADAM_BETAS, SCALAR_BETAS = (0.65, 0.95), (0.9, 0.99)
 SPLIT_STEP = math.ceil(2 / 3 * SCHEDULED)
 COPY_STEP = (SPLIT_STEP - 2) | 1  # the record copies lm_head into embed after this step's optimizers
 
@@ -117,6 +128,20 @@ def variance_reduction(v, buf, beta2, red_dim):
     return v * (step_size * (v_norm / v_norm_new.clamp_min(1e-10)))
 
 
+def record_muon_rates(storage, lr_mul, wd_mul, step):
+    """NorMuon's step size sqrt(max(1, rows / cols)) * lr_mul * lr of the storage shape, its decay
+    coefficient wd_mul * wd * lr times that, and its (momentum, beta2)."""
+    lr = MUON_LR * record_lr(step)
+    eff_lr = math.sqrt(max(1.0, storage[-2] / storage[-1])) * lr_mul * lr
+    return eff_lr, wd_mul * MUON_WD * lr * eff_lr, (record_momentum(step), MUON_BETA2)
+
+
+def record_adam_rates(lr_mul, wd_mul, step, wd=ADAM_WD):
+    """DistAdam's lr (before the bias correction) and its decay coefficient lr * wd * wd_mul * lr."""
+    lr = ADAM_LR * record_lr(step) * lr_mul
+    return lr, lr * wd * wd_mul * lr
+
+
 class RecordNorMuon:
     """NorMuon (lr 0.023, wd 1.2, beta2 0.95) on one parameter at a time. `storage` is the record's
     shape of the matrix the parameter lives in, `transpose` whether the record stores it transposed."""
@@ -125,9 +150,8 @@ class RecordNorMuon:
         self.dtype, self.state = dtype, {}
 
     @torch.no_grad()
-    def step(self, p, storage, lr_mul, is_gate, transpose, step):
-        lr, wd = 0.023 * record_lr(step), 1.2
-        momentum = record_momentum(step)
+    def step(self, p, storage, lr_mul, wd_mul, is_gate, transpose, step):
+        eff_lr, decay, (momentum, beta2) = record_muon_rates(storage, lr_mul, wd_mul, step)
         g = p.grad.T if transpose else p.grad
         w = p.detach().T if transpose else p.detach()
         st = self.state.setdefault(p, {})
@@ -138,11 +162,9 @@ class RecordNorMuon:
         red_dim = -1 if is_gate or storage[-2] >= storage[-1] else -2
         if "second" not in st:
             st["second"] = torch.zeros_like(g[..., :, :1] if red_dim == -1 else g[..., :1, :])
-        v = variance_reduction(v.to(g.dtype), st["second"], 0.95, red_dim)
-        eff_lr = math.sqrt(max(1.0, storage[-2] / storage[-1])) * lr_mul * lr
-        eff_wd = wd * lr
+        v = variance_reduction(v.to(g.dtype), st["second"], beta2, red_dim)
         mask = (v * w) >= 0
-        new = w - w * mask * eff_wd * eff_lr - v * eff_lr
+        new = w - w * mask * decay - v * eff_lr
         p.copy_(new.T if transpose else new)
 
 
@@ -150,13 +172,13 @@ class RecordAdam:
     """DistAdam's step for one parameter: bias-corrected step size, eps on the raw root, cautious
     (strict) decay lr^2 * wd * wd_mul, lr = 0.008 * schedule * lr_mul."""
 
-    def __init__(self, betas, wd=0.005, eps=1e-8):
+    def __init__(self, betas, wd=ADAM_WD, eps=1e-8):
         self.betas, self.wd, self.eps, self.state = betas, wd, eps, {}
 
     @torch.no_grad()
     def step(self, p, lr_mul, wd_mul, step):
         beta1, beta2 = self.betas
-        lr = 0.008 * record_lr(step) * lr_mul
+        lr, decay = record_adam_rates(lr_mul, wd_mul, step, self.wd)
         st = self.state.setdefault(p, dict(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p)))
         st["step"] += 1
         t = st["step"]
@@ -164,7 +186,7 @@ class RecordAdam:
         st["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
         update = st["exp_avg"] / (st["exp_avg_sq"].sqrt() + self.eps) * (lr * (1 - beta2**t) ** 0.5 / (1 - beta1**t))
         mask = (update * p) > 0
-        update = update + p * mask * (lr * self.wd * wd_mul) * lr
+        update = update + p * mask * decay
         p.sub_(update)
 
 
@@ -189,3 +211,24 @@ def record_label(name, d, hidden, n_head, gate_dims):
         return "adam", None, 5.0, 0.0, False
     # resid lambdas, attention lambdas, smear, backout and skip lambdas: the record's `scalars`
     return "scalar_adam", None, 5.0, 0.0, False
+
+
+def record_parameter_names():
+    """The record's parameters in our names (its qkvo_w as q, k, v, o; its `scalars` as resid,
+    attention, smear, backout and skip lambdas, less the attention-less layer's unused pair)."""
+    names = ["lm_head", "embed", "smear_gate", "smear_lambda", "x0_lambdas", "resid_lambdas", "backout_lambda",
+             "skip_gate"] + [f"value_embeds.{i}" for i in range(VALUE_EMBEDS)]
+    for layer in range(N_LAYER):
+        names += [f"blocks.{layer}.mlp.up", f"blocks.{layer}.mlp.down"]
+        if layer != NO_ATTN_LAYER:
+            names += [f"blocks.{layer}.attn.{leaf}" for leaf in ("q", "k", "v", "o", "gate", "lambdas")]
+    return names
+
+
+def record_hyperparams(name, step, dims=RECORD_DIMS):
+    """Our parameter name -> the record's (optimizer label, lr, decay coefficient, betas) at `step`;
+    NorMuon's betas are (momentum, beta2), the decay coefficient multiplies the masked weight."""
+    kind, storage, lr_mul, wd_mul, _ = record_label(name, *dims)
+    if kind.startswith("muon"):
+        return (kind, *record_muon_rates(storage, lr_mul, wd_mul, step))
+    return (kind, *record_adam_rates(lr_mul, wd_mul, step), ADAM_BETAS if kind == "adam" else SCALAR_BETAS)

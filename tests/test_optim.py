@@ -1,8 +1,10 @@
 """Optimizers: Polar Express, NorMuon normalization, cautious masks, Adam vs torch, NorMuon vs a reference,
-and the speedrun preset's first steps vs the record's update rules."""
+the speedrun preset's first steps vs the record's update rules and its full-width per-parameter lr, decay
+and betas vs the record's."""
 import copy
 import math
 import os
+import re
 import zlib
 
 import pytest
@@ -292,7 +294,7 @@ def record_steps(model, batches, steps, dims, block, reduce_mean=False):
     """Train `model` through `steps` by the record's rules on the given micro-batches (2 per step)."""
     labels = {name: rr.record_label(name, *dims) for name, _ in model.named_parameters()}
     params = dict(model.named_parameters())
-    muon, adam, scalar_adam = rr.RecordNorMuon(torch.get_default_dtype()), rr.RecordAdam((0.65, 0.95)), rr.RecordAdam((0.9, 0.99))
+    muon, adam, scalar_adam = rr.RecordNorMuon(torch.get_default_dtype()), rr.RecordAdam(rr.ADAM_BETAS), rr.RecordAdam(rr.SCALAR_BETAS)
     frozen = rr.record_transitions()
     batches = iter(batches)
     ws_long = None
@@ -310,7 +312,7 @@ def record_steps(model, batches, steps, dims, block, reduce_mean=False):
         for name, p in params.items():
             kind, storage, lr_mul, wd_mul, transpose = labels[name]
             if kind.startswith("muon"):
-                muon.step(p, storage, lr_mul, kind == "muon_gate", transpose, step)
+                muon.step(p, storage, lr_mul, wd_mul, kind == "muon_gate", transpose, step)
                 p.grad = None
             elif step % 2 == 1 and p.grad is not None:
                 if kind == "adam":
@@ -392,6 +394,39 @@ def test_preset_steps_match_the_record(monkeypatch, float64, start, n):
         mean_ref.rotary.set_window(rr.record_ws(start)[1] * block, True)
         record_steps(mean_ref, trainer.train_loader.batches, steps, dims, block, reduce_mean=True)
         assert not torch.allclose(mean_ref.lm_head, ref.lm_head, rtol=0, atol=1e-6)
+
+
+# odd steps, on which Adam steps too: the first third in the momentum warmup, the second third at
+# its peak and in its cooldown, the last third in its cooldown, and the extension (the floor lr,
+# momentum cooling down)
+TABLE_STEPS = (1, 701, 1001, 1301, 1901)
+TABLE_REL = 1e-9  # both sides multiply the same numbers in other orders
+
+
+def test_preset_hyperparams_match_the_record():
+    """The full speedrun model (the shape multipliers depend on the widths, which the steps above
+    shrink): every parameter's lr, decay coefficient and betas as our optimizers step with them
+    equal the record's, per record_ref, at steps of every lr stage. Prints the table under -s."""
+    cfg = tg.parse_args(["--preset=speedrun", "--device=cpu", "--compile=false"])
+    model = tg.GPT(cfg, tg.TorchOps, None)
+    optimizers = tg.Optimizers(model, cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
+    sched = tg.Schedule(cfg)
+    names = {p: name for name, p in model.named_parameters()}
+    assert sorted(names.values()) == sorted(rr.record_parameter_names())
+    muon = {p for group in optimizers.muon.param_groups for p in group["params"]}
+    rows = set()
+    for step in TABLE_STEPS:
+        ours = optimizers.hyperparams(sched.lr_mult(step), sched.momentum(step))
+        assert set(ours) == set(names)
+        for p, (lr, decay, betas) in ours.items():
+            kind, want_lr, want_decay, want_betas = rr.record_hyperparams(names[p], step)
+            assert (p in muon) == kind.startswith("muon"), names[p]
+            want = pytest.approx((want_lr, want_decay, *want_betas), rel=TABLE_REL, abs=0)
+            assert (lr, decay, *betas) == want, (names[p], step)
+            rows.add((re.sub(r"\.\d+", ".*", names[p]), step, kind, lr, decay, tuple(betas)))
+    print(f"\n{'parameters':<22} {'step':>5} {'record optimizer':<17} {'lr':>11} {'decay':>11}  betas")
+    for group, step, kind, lr, decay, betas in sorted(rows):
+        print(f"{group:<22} {step:>5} {kind:<17} {lr:>11.4e} {decay:>11.4e}  ({betas[0]:.4f}, {betas[1]:.2f})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -604,7 +639,7 @@ def test_optimizers_one_rank_match_the_rules(tmp_path, monkeypatch, toy_referenc
     check_toy(torch.load(tmp_path / "rank0.pt"), toy_reference[1], 0, 1)
 
 
-@pytest.mark.parametrize("world", [2])
+@pytest.mark.parametrize("world", [2, 3])
 def test_optimizers_across_ranks_match_the_rules(tmp_path, toy_reference, world):
     """gloo ranks spawned here: Adam's tables reduce-scattered from the gradient hooks (padded on 3
     ranks for the head, on 2 for the value embeddings), NorMuon's groups padded or not."""
