@@ -294,6 +294,29 @@ def check_config(cfg):
             raise ConfigError(f"--{name}={show_value(value)}: expected {'each value ' if isinstance(value, tuple) else ''}{expected}")
     if cfg.run_id in (".", "..") or os.path.basename(cfg.run_id) != cfg.run_id:
         raise ConfigError(f"--run_id={cfg.run_id}: expected a plain file name (it names the log files in --log_dir)")
+    check_model_shape(cfg)
+
+
+def check_model_shape(cfg):
+    """Refuse layer indices and widths the model cannot be built with (or would silently ignore)."""
+    layers = f"a layer index from 0 to {cfg.n_layer - 1} (--n_layer={cfg.n_layer})"
+    for name in ("no_attn_layers", "long_window_layers"):
+        value = getattr(cfg, name)
+        if not all(0 <= v < cfg.n_layer for v in value) or len(set(value)) != len(value):
+            raise ConfigError(f"--{name}={show_value(value)}: expected each value {layers}, each once")
+    for name in ("skip_from", "backout_layer"):
+        value = getattr(cfg, name)
+        if not -1 <= value < cfg.n_layer:
+            raise ConfigError(f"--{name}={value}: expected {layers}, or -1 for off")
+    if cfg.skip_from >= 0 and not cfg.skip_from < cfg.skip_to < cfg.n_layer:  # skip_to is unused while skip is off
+        raise ConfigError(f"--skip_to={cfg.skip_to}: expected a layer after --skip_from={cfg.skip_from} "
+                          f"and at most {cfg.n_layer - 1} (--n_layer={cfg.n_layer})")
+    if cfg.head_dim % 4:
+        raise ConfigError(f"--head_dim={cfg.head_dim}: expected a multiple of 4 (RoPE rotates half of each head in pairs)")
+    if cfg.attn_gate and not cfg.head_gate and cfg.gate_dims > cfg.d_model:
+        raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected at most --d_model={cfg.d_model} (the gate reads that many channels)")
+    if cfg.value_embeds > cfg.n_layer:
+        raise ConfigError(f"--value_embeds={cfg.value_embeds}: expected at most --n_layer={cfg.n_layer} (one table per layer at most)")
 
 
 def config_docs():
@@ -369,7 +392,10 @@ def parse_args(argv):
                 raise ConfigError(f"--{name}={text}: expected one of {', '.join(CHOICES[name])}")
     cfg = Config(**{**PRESETS[preset], **(BASELINE if baseline else {}), **overrides, "preset": preset})
     if wants_help:
-        print(help_text(cfg, baseline))
+        try:
+            print(help_text(cfg, baseline), flush=True)
+        except BrokenPipeError:  # `--help | head`: the reader took what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
     check_config(cfg)
     return cfg
@@ -2093,7 +2119,8 @@ class Schedule:
 SEPARATOR = "=" * 100
 RECORDS_INDEX = os.path.join(os.path.dirname(os.path.abspath(__file__)), "records", "index.json")
 # a run is timed against its track's record only if it did the same work: the same task and length
-COMPARABLE_KEYS = ("preset", "num_steps", "extension_steps", "batch_tokens", "max_seq_len", "val_tokens")
+COMPARABLE_KEYS = ("preset", "train_files", "val_files", "vocab_size", "num_steps", "extension_steps", "batch_tokens",
+                   "max_seq_len", "val_tokens")
 
 
 def versions_and_hardware():
@@ -2161,6 +2188,10 @@ class RunLog:
         if exists and not cfg.resume:
             raise SystemExit(f"error: --run_id={cfg.run_id}: {self.path} already exists and a log is never overwritten; "
                              "choose another --run_id, or continue that run with --resume")
+        saved = latest_checkpoint(checkpoint_dir(cfg)) if cfg.save_every or cfg.save_final else None
+        if saved and not cfg.resume:  # another run's checkpoints (a shared --checkpoint_dir)
+            raise SystemExit(f"error: {saved} already exists and a checkpoint is never overwritten; choose another "
+                             "--checkpoint_dir, or continue that run with --resume")
         try:
             os.makedirs(cfg.log_dir, exist_ok=True)
             self.text = open(self.path, "a" if exists else "w")
@@ -2261,7 +2292,10 @@ def save_atomic(obj, path):
     """torch.save to a temporary file, then rename: a crash mid-write never replaces a good file."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty file in its place
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

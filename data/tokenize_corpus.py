@@ -238,7 +238,8 @@ def write_corpus(token_arrays, is_val, out_dir, prefix, shard_tokens=DEFAULT_SHA
     try:
         train, val, skipped = write_splits(token_arrays, is_val, staging, prefix, shard_tokens)
         if not train:
-            why = "every document went to the val split; raise --val_every" if val else "the inputs hold no text"
+            why = ("every document went to the val split (the 1st always does; --val_every=0 puts none there)"
+                   if val else "the inputs hold no text")
             raise CorpusError(f"no training documents: {why}")
         os.makedirs(out_dir, exist_ok=True)
         for path in output_shards(out_dir, prefix):

@@ -353,7 +353,9 @@ def record_logs(folder):
     """The run logs of a record folder (every .txt), parsed."""
     paths = sorted(glob.glob(os.path.join(folder, "*.txt")))
     if not paths:
-        raise RecordsError(f"{folder}: record folder has no .txt run logs")
+        inner = sorted({os.path.dirname(p) for p in glob.glob(os.path.join(folder, "*", "*.txt"))})
+        hint = f" (its subfolders {', '.join(inner)} hold some: name one of them)" if inner else ""
+        raise RecordsError(f"{folder}: record folder has no .txt run logs{hint}")
     return parse_logs(paths)
 
 
@@ -660,6 +662,9 @@ def main(argv=None):
     except RecordsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `... | head`: the reader took what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def tiny_checkpoint(tmp_path_factory):
     tg.write_shard(folder / "tiny_val_000000.bin", np.array(doc * 10))
     cfg = tg.parse_args([
         "--preset=cpu", "--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
-        "--long_window_layers=1", "--window_block=64", "--long_windows=1,2,2", "--extension_window=2",
+        "--long_window_layers=1", "--value_embeds=2", "--window_block=64", "--long_windows=1,2,2", "--extension_window=2",
         "--final_window=2", "--max_seq_len=64", "--skip_from=0", "--skip_to=1", "--backout_layer=0",
         f"--num_steps={TINY_STEPS}", "--batch_tokens=128,128,128", "--val_every=0", "--log_every=0",
         "--val_tokens=256", "--val_batch_tokens=128", "--progress=false", "--run_id=tiny",

@@ -197,13 +197,22 @@ def test_a_log_is_never_overwritten(tmp_path):
     assert (tmp_path / "taken.txt").read_text() == "a finished run\n"
 
 
+def test_a_shared_checkpoint_dir_is_never_overwritten(tmp_path):
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "step_000150.pt").write_bytes(b"another run's checkpoint")
+    with pytest.raises(SystemExit) as e:
+        tg.main(["--preset=cpu", f"--log_dir={tmp_path}", "--run_id=second", f"--checkpoint_dir={tmp_path / 'shared'}"])
+    assert e.value.code == (f"error: {tmp_path / 'shared' / 'step_000150.pt'} already exists and a checkpoint is never "
+                            "overwritten; choose another --checkpoint_dir, or continue that run with --resume")
+    assert (tmp_path / "shared" / "step_000150.pt").read_bytes() == b"another run's checkpoint"
+
+
 def test_a_failed_save_leaves_the_previous_file(tmp_path, monkeypatch):
     path = str(tmp_path / "step_000001.pt")
     tg.save_atomic({"good": torch.ones(3)}, path)
 
     def broken_save(obj, f):
-        with open(f, "wb") as out:
-            out.write(b"half a checkpoint")
+        f.write(b"half a checkpoint")
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)

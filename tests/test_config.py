@@ -1,11 +1,16 @@
 """Config: typed overrides, presets, --baseline, and clear errors for bad flags (the batch split over
 ranks: tests/test_distributed.py)."""
+import os
 import re
+import subprocess
+import sys
 from dataclasses import fields
 
 import pytest
 
 import train_gpt as tg
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def defaults():
@@ -26,9 +31,9 @@ def test_defaults_are_the_speedrun_record():
 
 
 def test_typed_overrides():
-    cfg = tg.parse_args(["--n_layer=3", "--muon_lr=0.5", "--smear=false", "--batch_tokens=(64,128,256)",
+    cfg = tg.parse_args(["--n_layer=12", "--muon_lr=0.5", "--smear=false", "--batch_tokens=(64,128,256)",
                          "--long_windows=1,2,2", "--adam_betas=0.8,0.9", "--log_dir=/tmp/x", "--yarn=ON"])
-    assert cfg.n_layer == 3 and type(cfg.n_layer) is int
+    assert cfg.n_layer == 12 and type(cfg.n_layer) is int
     assert cfg.muon_lr == 0.5 and type(cfg.muon_lr) is float
     assert cfg.smear is False and cfg.yarn is True
     assert cfg.batch_tokens == (64, 128, 256) and all(type(v) is int for v in cfg.batch_tokens)
@@ -53,8 +58,8 @@ def test_cpu_preset():
     assert cfg.muon_lr == defaults()["muon_lr"]
     assert cfg.device == "cpu" and cfg.compile is False and cfg.train_files.startswith("data/sample/")
     # overrides win over the preset, whatever their position on the command line
-    assert tg.parse_args(["--n_layer=2", "--preset=cpu"]).n_layer == 2
-    assert tg.parse_args(["--preset=cpu", "--n_layer=2"]).n_layer == 2
+    assert tg.parse_args(["--n_layer=8", "--preset=cpu"]).n_layer == 8
+    assert tg.parse_args(["--preset=cpu", "--n_layer=8"]).n_layer == 8
 
 
 def test_baseline_turns_every_technique_off():
@@ -145,6 +150,24 @@ def test_values_are_checked_at_start(arg, expected):
     assert expected in error_message([arg])
 
 
+# layers and widths the model cannot be built with, or would silently ignore (the cpu preset: 6 layers)
+@pytest.mark.parametrize("args, expected", [
+    (["--no_attn_layers=6"], "--no_attn_layers=6: expected each value a layer index from 0 to 5 (--n_layer=6), each once"),
+    (["--long_window_layers=2,2"], "--long_window_layers=2,2: expected each value a layer index from 0 to 5"),
+    (["--n_layer=4"], "--long_window_layers=2,5: expected each value a layer index from 0 to 3 (--n_layer=4)"),
+    (["--backout_layer=6"], "--backout_layer=6: expected a layer index from 0 to 5 (--n_layer=6), or -1 for off"),
+    (["--skip_from=4", "--skip_to=2"], "--skip_to=2: expected a layer after --skip_from=4 and at most 5 (--n_layer=6)"),
+    (["--skip_to=6"], "--skip_to=6: expected a layer after --skip_from=1 and at most 5"),
+    (["--head_dim=30"], "--head_dim=30: expected a multiple of 4"),
+    (["--gate_dims=300"], "--gate_dims=300: expected at most --d_model=256"),
+    (["--value_embeds=7"], "--value_embeds=7: expected at most --n_layer=6"),
+])
+def test_the_model_shape_is_checked_at_start(args, expected):
+    assert expected in error_message(["--preset=cpu", *args])
+    # what stays allowed: a switched-off skip ignores skip_to, the per-head gate reads all channels
+    tg.parse_args(["--preset=cpu", "--skip_from=-1", "--skip_to=-7", "--head_gate=true", "--gate_dims=300"])
+
+
 def test_main_prints_one_error_line_and_exits_2(capsys):
     with pytest.raises(SystemExit) as e:
         tg.main(["--num_steps=0"])
@@ -178,6 +201,15 @@ def test_help_lists_every_flag_in_config_order_with_value_and_description(capsys
     assert any(re.fullmatch(r"  --adam_betas=0.65,0.95 +Adam \(beta1, beta2\)", line) for line in body)
     at = body.index("  --train_files=data/fineweb10B/fineweb_train_*.bin")
     assert body[at + 1] == " " * tg.HELP_WIDTH + "glob of the training shards"
+
+
+def test_help_into_a_closed_pipe_is_quiet():
+    """`--help | head -1`: the reader may leave before the help is written; no traceback then."""
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train_gpt.py"), "--help"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the child writes: its write meets a closed pipe
+    assert proc.wait(timeout=120) == 0
+    assert proc.stderr.read() == b""
 
 
 def test_help_shows_the_values_of_the_chosen_preset(capsys):

@@ -313,6 +313,16 @@ def test_tokenize_skips_empty_documents_and_splits_every_nth_to_val(tmp_path, en
     assert "skipped 2 empty documents" in capsys.readouterr().err
 
 
+def test_tokenize_one_document_says_how_to_train_on_it(tmp_path, encoding):
+    """The first document always goes to val, whatever --val_every: only 0 keeps it for training."""
+    corpus = jsonl_corpus(tmp_path / "c.jsonl", ["the only document"])
+    with pytest.raises(SystemExit) as e:
+        tokenize(corpus, "--out_dir", tmp_path / "out", "--val_every", 1000)
+    assert "--val_every=0 puts none there" in str(e.value.code)
+    tokenize(corpus, "--out_dir", tmp_path / "out", "--val_every", 0)
+    assert decoded(encoding, sorted((tmp_path / "out").glob("corpus_train_*.bin"))) == ["the only document"]
+
+
 def test_tokenize_writes_a_val_split_by_default(tmp_path, encoding):
     texts = [f"document {i}" for i in range(2 * tokenize_corpus.DEFAULT_VAL_EVERY + 1)]
     tokenize(jsonl_corpus(tmp_path / "c.jsonl", texts), "--out_dir", tmp_path / "out")

@@ -356,6 +356,20 @@ def test_compare_public_logs_against_a_public_record_folder(tmp_path, capsys):
     assert "public speedrun log, which records no config" in capsys.readouterr().out
 
 
+def test_a_record_folder_with_logs_in_subfolders_names_them(tmp_path, capsys):
+    """Newer public record folders keep their logs in subfolders (baseline/, this_pr/, ...)."""
+    record = tmp_path / "2026-02-01_Something"
+    for sub in ("baseline", "this_pr"):
+        (record / sub).mkdir(parents=True)
+        (record / sub / "run0.txt").write_text(public_log_text(3.2781, 119600))
+    ours = tmp_path / "ours.txt"
+    ours.write_text(public_log_text(3.2770, 118000))
+    assert rt.main(["compare", str(ours), "--against", str(record), "--root", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"error: {record}: record folder has no .txt run logs (its subfolders "
+                                       f"{record / 'baseline'}, {record / 'this_pr'} hold some: name one of them)\n")
+    assert rt.main(["compare", str(ours), "--against", str(record / "this_pr"), "--root", str(tmp_path)]) == 0
+
+
 FAKE_TRAINER = '''"""Fake trainer: writes a log whose loss depends on --seed and --lr."""
 import json, os, sys
 

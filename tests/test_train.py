@@ -20,7 +20,7 @@ _spec.loader.exec_module(records)
 
 SAMPLE = [f"--train_files={ROOT}/data/sample/sample_train_*.bin", f"--val_files={ROOT}/data/sample/sample_val_*.bin"]
 TINY = ["--preset=cpu", "--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
-        "--long_window_layers=1", "--window_block=64", "--long_windows=1,2,2", "--extension_window=2",
+        "--long_window_layers=1", "--value_embeds=2", "--window_block=64", "--long_windows=1,2,2", "--extension_window=2",
         "--final_window=2", "--max_seq_len=512", "--val_tokens=2048", "--val_batch_tokens=1024",
         "--skip_from=0", "--skip_to=1", "--backout_layer=0"]
 QUIET = ["--progress=false"]
@@ -173,6 +173,10 @@ def test_versus_record_only_when_the_run_did_the_same_work():
     short = tg.parse_args(["--preset=cpu", "--num_steps=4", "--val_tokens=8192"])
     assert tg.versus_record(short, record, 9.0, 1000.0) == (
         "not compared with record recipe: this run differs in num_steps=4 (record: 150), val_tokens=8192 (record: 65536)")
+    own_text = tg.parse_args(["--preset=cpu", "--train_files=mine/t_*.bin", "--val_files=mine/v_*.bin"])
+    assert tg.versus_record(own_text, record, 5.0, 3e5) == (
+        "not compared with record recipe: this run differs in train_files=mine/t_*.bin (record: "
+        f"{config['train_files']}), val_files=mine/v_*.bin (record: {config['val_files']})")
     assert tg.versus_record(cfg, {**record, "config": None}, 5.25, 3e5) == (
         "not compared with record recipe: its logs carry no config to check this run against")
 
