@@ -46,8 +46,10 @@ def write_index(tmp_path, monkeypatch, config):
 
 
 def test_smoke_run_log_parses_and_the_console_says_what_happens(tmp_path, monkeypatch, capsys):
-    write_index(tmp_path, monkeypatch, {"preset": "cpu", "num_steps": 150, "extension_steps": 0,
-                                        "batch_tokens": [2048, 4096, 6144], "max_seq_len": 512, "val_tokens": 65536})
+    write_index(tmp_path, monkeypatch, {"preset": "cpu", "train_files": f"{ROOT}/data/sample/sample_train_*.bin",
+                                        "val_files": f"{ROOT}/data/sample/sample_val_*.bin", "vocab_size": 50257,
+                                        "num_steps": 150, "extension_steps": 0, "batch_tokens": [2048, 4096, 6144],
+                                        "max_seq_len": 512, "val_tokens": 65536})
     (val_loss, train_ms), log, metrics = run(
         tmp_path, "smoke", ["--num_steps=3", "--extension_steps=0", "--batch_tokens=256,256,256", "--val_every=2",
                             "--log_every=1"])
