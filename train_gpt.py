@@ -2086,9 +2086,9 @@ class Schedule:
         return (1.0,)
 
     def stage_starts(self):
-        """First step of every stage that the run has."""
+        """First step of every stage that the run has (a schedule of 1 or 2 steps lacks some thirds)."""
         extension = {self.cfg.num_steps} if self.cfg.extension_steps else set()
-        return sorted({self.stage_start(s) for s in range(3)} | extension)
+        return sorted({self.stage_start(s) for s in range(3)} - {self.cfg.num_steps} | extension)
 
     def stage_start(self, stage):
         return -(-stage * self.cfg.num_steps // 3)

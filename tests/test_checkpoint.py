@@ -197,6 +197,23 @@ def test_a_log_is_never_overwritten(tmp_path):
     assert (tmp_path / "taken.txt").read_text() == "a finished run\n"
 
 
+def test_saving_is_outside_the_clock(tmp_path, data, monkeypatch):
+    """Each save made to last 2 s: 4 of them (steps 1-3 and the final one) would be 8 s of train time."""
+    save = tg.Trainer.save
+
+    def slow_save(self, step, train_ms):
+        time.sleep(2.0)
+        return save(self, step, train_ms)
+
+    monkeypatch.setattr(tg.Trainer, "save", slow_save)
+    args = STEPS + data + ["--accum_world_size=1", "--num_steps=4", "--save_every=1", "--val_every=0"]
+    start = time.perf_counter()
+    _, train_ms = tg.main(args + [f"--log_dir={tmp_path}", "--run_id=timed"])
+    assert time.perf_counter() - start > 8.0 and train_ms < 4000
+    assert sorted(os.listdir(tmp_path / "timed")) == sorted(
+        os.path.basename(tg.checkpoint_path("", s, r)) for s in (1, 2, 3, 4) for r in (None, 0))
+
+
 def test_a_shared_checkpoint_dir_is_never_overwritten(tmp_path):
     (tmp_path / "shared").mkdir()
     (tmp_path / "shared" / "step_000150.pt").write_bytes(b"another run's checkpoint")

@@ -88,3 +88,12 @@ def test_freeze_off_and_cpu_preset():
     cpu = tg.Schedule(tg.parse_args(["--preset=cpu"]))
     assert cpu.changes == [50, 100]  # batch and window change at the thirds of 150 steps
     assert [s for s in range(cpu.total) if cpu.scalars_frozen(s)] == list(range(50, 90)) + list(range(100, 140))
+
+
+@pytest.mark.parametrize("steps, starts", [(1, [0]), (2, [0, 1]), (3, [0, 1, 2]), (4, [0, 2, 3]), (150, [0, 50, 100])])
+def test_short_schedules_have_only_the_stages_they_reach(steps, starts):
+    """ceil(k * steps / 3) for the thirds, less those at num_steps itself, which hold no step."""
+    schedule = tg.Schedule(tg.parse_args(["--preset=cpu", f"--num_steps={steps}"]))
+    assert schedule.stage_starts() == starts
+    ranges = [line.split(":")[0] for line in schedule.describe()[:-1]]
+    assert ranges == [f"steps {a}-{b - 1}" for a, b in zip(starts, starts[1:] + [steps])]
