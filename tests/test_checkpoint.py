@@ -61,7 +61,9 @@ def final(log_dir, run_id):
 
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp_path, data, nproc):
-    args = STEPS + data + [f"--accum_world_size={nproc}"]
+    """With the untimed warmup on, as in the speedrun preset: its steps are undone before the
+    timed run, and a resumed run warms up again before it loads the checkpoint."""
+    args = STEPS + data + [f"--accum_world_size={nproc}", "--warmup_steps=1"]
     run(args, nproc, tmp_path, "whole")
     saved = tg.checkpoint_path(str(tmp_path / "cut"), KILL_AT)
     status = run_and_kill(args + ["--save_every=3"], nproc, tmp_path, "cut", saved)
