@@ -661,6 +661,17 @@ class CompileToy(torch.nn.Module):
             tg.tag(torch.nn.Parameter(torch.randn(s, generator=g)), "matrix", 1.0 + i) for i, s in enumerate(shapes))
 
 
+def compile_toy_steps(model, opt, ranks):
+    """Two steps of CompileToy on gradients averaged over `ranks` (NorMuon steps twice, Adam after
+    the second, the last); returns the parameters."""
+    for step in range(2):
+        for name, p in model.named_parameters():
+            coeffs = [toy_coeffs(name, p.shape, r, step, 0) for r in ranks]
+            p.grad = sum(a + b * p.detach() for a, b in coeffs) / len(coeffs)
+        opt.step(step, toy_lr_mult(step), toy_momentum(step), last=step == 1)
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
 def test_compiled_step_matches_eager(monkeypatch):
     """--compile: the fused Adam update and the NorMuon update through inductor (CPU) land where eager does."""
     from torch._dynamo.utils import counters
@@ -673,15 +684,39 @@ def test_compiled_step_matches_eager(monkeypatch):
             # one Polar Express iteration: a smaller graph compiles faster, and the rest is the same code
             opt = toy_optimizers(model, 0, 1, False, ["--polar_steps=1", f"--compile={compile}"])
             graphs = counters["stats"]["unique_graphs"]
-            for step in range(2):  # NorMuon steps twice, Adam after the second (the last)
-                for name, p in model.named_parameters():
-                    a, b = toy_coeffs(name, p.shape, 0, step, 0)
-                    p.grad = a + b * p.detach()
-                opt.step(step, toy_lr_mult(step), toy_momentum(step), last=step == 1)
-            runs.append({name: p.detach().clone() for name, p in model.named_parameters()})
+            runs.append(compile_toy_steps(model, opt, [0]))
         assert counters["stats"]["unique_graphs"] - graphs == 2  # the compiled run compiled both updates
     finally:
         torch.set_default_dtype(torch.float32)
     for name, eager in runs[0].items():
         assert not torch.equal(eager, CompileToy().get_parameter(name).double())  # it moved
         torch.testing.assert_close(runs[1][name], eager, rtol=1e-10, atol=1e-12, msg=name)
+
+
+def compiled_rank(rank, world, store, out):
+    """One rank of the compiled, sharded toy run (spawned): each rank its own gradients."""
+    torch.set_default_dtype(torch.float64)
+    tg.COMPUTE_DTYPE = torch.float64
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    model = CompileToy()
+    opt = toy_optimizers(model, rank, world, False, ["--polar_steps=1", "--compile=true"])
+    torch.save(compile_toy_steps(model, opt, [rank]), os.path.join(out, f"compiled{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_compiled_sharded_steps_match_one_eager_process(tmp_path, monkeypatch):
+    """What the GPUs run: the compiled updates on each rank's share (the head's rows split, the
+    group of 3 matrices padded to 4), against one eager process stepping on the ranks' average."""
+    mp.spawn(compiled_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+    monkeypatch.setattr(tg, "COMPUTE_DTYPE", torch.float64)
+    torch.set_default_dtype(torch.float64)
+    try:
+        model = CompileToy()
+        eager = compile_toy_steps(model, toy_optimizers(model, 0, 1, False, ["--polar_steps=1"]), [0, 1])
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for rank in range(2):
+        ranked = torch.load(tmp_path / f"compiled{rank}.pt")
+        for name, want in eager.items():
+            torch.testing.assert_close(ranked[name], want, rtol=1e-10, atol=1e-12, msg=f"rank {rank}: {name}")
