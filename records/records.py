@@ -476,6 +476,10 @@ def cmd_compare(args):
         old = record_logs(folder)
         sets = [(f"record {os.path.basename(os.path.normpath(folder))}", old), ("new", logs)]
         print(f"\nagainst {folder}:")
+        theirs = sorted({log.track for log in old})
+        if theirs != [track]:
+            print(f"note: the record's logs are on track {', '.join(theirs)}, these runs on {track}: "
+                  "other hardware or task, so the differences below are not the code's alone")
         print(format_comparison(comparison_rows(sets), args.markdown))
         print(f"\nconfig diff, record's first log -> first new log ({', '.join(PER_RUN_KEYS)} left out):\n"
               f"{config_diff(old[0], logs[0]) or '(identical config)'}")

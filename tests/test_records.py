@@ -353,7 +353,13 @@ def test_compare_public_logs_against_a_public_record_folder(tmp_path, capsys):
     assert f"(none to show: {record / 'run0.txt'} is a public speedrun log, which records no config)" in out
     assert "\n-LR = 0.02\n+LR = 0.025\n" in out
     assert rt.main(["compare", *mine, "--against", str(record), "--track", "speedrun", "--root", str(tmp_path)]) == 0
-    assert "public speedrun log, which records no config" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "public speedrun log, which records no config" in out and "note: the record's logs" not in out
+    # runs of another track against the public logs: compared, with a warning
+    cpu = write_logs(tmp_path / "cpu", [5.2, 5.21], [300000, 301000])
+    assert rt.main(["compare", *cpu, "--against", str(record), "--root", str(tmp_path)]) == 0
+    assert ("note: the record's logs are on track speedrun, these runs on cpu: other hardware or task, so the "
+            "differences below are not the code's alone") in capsys.readouterr().out
 
 
 def test_a_record_folder_with_logs_in_subfolders_names_them(tmp_path, capsys):
