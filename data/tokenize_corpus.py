@@ -2,9 +2,9 @@
 
 Inputs are text files (one document each), directories (their .txt and .jsonl files, recursively,
 in sorted order) and .jsonl files (one document per line, taken from its "text" field). Every
-document gets <|endoftext|> (BOS) in front; empty documents are skipped (and counted). Every
---val_every-th document (the 1st, the 1+N-th, ...) goes, whole, to the val split; the rest go to
-train. Each split is cut into shards of exactly --shard_tokens tokens (the last one shorter), named
+document gets <|endoftext|> (BOS) in front; empty (or whitespace-only) documents are skipped (and
+counted). Every --val_every-th document (the 1st, the 1+N-th, ...) goes, whole, to the val split; the
+rest go to train. Each split is cut into shards of exactly --shard_tokens tokens (the last one shorter), named
 PREFIX_train_000000.bin, PREFIX_val_000000.bin, ...
 
     python data/tokenize_corpus.py books/ extra.jsonl --out_dir data/mine --prefix mine
@@ -81,8 +81,9 @@ def gpt2_encoding(ranks_path=DEFAULT_RANKS):
 
 
 def encode_document(encoding, text):
-    """BOS followed by the document's tokens; a literal '<|endoftext|>' in the text stays plain text."""
-    tokens = encoding.encode_ordinary(text)
+    """BOS followed by the document's tokens; a literal '<|endoftext|>' in the text stays plain text.
+    A document of whitespace alone gets no tokens: it is skipped as empty."""
+    tokens = encoding.encode_ordinary(text) if text.strip() else []
     return np.array([BOS_ID] + tokens, dtype=np.uint16)
 
 

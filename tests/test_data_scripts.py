@@ -305,12 +305,12 @@ def decoded(encoding, paths):
 
 
 def test_tokenize_skips_empty_documents_and_splits_every_nth_to_val(tmp_path, encoding, capsys):
-    texts = ["d0", "", "d1", "d2", "", "d3", "d4"]
+    texts = ["d0", "", "d1", "d2", " \n\t ", "d3", "d4"]
     tokenize(jsonl_corpus(tmp_path / "c.jsonl", texts), "--out_dir", tmp_path / "out", "--val_every", 3)
     out = tmp_path / "out"
     assert decoded(encoding, sorted(out.glob("corpus_val_*.bin"))) == ["d0", "d3"]  # kept documents 0 and 3
     assert decoded(encoding, sorted(out.glob("corpus_train_*.bin"))) == ["d1", "d2", "d4"]
-    assert "skipped 2 empty documents" in capsys.readouterr().err
+    assert "skipped 2 empty documents" in capsys.readouterr().err  # whitespace alone counts as empty
 
 
 def test_tokenize_one_document_says_how_to_train_on_it(tmp_path, encoding):
