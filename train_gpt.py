@@ -286,12 +286,15 @@ def show_value(value):
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def check_config(cfg):
-    """Refuse values that would fail later with a traceback (or silently train nothing)."""
+def check_config(cfg, typed=None):
+    """Refuse values that would fail later with a traceback (or silently train nothing). `typed`:
+    the flags' text as given on the command line, which an error quotes."""
+    typed = typed or {}
     for name, (test, expected) in BOUNDS.items():
         value = getattr(cfg, name)
         if not all(test(v) for v in (value if isinstance(value, tuple) else (value,))):
-            raise ConfigError(f"--{name}={show_value(value)}: expected {'each value ' if isinstance(value, tuple) else ''}{expected}")
+            shown = typed.get(name, show_value(value))
+            raise ConfigError(f"--{name}={shown}: expected {'each value ' if isinstance(value, tuple) else ''}{expected}")
     if cfg.run_id in (".", "..") or os.path.basename(cfg.run_id) != cfg.run_id:
         raise ConfigError(f"--run_id={cfg.run_id}: expected a plain file name (it names the log files in --log_dir)")
     check_model_shape(cfg)
@@ -364,7 +367,7 @@ def parse_args(argv):
 
     Bad flags and values raise ConfigError; `--help` prints the help and exits 0."""
     defaults = {f.name: f.default for f in fields(Config)}
-    preset, baseline, overrides, wants_help = "speedrun", False, {}, False
+    preset, baseline, overrides, typed, wants_help = "speedrun", False, {}, {}, False
     for arg in argv:
         if arg in ("-h", "--help"):
             wants_help = True
@@ -388,6 +391,7 @@ def parse_args(argv):
             preset = text
         else:
             overrides[name] = parse_value(name, text, defaults[name])
+            typed[name] = text
             if name in CHOICES and overrides[name] not in CHOICES[name]:
                 raise ConfigError(f"--{name}={text}: expected one of {', '.join(CHOICES[name])}")
     cfg = Config(**{**PRESETS[preset], **(BASELINE if baseline else {}), **overrides, "preset": preset})
@@ -397,7 +401,7 @@ def parse_args(argv):
         except BrokenPipeError:  # `--help | head`: the reader took what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
-    check_config(cfg)
+    check_config(cfg, typed)
     return cfg
 
 # ------------------------------------------------------------------------------------------------
@@ -1996,7 +2000,8 @@ class ValLoader:
         if have < val_tokens + 1:
             raise SystemExit(f"error: validation shards {pattern} hold {have:,} tokens; val_tokens={val_tokens:,} needs {val_tokens + 1:,}")
         if val_tokens % (slice_tokens * world_size):
-            raise SystemExit(f"error: val_tokens={val_tokens} must be a multiple of {slice_tokens * world_size} (val slice x world size)")
+            raise SystemExit(f"error: --val_tokens={val_tokens}: expected a multiple of {slice_tokens * world_size} "
+                             "(the validation slice x the world size)")
         self.tokens = torch.from_numpy(np.concatenate(parts)[: val_tokens + 1].astype(np.int64))
         self.slice_tokens, self.rank, self.world_size, self.device = slice_tokens, rank, world_size, device
 

@@ -204,6 +204,11 @@ def failing_run(tmp_path, extra, run_id="fails"):
     return message
 
 
+def test_val_tokens_that_do_not_fill_whole_slices_are_one_error_line(tmp_path):
+    message = failing_run(tmp_path, ["--val_tokens=1000"])
+    assert message == "error: --val_tokens=1000: expected a multiple of 1024 (the validation slice x the world size)"
+
+
 def test_a_bad_shard_is_one_error_line(tmp_path):
     bad = os.path.join(tmp_path, "bad_val_000000.bin")
     with open(bad, "wb") as f:
