@@ -200,7 +200,8 @@ def test_a_log_is_never_overwritten(tmp_path):
 
 
 def test_saving_is_outside_the_clock(tmp_path, data, monkeypatch):
-    """Each save made to last 2 s: 4 of them (steps 1-3 and the final one) would be 8 s of train time."""
+    """Each save made to last 2 s: the 4 of them (steps 1-3 and the final one) and the train time
+    together fit in the run's wall time only if the clock was stopped for them."""
     save = tg.Trainer.save
 
     def slow_save(self, step, train_ms):
@@ -211,7 +212,7 @@ def test_saving_is_outside_the_clock(tmp_path, data, monkeypatch):
     args = STEPS + data + ["--accum_world_size=1", "--num_steps=4", "--save_every=1", "--val_every=0"]
     start = time.perf_counter()
     _, train_ms = tg.main(args + [f"--log_dir={tmp_path}", "--run_id=timed"])
-    assert time.perf_counter() - start > 8.0 and train_ms < 4000
+    assert train_ms / 1000 + 4 * 2.0 <= time.perf_counter() - start
     assert sorted(os.listdir(tmp_path / "timed")) == sorted(
         os.path.basename(tg.checkpoint_path("", s, r)) for s in (1, 2, 3, 4) for r in (None, 0))
 
