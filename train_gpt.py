@@ -2726,11 +2726,8 @@ def clone_tree(obj):
 
 
 class Interrupted(BaseException):
-    """SIGINT or SIGTERM outside the timed loop's watch (start-up, warmup, a second signal)."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
+    """SIGINT or SIGTERM (its number the one argument) outside the timed loop's watch (start-up,
+    warmup, a second signal)."""
 
 
 def raise_interrupted(signum, frame):
@@ -2761,12 +2758,13 @@ def main(argv=None):
         log = RunLog(cfg, backend)
         return Trainer(cfg, backend, log).run()
     except Interrupted as e:
-        message = (f"interrupted by {signal.Signals(e.signum).name} before the first step or by a second "
+        signum = e.args[0]
+        message = (f"interrupted by {signal.Signals(signum).name} before the first step or by a second "
                    "signal: no checkpoint written")
         if log:
             log.line(message, console=False)
         print(message, file=sys.stderr)
-        raise SystemExit(STOP_SIGNALS[e.signum]) from None
+        raise SystemExit(STOP_SIGNALS[signum]) from None
     except (ShardError, OSError, SystemExit) as e:
         message = e.code if isinstance(e, SystemExit) else f"error: {e}"
         if not isinstance(message, str):  # a plain exit status, not an error of ours
