@@ -736,7 +736,9 @@ class _FP8Linear(torch.autograd.Function):
         g_f8 = _to_fp8(grad.reshape(-1, grad.shape[-1]), ctx.grad_scale, torch.float8_e5m2)
         # .T.contiguous().T gives the same matrix stored column-major, as the second operand must be
         grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
-        grad_w = torch._scaled_mm(g_f8.T.contiguous(), x_f8.T.contiguous().T, scale_a=gs, scale_b=xs, out_dtype=torch.float32)
+        # x^T @ g, then transposed: for the head's [vocab x d] weight the product [d x vocab] is the
+        # faster shape on the GPU (the record's choice). fp32, so an fp32 weight gets an unrounded gradient
+        grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, scale_a=xs, scale_b=gs, out_dtype=torch.float32).T
         return grad_x.reshape(ctx.shape).to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
 
 
@@ -1280,10 +1282,11 @@ class GPT(nn.Module):
     def logits(self, x):
         """Raw head outputs z [T, vocab] in the compute dtype (the softcap is applied inside the loss);
         FP8 only while training, validation runs the head in the compute dtype."""
-        x, w = x.to(self.dtype), self.lm_head.to(self.dtype)
+        x = x.to(self.dtype)
         if self.cfg.fp8_head and self.training:
-            return fp8_linear(x, w)
-        return F.linear(x, w)
+            # the weight as stored: FP8 casts it anyway, and its gradient reaches it unrounded
+            return fp8_linear(x, self.lm_head)
+        return F.linear(x, self.lm_head.to(self.dtype))
 
     def forward(self, idx, targets, windows, mtp_weights):
         z = self.logits(self.hidden(idx, windows))

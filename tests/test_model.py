@@ -331,6 +331,30 @@ def test_head_is_fp8_only_while_training():
     assert (fp8.float() - bf16.float()).norm() < 0.1 * bf16.float().norm()  # e4m3 operands: a few % off
 
 
+def test_fp8_head_gradient_reaches_the_stored_weight_unrounded():
+    """The head's weight gradient through the FP8 path is the fp32 product of the quantized operands
+    (the record's), not rounded to bf16 on its way to an fp32 weight. Reference: float64 product
+    of the dequantized e5m2 gradient and e4m3 inputs; fp32 accumulation over 64 rows stays within
+    1e-6 of it, a bf16 rounding on the way would be ~1e-3 off."""
+    cfg = tg.parse_args(TINY + ["--fp8_head=true"])
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+    x = tg.norm(torch.randn(64, cfg.d_model))
+    grad = (torch.randn(64, model.vocab) / 50).bfloat16()
+    model.train()
+    model.logits(x).backward(grad)
+    assert model.lm_head.grad.dtype == torch.float32
+
+    def dequantized(t, scale, dtype):  # divided in t's own dtype (bf16), as the record quantizes
+        return (t / scale).clamp(-torch.finfo(dtype).max, torch.finfo(dtype).max).to(dtype).double() * scale
+
+    x_q = dequantized(x.bfloat16(), tg.FP8_X_SCALE, torch.float8_e4m3fn)
+    g_q = dequantized(grad, tg.FP8_GRAD_SCALE, torch.float8_e5m2)
+    expected = g_q.T @ x_q
+    error = ((model.lm_head.grad.double() - expected).norm() / expected.norm()).item()
+    assert error < 1e-6, error
+
+
 def test_fp32_compute_dtype_multiplies_in_fp32():
     """A model built for fp32 (the CPU backend's choice where bf16 is emulated) runs autocast-free:
     its hidden states and logits match a float64 copy's to fp32 rounding; the default bf16 model's
