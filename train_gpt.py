@@ -521,6 +521,9 @@ class Backend:
     attention: object
     # the model's matmul dtype; the default is read when a Backend is made (tests may patch it)
     compute_dtype: torch.dtype = dataclasses.field(default_factory=lambda: COMPUTE_DTYPE)
+    # the dtype the head, the embedding tables and the gates are stored in (and so their optimizer
+    # state): bf16 on CUDA, as the record keeps them; None keeps them as made (float32, the CPU's)
+    table_dtype: torch.dtype | None = None
 
     @property
     def is_master(self):
@@ -559,8 +562,8 @@ def cpu_compute_dtype(choice):
 
 
 def setup_backend(cfg):
-    """Pick the device, start the process group (NCCL on CUDA, gloo on CPU), the attention, the ops
-    and the matmul dtype."""
+    """Pick the device, start the process group (NCCL on CUDA, gloo on CPU), the attention, the ops,
+    the matmul dtype and the tables' storage dtype."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device=cuda but no CUDA device is available")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -577,7 +580,8 @@ def setup_backend(cfg):
     ops = triton_ops if use_cuda and cfg.triton and triton_ops is not None else TorchOps
     attention = FlexAttention() if use_cuda else BlockedAttention(cfg.window_block)
     compute_dtype = COMPUTE_DTYPE if use_cuda else cpu_compute_dtype(cfg.cpu_dtype)
-    return Backend(device, rank, world_size, ops, attention, compute_dtype)
+    table_dtype = COMPUTE_DTYPE if use_cuda else None
+    return Backend(device, rank, world_size, ops, attention, compute_dtype, table_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -663,8 +667,9 @@ class TorchOps:
 
     @staticmethod
     def linear_relu2(x, w):
-        """relu(x @ w^T)^2, the MLP up projection and its activation."""
-        return F.relu(F.linear(x, w)).square()
+        """relu(x @ w^T)^2, the MLP up projection and its activation, in x's dtype as the kernel's
+        (under CUDA autocast square() becomes pow(), which runs in fp32)."""
+        return F.relu(F.linear(x, w)).square().to(x.dtype)
 
     @staticmethod
     def softcap_mtp_ce(logits, targets, weights, cap, temp):
@@ -990,6 +995,7 @@ COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA (on a CPU: the bac
 YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which YaRN fully/never rescales
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
+TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate")  # stored in Backend.table_dtype
 # the record stores Q, K, V and O stacked as one (4 d x d) matrix: Muon's shape multiplier
 # sqrt(max(1, rows / cols)) = 2 of that stack is what each of the four gets
 ATTN_STACKED = 4
@@ -999,8 +1005,9 @@ SHELL_EPS = 0.1
 
 
 def norm(x):
-    """RMSNorm without weights."""
-    return F.rms_norm(x, (x.size(-1),))
+    """RMSNorm without weights, in x's dtype on every device: CUDA autocast (torch >= 2.12) runs
+    rms_norm in fp32 and CPU autocast does not, and the stream's dtype must not depend on that."""
+    return F.rms_norm(x, (x.size(-1),)).type_as(x)
 
 
 def tag(param, kind, lr_mul=1.0):
@@ -1100,10 +1107,10 @@ class Attention(nn.Module):
     """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset,
     a per-head output gate and an optional extra softmax slot (sink logit and/or key-value bias)."""
 
-    def __init__(self, cfg, layer):
+    def __init__(self, cfg, layer, dtype=COMPUTE_DTYPE):
         super().__init__()
         d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
-        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.n_head, self.head_dim, self.dtype = cfg.n_head, cfg.head_dim, dtype
         bound = math.sqrt(3) / math.sqrt(d)
         lr_mul = shape_lr_mul(ATTN_STACKED * d, d)
         self.q = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
@@ -1147,6 +1154,9 @@ class Attention(nn.Module):
             k = torch.where(still, F.pad(k[:-1], (0, 0, 0, 0, 1, 0)), k)
         if ve is not None:
             v = v + ve.view(n, h, dh)
+        # one dtype into attention, the compute dtype, whatever autocast and the tables' dtype made
+        # of q, k (rms_norm) and v (+ a float32 value embedding)
+        q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
         y, lse = attend(q, k, v, mask, rotary.attn_scale, self.has_slot)
         if self.has_slot:
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
@@ -1175,7 +1185,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg, layer, ops, dtype=COMPUTE_DTYPE):
         super().__init__()
-        self.attn = None if layer in cfg.no_attn_layers else Attention(cfg, layer)
+        self.attn = None if layer in cfg.no_attn_layers else Attention(cfg, layer, dtype)
         self.mlp = MLP(cfg, ops, dtype)
         self.long = layer in cfg.long_window_layers
         self.attn_out_gate = output_gate(cfg, cfg.gate_attn) if self.attn is not None else None
@@ -1207,7 +1217,7 @@ class GPT(nn.Module):
     """The record model. forward(idx, targets, windows, mtp_weights) returns the token losses'
     sum: the record trains on the sum, which sets the gradient scale Adam's eps is measured against."""
 
-    def __init__(self, cfg, ops, attention, dtype=COMPUTE_DTYPE):
+    def __init__(self, cfg, ops, attention, dtype=COMPUTE_DTYPE, table_dtype=None):
         super().__init__()
         self.cfg, self.ops, self.attention, self.dtype = cfg, ops, attention, dtype
         d = cfg.d_model
@@ -1234,6 +1244,10 @@ class GPT(nn.Module):
             self.skip_gate = tag(nn.Parameter(torch.tensor(-1.5)), "scalar")
         if cfg.backout_layer >= 0:
             self.backout_lambda = tag(nn.Parameter(torch.tensor(0.5)), "scalar")
+        if table_dtype is not None:  # after init, so the random draws are the same in any dtype
+            for p in self.parameters():
+                if p.kind in TABLE_KINDS:
+                    p.data = p.data.to(table_dtype)
 
     @torch.no_grad()
     def untie(self):
@@ -1439,6 +1453,12 @@ def normuon_rates(lr, lr_decay, lr_mul):
     return step_lr, lr_decay * step_lr
 
 
+def hyper_dtype(grad):
+    """Learning rates and decay coefficients stay in float32 (or wider) for a bf16 table's step:
+    bf16 would round the lr by up to 0.4%."""
+    return torch.promote_types(grad.dtype, torch.float32)
+
+
 def fill(t, values):
     """Write python numbers into a device tensor without a host-to-device copy (one fill each)."""
     for i, v in enumerate(values):
@@ -1508,7 +1528,7 @@ class NorMuon(torch.optim.Optimizer):
             weights[len(mine):].zero_()
             state = self._state(group, grad, mine)
             if index not in self.hyper:
-                self.hyper[index] = grad.new_empty(4)
+                self.hyper[index] = grad.new_empty(4, dtype=hyper_dtype(grad))
             hyper = self.hyper[index]
             fill(hyper, self.group_hyper(group))
             reduce_dim = normuon_reduce_dim(grad.shape, params[0].kind)
@@ -1549,7 +1569,7 @@ class NorMuon(torch.optim.Optimizer):
             state["second_moment"] = torch.zeros(shape, device=grad.device, dtype=grad.dtype)
             # per-matrix lr multipliers, made once: a host-to-device copy every step would stall it
             lr_muls = [p.lr_mul for p in mine] + [0.0] * (len(grad) - len(mine))  # padding stays 0
-            state["lr_mul"] = torch.tensor(lr_muls, device=grad.device, dtype=grad.dtype)[:, None, None]
+            state["lr_mul"] = torch.tensor(lr_muls, device=grad.device, dtype=hyper_dtype(grad))[:, None, None]
         return state
 
 
@@ -1646,7 +1666,7 @@ class Adam(torch.optim.Optimizer):
                 state["step"] += 1
                 t = state["step"]
                 if p not in self.hyper:
-                    self.hyper[p] = grad.new_empty(2)
+                    self.hyper[p] = grad.new_empty(2, dtype=hyper_dtype(grad))
                 fill(self.hyper[p], (lr * math.sqrt(1 - beta2**t) / (1 - beta1**t), decay))
                 rows, padded = self._rows(p, grad)
                 self.update(rows, grad, state["exp_avg"], state["exp_avg_sq"], self.hyper[p], beta1, beta2,
@@ -2444,7 +2464,7 @@ class Trainer:
         self.schedule = Schedule(cfg)
         self.parts, self.accum, self.loss_factor = split_batch(cfg, backend.world_size)
         torch.manual_seed(cfg.seed)
-        self.model = GPT(cfg, backend.ops, backend.attention, backend.compute_dtype).to(backend.device)
+        self.model = GPT(cfg, backend.ops, backend.attention, backend.compute_dtype, backend.table_dtype).to(backend.device)
         if cfg.compile:
             torch._dynamo.config.cache_size_limit = 64  # one graph per (stage, window, tied) is expected
         self.forward = torch.compile(self.model, fullgraph=True, dynamic=False) if cfg.compile else self.model

@@ -28,9 +28,12 @@ POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp3
 
 
 def recorded_pointers():
-    """op -> Triton pointer types of its tensor arguments, as the model feeds them (tests/op_spy.py)."""
+    """op -> Triton pointer types of its tensor arguments, as the model feeds them on CUDA (under CUDA's
+    autocast rules, tables stored in bf16: tests/op_spy.py)."""
     seen = {}
-    for name, args in op_spy.record_op_inputs():
+    for name, args in op_spy.record_op_inputs(cuda_rules=True, table_dtype=torch.bfloat16):
+        if name not in op_spy.OPERANDS:  # attention and the residual stream: not Triton kernels of ours
+            continue
         types = [POINTER[dtype] for dtype, _ in args]
         if seen.setdefault(name, types) != types:
             raise RuntimeError(f"{name} is called with different dtypes: {seen[name]} and {types}")

@@ -6,6 +6,7 @@ the CPU, as the GPU would compile: flex attention (forward only: it has no CPU b
 CPU attention (forward and backward, through the Trainer) through every stage change of the
 schedule and the final validation, counting the graphs dynamo builds.
 """
+import math
 import os
 import warnings
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+import op_spy
 import train_gpt as tg
 
 BOS = 50256
@@ -105,11 +107,11 @@ def graphs():
     return counters["stats"]["unique_graphs"]
 
 
-def compiled_trainer(tmp_path, attention, run_id):
+def compiled_trainer(tmp_path, attention, run_id, table_dtype=None):
     torch._dynamo.reset()
     cfg = tg.parse_args(SPEEDRUN_SHAPED + [f"--log_dir={tmp_path}", f"--run_id={run_id}"])
     assert cfg.compile and cfg.fp8_head and cfg.mtp and cfg.yarn and cfg.untie_frac < 1
-    backend = tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, attention)
+    backend = tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, attention, table_dtype=table_dtype)
     return tg.Trainer(cfg, backend, tg.RunLog(cfg, backend))
 
 
@@ -192,3 +194,73 @@ def test_records_track_follows_the_matmul_dtype():
         return tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None, dtype).records_track(preset)
     assert track(torch.bfloat16, "cpu") == "cpu" and track(torch.bfloat16, "speedrun") == "speedrun"
     assert track(torch.float32, "cpu") == "cpu-fp32"
+
+
+# ------------------------------------------------------------------------------------------------
+# The dtypes of the CUDA path, on the CPU: CUDA's autocast rules (tests/op_spy.py) and the record's
+# storage (the head, the embedding tables and the gates in bf16)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_cuda_autocast_rules_follow_the_dispatch_table():
+    """The emulation: under autocast, rms_norm (CUDA: fp32 since torch 2.12) and square (pow) come back
+    fp32, while matmuls stay bf16 and ops without a CUDA rule keep their input's dtype."""
+    assert op_spy.cuda_only_fp32("rms_norm") and op_spy.cuda_only_fp32("square") and op_spy.cuda_only_fp32("exp")
+    assert not any(map(op_spy.cuda_only_fp32, ("linear", "matmul", "sigmoid", "embedding", "cat", "to")))
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16), op_spy.CudaAutocastRules():
+        h = torch.nn.functional.linear(x, torch.randn(8, 8))
+        assert h.dtype == torch.bfloat16 and torch.sigmoid(h).dtype == torch.bfloat16
+        assert torch.nn.functional.rms_norm(h, (8,)).dtype == torch.float32 and h.square().dtype == torch.float32
+    with op_spy.CudaAutocastRules():  # outside autocast nothing changes
+        assert torch.nn.functional.rms_norm(x.bfloat16(), (8,)).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("table_dtype", [None, torch.bfloat16], ids=["fp32-tables", "bf16-tables"])
+def test_attention_gets_the_compute_dtype_under_cuda_autocast_rules(table_dtype):
+    """q, k and v reach attention in bf16 under CUDA's autocast rules, where rms_norm (q, k) returns
+    fp32 and a float32 value-embedding table promotes v: the hard "same dtype" error of flex attention,
+    or its fp32 kernels. Value embeddings and the key offset on."""
+    calls = op_spy.record_op_inputs(cuda_rules=True, table_dtype=table_dtype)
+    attention = [args for name, args in calls if name == "attention"]
+    cfg = tg.parse_args(op_spy.SMALL)
+    assert cfg.value_embeds and cfg.key_offset and len(attention) == cfg.n_layer - len(cfg.no_attn_layers)
+    assert all(dtype == torch.bfloat16 for args in attention for dtype, _ in args), attention
+
+
+def test_cuda_storage_keeps_the_tables_and_the_stream_in_bf16():
+    """The record's precision on CUDA: the head, the embedding tables and the gates stored in bf16 and
+    so their Adam moments; the residual stream bf16 from the embedding on (under CUDA's autocast rules,
+    where rms_norm alone would make it fp32); matrices, scalars and the step sizes stay float32."""
+    built = []
+    calls = op_spy.record_op_inputs(cuda_rules=True, table_dtype=torch.bfloat16, built=built)
+    model, optimizers = built
+    assert {dtype for name, args in calls if name == "block" for dtype, _ in args} == {torch.bfloat16}
+    for name, p in model.named_parameters():
+        want = torch.bfloat16 if p.kind in tg.TABLE_KINDS else torch.float32
+        assert p.dtype == want and p.grad is None and torch.isfinite(p.float()).all(), name
+    kinds = {p.kind for p in model.parameters()}
+    assert {"head", "value_embed", "gate", "smear_gate"} <= kinds
+    adam = optimizers.adam
+    for p, state in adam.state.items():
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == p.dtype
+    assert {p.kind for p in adam.state} >= {"head", "value_embed", "smear_gate", "scalar"}
+    assert all(h.dtype == torch.float32 for h in [*adam.hyper.values(), *optimizers.muon.hyper.values()])
+    # the fp32 model from the same seed starts from the same values, rounded
+    torch.manual_seed(0)
+    fp32 = tg.GPT(tg.parse_args(op_spy.SMALL), tg.TorchOps, None)
+    torch.manual_seed(0)
+    bf16 = tg.GPT(tg.parse_args(op_spy.SMALL), tg.TorchOps, None, table_dtype=torch.bfloat16)
+    assert torch.equal(bf16.lm_head, fp32.lm_head.bfloat16()) and torch.equal(bf16.blocks[0].mlp.up, fp32.blocks[0].mlp.up)
+
+
+def test_compiled_training_with_bf16_tables(tmp_path):
+    """The CUDA storage compiled by inductor (the speedrun-shaped model, blocked attention): two steps,
+    the second with Adam's bf16 update, then a validation, all finite."""
+    trainer = compiled_trainer(tmp_path, tg.BlockedAttention(128), "bf16_tables", table_dtype=torch.bfloat16)
+    assert trainer.model.lm_head.dtype == torch.bfloat16
+    head = trainer.model.lm_head.detach().clone()
+    losses = [trainer.train_step(step)["train_loss"].item() for step in range(2)]
+    assert all(map(math.isfinite, losses)) and not torch.equal(head, trainer.model.lm_head)
+    assert all(s["exp_avg"].dtype == torch.bfloat16 for p, s in trainer.optimizers.adam.state.items() if p.kind == "head")
+    assert 5 < trainer.validate(trainer.schedule.window_blocks(0)) < 11.5

@@ -234,11 +234,14 @@ def test_model_loss_same_with_triton_ops():
         assert relative_error(triton_grads[name], grads[name]) < 0.02, name
 
 
-def test_model_feeds_fused_ops_bf16():
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu-rules", "cuda-rules-bf16-tables"])
+def test_model_feeds_fused_ops_bf16(cuda):
     """The dtype contract, on what the model really passes (a spy on the ops table during one training
-    step of a speedrun-shaped model): every operand a fused kernel or the FP8 head multiplies is bf16.
+    step of a speedrun-shaped model): every operand a fused kernel or the FP8 head multiplies is bf16,
+    under CPU autocast with float32 tables and under CUDA's autocast rules with the tables in bf16.
     Fails on code that hands the MLP kernel the fp32 residual stream."""
-    calls = op_spy.record_op_inputs()
+    calls = op_spy.record_op_inputs(cuda_rules=cuda, table_dtype=torch.bfloat16 if cuda else None)
+    calls = [(name, args) for name, args in calls if name in op_spy.OPERANDS]
     assert {name for name, _ in calls} == set(op_spy.FUSED_OPS) | {"fp8_linear"}
     for name, args in calls:
         operands = [dtype for dtype, _ in args[: op_spy.OPERANDS[name]]]
