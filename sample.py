@@ -36,7 +36,7 @@ def load_model(path, device="auto"):
     cfg = config_from_dict(path, ckpt["config"])
     cfg.device = device
     backend = tg.setup_backend(cfg)
-    model = tg.GPT(cfg, backend.ops, backend.attention, backend.compute_dtype)
+    model = tg.GPT(cfg, backend.ops, backend.attention, backend.compute_dtype, backend.table_dtype)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
