@@ -48,6 +48,10 @@ CUDA_NOT_FP32 = {"addmv", "addr", "einsum", "mv", "matmul", "mm", "bmm", "linear
                  "index_put", "index_copy", "scatter_add", "grid_sampler"}
 # composite ops that reach autocast as another op: x.square() is pow(x, 2) there
 DECOMPOSES_TO = {"square": "pow"}
+# CUDA autocast rules that differ between the torch versions the GPU path supports (README): the
+# (major, minor) from which CUDA runs the op in fp32
+FP32_SINCE = {"rms_norm": (2, 12)}
+SUPPORTED_TORCH = [(2, 11), (2, 13)]  # the device's torch, and the one requirements.txt pins
 
 
 @functools.cache
@@ -71,14 +75,24 @@ def cuda_only_fp32(name):
 class CudaAutocastRules(TorchFunctionMode):
     """CUDA's autocast on the CPU: inside an autocast region, an op that CUDA autocast runs in fp32 and
     CPU autocast does not (rms_norm since torch 2.12; exp, logsumexp, sum, pow, ...) returns fp32 for
-    16-bit inputs, as it would on a GPU. The lists come from torch's own dispatch table, so an op that
-    a later torch adds to CUDA's fp32 list is emulated too."""
+    16-bit inputs, as it would on a GPU. The lists come from the running torch's dispatch table, so an
+    op that a later torch adds to CUDA's fp32 list is emulated too; `version` (major, minor) applies
+    another torch's rules where FP32_SINCE knows they differ."""
+
+    def __init__(self, version=None):
+        super().__init__()
+        self.version = version
+
+    def fp32(self, name):
+        if self.version is not None and name in FP32_SINCE:
+            return self.version >= FP32_SINCE[name]
+        return cuda_only_fp32(name)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = getattr(func, "__name__", "").strip("_")
         if (torch.is_tensor(out) and out.dtype in (torch.bfloat16, torch.float16)
-                and torch.is_autocast_enabled("cpu") and cuda_only_fp32(name)):
+                and torch.is_autocast_enabled("cpu") and self.fp32(name)):
             return out.float()
         return out
 
@@ -113,8 +127,9 @@ def build(flags=(), table_dtype=None, calls=None):
 
 def record_op_inputs(flags=(), cuda_rules=False, table_dtype=None, built=None):
     """[(op name, [(dtype, shape) of each tensor argument])] for one training step of the small model
-    (the fused ops, fp8_linear, attention and each block's input); `cuda_rules`: under CudaAutocastRules.
-    `built`: a list that receives (model, optimizers) after the step."""
+    (the fused ops, fp8_linear, attention and each block's input); `cuda_rules`: under CudaAutocastRules
+    (True: the running torch's, (major, minor): that version's). `built`: a list that receives (model,
+    optimizers) after the step."""
     calls = []
     cfg, model, optimizers = build(flags, table_dtype, calls)
     fp8_linear = T.fp8_linear
@@ -128,7 +143,8 @@ def record_op_inputs(flags=(), cuda_rules=False, table_dtype=None, built=None):
         idx = torch.randint(0, cfg.vocab_size, (TOKENS + 1,), generator=torch.Generator().manual_seed(0))
         schedule = T.Schedule(cfg)
         windows = schedule.windows(schedule.window_blocks(0))
-        with CudaAutocastRules() if cuda_rules else contextlib.nullcontext():
+        rules = CudaAutocastRules(None if cuda_rules is True else cuda_rules) if cuda_rules else contextlib.nullcontext()
+        with rules:
             model(idx[:-1], idx[1:], windows, torch.tensor(schedule.mtp_weights(0))).backward()
         optimizers.step(0, schedule.lr_mult(0), schedule.momentum(0), last=True)
     finally:

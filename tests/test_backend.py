@@ -214,26 +214,31 @@ def test_cuda_autocast_rules_follow_the_dispatch_table():
         assert torch.nn.functional.rms_norm(h, (8,)).dtype == torch.float32 and h.square().dtype == torch.float32
     with op_spy.CudaAutocastRules():  # outside autocast nothing changes
         assert torch.nn.functional.rms_norm(x.bfloat16(), (8,)).dtype == torch.bfloat16
+    # torch 2.11 (the lent GPU's) has no CUDA rule for rms_norm, 2.12 on has one
+    with torch.autocast("cpu", dtype=torch.bfloat16), op_spy.CudaAutocastRules((2, 11)):
+        assert torch.nn.functional.rms_norm(h, (8,)).dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("version", op_spy.SUPPORTED_TORCH, ids=lambda v: "torch%d.%d" % v)
 @pytest.mark.parametrize("table_dtype", [None, torch.bfloat16], ids=["fp32-tables", "bf16-tables"])
-def test_attention_gets_the_compute_dtype_under_cuda_autocast_rules(table_dtype):
-    """q, k and v reach attention in bf16 under CUDA's autocast rules, where rms_norm (q, k) returns
-    fp32 and a float32 value-embedding table promotes v: the hard "same dtype" error of flex attention,
-    or its fp32 kernels. Value embeddings and the key offset on."""
-    calls = op_spy.record_op_inputs(cuda_rules=True, table_dtype=table_dtype)
+def test_attention_gets_the_compute_dtype_under_cuda_autocast_rules(table_dtype, version):
+    """q, k and v reach attention in bf16 under CUDA's autocast rules of each supported torch, where
+    (from 2.12) rms_norm (q, k) returns fp32 and a float32 value-embedding table promotes v: the hard
+    "same dtype" error of flex attention, or its fp32 kernels. Value embeddings and the key offset on."""
+    calls = op_spy.record_op_inputs(cuda_rules=version, table_dtype=table_dtype)
     attention = [args for name, args in calls if name == "attention"]
     cfg = tg.parse_args(op_spy.SMALL)
     assert cfg.value_embeds and cfg.key_offset and len(attention) == cfg.n_layer - len(cfg.no_attn_layers)
     assert all(dtype == torch.bfloat16 for args in attention for dtype, _ in args), attention
 
 
-def test_cuda_storage_keeps_the_tables_and_the_stream_in_bf16():
+@pytest.mark.parametrize("version", op_spy.SUPPORTED_TORCH, ids=lambda v: "torch%d.%d" % v)
+def test_cuda_storage_keeps_the_tables_and_the_stream_in_bf16(version):
     """The record's precision on CUDA: the head, the embedding tables and the gates stored in bf16 and
     so their Adam moments; the residual stream bf16 from the embedding on (under CUDA's autocast rules,
     where rms_norm alone would make it fp32); matrices, scalars and the step sizes stay float32."""
     built = []
-    calls = op_spy.record_op_inputs(cuda_rules=True, table_dtype=torch.bfloat16, built=built)
+    calls = op_spy.record_op_inputs(cuda_rules=version, table_dtype=torch.bfloat16, built=built)
     model, optimizers = built
     assert {dtype for name, args in calls if name == "block" for dtype, _ in args} == {torch.bfloat16}
     for name, p in model.named_parameters():
