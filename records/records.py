@@ -3,7 +3,7 @@
 Reads this trainer's logs and the public speedrun's record logs (modded-nanogpt's records/*/*.txt),
 so a run can be compared with the official records.
 
-    python records/records.py compare LOGS... [--against RECORD_DIR] [--plot out.png]
+    python records/records.py compare LOGS... [--against RECORD_DIR] [--diff] [--plot out.png]
     python records/records.py ablate --runs N [--seed0 S] [--trainer CMD] -- ARGS_A -- ARGS_B [-- ...]
     python records/records.py new NAME LOGS... [--track T] [--target X] [--note TEXT]
     python records/records.py table
@@ -13,6 +13,7 @@ record.json (what the logs cannot say: name, creation time, target, note). `tabl
 `<root>/README.md` (below the marker line) and `<root>/index.json` from those folders.
 """
 import argparse
+import ast
 import datetime
 import difflib
 import glob
@@ -57,6 +58,10 @@ PEAK_RE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB$")
 TRACK_RE = re.compile(r"^backend: .*, records track (\S+)$")  # the trainer says which track its run is on
 PUBLIC_TRACK = "speedrun"  # public speedrun logs are all 8xH100 FineWeb runs
 PER_RUN_KEYS = ("seed", "run_id", "log_dir", "progress")  # config keys that differ between runs of one recipe
+# a public log appends each further source file after a line of 40 '-', `# file name` and another such line
+FILE_HEADER_RE = re.compile(r"^-{40}\n# (.+)\n-{40}\n", re.MULTILINE)
+MAIN_FILE = "train_gpt.py"  # the file every log's source starts with
+OTHER_CODE = "(other top-level code)"  # imports and statements that assign no name
 # key:number[unit]; the unit joins the key (train_time:12ms -> train_time_ms=12)
 FIELD_RE = re.compile(r"^([A-Za-z_]+):([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))([A-Za-z]*)$")
 
@@ -67,6 +72,10 @@ class RecordsError(Exception):
 
 class LogError(RecordsError):
     """A file that is not a complete trainer log; the message names the file and what is missing."""
+
+
+class UnfinishedLog(LogError):
+    """A trainer log without its final line: the run failed, was interrupted or is still running."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -163,8 +172,8 @@ def trainer_final(path, lines):
             if not final or "val_loss" not in final or "train_time_ms" not in final:
                 raise LogError(f"{path}:{num}: expected 'final val_loss:X train_time:Nms ...', got {line!r}")
             return final
-    raise LogError(f"{path}: truncated log: no 'final val_loss:X train_time:Nms ...' line "
-                   "(or, for a public speedrun log, no 'config: {json}' line may follow the second '=' line)")
+    raise UnfinishedLog(f"{path}: truncated log: no 'final val_loss:X train_time:Nms ...' line "
+                        "(or, for a public speedrun log, no 'config: {json}' line may follow the second '=' line)")
 
 
 def public_final(path, lines, steps):
@@ -187,6 +196,22 @@ def parse_logs(paths):
     return [parse_log(p) for p in paths]
 
 
+def finished_logs(paths):
+    """The logs of the runs that finished; every other one (failed, interrupted, still running) is
+    named in a `skipped` line and left out."""
+    logs = []
+    for path in paths:
+        try:
+            logs.append(parse_log(path))
+        except UnfinishedLog:
+            why = last_error_line(path)
+            print(f"skipped {path}: no final line: the run failed, was interrupted or is still running"
+                  + (f" (its log ends with: {why})" if why else ""))
+    if not logs:
+        raise RecordsError(f"none of the {len(paths)} logs is of a finished run")
+    return logs
+
+
 def logs_track(logs, track=None):
     """The track named by --track, else the logs' common config preset; it must be a known track."""
     if track is None:
@@ -205,9 +230,96 @@ def code_diff(old, new):
                                         fromfile=old.path, tofile=new.path))
 
 
+def source_files(code):
+    """The source a log embeds as {file name: text}: train_gpt.py, then any file a public log appends."""
+    parts = FILE_HEADER_RE.split(code)
+    return {MAIN_FILE: parts[0], **dict(zip(parts[1::2], parts[2::2]))}
+
+
+def definitions(source):
+    """{name: code} of a file's top-level functions, classes (without their methods), methods
+    (`Class.method`) and assignments (by the names assigned); the other top-level statements go
+    together under OTHER_CODE. None when the text is not Python."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    lines = source.splitlines()
+
+    def span(node):  # its line numbers, decorators included
+        return range(min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]), node.end_lineno + 1)
+
+    def text(numbers):
+        return "\n".join(lines[i - 1] for i in numbers if lines[i - 1].strip())
+
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    found = {}
+    for node in tree.body:
+        if isinstance(node, functions):
+            name = node.name
+        elif isinstance(node, ast.ClassDef):
+            methods = [m for m in node.body if isinstance(m, functions)]
+            inside = {i for m in methods for i in span(m)}
+            found[node.name] = text(i for i in span(node) if i not in inside)
+            found.update((f"{node.name}.{m.name}", text(span(m))) for m in methods)
+            continue
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            name = ", ".join(map(ast.unparse, targets))
+        else:
+            name = OTHER_CODE
+        found[name] = "\n".join(filter(None, [found.get(name), text(span(node))]))
+    return found
+
+
+def code_summary(old, new):
+    """What differs between the source two logs embed, as lines: per file, the names of the
+    definitions changed, added and removed (`definitions`); '' when the code is identical."""
+    before, after = source_files(old.code), source_files(new.code)
+    lines = [f"added file {name}" for name in after if name not in before]
+    lines += [f"removed file {name}" for name in before if name not in after]
+    for name in (n for n in after if n in before and after[n] != before[n]):
+        a, b = definitions(before[name]), definitions(after[name])
+        if a is None or b is None:
+            lines.append(f"changed in {name}: not parsed as Python (--diff shows the lines)")
+            continue
+        changed = [k for k in b if k in a and a[k] != b[k]]
+        added, removed = [k for k in b if k not in a], [k for k in a if k not in b]
+        for what, names in (("changed", changed), ("added", added), ("removed", removed)):
+            if names:
+                lines.append(f"{what} in {name}: {', '.join(names)}")
+        if not (changed or added or removed):
+            lines.append(f"changed in {name}: only blank lines, or comments outside the definitions")
+    return "\n".join(lines)
+
+
 def effective_config(log):
     """The log's config without the keys that differ between runs of one recipe; None for a public log."""
     return None if log.config is None else {k: v for k, v in log.config.items() if k not in PER_RUN_KEYS}
+
+
+def comparable_keys():
+    """train_gpt.py's COMPARABLE_KEYS: the config keys of a run that say what work it did (task,
+    length); read from its source, so that this tool needs no torch."""
+    path = os.path.join(REPO_ROOT, MAIN_FILE)
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "COMPARABLE_KEYS" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RecordsError(f"{path}: defines no COMPARABLE_KEYS")
+
+
+def other_work(old_logs, new_logs):
+    """`key=new (record: old)` for every comparable key in which a new run differs from the record's
+    first run; [] when they did the same work or when a side is a public log (no config to check)."""
+    theirs = old_logs[0].config
+    if theirs is None or any(log.config is None for log in new_logs):
+        return []
+    absent, keys = "(absent)", comparable_keys()
+    differ = [f"{k}={json.dumps(log.config.get(k, absent))} (record: {json.dumps(theirs.get(k, absent))})"
+              for log in new_logs for k in keys if log.config.get(k, absent) != theirs.get(k, absent)]
+    return list(dict.fromkeys(differ))
 
 
 def config_diff(old, new):
@@ -454,27 +566,32 @@ def record_readme(name, track, date, target, note, logs, p, prev):
 
 
 def cmd_compare(args):
-    logs = parse_logs(args.logs)
+    logs = finished_logs(args.logs)
     track = logs_track(logs, args.track)
     target = TRACKS[track]["target"] if args.target is None else args.target
-    loss, time = finals(logs)
-    p = p_below_target(loss, target)
-    verdict = "significant" if p < P_THRESHOLD else "NOT significant"
-    print(f"track {track} ({TRACKS[track]['hardware']}), target val loss {target}")
-    print(f"new: n={len(logs)}  val_loss {fmt_pm(*mean_std(loss))}  train_time {fmt_pm(*mean_std(time), 1000, 2)} s")
-    if len(logs) < MIN_RECORD_RUNS:
-        print(f"p(mean val_loss <= {target}): needs at least {MIN_RECORD_RUNS} runs")
-    else:
-        print(f"p(mean val_loss <= {target}) = {fmt_p(p)} (one-sided t-test): {verdict} at {P_THRESHOLD}")
     folder = args.against
     if folder is None:
         prev = previous_record(load_records(args.root)[track], target)
         if prev:
             folder = os.path.join(args.root, prev["path"])
+    old = record_logs(folder) if folder else None
+    record = f"record {os.path.basename(os.path.normpath(folder))}" if folder else None
+    print(f"track {track} ({TRACKS[track]['hardware']}), target val loss {target}")
+    differ = other_work(old, logs) if old else []
+    if differ:
+        print(f"not the same work as {record}: these runs differ in {', '.join(differ)}, so the differences "
+              "and p-values below are not the code's alone")
+    loss, time = finals(logs)
+    p = p_below_target(loss, target)
+    verdict = "significant" if p < P_THRESHOLD else "NOT significant"
+    print(f"new: n={len(logs)}  val_loss {fmt_pm(*mean_std(loss))}  train_time {fmt_pm(*mean_std(time), 1000, 2)} s")
+    if len(logs) < MIN_RECORD_RUNS:
+        print(f"p(mean val_loss <= {target}): needs at least {MIN_RECORD_RUNS} runs")
+    else:
+        print(f"p(mean val_loss <= {target}) = {fmt_p(p)} (one-sided t-test): {verdict} at {P_THRESHOLD}")
     sets = [("new", logs)]
-    if folder:
-        old = record_logs(folder)
-        sets = [(f"record {os.path.basename(os.path.normpath(folder))}", old), ("new", logs)]
+    if old:
+        sets = [(record, old), ("new", logs)]
         print(f"\nagainst {folder}:")
         theirs = sorted({log.track for log in old})
         if theirs != [track]:
@@ -483,7 +600,11 @@ def cmd_compare(args):
         print(format_comparison(comparison_rows(sets), args.markdown))
         print(f"\nconfig diff, record's first log -> first new log ({', '.join(PER_RUN_KEYS)} left out):\n"
               f"{config_diff(old[0], logs[0]) or '(identical config)'}")
-        print(f"\ncode diff, record's first log -> first new log:\n{code_diff(old[0], logs[0]) or '(identical code)'}")
+        if args.diff:
+            print(f"\ncode diff, record's first log -> first new log:\n{code_diff(old[0], logs[0]) or '(identical code)'}")
+        else:
+            print(f"\ncode, record's first log -> first new log (--diff shows the lines):\n"
+                  f"{code_summary(old[0], logs[0]) or '(identical code)'}")
     else:
         print(f"\nno previous record on track {track} at target {target}")
     if args.plot:
@@ -492,14 +613,19 @@ def cmd_compare(args):
     return 0
 
 
-def failure_reason(log_path, status):
-    """Why a trainer run failed: its log's last `error:` or `interrupted` line, else its exit status."""
+def last_error_line(log_path):
+    """A failed run's last `error:` or `interrupted` line in its log, or None."""
     try:
-        with open(log_path) as f:
-            lines = [line.strip() for line in f if line.startswith(("error:", "interrupted at step"))]
+        with open(log_path, encoding="utf-8", errors="replace") as f:
+            lines = [line.strip() for line in f if line.startswith(("error:", "interrupted "))]
     except OSError:
         lines = []
-    return lines[-1] if lines else f"exit status {status}"
+    return lines[-1] if lines else None
+
+
+def failure_reason(log_path, status):
+    """Why a trainer run failed: its log's last `error:` or `interrupted` line, else its exit status."""
+    return last_error_line(log_path) or f"exit status {status}"
 
 
 def run_ablation(arms, runs, seed0, trainer, log_dir):
@@ -617,6 +743,8 @@ def build_parser():
     p = sub.add_parser("compare", help="stats of new logs, p vs the target, diff and plot vs a record")
     p.add_argument("logs", nargs="+")
     p.add_argument("--against", help="record folder (default: the track's latest record at the target)")
+    p.add_argument("--diff", action="store_true", help="print the whole diff of the embedded source "
+                   "(default: the names of the functions, classes, methods and constants that differ)")
     p.add_argument("--plot", help="write a PNG of val loss against train time")
     p.add_argument("--markdown", action="store_true")
     add_common(p)

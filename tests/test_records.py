@@ -34,10 +34,10 @@ SAMPLES = [
 ]
 
 
-def log_text(final_loss, final_ms, code=CODE, preset="cpu", seed=0, run_id="run0", track=None):
+def log_text(final_loss, final_ms, code=CODE, preset="cpu", seed=0, run_id="run0", track=None, config=None):
     """A complete log: val at steps 0/10/20, train lines at 5/15, an unknown line, the final line;
-    with `track`, the trainer's backend line naming it."""
-    config = {"preset": preset, "seed": seed, "run_id": run_id, "lr": 0.02}
+    with `track`, the trainer's backend line naming it; `config`: more config keys."""
+    config = {"preset": preset, "seed": seed, "run_id": run_id, "lr": 0.02, **(config or {})}
     half = final_ms // 2
     backend = [f"backend: cpu x 1, accumulation 1, ops torch, compute float32, compile False, records track {track}"]
     return "\n".join([
@@ -148,6 +148,68 @@ def test_code_diff_shows_exactly_the_changed_lines(tmp_path):
     assert rt.code_diff(rt.parse_log(a), rt.parse_log(a)) == ""
 
 
+SUMMARY_CODE = '''"""Stand-in with a class."""
+import torch
+
+LR = 0.02
+WD = 0.0
+
+
+class Model:
+    """A model."""
+    scale = 1.0
+
+    def forward(self, x):
+        return x * self.scale
+
+    @staticmethod
+    def name():
+        return "m"
+
+
+def step(model, batch):
+    return model.forward(batch)
+
+
+def unused():
+    return 0
+'''
+
+
+def summary(tmp_path, old_code, new_code):
+    """code_summary of two one-run logs embedding these sources."""
+    (a,), (b,) = write_logs(tmp_path / "a", [3.9], [1000], code=old_code), write_logs(tmp_path / "b", [3.9], [1000], code=new_code)
+    return rt.code_summary(rt.parse_log(a), rt.parse_log(b))
+
+
+@pytest.mark.parametrize("edits, expected", [
+    ([("LR = 0.02", "LR = 0.03"), ("x * self.scale", "x * self.scale + 1"), ("import torch", "import torch, math"),
+      ("def unused():\n    return 0", "def helper():\n    return 1")],
+     "changed in train_gpt.py: (other top-level code), LR, Model.forward\n"
+     "added in train_gpt.py: helper\nremoved in train_gpt.py: unused"),
+    ([("scale = 1.0", "scale = 2.0"), ("@staticmethod\n    def name():", "@classmethod\n    def name(cls):")],
+     "changed in train_gpt.py: Model, Model.name"),
+    ([("\n\ndef step", "\n\n# the step\ndef step"), ("WD = 0.0\n", "WD = 0.0\n\n\n")],
+     "changed in train_gpt.py: only blank lines, or comments outside the definitions"),
+    ([("def step(model, batch):", "def step(model, batch)")], "changed in train_gpt.py: not parsed as Python (--diff shows the lines)"),
+    ([], ""),
+], ids=["constant, method, import, renamed function", "class attribute, decorator", "comment and blank lines",
+        "syntax error", "identical"])
+def test_code_summary_names_the_definitions_that_differ(tmp_path, edits, expected):
+    changed = SUMMARY_CODE
+    for old, new in edits:
+        assert old in changed
+        changed = changed.replace(old, new)
+    assert summary(tmp_path, SUMMARY_CODE, changed) == expected
+
+
+def test_code_summary_of_a_public_log_names_the_file(tmp_path):
+    """Public logs append more source files (triton_kernels.py) after a header of dashes."""
+    extra = f"\n{DASHES}\n# extra.py\n{DASHES}\n\nX = 1\n"
+    changed = PUBLIC_CODE.replace("import triton\n", "import triton\nBLOCK = 64\n") + extra
+    assert summary(tmp_path, PUBLIC_CODE, changed) == "added file extra.py\nadded in triton_kernels.py: BLOCK"
+
+
 def test_plot_is_a_png_with_one_curve_per_set(tmp_path):
     old = rt.parse_logs(write_logs(tmp_path / "old", [3.95, 3.97], [2000, 2100]))
     new = rt.parse_logs(write_logs(tmp_path / "new", [3.90, 3.92, 3.91], [1800, 1900, 1850]))
@@ -159,8 +221,8 @@ def test_plot_is_a_png_with_one_curve_per_set(tmp_path):
     assert list(x) == pytest.approx([0.925, 1.85]) and list(y) == pytest.approx([4.91, 3.91])
 
 
-def new_record(root, name, losses, times, *extra, code=CODE, track=None):
-    paths = write_logs(os.path.join(root, "..", "incoming", name), losses, times, code=code, track=track)
+def new_record(root, name, losses, times, *extra, **kw):
+    paths = write_logs(os.path.join(root, "..", "incoming", name), losses, times, **kw)
     return rt.main(["new", name, *paths, "--root", str(root), *extra])
 
 
@@ -257,9 +319,60 @@ def test_compare_against_latest_record(root, tmp_path, capsys):
     welch = stats.ttest_ind([3.90, 3.92, 3.91], [3.88, 3.89, 3.87], equal_var=False).pvalue
     assert f"= {rt.fmt_p(p)} (one-sided t-test): significant" in out
     assert "-0.0300" in out and rt.fmt_p(welch) in out and "-0.12" in out
-    assert "\n-LR = 0.02\n+LR = 0.03\n" in out
     assert "config diff, record's first log -> first new log (seed, run_id, log_dir, progress left out):\n(identical config)\n" in out
+    # the names of what changed, not the whole diff, unless --diff asks for it
+    assert "\ncode, record's first log -> first new log (--diff shows the lines):\nchanged in train_gpt.py: LR\n" in out
+    assert "-LR = 0.02" not in out and "not the same work" not in out
     assert (tmp_path / "c.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert rt.main(["compare", *paths, "--root", str(root), "--diff"]) == 0
+    out = capsys.readouterr().out
+    assert "\ncode diff, record's first log -> first new log:\n" in out and "\n-LR = 0.02\n+LR = 0.03\n" in out
+    assert "changed in train_gpt.py" not in out
+
+
+def test_compare_says_first_when_the_runs_did_other_work_than_the_record(root, tmp_path, capsys):
+    """Other steps or validation tokens than the record's (train_gpt's COMPARABLE_KEYS): one line
+    before any p-value; another learning rate (a technique change) is what compare is for."""
+    import train_gpt as tg
+
+    assert rt.comparable_keys() == tg.COMPARABLE_KEYS
+    work = {"num_steps": 150, "val_tokens": 65536}
+    assert new_record(root, "baseline", [3.90, 3.92, 3.91], [2000, 2100, 2050], config=work) == 0
+    (folder,) = (root / "cpu").iterdir()
+    capsys.readouterr()
+    short = write_logs(tmp_path / "short", [4.5, 4.6], [90, 95], config={"num_steps": 4, "val_tokens": 8192, "lr": 0.05})
+    assert rt.main(["compare", *short, "--root", str(root)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"not the same work as record {folder.name}: these runs differ in num_steps=4 (record: 150), "
+                        "val_tokens=8192 (record: 65536), so the differences and p-values below are not the code's alone")
+    assert lines[3].startswith("p(mean val_loss <= 4.0) = ")
+    other_lr = write_logs(tmp_path / "lr", [3.9, 3.91], [2000, 2010], config={**work, "lr": 0.05})
+    assert rt.main(["compare", *other_lr, "--root", str(root)]) == 0
+    assert "not the same work" not in capsys.readouterr().out
+
+
+def test_compare_skips_the_logs_of_runs_that_did_not_finish(tmp_path, capsys):
+    """`compare logs/*.txt` over a folder with failed and interrupted runs: each is named and skipped."""
+    folder = tmp_path / "logs"
+    done = write_logs(folder, [3.90, 3.92], [2000, 2100])
+    unfinished = GOOD[:GOOD.index("final ")]
+    endings = {"nan.txt": "error: loss is nan at step 15 (train loss)\n",
+               "stopped.txt": "interrupted at step 15 by SIGINT\n", "running.txt": ""}
+    for name, ending in endings.items():
+        (folder / name).write_text(unfinished + ending)
+    paths = sorted(map(str, folder.glob("*.txt")))
+    assert rt.main(["compare", *paths, "--root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    why = "no final line: the run failed, was interrupted or is still running"
+    assert out[:3] == [f"skipped {folder / 'nan.txt'}: {why} (its log ends with: error: loss is nan at step 15 (train loss))",
+                       f"skipped {folder / 'running.txt'}: {why}",
+                       f"skipped {folder / 'stopped.txt'}: {why} (its log ends with: interrupted at step 15 by SIGINT)"]
+    assert out[4] == "new: n=2  val_loss 3.9100 +- 0.0141  train_time 2.05 +- 0.07 s"
+    assert rt.main(["compare", str(folder / "nan.txt"), str(folder / "running.txt"), "--root", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == "error: none of the 2 logs is of a finished run\n"
+    (folder / "notes.txt").write_text("# notes\n")  # not a log at all: still an error
+    assert rt.main(["compare", *done, str(folder / "notes.txt"), "--root", str(tmp_path)]) == 1
+    assert "not a trainer log" in capsys.readouterr().err
 
 
 def test_compare_shows_the_config_difference_of_runs_with_identical_code(root, tmp_path, capsys):
@@ -351,7 +464,7 @@ def test_compare_public_logs_against_a_public_record_folder(tmp_path, capsys):
     assert f"{3.2770 - (3.2781 + 3.2790) / 2:+.4f}" in row  # d val_loss against the record's mean
     assert f"{(118090 - (119690 + 119790) / 2) / 1000:+.2f}" in row  # times from the last val line
     assert f"(none to show: {record / 'run0.txt'} is a public speedrun log, which records no config)" in out
-    assert "\n-LR = 0.02\n+LR = 0.025\n" in out
+    assert "changed in train_gpt.py: LR\n" in out
     assert rt.main(["compare", *mine, "--against", str(record), "--track", "speedrun", "--root", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "public speedrun log, which records no config" in out and "note: the record's logs" not in out
