@@ -6,6 +6,7 @@ is max(FLOPs / peak, bytes / 3.35 TB/s). CPU times are medians of a few runs of 
 (TorchOps, or fp8_linear itself) with as many rows as fit a quick run; the `cpu @record` column scales
 them linearly to the record's rows.
 """
+import argparse
 import math
 import os
 import statistics
@@ -95,7 +96,8 @@ def fp8_cases(cpu_rows):
             ("fp8 lm_head fwd+bwd", 3 * flops, fwd_bytes + bwd_bytes, FP8_PEAK, TOKENS, cpu_rows, train)]
 
 
-def main():
+def main(argv=None):
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     torch.manual_seed(0)
     cases = [
         sym_case("sym_mm 768x3072", 1, WIDTH, HIDDEN, False),

@@ -21,13 +21,27 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import sample  # noqa: E402
+
+
+def git_source(rev):
+    """train_gpt.py's text at git revision `rev`; a revision git cannot show is one `error:` line."""
+    try:
+        run = subprocess.run(["git", "show", f"{rev}:train_gpt.py"], cwd=ROOT, capture_output=True)
+    except OSError as e:
+        raise SystemExit(f"error: --before={rev}: cannot run git ({e.strerror or e})") from None
+    if run.returncode != 0:
+        why = run.stderr.decode(errors="replace").strip().splitlines()
+        raise SystemExit(f"error: --before={rev}: git cannot show train_gpt.py there ({why[-1] if why else run.returncode})")
+    return run.stdout
 
 
 def load(rev):
     """train_gpt as a module: the working tree's, or git revision `rev`'s."""
     path = os.path.join(ROOT, "train_gpt.py")
     if rev:
-        source = subprocess.check_output(["git", "show", f"{rev}:train_gpt.py"], cwd=ROOT)
+        source = git_source(rev)
         handle, path = tempfile.mkstemp(suffix=".py")
         with os.fdopen(handle, "wb") as f:
             f.write(source)
@@ -57,10 +71,10 @@ def ms_per_step(T, steps, adam, compile):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--before", help="git revision to compare with")
     parser.add_argument("--compile", action="store_true", help="torch.compile the updates (this tree only)")
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=sample.bounded(int, 1), default=5, help="timed steps per figure (default: 5)")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     versions = ([(f"{args.before}", load(args.before), False)] if args.before else []) + [("this tree", load(None), False)]

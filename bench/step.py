@@ -5,15 +5,14 @@ of this device's measured matmul peak they reach (MFU). Prints a table and write
     torchrun --nproc_per_node=8 bench/step.py           # several GPUs
     python bench/step.py --cpu_dtype=fp32 --steps=3     # any other --name=value is a train_gpt flag
 
-Options: --steps=N (timed steps per stage, default 5), --untimed=N (steps run before them: compile,
-caches; default 2), --out=PATH (JSON, default logs/step.json), --smoke (a tiny model and matmul:
-checks this script on a CPU in seconds). Without the preset's training shards the model runs on
+`--help` lists this script's own options. Without the preset's training shards the model runs on
 random tokens (the same work).
 
 The peak is what a large square matmul reaches here in bf16 and, on a CPU (where bf16 is not always
 the faster), in fp32; MFU is given against each. Model FLOPs are counted from the config
 (flops_per_token), not measured; the optimizer's work is not model FLOPs.
 """
+import argparse
 import os
 import statistics
 import sys
@@ -23,6 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_check as G  # noqa: E402
+import sample  # noqa: E402  (gpu_check put the repo root on the path)
 
 T = G.T
 PEAK_SIZE = dict(cuda=8192, cpu=1024)  # side of the square matmul timed for the peak
@@ -72,12 +72,31 @@ def matmul_peak(device, dtype, size):
     return 2 * size**3 / (ms / 1000)
 
 
+def parse_options(argv):
+    """This script's options, and the rest of argv (train_gpt flags). A bad option: one `error:`
+    line and exit 2, as the trainer does with a bad flag."""
+    parser = argparse.ArgumentParser(
+        prog="bench/step.py", description=__doc__.split("\n\n")[0], allow_abbrev=False, exit_on_error=False,
+        epilog="Every other --name=value is a train_gpt.py flag for the model run (--preset, --cpu_dtype, "
+               "--batch_tokens, ...): `python train_gpt.py --help` lists them.")
+    parser.add_argument("--steps", type=sample.bounded(int, 1), help="timed steps per stage (default 5; 1 with --smoke)")
+    parser.add_argument("--untimed", type=sample.bounded(int, 0),
+                        help="steps run before the timed ones: compile, caches (default 2; 1 with --smoke)")
+    parser.add_argument("--out", default=os.path.join("logs", "step.json"), help="the table as JSON (default: %(default)s)")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model and matmul: checks this script on a CPU in seconds")
+    try:
+        options, rest = parser.parse_known_args(argv)
+    except argparse.ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    options.steps = options.steps or (1 if options.smoke else 5)
+    options.untimed = (1 if options.smoke else 2) if options.untimed is None else options.untimed
+    return options, rest
+
+
 def main(argv):
-    own, rest = G.split_options(argv, ("--smoke", "--steps", "--untimed", "--out"))
-    smoke = "--smoke" in own
-    steps = int(own.get("--steps") or (1 if smoke else 5))
-    untimed = int(own.get("--untimed") or (1 if smoke else 2))
-    out = own.get("--out") or os.path.join("logs", "step.json")
+    options, rest = parse_options(argv)
+    smoke, steps, untimed, out = options.smoke, options.steps, options.untimed, options.out
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     report = G.Report(out, int(os.environ.get("RANK", 0)) == 0, peaks={}, stages=[])
     size = SMOKE_PEAK_SIZE if smoke else PEAK_SIZE[device.type]

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import gpu_check  # noqa: E402
@@ -81,3 +83,46 @@ def test_step_bench_smoke(tmp_path):
         assert set(row["mfu"]) == {"bf16", "fp32"}
         assert all(abs(share - row["flop_per_s"] / peaks[name]) < 1e-9 * share for name, share in row["mfu"].items())
     assert "MFU bf16" in run.stdout and "MFU fp32" in run.stdout
+
+
+def run_tool(script, *argv, timeout=120):
+    """A bench script run as a user runs it: (exit status, stdout, stderr)."""
+    run = subprocess.run([sys.executable, script, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return run.returncode, run.stdout, run.stderr
+
+
+@pytest.mark.parametrize("script, usage, options", [
+    ("bench/kernels.py", "usage: kernels.py [-h]\n", []),
+    ("bench/step.py", "usage: bench/step.py [-h] [--steps STEPS]", ["--steps STEPS", "--untimed UNTIMED", "--out OUT", "--smoke"]),
+    ("bench/optim.py", "usage: optim.py [-h] [--before BEFORE]", ["--before BEFORE", "--compile", "--steps STEPS"]),
+], ids=["kernels", "step", "optim"])
+def test_help_lists_the_tools_own_options_and_runs_nothing(script, usage, options):
+    status, out, err = run_tool(script, "--help", timeout=60)
+    assert status == 0 and err == "" and out.startswith(usage)
+    assert all(f"\n  {option}" in out for option in options)
+    assert "--preset=NAME" not in out  # not the trainer's help
+    assert "GFLOP" not in out and "ms per optimizer step" not in out  # nothing measured
+
+
+def test_step_help_points_to_the_trainer_flags_after_its_own():
+    _, out, _ = run_tool("bench/step.py", "--help", timeout=60)
+    assert out.index("--smoke") < out.index("Every other --name=value is a train_gpt.py flag")
+    assert "`python train_gpt.py --help` lists them" in " ".join(out.split())
+
+
+@pytest.mark.parametrize("script, argv, status, message", [
+    ("bench/step.py", ["--steps=0"], 2, "error: argument --steps: expected an integer >= 1, got '0'"),
+    ("bench/step.py", ["--smoke", "--steps=-3"], 2, "error: argument --steps: expected an integer >= 1, got '-3'"),
+    ("bench/step.py", ["--untimed=-1"], 2, "error: argument --untimed: expected an integer >= 0, got '-1'"),
+    ("bench/optim.py", ["--steps=0"], 2, "optim.py: error: argument --steps: expected an integer >= 1, got '0'"),
+    ("bench/optim.py", ["--steps=-1"], 2, "optim.py: error: argument --steps: expected an integer >= 1, got '-1'"),
+    ("bench/optim.py", ["--before=no-such-revision"], 1,
+     "error: --before=no-such-revision: git cannot show train_gpt.py there (fatal: "),
+], ids=["step steps=0", "step steps<0", "step untimed<0", "optim steps=0", "optim steps<0", "optim bad revision"])
+def test_bad_input_is_one_error_line_before_any_work(script, argv, status, message):
+    """Refused before anything is timed: no table of nan, no traceback."""
+    code, out, err = run_tool(script, *argv)
+    lines = err.splitlines()
+    assert code == status and out == "" and "Traceback" not in err
+    assert lines[-1].startswith(message)
+    assert len(lines) == 1 or (len(lines) == 2 and lines[0].startswith("usage: "))  # argparse's usage line
