@@ -7,12 +7,13 @@ cross-entropy of its tokens given BOS + the context (the ending tokenized with a
 as it follows the context's last word), averaged over the ending's tokens; the prediction is the
 ending with the lowest mean (the accuracy also shown by summed loss favours short endings). The
 input is one JSON object per line with at least `ctx` (text), `endings` (4 texts) and `label`
-(0-3), as in HellaSwag's own files; see the README for where to get the validation set.
+(0-3), as in HellaSwag's own files; the validation set is at DATA_URL (below).
 """
 import argparse
 import json
 import os
 import sys
+import tempfile
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,7 @@ from data.tokenize_corpus import gpt2_encoding  # noqa: E402
 from train_gpt import BOS_ID, CheckpointError  # noqa: E402
 
 NUM_ENDINGS = 4  # HellaSwag's endings per example
+DATA_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"  # 10,042 examples
 
 
 class DataError(ValueError):
@@ -49,7 +51,7 @@ def check_example(where, example):
 def read_examples(path, limit=None):
     """The first `limit` (None: all) examples of a jsonl file, each checked; blank lines are skipped."""
     if not os.path.isfile(path):
-        raise DataError(f"--data={path}: no such file (expected HellaSwag jsonl, e.g. hellaswag_val.jsonl)")
+        raise DataError(f"--data={path}: no such file; HellaSwag's validation set is one download: curl -LO {DATA_URL}")
     examples = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
@@ -91,10 +93,30 @@ def evaluate(model, examples, enc):
     return [score(model, windows, enc, ex) for ex in tqdm(examples, desc="hellaswag", disable=None)]
 
 
+def check_writable(path):
+    """Refuse an --out that cannot be written before scoring, not after: its folder must exist and
+    take a new file, and an existing file must be writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    why = None
+    if os.path.isdir(path):
+        why = "it is a directory"
+    elif not os.path.isdir(folder):
+        why = f"no such directory {folder}"
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        why = "the file is read-only"
+    else:
+        try:
+            tempfile.TemporaryFile(dir=folder).close()
+        except OSError as e:
+            why = f"cannot create a file in {folder}: {e.strerror or e}"
+    if why:
+        raise SystemExit(f"error: --out={path}: cannot write there ({why})")
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(description="HellaSwag accuracy of a checkpoint written by train_gpt.py.")
     parser.add_argument("checkpoint", help="a checkpoint written by a run")
-    parser.add_argument("--data", required=True, help="HellaSwag jsonl (ctx, endings, label per line)")
+    parser.add_argument("--data", required=True, help=f"HellaSwag jsonl (ctx, endings, label per line), e.g. {DATA_URL}")
     parser.add_argument("--limit", type=sample.bounded(int, 1), default=None, help="score only the first N examples")
     parser.add_argument("--out", default=None, help="write one JSON line per example (losses, prediction) here")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when there is one")
@@ -103,8 +125,11 @@ def parse_args(argv):
 
 def main(argv=None):
     """Print the accuracy; return (accuracy by mean loss, accuracy by summed loss).
-    A bad flag: argparse's error, exit 2; a bad checkpoint or data line: one error line, exit 1."""
+    A bad flag: argparse's error, exit 2; a bad checkpoint, data file or line, or an --out that
+    cannot be written: one error line, exit 1, before any scoring."""
     args = parse_args(argv)
+    if args.out:
+        check_writable(args.out)
     try:
         examples = read_examples(args.data, args.limit)
         _, model = sample.load_model(args.checkpoint, args.device)

@@ -3,6 +3,8 @@ ending continues the tiny checkpoint's pattern (conftest), --limit/--out, and ma
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -94,8 +96,28 @@ def test_a_malformed_line_names_file_line_and_field(tmp_path, line, message):
     assert e.value.code.startswith(f"error: {path}:3: {message}")
 
 
-def test_a_missing_data_file_is_one_error_line(tmp_path):
+def run_cli(*argv):
+    """evals/hellaswag.py run as a user runs it: (exit status, stdout, stderr)."""
+    run = subprocess.run([sys.executable, "evals/hellaswag.py", *map(str, argv)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120)
+    return run.returncode, run.stdout, run.stderr
+
+
+def test_a_missing_data_file_says_where_to_get_it(tmp_path):
     missing = tmp_path / "hellaswag_val.jsonl"
-    with pytest.raises(SystemExit) as e:
-        hellaswag.main(["unused.pt", f"--data={missing}"])
-    assert e.value.code == f"error: --data={missing}: no such file (expected HellaSwag jsonl, e.g. hellaswag_val.jsonl)"
+    status, out, err = run_cli("unused.pt", f"--data={missing}")
+    assert status == 1 and out == ""
+    assert err == (f"error: --data={missing}: no such file; HellaSwag's validation set is one download: curl -LO "
+                   "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl\n")
+
+
+@pytest.mark.parametrize("out, why", [
+    ("missing/scores.jsonl", "no such directory {tmp}/missing"),
+    (".", "it is a directory"),
+], ids=["no such folder", "a folder"])
+def test_an_unwritable_out_fails_before_scoring(tiny_checkpoint, data_file, tmp_path, out, why):
+    """A good checkpoint and data: without the check, every example would be scored first."""
+    path = tmp_path / out
+    status, stdout, err = run_cli(tiny_checkpoint.path, f"--data={data_file}", f"--out={path}", "--device=cpu")
+    assert status == 1 and stdout == "" and "Traceback" not in err
+    assert err == f"error: --out={path}: cannot write there ({why.format(tmp=tmp_path)})\n"
