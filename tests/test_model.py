@@ -19,9 +19,16 @@ BOS = 50256
 
 
 def dense_mask(docs, window):
-    i = torch.arange(docs.numel())
-    delta = i[:, None] - i[None, :]
-    return (docs[:, None] == docs[None, :]) & (delta >= 0) & (delta < window)
+    """FlashAttention 3's window_size=(window, 0) in a document, query by query: query q sees the
+    keys from max(its document's start, q - window) up to q itself, at most window + 1 of them."""
+    ids = docs.tolist()
+    mask = torch.zeros(len(ids), len(ids), dtype=torch.bool)
+    start = 0
+    for q in range(len(ids)):
+        if ids[q] != ids[start]:
+            start = q
+        mask[q, max(start, q - window) : q + 1] = True
+    return mask
 
 
 def sdpa(q, k, v, mask, scale):
@@ -47,7 +54,7 @@ def packed():
     return docs, q, k, v
 
 
-@pytest.mark.parametrize("window", [1, 64, 128, 192, 1000])
+@pytest.mark.parametrize("window", [0, 1, 63, 64, 128, 149, 192, 1000])
 def test_attention_implementations_agree(packed, window):
     docs, q, k, v = packed
     scale = 0.3
@@ -67,8 +74,30 @@ def test_attention_implementations_agree(packed, window):
         yf2, _ = flex(q, k, v, fm, scale, False)
     assert torch.allclose(yf, want, atol=1e-5) and torch.allclose(yf2, want, atol=1e-5)
     assert torch.allclose(lsef, want_lse, atol=1e-4)
-    if window == 1:  # each token sees only itself
+    if window == 0:  # each token sees only itself
         assert torch.allclose(y, v, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [1, 63, 64, 127, 128, 129, 255, 256, 400])
+def test_window_counts_the_keys_before_the_query(window):
+    """With all scores 0 a query's log-sum-exp is the log of how many keys it sees: itself and the
+    `window` keys before it (FA3's count), fewer only at its document's start. Two documents of 400
+    and 115 tokens (longer and shorter than the windows), 515 tokens: off the 64 and 128 grids."""
+    n, second = 515, 400
+    docs = (torch.arange(n) >= second).long()
+    q = torch.zeros(n, 1, 8)
+    k, v = torch.randn(2, n, 1, 8).unbind(0)
+    pos = torch.arange(n)
+    since_start = torch.where(pos < second, pos, pos - second)
+    want = torch.log(torch.clamp(since_start, max=window) + 1.0)
+    blocked = tg.BlockedAttention(64)
+    _, lse = blocked(q, k, v, blocked.mask(docs, window), 1.0, True)
+    assert torch.allclose(lse[:, 0], want, atol=1e-5)
+    flex = tg.FlexAttention()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled
+        _, lse = flex(q, k, v, flex.mask(docs, window), 1.0, True)
+    assert torch.allclose(lse[:, 0], want, atol=1e-5)
 
 
 def test_blocked_attention_bf16(packed):
