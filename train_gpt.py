@@ -1144,10 +1144,11 @@ class Attention(nn.Module):
         q, k = rotary(q), rotary(k)
         if self.key_offset:
             # the still (non-rotating) dims of each key take the previous token's values, so one
-            # layer can match "the token after the one like me": an induction head in one step
+            # layer can match "the token after the one like me": an induction head in one step;
+            # the first token, with no previous one, keeps its own (as the record does)
             still = torch.zeros(dh, dtype=torch.bool, device=x.device)
             still[dh // 4 : dh // 2] = still[3 * dh // 4 :] = True
-            k = torch.where(still, F.pad(k[:-1], (0, 0, 0, 0, 1, 0)), k)
+            k = torch.where(still, torch.cat([k[:1], k[:-1]]), k)
         if ve is not None:
             v = v + ve.view(n, h, dh)
         y, lse = attend(q, k, v, mask, rotary.attn_scale, self.has_slot)
