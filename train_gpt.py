@@ -414,7 +414,12 @@ CPU_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class FlexAttention:
-    """Document-causal sliding-window attention with flex_attention and a block mask (CUDA)."""
+    """Document-causal sliding-window attention with flex_attention and a block mask (CUDA).
+
+    A window of `window` tokens means FlashAttention 3's window_size=(window, 0), as the record
+    runs it: a query sees itself and the `window` keys before it in its document, window + 1 keys
+    at most. Key k is visible from query q iff both lie in one document and 0 <= q - k <= window.
+    """
 
     def mask(self, docs, window):
         """The BlockMask for documents `docs` [T] (non-decreasing ids) and a window of `window` tokens.
@@ -426,7 +431,7 @@ class FlexAttention:
         from torch.nn.attention.flex_attention import BlockMask
 
         def allowed(b, h, q_idx, kv_idx):
-            return (docs[q_idx] == docs[kv_idx]) & (kv_idx <= q_idx) & (q_idx - kv_idx < window)
+            return (docs[q_idx] == docs[kv_idx]) & (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
 
         n, b = docs.numel(), FLEX_BLOCK
         starts = torch.arange(0, n, b, device=docs.device)
@@ -437,10 +442,10 @@ class FlexAttention:
         qb, kb = ids[:, None], ids  # query block, key block
         # key block kb < qb: its closest pair (last key, first query) is (qb - kb - 1) * b + 1 apart
         # and shares a document only if that key's and that query's documents are the same one
-        near = ((qb - kb - 1) * b + 1 < window) & (last_doc[kb] == first_doc[qb])
+        near = ((qb - kb - 1) * b + 1 <= window) & (last_doc[kb] == first_doc[qb])
         some = (kb == qb) | ((kb < qb) & near)
         # ... and every pair attends when one document spans both tiles and the farthest pair fits
-        far = (qb - kb + 1) * b - 1 < window
+        far = (qb - kb + 1) * b - 1 <= window
         full = (kb < qb) & far & (first_doc[kb] == last_doc[qb]) & whole[qb] & whole[kb]
         partial = some & ~full
 
@@ -465,8 +470,8 @@ class FlexAttention:
 
 
 class BlockedAttention:
-    """The same attention on CPU without a dense T x T mask: each block of `block` queries sees
-    only its own block and the `window` tokens before it, so memory grows with T * window."""
+    """The same attention (and window) on CPU without a dense T x T mask: each block of `block`
+    queries sees only its own block and the `window` tokens before it, so memory grows with T * window."""
 
     def __init__(self, block):
         self.block = block
@@ -474,7 +479,7 @@ class BlockedAttention:
     def mask(self, docs, window):
         n, b = docs.numel(), self.block
         blocks = -(-n // b)
-        span = -(-(window - 1) // b) * b  # keys kept before each query block
+        span = -(-window // b) * b  # keys kept before each query block: a block's first query reaches `window` back
         pad_q = blocks * b - n
         # padding before the sequence belongs to no document; padding after it only sees itself
         key_docs = torch.cat([docs.new_full((span,), -1), docs, docs.new_full((pad_q,), -2)])
@@ -484,7 +489,7 @@ class BlockedAttention:
         k_docs = key_docs.unfold(0, span + b, b)
         k_pos = key_pos.unfold(0, span + b, b)
         delta = q_pos[:, :, None] - k_pos[:, None, :]
-        allowed = (q_docs[:, :, None] == k_docs[:, None, :]) & (delta >= 0) & (delta < window)
+        allowed = (q_docs[:, :, None] == k_docs[:, None, :]) & (delta >= 0) & (delta <= window)
         return allowed, span
 
     def scores(self, q, k, mask, scale):
@@ -1148,10 +1153,11 @@ class Attention(nn.Module):
         q, k = rotary(q), rotary(k)
         if self.key_offset:
             # the still (non-rotating) dims of each key take the previous token's values, so one
-            # layer can match "the token after the one like me": an induction head in one step
+            # layer can match "the token after the one like me": an induction head in one step;
+            # the first token, with no previous one, keeps its own (as the record does)
             still = torch.zeros(dh, dtype=torch.bool, device=x.device)
             still[dh // 4 : dh // 2] = still[3 * dh // 4 :] = True
-            k = torch.where(still, F.pad(k[:-1], (0, 0, 0, 0, 1, 0)), k)
+            k = torch.where(still, torch.cat([k[:1], k[:-1]]), k)
         if ve is not None:
             v = v + ve.view(n, h, dh)
         # one dtype into attention, the compute dtype, whatever autocast and the tables' dtype made
@@ -1351,7 +1357,7 @@ class SinkProbe:
     def mask(self, docs, window):
         pos = torch.arange(docs.numel(), device=docs.device)
         first = torch.searchsorted(docs, docs)  # docs is sorted: the first position of each document
-        return self.attention.mask(docs, window), first, (pos > first) & (pos - first < window)
+        return self.attention.mask(docs, window), first, (pos > first) & (pos - first <= window)
 
     def __call__(self, q, k, v, mask, scale, need_lse):
         inner, first, counted = mask

@@ -31,8 +31,10 @@ def packing(n, docs, seed):
 
 
 def reference_mask(docs, window):
+    """FlashAttention 3's window_size=(window, 0): one document, the key at most `window` back."""
     def allowed(b, h, q, k):
-        return (docs[q] == docs[k]) & (k <= q) & (q - k < window)
+        back = q - k
+        return (docs[q] == docs[k]) & (back >= 0) & (back <= window)
 
     return create_block_mask(allowed, None, None, docs.numel(), docs.numel(), device="cpu")
 
@@ -42,10 +44,13 @@ def listed(counts, indices):
     return [sorted(indices[0, 0, i, : counts[0, 0, i]].tolist()) for i in range(counts.shape[-1])]
 
 
-# lengths on and off the 128 grid; windows below, at and above a block; one to many documents
+# lengths on and off the 128 grid; windows below, at and above a block; one to many documents;
+# windows one short of a tile multiple (the farthest pair of two tiles just fits: a full tile) and
+# one past it (the closest pair of tiles a multiple apart just fits: a partial tile)
 @pytest.mark.parametrize("n, docs, window, seed", [
     (1024, 1, 1024, 0), (1000, 3, 128, 1), (1537, 7, 384, 2), (300, 2, 1, 3), (2048, 20, 896, 4),
-    (777, 40, 200, 5), (1280, 4, 5000, 6), (129, 1, 64, 7),
+    (777, 40, 200, 5), (1280, 4, 5000, 6), (129, 1, 64, 7), (1024, 1, 127, 8), (1024, 1, 255, 9),
+    (1024, 1, 129, 10), (1024, 2, 257, 11), (700, 1, 256, 12), (640, 1, 0, 13),
 ])
 def test_block_mask_equals_create_block_mask(n, docs, window, seed):
     doc_ids = packing(n, docs, seed)

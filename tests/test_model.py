@@ -19,9 +19,16 @@ BOS = 50256
 
 
 def dense_mask(docs, window):
-    i = torch.arange(docs.numel())
-    delta = i[:, None] - i[None, :]
-    return (docs[:, None] == docs[None, :]) & (delta >= 0) & (delta < window)
+    """FlashAttention 3's window_size=(window, 0) in a document, query by query: query q sees the
+    keys from max(its document's start, q - window) up to q itself, at most window + 1 of them."""
+    ids = docs.tolist()
+    mask = torch.zeros(len(ids), len(ids), dtype=torch.bool)
+    start = 0
+    for q in range(len(ids)):
+        if ids[q] != ids[start]:
+            start = q
+        mask[q, max(start, q - window) : q + 1] = True
+    return mask
 
 
 def sdpa(q, k, v, mask, scale):
@@ -47,7 +54,7 @@ def packed():
     return docs, q, k, v
 
 
-@pytest.mark.parametrize("window", [1, 64, 128, 192, 1000])
+@pytest.mark.parametrize("window", [0, 1, 63, 64, 128, 149, 192, 1000])
 def test_attention_implementations_agree(packed, window):
     docs, q, k, v = packed
     scale = 0.3
@@ -67,8 +74,30 @@ def test_attention_implementations_agree(packed, window):
         yf2, _ = flex(q, k, v, fm, scale, False)
     assert torch.allclose(yf, want, atol=1e-5) and torch.allclose(yf2, want, atol=1e-5)
     assert torch.allclose(lsef, want_lse, atol=1e-4)
-    if window == 1:  # each token sees only itself
+    if window == 0:  # each token sees only itself
         assert torch.allclose(y, v, atol=1e-6)
+
+
+@pytest.mark.parametrize("window", [1, 63, 64, 127, 128, 129, 255, 256, 400])
+def test_window_counts_the_keys_before_the_query(window):
+    """With all scores 0 a query's log-sum-exp is the log of how many keys it sees: itself and the
+    `window` keys before it (FA3's count), fewer only at its document's start. Two documents of 400
+    and 115 tokens (longer and shorter than the windows), 515 tokens: off the 64 and 128 grids."""
+    n, second = 515, 400
+    docs = (torch.arange(n) >= second).long()
+    q = torch.zeros(n, 1, 8)
+    k, v = torch.randn(2, n, 1, 8).unbind(0)
+    pos = torch.arange(n)
+    since_start = torch.where(pos < second, pos, pos - second)
+    want = torch.log(torch.clamp(since_start, max=window) + 1.0)
+    blocked = tg.BlockedAttention(64)
+    _, lse = blocked(q, k, v, blocked.mask(docs, window), 1.0, True)
+    assert torch.allclose(lse[:, 0], want, atol=1e-5)
+    flex = tg.FlexAttention()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled
+        _, lse = flex(q, k, v, flex.mask(docs, window), 1.0, True)
+    assert torch.allclose(lse[:, 0], want, atol=1e-5)
 
 
 def test_blocked_attention_bf16(packed):
@@ -301,19 +330,23 @@ def test_key_offset_moves_still_dims(tmp_path):
             return v, None
         return attend
 
-    x = torch.randn(40, cfg.d_model)
+    x = torch.randn(5, cfg.d_model)
     with_offset(x, None, rot, spy("off"), None)
     plain(x, None, rot, spy("plain"), None)
     q1, k1, v1 = seen["off"]
     q0, k0, v0 = seen["plain"]
     assert torch.equal(q1, q0) and torch.equal(v1, v0)
+    # by hand, element by element: in the still dims (the last half of each half of the head, which
+    # RoPE does not turn) key t takes key t - 1's value and token 0 keeps its own, as the record's
+    # in-place shift of k[1:] from k[:-1] does; the rotating dims are left alone
     D = cfg.head_dim
-    still = torch.zeros(D, dtype=torch.bool)
-    still[D // 4 : D // 2] = True
-    still[3 * D // 4 :] = True
-    assert torch.equal(k1[:, :, ~still], k0[:, :, ~still])  # rotating dims: unchanged
-    assert torch.equal(k1[1:, :, still], k0[:-1, :, still])  # still dims: k[t] takes k[t-1]
-    assert torch.equal(k1[0, :, still], torch.zeros_like(k1[0, :, still]))
+    want = k0.clone()
+    for t in range(1, k0.size(0)):
+        for d in range(D):
+            if D // 4 <= d < D // 2 or d >= 3 * D // 4:
+                want[t, :, d] = k0[t - 1, :, d]
+    assert torch.equal(k1, want)
+    assert not torch.equal(k1, k0)
 
 
 def test_head_is_fp8_only_while_training():

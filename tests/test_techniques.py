@@ -188,8 +188,8 @@ def test_sink_metric_on_uniform_causal_attention():
 def test_sink_metric_skips_queries_past_the_window():
     L, H, D = 12, 1, 4
     q, k = torch.zeros(L, H, D), torch.zeros(L, H, D)
-    # window 5: queries 1..4 see the first token (1/2 ... 1/5); queries 5.. cannot and are not counted
-    expected = sum(1 / (i + 1) for i in range(1, 5)) / 4
+    # window 5: queries 1..5 see the first token (1/2 ... 1/6); queries 6.. cannot and are not counted
+    expected = sum(1 / (i + 1) for i in range(1, 6)) / 5
     got = sink_alpha(q, k, torch.zeros(L, dtype=torch.long), window=5)
     torch.testing.assert_close(got, torch.full((H,), expected))
 
@@ -202,7 +202,7 @@ class DenseAttention:
 
     def mask(self, docs, window):
         pos = torch.arange(docs.numel())
-        return (docs[:, None] == docs[None]) & (pos[:, None] >= pos[None]) & (pos[:, None] - pos[None] < window)
+        return (docs[:, None] == docs[None]) & (pos[:, None] >= pos[None]) & (pos[:, None] - pos[None] <= window)
 
     @torch.autocast("cpu", enabled=False)
     def __call__(self, q, k, v, mask, scale, need_lse):
@@ -229,7 +229,7 @@ def test_model_sink_metric_matches_dense_attention_probabilities():
     pos = torch.arange(120)
     want = []
     for probs, window in zip(dense.probs, (16, 32)):  # layer 0 short, layer 2 long; layer 1 has none
-        counted = (pos > start) & (pos - start < window)
+        counted = (pos > start) & (pos - start <= window)
         want.append(probs[:, pos, start][:, counted].mean(1))
     assert got.shape == (2, cfg.n_head)
     torch.testing.assert_close(got, torch.stack(want), atol=5e-3, rtol=0)
@@ -244,7 +244,7 @@ def dense_attention_with_slot(q, k, v, docs, window, scale, slot_logit, slot_val
     """Reference: the slot literally appended as one more key column of the softmax."""
     n = q.size(0)
     pos = torch.arange(n)
-    allowed = (docs[:, None] == docs[None]) & (pos[:, None] >= pos[None]) & (pos[:, None] - pos[None] < window)
+    allowed = (docs[:, None] == docs[None]) & (pos[:, None] >= pos[None]) & (pos[:, None] - pos[None] <= window)
     s = scale * torch.einsum("thd,shd->hts", q, k)
     s = s.masked_fill(~allowed, float("-inf"))
     s = torch.cat([s, slot_logit.T[..., None]], dim=-1)  # [H, T, T + 1]
