@@ -10,6 +10,7 @@ import difflib
 import functools
 import glob
 import inspect
+import itertools
 import json
 import math
 import os
@@ -2181,6 +2182,60 @@ def versions_and_hardware():
     return "\n".join(lines)
 
 
+def matmul_params(cfg):
+    """Weights each token is multiplied by in one forward pass: every attention layer's Q, K, V, O
+    and per-head gate, every MLP's up and down, the optional output gates, the smear gate and the
+    head (padded vocabulary). Embedding lookups and scalars do no matmul."""
+    d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
+    attn_layers = sum(layer not in cfg.no_attn_layers for layer in range(cfg.n_layer))
+    gate_dims = d if cfg.head_gate else cfg.gate_dims
+    head_gate = cfg.n_head * gate_dims if cfg.attn_gate or cfg.head_gate else 0
+    attn = 4 * d * inner + head_gate + (d * d if cfg.gate_attn != "none" else 0)
+    mlp = 2 * d * cfg.mlp_hidden + (d * d if cfg.gate_mlp != "none" else 0)
+    vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+    smear = cfg.gate_dims if cfg.smear else 0
+    return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear
+
+
+def attention_flops(cfg, windows):
+    """Forward + backward FLOPs per token of q.k and p.v at (long, short) windows in tokens.
+
+    Each query is counted against a full window of keys, capped at max_seq_len (no piece of a
+    document is longer): the causal mask's skipped pairs count, as in the usual 6N + 12 L d T
+    estimate. Forward: 2 FLOPs per multiply-add, for q.k and p.v; backward twice the forward."""
+    long_keys, short_keys = (min(w, cfg.max_seq_len) for w in windows)
+    keys = sum(long_keys if layer in cfg.long_window_layers else short_keys
+               for layer in range(cfg.n_layer) if layer not in cfg.no_attn_layers)
+    return 3 * 2 * 2 * cfg.n_head * cfg.head_dim * keys
+
+
+def flops_per_token(cfg, windows):
+    """Model FLOPs per trained token: 6 per matmul weight (2 forward, 4 backward) plus attention.
+    MFU is these FLOPs per second over the device's matmul peak; the optimizers' work is not counted."""
+    return 6 * matmul_params(cfg) + attention_flops(cfg, windows)
+
+
+PEAK_SIZE = dict(cuda=8192, cpu=1024)  # side of the square matmul timed for the device's peak
+PEAK_REPEATS = 3
+
+
+def matmul_peak(device, dtype, size=None, repeats=PEAK_REPEATS):
+    """FLOP/s of a size^3 matmul in `dtype` on `device`: the best of a few after one untimed.
+    Timed, not looked up: it is what MFU is measured against on any device, GPU or CPU."""
+    size = size or PEAK_SIZE[device.type]
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    best = float("inf")
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
 def config_json(cfg):
     """The config as JSON values (tuples as lists), as logs, records and checkpoints hold it."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -2426,11 +2481,18 @@ class StopSignal:
 # ------------------------------------------------------------------------------------------------
 
 
-def eta_seconds(train_ms, steps_done, total, vals_left, val_seconds):
-    """Time to the end of the run: the remaining steps at the average step time so far, plus the
-    remaining validations at the average duration of those done (none done yet: not counted)."""
+def eta_seconds(ms_per_token, tokens_left, vals_left, val_seconds):
+    """Time to the end of the run: the remaining tokens (later stages have larger batches) at the
+    latest rate, plus the remaining validations at the average duration of those done (none done
+    yet: not counted)."""
     val_mean = sum(val_seconds) / len(val_seconds) if val_seconds else 0.0
-    return train_ms / steps_done * (total - steps_done) / 1000 + vals_left * val_mean
+    return ms_per_token * tokens_left / 1000 + vals_left * val_mean
+
+
+def gradient_norm(params):
+    """The norm of all gradients of `params` together, on the device (no host read)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float()) if grads else torch.zeros(())
 
 
 def split_batch(cfg, world):
@@ -2478,6 +2540,8 @@ class Trainer:
         # every step's MTP weights on the device up front: making them inside a step would copy
         # from the host and stall the GPU stream each step
         self.mtp_weights = [torch.tensor(self.schedule.mtp_weights(s), device=backend.device) for s in range(self.schedule.total)]
+        self.tokens_before = list(itertools.accumulate((self.schedule.batch_tokens(s) for s in range(self.schedule.total)), initial=0))
+        self.peak_flops = matmul_peak(backend.device, backend.compute_dtype)  # what the train line's MFU is against
         self.new_train_loader()
         needed = sum(self.schedule.batch_tokens(s) + self.parts for s in range(self.schedule.total))
         if needed > self.train_loader.available:
@@ -2505,7 +2569,9 @@ class Trainer:
 
     def train_step(self, step):
         """One optimizer step (with gradient accumulation). Returns this rank's means of what the
-        step minimized, by name: train_loss (the model's loss) and, when on, the shell penalty."""
+        step minimized, by name: train_loss (the model's loss) and, when on, the shell penalty; on
+        steps that log a train line also grad_norm, the norm of this rank's gradient of the summed
+        loss before the step (Adam's tables with what they accumulated since its last step)."""
         cfg, sched = self.cfg, self.schedule
         windows, weights, micro_tokens = self.begin_step(step)
         last = step == sched.total - 1
@@ -2523,8 +2589,11 @@ class Trainer:
             if micro == self.accum - 1:
                 self.optimizers.arm(step, last)
             (loss * self.loss_factor).backward()
+        logged = dict(train_loss=total, **({"shell": shell_total} if cfg.shell_lambda else {}))
+        if cfg.log_every and (step + 1) % cfg.log_every == 0:
+            logged["grad_norm"] = gradient_norm(self.model.parameters())
         self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last, freeze_scalars=sched.scalars_frozen(step))
-        return dict(train_loss=total, **({"shell": shell_total} if cfg.shell_lambda else {}))
+        return logged
 
     @torch.no_grad()
     def validate(self, blocks, yarn=True):
@@ -2637,6 +2706,10 @@ class Trainer:
         self.log.line(f"backend: {b.device.type} x {b.world_size}, accumulation {self.accum}, ops {b.ops.name}, "
                       f"attention {type(b.attention).__name__}, compute {str(b.compute_dtype).removeprefix('torch.')}, "
                       f"compile {cfg.compile}, records track {b.records_track(cfg.preset)}")
+        size, first = PEAK_SIZE[b.device.type], self.schedule.windows(self.schedule.window_blocks(0))
+        self.log.line(f"throughput: {flops_per_token(cfg, first) / 1e6:.1f} MFLOP per token at the first stage; matmul peak "
+                      f"{self.peak_flops / 1e9:.0f} GFLOP/s ({size}^3 {str(b.compute_dtype).removeprefix('torch.')}, timed "
+                      "here per device): the train line's MFU is against it")
         for line in self.schedule.describe():
             self.log.line("schedule: " + line)
         if cfg.mtp:
@@ -2668,14 +2741,23 @@ class Trainer:
         return {name: float(value) for name, value in losses.items()}
 
     def log_train(self, step, losses, train_ms, vals_left):
-        """The train-loss line after `step` steps."""
+        """The train line after `step` steps: the losses and grad norm, the lr multiplier of the
+        last step, tokens/s and MFU over the steps since the previous line, the ETA."""
+        cfg, sched = self.cfg, self.schedule
         losses = self.mean_over_ranks(losses)
-        total = self.schedule.total
-        eta = eta_seconds(train_ms, step, total, vals_left, self.val_seconds)
+        last_step, last_ms = self.last_train_line
+        self.last_train_line = (step, train_ms)
+        ms_per_token = (train_ms - last_ms) / (self.tokens_before[step] - self.tokens_before[last_step])
+        tokens_per_s = 1000 / ms_per_token
+        flops = flops_per_token(cfg, sched.windows(sched.window_blocks(step - 1)))
+        mfu = tokens_per_s / self.backend.world_size * flops / self.peak_flops
+        eta = eta_seconds(ms_per_token, self.tokens_before[-1] - self.tokens_before[step], vals_left, self.val_seconds)
         shown = " ".join(f"{name}:{value:.4f}" for name, value in losses.items())
-        self.log.line(f"step:{step}/{total} {shown} train_time:{train_ms:.0f}ms "
+        self.log.line(f"step:{step}/{sched.total} {shown} lr_mult:{sched.lr_mult(step - 1):.3f} "
+                      f"tokens_per_s:{tokens_per_s:.0f} mfu:{100 * mfu:.1f}% train_time:{train_ms:.0f}ms "
                       f"step_avg:{train_ms / step:.2f}ms eta:{eta:.0f}s")
-        self.log.metric(kind="train", step=step, **losses, train_time_ms=train_ms)
+        self.log.metric(kind="train", step=step, **losses, lr_mult=sched.lr_mult(step - 1), tokens_per_s=tokens_per_s,
+                        mfu=mfu, train_time_ms=train_ms)
         require_finite("train_loss", losses["train_loss"], step)
 
     def run(self):
@@ -2698,6 +2780,7 @@ class Trainer:
         save_steps = set(range(first + 1, total)) if cfg.save_every else set()
         save_steps = {s for s in save_steps if s % cfg.save_every == 0} | ({total} if cfg.save_final else set())
         val_loss, self.val_seconds, stop = float("nan"), [], StopSignal(self.backend)
+        self.last_train_line = (first, train_ms)
         self.backend.synchronize()
         t0 = time.perf_counter()
         try:

@@ -25,51 +25,10 @@ import gpu_check as G  # noqa: E402
 import sample  # noqa: E402  (gpu_check put the repo root on the path)
 
 T = G.T
-PEAK_SIZE = dict(cuda=8192, cpu=1024)  # side of the square matmul timed for the peak
 SMOKE_PEAK_SIZE = 128
-PEAK_REPEATS = 3
 PEAK_DTYPES = dict(cuda=("bf16",), cpu=("bf16", "fp32"))
 DTYPES = dict(bf16=torch.bfloat16, fp32=torch.float32)
 DEFAULT_PRESET = dict(cuda="speedrun", cpu="cpu")
-
-
-def matmul_params(cfg):
-    """Weights each token is multiplied by in one forward pass: every attention layer's Q, K, V, O
-    and per-head gate, every MLP's up and down, the optional output gates, the smear gate and the
-    head (padded vocabulary). Embedding lookups and scalars do no matmul."""
-    d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
-    attn_layers = sum(layer not in cfg.no_attn_layers for layer in range(cfg.n_layer))
-    gate_dims = d if cfg.head_gate else cfg.gate_dims
-    head_gate = cfg.n_head * gate_dims if cfg.attn_gate or cfg.head_gate else 0
-    attn = 4 * d * inner + head_gate + (d * d if cfg.gate_attn != "none" else 0)
-    mlp = 2 * d * cfg.mlp_hidden + (d * d if cfg.gate_mlp != "none" else 0)
-    vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-    smear = cfg.gate_dims if cfg.smear else 0
-    return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear
-
-
-def attention_flops(cfg, windows):
-    """Forward + backward FLOPs per token of q.k and p.v at (long, short) windows in tokens.
-
-    Each query is counted against a full window of keys, capped at max_seq_len (no piece of a
-    document is longer): the causal mask's skipped pairs count, as in the usual 6N + 12 L d T
-    estimate. Forward: 2 FLOPs per multiply-add, for q.k and p.v; backward twice the forward."""
-    long_keys, short_keys = (min(w, cfg.max_seq_len) for w in windows)
-    keys = sum(long_keys if layer in cfg.long_window_layers else short_keys
-               for layer in range(cfg.n_layer) if layer not in cfg.no_attn_layers)
-    return 3 * 2 * 2 * cfg.n_head * cfg.head_dim * keys
-
-
-def flops_per_token(cfg, windows):
-    """Model FLOPs per trained token: 6 per matmul weight (2 forward, 4 backward) plus attention."""
-    return 6 * matmul_params(cfg) + attention_flops(cfg, windows)
-
-
-def matmul_peak(device, dtype, size):
-    """FLOP/s of a size^3 matmul in `dtype` here: the median of a few after one untimed."""
-    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
-    ms = G.timed(lambda: a @ b, device, PEAK_REPEATS)
-    return 2 * size**3 / (ms / 1000)
 
 
 def parse_options(argv):
@@ -99,9 +58,9 @@ def main(argv):
     smoke, steps, untimed, out = options.smoke, options.steps, options.untimed, options.out
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     report = G.Report(out, int(os.environ.get("RANK", 0)) == 0, peaks={}, stages=[])
-    size = SMOKE_PEAK_SIZE if smoke else PEAK_SIZE[device.type]
+    size = SMOKE_PEAK_SIZE if smoke else T.PEAK_SIZE[device.type]
     for name in PEAK_DTYPES[device.type]:
-        peak = matmul_peak(device, DTYPES[name], size)
+        peak = T.matmul_peak(device, DTYPES[name], size)
         report.add("peaks", {**report.data["peaks"], name: peak}, f"peak {name} matmul ({size}^3): {peak / 1e9:10.1f} GFLOP/s")
     preset = [] if any(a.startswith("--preset=") for a in rest) else [f"--preset={DEFAULT_PRESET[device.type]}"]
     model_argv = preset + (["--device=cpu"] + G.SMOKE_FLAGS if smoke else []) + rest
@@ -120,7 +79,7 @@ def main(argv):
         for start, times, _ in G.stage_runs(trainer, untimed, steps):
             ms = 1000 * statistics.median(times[untimed:]) if len(times) > untimed else float("nan")  # a short stage
             windows = schedule.windows(schedule.window_blocks(start))
-            flops = flops_per_token(cfg, windows)
+            flops = T.flops_per_token(cfg, windows)
             tokens_per_s = schedule.batch_tokens(start) / backend.world_size / (ms / 1000)
             row = dict(stage=schedule.stage(start), first_step=start, batch_tokens=schedule.batch_tokens(start),
                        windows=windows, steps_timed=len(times) - untimed, ms_per_step=ms,

@@ -63,7 +63,7 @@ FILE_HEADER_RE = re.compile(r"^-{40}\n# (.+)\n-{40}\n", re.MULTILINE)
 MAIN_FILE = "train_gpt.py"  # the file every log's source starts with
 OTHER_CODE = "(other top-level code)"  # imports and statements that assign no name
 # key:number[unit]; the unit joins the key (train_time:12ms -> train_time_ms=12)
-FIELD_RE = re.compile(r"^([A-Za-z_]+):([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))([A-Za-z]*)$")
+FIELD_RE = re.compile(r"^([A-Za-z_]+):([-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|nan|inf))([A-Za-z]*|%)$")
 
 
 class RecordsError(Exception):
@@ -109,7 +109,7 @@ def parse_fields(text):
             return None
         key, number, unit = m.groups()
         value = int(number) if number.lstrip("+-").isdigit() else float(number)
-        fields[key + ("_" + unit.lower() if unit else "")] = value
+        fields[key + ("_" + ("pct" if unit == "%" else unit.lower()) if unit else "")] = value
     return fields
 
 

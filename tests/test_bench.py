@@ -11,7 +11,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 import gpu_check  # noqa: E402
-import step  # noqa: E402
 
 T = gpu_check.T
 
@@ -47,21 +46,6 @@ def test_gpu_check_says_what_it_needs():
         assert run.returncode == 1 and run.stderr.startswith(expected) and "Traceback" not in run.stderr
 
 
-def test_flops_per_token_hand_count():
-    """The smoke model: 3 layers of width 64, 2 heads of 32, MLP 256, attention in layers 0 and 2
-    (layer 2 long), the 12-channel head gate and smear gate, vocabulary 50,257 padded to 50,304."""
-    cfg = T.parse_args(["--preset=cpu"] + gpu_check.SMOKE_FLAGS)
-    attention_layer = 4 * 64 * 64 + 2 * 12  # Q, K, V, O; the per-head gate
-    mlp_layer = 2 * 64 * 256
-    weights = 2 * attention_layer + 3 * mlp_layer + 50304 * 64 + 12  # ... the head, the smear gate
-    assert step.matmul_params(cfg) == weights == 3350588
-    # q.k and p.v, 2 FLOPs a multiply-add, 3x for forward + backward, 64 channels of queries:
-    # layer 0 sees the short window, layer 2 the long one
-    assert step.flops_per_token(cfg, (192, 64)) == 6 * weights + 3 * 2 * 2 * 64 * (64 + 192)
-    # no query sees more keys than max_seq_len (256) holds
-    assert step.attention_flops(cfg, (512, 320)) == 12 * 64 * (256 + 256)
-
-
 def test_step_bench_smoke(tmp_path):
     out = tmp_path / "step.json"
     run = subprocess.run([sys.executable, "bench/step.py", "--smoke", "--cpu_dtype=fp32", f"--out={out}"], cwd=ROOT,
@@ -76,7 +60,7 @@ def test_step_bench_smoke(tmp_path):
     assert [row["first_step"] for row in stages] == [0, 2, 4, 6] and [row["stage"] for row in stages] == [0, 1, 2, 3]
     for row in stages:
         assert row["steps_timed"] == 1 and row["ms_per_step"] > 0
-        assert row["flops_per_token"] == step.flops_per_token(cfg, tuple(row["windows"]))
+        assert row["flops_per_token"] == T.flops_per_token(cfg, tuple(row["windows"]))
         tokens_per_s = row["batch_tokens"] / (row["ms_per_step"] / 1000)
         assert abs(row["tokens_per_s_per_device"] - tokens_per_s) < 1e-9 * tokens_per_s
         assert abs(row["flop_per_s"] - row["flops_per_token"] * tokens_per_s) < 1e-9 * row["flop_per_s"]

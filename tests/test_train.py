@@ -236,10 +236,56 @@ def test_an_unusable_log_dir_is_one_error_line(tmp_path):
     assert message.startswith(f"error: --log_dir={not_a_dir}: cannot write the run's log there (")
 
 
-def test_eta_counts_the_remaining_steps_and_validations():
-    # 4 of 10 steps in 2 s (0.5 s a step), two validations of 1 s and 3 s so far, two to come
-    assert tg.eta_seconds(2000.0, 4, 10, 2, [1.0, 3.0]) == pytest.approx(6 * 0.5 + 2 * 2.0)
-    assert tg.eta_seconds(2000.0, 4, 10, 1, []) == pytest.approx(3.0)  # no validation measured yet
+def test_eta_counts_the_remaining_tokens_and_validations():
+    # 0.5 ms a token, 6000 tokens to go, two validations of 1 s and 3 s so far, two to come
+    assert tg.eta_seconds(0.5, 6000, 2, [1.0, 3.0]) == pytest.approx(3.0 + 2 * 2.0)
+    assert tg.eta_seconds(0.5, 6000, 1, []) == pytest.approx(3.0)  # no validation measured yet
+
+
+def test_train_line_reports_rate_mfu_lr_and_grad_norm(tmp_path):
+    """Each train line: tokens/s over the steps since the previous line (the stages' batches differ),
+    MFU = that rate x FLOPs per token / the timed matmul peak, the last step's lr multiplier, the
+    gradient's norm, and an ETA from the remaining tokens; records.py reads the line (mfu's %)."""
+    steps = ["--num_steps=6", "--batch_tokens=256,512,768", "--log_every=2", "--val_every=0"]
+    _, log, metrics = run(tmp_path, "line", steps)
+    cfg = tg.parse_args(TINY + steps)
+    sched = tg.Schedule(cfg)
+    trains = [m for m in metrics if m["kind"] == "train"]
+    assert [m["step"] for m in trains] == [2, 4, 6]
+    previous_step, previous_ms = 0, 0.0
+    for m in trains:
+        tokens = sum(sched.batch_tokens(s) for s in range(previous_step, m["step"]))
+        assert m["tokens_per_s"] == pytest.approx(1000 * tokens / (m["train_time_ms"] - previous_ms))
+        assert m["lr_mult"] == sched.lr_mult(m["step"] - 1)
+        flops = tg.flops_per_token(cfg, sched.windows(sched.window_blocks(m["step"] - 1)))
+        assert 0 < m["mfu"] < 1 and m["grad_norm"] > 0
+        previous_step, previous_ms = m["step"], m["train_time_ms"]
+    parsed = [s for s in log.steps if "train_loss" in s]
+    assert [s["mfu_pct"] for s in parsed] == [round(100 * m["mfu"], 1) for m in trains]
+    # the MFU's peak, as the log states it, gives back the reported MFU
+    peak = float(re.search(r"matmul peak (\d+) GFLOP/s", open(tmp_path / "line.txt").read().split(tg.SEPARATOR)[-1])[1]) * 1e9
+    assert trains[-1]["mfu"] == pytest.approx(trains[-1]["tokens_per_s"] * flops / peak, rel=0.01)
+    # the gradient's norm equals one computed by hand from the parameters' gradients
+    p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
+    p.grad, q.grad = torch.tensor([3.0, 0.0, 0.0]), torch.full((2, 2), 2.0)
+    assert tg.gradient_norm([p, q, torch.nn.Parameter(torch.ones(1))]).item() == pytest.approx(5.0)
+
+
+def test_flops_per_token_hand_count():
+    """A 3-layer model of width 64, 2 heads of 32, MLP 256, attention in layers 0 and 2 (layer 2
+    long), the 12-channel head gate and smear gate, vocabulary 50,257 padded to 50,304."""
+    cfg = tg.parse_args(["--preset=cpu", "--n_layer=3", "--d_model=64", "--n_head=2", "--head_dim=32",
+                         "--mlp_hidden=256", "--no_attn_layers=1", "--long_window_layers=2", "--skip_from=0",
+                         "--skip_to=2", "--backout_layer=1", "--max_seq_len=256"])
+    attention_layer = 4 * 64 * 64 + 2 * 12  # Q, K, V, O; the per-head gate
+    mlp_layer = 2 * 64 * 256
+    weights = 2 * attention_layer + 3 * mlp_layer + 50304 * 64 + 12  # ... the head, the smear gate
+    assert tg.matmul_params(cfg) == weights == 3350588
+    # q.k and p.v, 2 FLOPs a multiply-add, 3x for forward + backward, 64 channels of queries:
+    # layer 0 sees the short window, layer 2 the long one
+    assert tg.flops_per_token(cfg, (192, 64)) == 6 * weights + 3 * 2 * 2 * 64 * (64 + 192)
+    # no query sees more keys than max_seq_len (256) holds
+    assert tg.attention_flops(cfg, (512, 320)) == 12 * 64 * (256 + 256)
 
 
 def test_config_summary_names_the_preset_and_only_what_differs():
