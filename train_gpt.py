@@ -52,7 +52,7 @@ class Config:
     device: str = "auto"  # auto | cuda | cpu
     cpu_dtype: str = "auto"  # matmul dtype on a CPU: auto (bf16 if it has AVX512-BF16 or AMX, else fp32) | bf16 | fp32; CUDA: bf16
     compile: bool = True  # torch.compile the model (warmup then compiles, untimed)
-    run_id: str = ""  # empty: a fresh uuid
+    run_id: str = ""  # empty: <preset>_ and 8 random hex digits (e.g. cpu_0cbbbc63)
     log_dir: str = "logs"  # where <run_id>.txt (the record log) and <run_id>.jsonl go
     train_files: str = "data/fineweb10B/fineweb_train_*.bin"  # glob of the training shards
     val_files: str = "data/fineweb10B/fineweb_val_*.bin"  # glob of the validation shards
@@ -2489,6 +2489,14 @@ def eta_seconds(ms_per_token, tokens_left, vals_left, val_seconds):
     return ms_per_token * tokens_left / 1000 + vals_left * val_mean
 
 
+def format_duration(seconds):
+    """1.2s, 3.4min, 5.6h or 7.8 days: a duration as a person reads it."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{' ' if unit == 'days' else ''}{unit}"
+    return f"{seconds:.1f}s"
+
+
 def gradient_norm(params):
     """The norm of all gradients of `params` together, on the device (no host read)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -2710,11 +2718,21 @@ class Trainer:
         self.log.line(f"throughput: {flops_per_token(cfg, first) / 1e6:.1f} MFLOP per token at the first stage; matmul peak "
                       f"{self.peak_flops / 1e9:.0f} GFLOP/s ({size}^3 {str(b.compute_dtype).removeprefix('torch.')}, timed "
                       "here per device): the train line's MFU is against it")
+        self.log.line(f"cost: at least {format_duration(self.least_seconds())} of training here (the schedule's "
+                      f"{self.tokens_before[-1]:,} tokens at the matmul peak of {b.world_size} device(s); runs reach a "
+                      "fraction of it, see MFU)")
         for line in self.schedule.describe():
             self.log.line("schedule: " + line)
         if cfg.mtp:
             self.log.line("note: train_loss is the multi-token-prediction loss, a weighted sum of the cross-entropies "
                           "of the next tokens (README); val_loss is the plain next-token cross-entropy")
+
+    def least_seconds(self):
+        """The train time the schedule would take at 100% MFU: its FLOPs over the devices' peak."""
+        sched = self.schedule
+        flops = sum(flops_per_token(self.cfg, sched.windows(sched.window_blocks(s))) * sched.batch_tokens(s)
+                    for s in range(sched.total))
+        return flops / (self.peak_flops * self.backend.world_size)
 
     def validation(self, step, train_ms):
         """Validate at `step` (the final validation's windows at the end), log it; return the loss."""

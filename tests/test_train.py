@@ -265,10 +265,19 @@ def test_train_line_reports_rate_mfu_lr_and_grad_norm(tmp_path):
     # the MFU's peak, as the log states it, gives back the reported MFU
     peak = float(re.search(r"matmul peak (\d+) GFLOP/s", open(tmp_path / "line.txt").read().split(tg.SEPARATOR)[-1])[1]) * 1e9
     assert trains[-1]["mfu"] == pytest.approx(trains[-1]["tokens_per_s"] * flops / peak, rel=0.01)
+    # the cost line: the schedule's FLOPs at that peak, step by step
+    text = open(tmp_path / "line.txt").read().split(tg.SEPARATOR)[-1]
+    least = sum(tg.flops_per_token(cfg, sched.windows(sched.window_blocks(s))) * sched.batch_tokens(s) for s in range(6)) / peak
+    shown = re.search(r"cost: at least ([\d.]+)s of training here \(the schedule's 3,072 tokens", text)
+    assert shown and float(shown[1]) == pytest.approx(least, abs=0.051 + 0.01 * least)  # shown to 0.1 s, peak to 1 GFLOP/s
     # the gradient's norm equals one computed by hand from the parameters' gradients
     p, q = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2, 2))
     p.grad, q.grad = torch.tensor([3.0, 0.0, 0.0]), torch.full((2, 2), 2.0)
     assert tg.gradient_norm([p, q, torch.nn.Parameter(torch.ones(1))]).item() == pytest.approx(5.0)
+
+
+def test_durations_read_as_a_person_reads_them():
+    assert [tg.format_duration(s) for s in (0.04, 59.9, 90, 5400, 3 * 86400)] == ["0.0s", "59.9s", "1.5min", "1.5h", "3.0 days"]
 
 
 def test_flops_per_token_hand_count():
