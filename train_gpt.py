@@ -1914,6 +1914,17 @@ def list_shards(pattern, what):
     return files
 
 
+def require_disjoint(train_pattern, val_pattern):
+    """Refuse training and validation shards that overlap: the val loss would score tokens the
+    model has trained on, and look better than it is."""
+    train = {os.path.realpath(f): f for f in list_shards(train_pattern, "training")}
+    shared = [f for f in list_shards(val_pattern, "validation") if os.path.realpath(f) in train]
+    if shared:
+        raise SystemExit(f"error: --train_files={train_pattern} and --val_files={val_pattern} both take {shared[0]}"
+                         f"{f' (and {len(shared) - 1} more)' if len(shared) > 1 else ''}: the val loss would score "
+                         "tokens the model trained on; point them at different shards")
+
+
 class TrainLoader:
     """BOS-aligned training batches, one pass over the shards, the next shard read in the background.
 
@@ -2550,6 +2561,7 @@ class Trainer:
         self.mtp_weights = [torch.tensor(self.schedule.mtp_weights(s), device=backend.device) for s in range(self.schedule.total)]
         self.tokens_before = list(itertools.accumulate((self.schedule.batch_tokens(s) for s in range(self.schedule.total)), initial=0))
         self.peak_flops = matmul_peak(backend.device, backend.compute_dtype)  # what the train line's MFU is against
+        require_disjoint(cfg.train_files, cfg.val_files)
         self.new_train_loader()
         needed = sum(self.schedule.batch_tokens(s) + self.parts for s in range(self.schedule.total))
         if needed > self.train_loader.available:

@@ -229,6 +229,16 @@ def test_a_bad_token_in_a_later_shard_stops_the_run_at_once(tmp_path):
         assert not any(line.startswith("final ") for line in f)  # stopped, although shard 0 had enough
 
 
+def test_training_shards_as_validation_shards_are_refused(tmp_path):
+    """The same files (here a link to a training shard among the val shards) would score trained-on tokens."""
+    train = sorted((tg.glob.glob(f"{ROOT}/data/sample/sample_train_*.bin")))
+    os.symlink(train[0], tmp_path / "v_000000.bin")
+    message = failing_run(tmp_path, [f"--val_files={tmp_path}/v_*.bin"])
+    assert message == (f"error: --train_files={ROOT}/data/sample/sample_train_*.bin and --val_files={tmp_path}/v_*.bin "
+                       f"both take {tmp_path}/v_000000.bin: the val loss would score tokens the model trained on; "
+                       "point them at different shards")
+
+
 def test_an_unusable_log_dir_is_one_error_line(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("")
