@@ -572,6 +572,13 @@ def setup_backend(cfg):
     else:
         device = torch.device("cpu")
     if world_size > 1:
+        # torch._dynamo (which the optimizers and torch.compile import) imports torch.distributed
+        # modules whose functions default to group=WORLD, a value taken at import: imported after
+        # the group exists, they would keep it alive past destroy_process_group, and gloo's worker
+        # threads, still running at interpreter exit, abort the process ("terminate called without
+        # an active exception") when they drop the last work's tensors then
+        from torch import _dynamo  # noqa: F401
+
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     triton_ops = globals().get("TritonOps")
     ops = triton_ops if use_cuda and cfg.triton and triton_ops is not None else TorchOps
