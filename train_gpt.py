@@ -2371,32 +2371,53 @@ def set_rng_state(state):
 
 
 class StopSignal:
-    """SIGINT and SIGTERM ask the run to stop at the next step boundary; a second signal acts at once
-    (the default handlers are back). Ranks must stop at the same step, so with several they agree
-    through a one-number all-reduce on the CPU (gloo), which never waits for the GPU."""
+    """SIGINT and SIGTERM ask the run to stop at a step boundary; a second signal acts at once (the
+    default handlers are back). Ranks must stop at the same step, so with several they combine their
+    flags in a one-number all-reduce on the CPU (gloo), which never waits for the GPU. It is started
+    at one boundary and read at the next, travelling while the step runs: no rank waits for the
+    others at a boundary (a blocking check would be a host barrier every step), and a signal stops
+    the run one step later than it would stop a single process."""
 
     def __init__(self, backend):
         self.received = 0
         self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         self.group = None
+        self.pending = None  # (flag, work): the all-reduce started at the last boundary
         if backend.world_size > 1:
             self.group = dist.new_group(backend="gloo") if backend.device.type == "cuda" else dist.group.WORLD
 
     def _handle(self, sig, frame):
         self.received = sig
-        self.close()
+        self.restore_handlers()
 
     def requested(self):
-        """The signal any rank received (0: none): all ranks get the same answer."""
+        """Call at every step boundary. The signal to stop at this one (0: none), the same on every
+        rank: this process's so far, or with several ranks the one any rank had by the previous
+        boundary."""
         if self.group is None:
             return self.received
+        agreed = self.finish()
         flag = torch.tensor([int(self.received)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.pending = flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def finish(self):
+        """Wait for the all-reduce in flight, if any; return its result (0 when none was)."""
+        if self.pending is None:
+            return 0
+        flag, work = self.pending
+        self.pending = None
+        work.wait()
         return int(flag)
 
-    def close(self):
+    def restore_handlers(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+    def close(self):
+        """Put the handlers back and let no all-reduce outlive the loop."""
+        self.restore_handlers()
+        self.finish()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -139,6 +139,37 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, data, sig
     assert any(line.startswith("final val_loss:") for line in after[at:])
 
 
+SIGNAL_AT, BOUNDARIES = 2, 5  # a process signals itself just before boundary 2 of 0..4
+
+
+def stop_answers(backend, signalled):
+    """StopSignal's answers at BOUNDARIES step boundaries; SIGTERM to this process before SIGNAL_AT
+    when `signalled`."""
+    stop, answers = tg.StopSignal(backend), []
+    for boundary in range(BOUNDARIES):
+        if signalled and boundary == SIGNAL_AT:
+            signal.raise_signal(signal.SIGTERM)
+        answers.append(stop.requested())
+    stop.close()
+    return answers
+
+
+def test_a_signal_reaches_every_rank_at_the_same_boundary_one_after_a_single_process():
+    """One process stops at the boundary after its signal; ranks learn it from the all-reduce
+    started there, all of them at the next boundary (2 gloo ranks, rank 1 signalled)."""
+    term = int(signal.SIGTERM)
+    handlers = {s: signal.getsignal(s) for s in tg.STOP_SIGNALS}
+    alone = stop_answers(tg.setup_backend(tg.parse_args(["--preset=cpu"])), signalled=True)
+    assert alone == [0, 0, term, term, term]
+    assert {s: signal.getsignal(s) for s in tg.STOP_SIGNALS} == handlers
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           os.path.abspath(__file__)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, failure(out)
+    ranks = sorted(json.loads(line) for line in out.stdout.splitlines() if line.startswith("["))
+    assert ranks == [[0, [0, 0, 0, term, term]], [1, [0, 0, 0, term, term]]]
+
+
 def worker_with_rank(pid, rank):
     """The pid of the process under `pid` (torchrun) whose environment says RANK=`rank`."""
     for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
@@ -261,3 +292,9 @@ def test_latest_checkpoint_and_bad_files(tmp_path):
         tg.load_checkpoint(str(tmp_path / "partial.pt"))
     assert e.value.code == (f"error: --resume={tmp_path / 'partial.pt'}: not a train_gpt.py checkpoint "
                             "(expected a dict with 'config', 'model', 'tied'; missing 'config', 'tied')")
+
+
+if __name__ == "__main__":  # under torchrun, for the test of StopSignal across ranks above
+    backend = tg.setup_backend(tg.parse_args(["--preset=cpu"]))
+    print(json.dumps([backend.rank, stop_answers(backend, signalled=backend.rank == 1)]), flush=True)
+    torch.distributed.destroy_process_group()
