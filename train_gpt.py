@@ -2397,8 +2397,9 @@ class StopSignal:
         if self.group is None:
             return self.received
         agreed = self.finish()
-        flag = torch.tensor([int(self.received)])
-        self.pending = flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        if not agreed:  # after a stop no boundary follows
+            flag = torch.tensor([int(self.received)])
+            self.pending = flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return agreed
 
     def finish(self):
@@ -2415,9 +2416,12 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def close(self):
-        """Put the handlers back and let no all-reduce outlive the loop."""
+        """Put the handlers back and let go of the group and of an all-reduce left in flight by an
+        error: an exception's traceback can keep this object alive, and a group or a collective
+        still referenced keeps gloo's threads running after destroy_process_group (see
+        setup_backend), which waits for that all-reduce."""
         self.restore_handlers()
-        self.finish()
+        self.group = self.pending = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2722,6 +2726,7 @@ class Trainer:
                     self.log_train(step + 1, losses, now, sum(s > step for s in val_steps))
                 elif self.backend.loss_on_host or step + 1 in save_steps:  # never save a diverged model
                     require_finite("train_loss", self.mean_over_ranks(losses)["train_loss"], step + 1)
+            stop.finish()  # the flag sent at the last boundary
         finally:
             stop.close()
         tokens = sum(sched.batch_tokens(s) for s in range(total))

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_distributed import ROOT, TINY, data, env, failure, free_port  # noqa: F401 (data is a fixture)
+from test_distributed import ROOT, TINY, data, env, failure, free_port, threads_alive  # noqa: F401 (data is a fixture)
 
 # 8 steps: stages start at 3 (a wider window, with YaRN) and 6 (the untie), Adam steps every 2. A
 # checkpoint at step 3 leaves step 2's Adam gradients accumulated but not yet applied.
@@ -142,32 +142,35 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, data, sig
 SIGNAL_AT, BOUNDARIES = 2, 5  # a process signals itself just before boundary 2 of 0..4
 
 
-def stop_answers(backend, signalled):
-    """StopSignal's answers at BOUNDARIES step boundaries; SIGTERM to this process before SIGNAL_AT
-    when `signalled`."""
-    stop, answers = tg.StopSignal(backend), []
-    for boundary in range(BOUNDARIES):
-        if signalled and boundary == SIGNAL_AT:
+def stop_answers(stop, signalled):
+    """StopSignal's answers at up to BOUNDARIES step boundaries, as the training loop asks them (up to
+    the first stop); SIGTERM to this process before SIGNAL_AT when `signalled`."""
+    answers = []
+    while len(answers) < BOUNDARIES and not any(answers):
+        if signalled and len(answers) == SIGNAL_AT:
             signal.raise_signal(signal.SIGTERM)
         answers.append(stop.requested())
+    stop.finish()
     stop.close()
     return answers
 
 
 def test_a_signal_reaches_every_rank_at_the_same_boundary_one_after_a_single_process():
     """One process stops at the boundary after its signal; ranks learn it from the all-reduce
-    started there, all of them at the next boundary (2 gloo ranks, rank 1 signalled)."""
+    started there, all of them at the next boundary (2 gloo ranks, rank 1 signalled). A closed
+    StopSignal no longer holds the group: destroy_process_group ends gloo's threads although the
+    object lives on (as in the traceback of a stopped run)."""
     term = int(signal.SIGTERM)
     handlers = {s: signal.getsignal(s) for s in tg.STOP_SIGNALS}
-    alone = stop_answers(tg.setup_backend(tg.parse_args(["--preset=cpu"])), signalled=True)
-    assert alone == [0, 0, term, term, term]
+    alone = stop_answers(tg.StopSignal(tg.setup_backend(tg.parse_args(["--preset=cpu"]))), signalled=True)
+    assert alone == [0, 0, term]
     assert {s: signal.getsignal(s) for s in tg.STOP_SIGNALS} == handlers
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            os.path.abspath(__file__)]
     out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, failure(out)
     ranks = sorted(json.loads(line) for line in out.stdout.splitlines() if line.startswith("["))
-    assert ranks == [[0, [0, 0, 0, term, term]], [1, [0, 0, 0, term, term]]]
+    assert ranks == [[0, [0, 0, 0, term], []], [1, [0, 0, 0, term], []]]
 
 
 def worker_with_rank(pid, rank):
@@ -296,5 +299,7 @@ def test_latest_checkpoint_and_bad_files(tmp_path):
 
 if __name__ == "__main__":  # under torchrun, for the test of StopSignal across ranks above
     backend = tg.setup_backend(tg.parse_args(["--preset=cpu"]))
-    print(json.dumps([backend.rank, stop_answers(backend, signalled=backend.rank == 1)]), flush=True)
+    stop = tg.StopSignal(backend)
+    answers = stop_answers(stop, signalled=backend.rank == 1)
     torch.distributed.destroy_process_group()
+    print(json.dumps([backend.rank, answers, threads_alive()]), flush=True)
