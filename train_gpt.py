@@ -2194,7 +2194,7 @@ class RunLog:
         self.console = cfg.progress
         self.path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
         metrics_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl")
-        if not self.enabled:  # rank 0 alone looks: the others could see the log it has just made
+        if not self.enabled:  # rank 0 alone looks (the others could see the log it has just made); main shares its verdict
             return
         exists = os.path.exists(self.path) or os.path.exists(metrics_path)
         if exists and not cfg.resume:
@@ -2695,7 +2695,7 @@ class Trainer:
         total, first, train_ms = sched.total, 0, 0.0
         path = self.resume_point()
         if path:
-            first, train_ms = self.resume(path)
+            first, train_ms = on_every_rank(self.backend, lambda: self.resume(path))
         val_steps = set(range(0, total, cfg.val_every) if cfg.val_every else ()) | {total}
         val_steps -= {first} if path else set()  # the saved run validated there before it saved
         save_steps = set(range(first + 1, total)) if cfg.save_every else set()
@@ -2767,6 +2767,35 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+FORESEEN = (ShardError, OSError, SystemExit)  # failures that end a run with one `error:` line, no traceback
+
+
+def error_line(e):
+    """The `error:` line of a foreseen failure, or None for a plain exit status (a signal's)."""
+    message = e.code if isinstance(e, SystemExit) else f"error: {e}"
+    return message if isinstance(message, str) else None
+
+
+def on_every_rank(backend, start):
+    """`start()`, a start-up step whose checks some ranks make alone (rank 0 alone looks at the log
+    and checkpoint folders, each rank reads its own checkpoint part): its result, or, when it failed
+    on any rank, the lowest failing rank's `error:` line as every rank's exit. Otherwise the other
+    ranks would run on to their next collective and wait there for a rank that has gone."""
+    try:
+        result, error = start(), None
+    except FORESEEN as e:
+        result, error = None, error_line(e)
+        if error is None:
+            raise
+    if backend.world_size > 1:
+        errors = [None] * backend.world_size
+        dist.all_gather_object(errors, error)
+        error = next((message for message in errors if message), None)
+    if error:
+        raise SystemExit(error)
+    return result
+
+
 def fresh_run_id(preset, backend):
     """A new run id, rank 0's on every rank, so that all ranks write into one checkpoint folder."""
     ids = [f"{preset}_{uuid.uuid4().hex[:8]}"]
@@ -2788,7 +2817,7 @@ def main(argv=None):
     try:
         backend = setup_backend(cfg)
         cfg.run_id = cfg.run_id or fresh_run_id(cfg.preset, backend)
-        log = RunLog(cfg, backend)
+        log = on_every_rank(backend, lambda: RunLog(cfg, backend))
         return Trainer(cfg, backend, log).run()
     except Interrupted as e:
         signum = e.args[0]
@@ -2798,9 +2827,9 @@ def main(argv=None):
             log.line(message, console=False)
         print(message, file=sys.stderr)
         raise SystemExit(STOP_SIGNALS[signum]) from None
-    except (ShardError, OSError, SystemExit) as e:
-        message = e.code if isinstance(e, SystemExit) else f"error: {e}"
-        if not isinstance(message, str):  # a plain exit status, not an error of ours
+    except FORESEEN as e:
+        message = error_line(e)
+        if message is None:  # a plain exit status, not an error of ours
             raise
         if log:
             log.line(message, console=False)  # stderr gets it from SystemExit

@@ -276,6 +276,26 @@ def test_a_failed_save_leaves_the_previous_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["step_000001.pt"]  # no temporary file left behind
 
 
+def test_a_check_that_fails_on_one_rank_ends_every_rank_with_its_error_line(tmp_path, data):
+    """Rank 0 alone finds the log taken; rank 1 alone misses its checkpoint part. Each time both
+    ranks exit at start-up, status 1, each with that one line (not the other rank running on until
+    its first collective fails or times out)."""
+    args = STEPS + data + ["--accum_world_size=2", "--num_steps=3", "--save_every=2", "--save_final=false"]
+    run(args, 2, tmp_path, "taken")
+    saved = tg.checkpoint_path(str(tmp_path / "taken"), 2)
+    os.remove(tg.checkpoint_path(str(tmp_path / "taken"), 2, rank=1))
+    taken = (f"error: --run_id=taken: {tmp_path / 'taken.txt'} already exists and a log is never overwritten; "
+             "choose another --run_id, or continue that run with --resume")
+    missing = (f"error: --resume={tg.checkpoint_path(str(tmp_path / 'taken'), 2, rank=1)}: no such file "
+               "(expected a checkpoint written by train_gpt.py)")
+    for extra, line in (([], taken), ([f"--resume={saved}"], missing)):
+        out = subprocess.run(command(args + extra, 2, tmp_path, "taken"), cwd=ROOT, env=env(), capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 1 and out.stderr.count(line) == 2, failure(out)  # lines may interleave
+        assert "[rank" not in out.stderr  # no rank's traceback
+    assert (tmp_path / "taken.txt").read_text().splitlines()[-1] == missing  # rank 0 logs rank 1's error
+
+
 def test_latest_checkpoint_and_bad_files(tmp_path):
     assert tg.latest_checkpoint(str(tmp_path / "none")) is None
     for step in (9, 10, 2):
