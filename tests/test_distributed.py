@@ -247,9 +247,9 @@ def threads_alive():
 def train_and_save():
     """Test-only hook (this file run under torchrun): train as train_gpt.py does; rank 0 saves the
     gradients of the first COMPARED_STEPS steps, averaged over ranks as the optimizers average them,
-    and the parameters after them to <log_dir>/<run_id>.pt. A thread still running after main()
-    fails the run: gloo's workers alive at interpreter exit can abort a rank (see setup_backend),
-    rarely, so the test asserts the cause, which is there every time."""
+    and the parameters after them to <log_dir>/<run_id>.pt. A thread still running after main(),
+    whether it returned or raised, fails the run: gloo's workers alive at interpreter exit can abort
+    a rank (see setup_backend), rarely, so the test asserts the cause, which is there every time."""
     run_trainer = tg.Trainer.run
 
     def run_and_save(trainer):
@@ -283,10 +283,12 @@ def train_and_save():
     # the runs agree to 1e-12, and any real difference in the math stands out
     torch.set_default_dtype(torch.float64)
     tg.cpu_compute_dtype = lambda choice: torch.float64
-    tg.main()
-    alive = threads_alive()
-    if alive:
-        raise SystemExit(f"error: threads still running after main() returned: {', '.join(alive)}")
+    try:
+        tg.main()
+    finally:
+        alive = threads_alive()
+        if alive:
+            raise SystemExit(f"error: threads still running after main() ended: {', '.join(alive)}")
 
 
 if __name__ == "__main__":
