@@ -581,6 +581,13 @@ def setup_backend(cfg):
     else:
         device = torch.device("cpu")
     if world_size > 1:
+        # torch._dynamo (which the optimizers and torch.compile import) imports torch.distributed
+        # modules whose functions default to group=WORLD, a value taken at import: imported after
+        # the group exists, they would keep it alive past destroy_process_group, and gloo's worker
+        # threads, still running at interpreter exit, abort the process ("terminate called without
+        # an active exception") when they drop the last work's tensors then
+        from torch import _dynamo  # noqa: F401
+
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
     triton_ops = globals().get("TritonOps")
     ops = triton_ops if use_cuda and cfg.triton and triton_ops is not None else TorchOps
@@ -2282,7 +2289,7 @@ class RunLog:
         self.console = cfg.progress
         self.path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
         metrics_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl")
-        if not self.enabled:  # rank 0 alone looks: the others could see the log it has just made
+        if not self.enabled:  # rank 0 alone looks (the others could see the log it has just made); main shares its verdict
             return
         exists = os.path.exists(self.path) or os.path.exists(metrics_path)
         if exists and not cfg.resume:
@@ -2459,32 +2466,57 @@ def set_rng_state(state):
 
 
 class StopSignal:
-    """SIGINT and SIGTERM ask the run to stop at the next step boundary; a second signal acts at once
-    (the default handlers are back). Ranks must stop at the same step, so with several they agree
-    through a one-number all-reduce on the CPU (gloo), which never waits for the GPU."""
+    """SIGINT and SIGTERM ask the run to stop at a step boundary; a second signal acts at once (the
+    default handlers are back). Ranks must stop at the same step, so with several they combine their
+    flags in a one-number all-reduce on the CPU (gloo), which never waits for the GPU. It is started
+    at one boundary and read at the next, travelling while the step runs: no rank waits for the
+    others at a boundary (a blocking check would be a host barrier every step), and a signal stops
+    the run one step later than it would stop a single process."""
 
     def __init__(self, backend):
         self.received = 0
         self.previous = {sig: signal.signal(sig, self._handle) for sig in STOP_SIGNALS}
         self.group = None
+        self.pending = None  # (flag, work): the all-reduce started at the last boundary
         if backend.world_size > 1:
             self.group = dist.new_group(backend="gloo") if backend.device.type == "cuda" else dist.group.WORLD
 
     def _handle(self, sig, frame):
         self.received = sig
-        self.close()
+        self.restore_handlers()
 
     def requested(self):
-        """The signal any rank received (0: none): all ranks get the same answer."""
+        """Call at every step boundary. The signal to stop at this one (0: none), the same on every
+        rank: this process's so far, or with several ranks the one any rank had by the previous
+        boundary."""
         if self.group is None:
             return self.received
-        flag = torch.tensor([int(self.received)])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        agreed = self.finish()
+        if not agreed:  # after a stop no boundary follows
+            flag = torch.tensor([int(self.received)])
+            self.pending = flag, dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return agreed
+
+    def finish(self):
+        """Wait for the all-reduce in flight, if any; return its result (0 when none was)."""
+        if self.pending is None:
+            return 0
+        flag, work = self.pending
+        self.pending = None
+        work.wait()
         return int(flag)
 
-    def close(self):
+    def restore_handlers(self):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+    def close(self):
+        """Put the handlers back and let go of the group and of an all-reduce left in flight by an
+        error: an exception's traceback can keep this object alive, and a group or a collective
+        still referenced keeps gloo's threads running after destroy_process_group (see
+        setup_backend), which waits for that all-reduce."""
+        self.restore_handlers()
+        self.group = self.pending = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2804,7 +2836,7 @@ class Trainer:
         total, first, train_ms = sched.total, 0, 0.0
         path = self.resume_point()
         if path:
-            first, train_ms = self.resume(path)
+            first, train_ms = on_every_rank(self.backend, lambda: self.resume(path))
         val_steps = set(range(0, total, cfg.val_every) if cfg.val_every else ()) | {total}
         val_steps -= {first} if path else set()  # the saved run validated there before it saved
         save_steps = set(range(first + 1, total)) if cfg.save_every else set()
@@ -2836,6 +2868,7 @@ class Trainer:
                     self.log_train(step + 1, losses, now, sum(s > step for s in val_steps))
                 elif self.backend.loss_on_host or step + 1 in save_steps:  # never save a diverged model
                     require_finite("train_loss", self.mean_over_ranks(losses)["train_loss"], step + 1)
+            stop.finish()  # the flag sent at the last boundary
         finally:
             stop.close()
         tokens = sum(sched.batch_tokens(s) for s in range(total))
@@ -2876,6 +2909,35 @@ def raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
+FORESEEN = (ShardError, OSError, SystemExit)  # failures that end a run with one `error:` line, no traceback
+
+
+def error_line(e):
+    """The `error:` line of a foreseen failure, or None for a plain exit status (a signal's)."""
+    message = e.code if isinstance(e, SystemExit) else f"error: {e}"
+    return message if isinstance(message, str) else None
+
+
+def on_every_rank(backend, start):
+    """`start()`, a start-up step whose checks some ranks make alone (rank 0 alone looks at the log
+    and checkpoint folders, each rank reads its own checkpoint part): its result, or, when it failed
+    on any rank, the lowest failing rank's `error:` line as every rank's exit. Otherwise the other
+    ranks would run on to their next collective and wait there for a rank that has gone."""
+    try:
+        result, error = start(), None
+    except FORESEEN as e:
+        result, error = None, error_line(e)
+        if error is None:
+            raise
+    if backend.world_size > 1:
+        errors = [None] * backend.world_size
+        dist.all_gather_object(errors, error)
+        error = next((message for message in errors if message), None)
+    if error:
+        raise SystemExit(error)
+    return result
+
+
 def fresh_run_id(preset, backend):
     """A new run id, rank 0's on every rank, so that all ranks write into one checkpoint folder."""
     ids = [f"{preset}_{uuid.uuid4().hex[:8]}"]
@@ -2897,7 +2959,7 @@ def main(argv=None):
     try:
         backend = setup_backend(cfg)
         cfg.run_id = cfg.run_id or fresh_run_id(cfg.preset, backend)
-        log = RunLog(cfg, backend)
+        log = on_every_rank(backend, lambda: RunLog(cfg, backend))
         return Trainer(cfg, backend, log).run()
     except Interrupted as e:
         signum = e.args[0]
@@ -2907,9 +2969,9 @@ def main(argv=None):
             log.line(message, console=False)
         print(message, file=sys.stderr)
         raise SystemExit(STOP_SIGNALS[signum]) from None
-    except (ShardError, OSError, SystemExit) as e:
-        message = e.code if isinstance(e, SystemExit) else f"error: {e}"
-        if not isinstance(message, str):  # a plain exit status, not an error of ours
+    except FORESEEN as e:
+        message = error_line(e)
+        if message is None:  # a plain exit status, not an error of ours
             raise
         if log:
             log.line(message, console=False)  # stderr gets it from SystemExit

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_gpt as tg
-from test_distributed import ROOT, TINY, data, env, failure, free_port  # noqa: F401 (data is a fixture)
+from test_distributed import ROOT, TINY, data, env, failure, free_port, threads_alive  # noqa: F401 (data is a fixture)
 
 # 8 steps: stages start at 3 (a wider window, with YaRN) and 6 (the untie), Adam steps every 2. A
 # checkpoint at step 3 leaves step 2's Adam gradients accumulated but not yet applied.
@@ -139,6 +139,40 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, data, sig
     assert any(line.startswith("final val_loss:") for line in after[at:])
 
 
+SIGNAL_AT, BOUNDARIES = 2, 5  # a process signals itself just before boundary 2 of 0..4
+
+
+def stop_answers(stop, signalled):
+    """StopSignal's answers at up to BOUNDARIES step boundaries, as the training loop asks them (up to
+    the first stop); SIGTERM to this process before SIGNAL_AT when `signalled`."""
+    answers = []
+    while len(answers) < BOUNDARIES and not any(answers):
+        if signalled and len(answers) == SIGNAL_AT:
+            signal.raise_signal(signal.SIGTERM)
+        answers.append(stop.requested())
+    stop.finish()
+    stop.close()
+    return answers
+
+
+def test_a_signal_reaches_every_rank_at_the_same_boundary_one_after_a_single_process():
+    """One process stops at the boundary after its signal; ranks learn it from the all-reduce
+    started there, all of them at the next boundary (2 gloo ranks, rank 1 signalled). A closed
+    StopSignal no longer holds the group: destroy_process_group ends gloo's threads although the
+    object lives on (as in the traceback of a stopped run)."""
+    term = int(signal.SIGTERM)
+    handlers = {s: signal.getsignal(s) for s in tg.STOP_SIGNALS}
+    alone = stop_answers(tg.StopSignal(tg.setup_backend(tg.parse_args(["--preset=cpu"]))), signalled=True)
+    assert alone == [0, 0, term]
+    assert {s: signal.getsignal(s) for s in tg.STOP_SIGNALS} == handlers
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           os.path.abspath(__file__)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, failure(out)
+    ranks = sorted(json.loads(line) for line in out.stdout.splitlines() if line.startswith("["))
+    assert ranks == [[0, [0, 0, 0, term], []], [1, [0, 0, 0, term], []]]
+
+
 def worker_with_rank(pid, rank):
     """The pid of the process under `pid` (torchrun) whose environment says RANK=`rank`."""
     for child in open(f"/proc/{pid}/task/{pid}/children").read().split():
@@ -242,6 +276,26 @@ def test_a_failed_save_leaves_the_previous_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["step_000001.pt"]  # no temporary file left behind
 
 
+def test_a_check_that_fails_on_one_rank_ends_every_rank_with_its_error_line(tmp_path, data):
+    """Rank 0 alone finds the log taken; rank 1 alone misses its checkpoint part. Each time both
+    ranks exit at start-up, status 1, each with that one line (not the other rank running on until
+    its first collective fails or times out)."""
+    args = STEPS + data + ["--accum_world_size=2", "--num_steps=3", "--save_every=2", "--save_final=false"]
+    run(args, 2, tmp_path, "taken")
+    saved = tg.checkpoint_path(str(tmp_path / "taken"), 2)
+    os.remove(tg.checkpoint_path(str(tmp_path / "taken"), 2, rank=1))
+    taken = (f"error: --run_id=taken: {tmp_path / 'taken.txt'} already exists and a log is never overwritten; "
+             "choose another --run_id, or continue that run with --resume")
+    missing = (f"error: --resume={tg.checkpoint_path(str(tmp_path / 'taken'), 2, rank=1)}: no such file "
+               "(expected a checkpoint written by train_gpt.py)")
+    for extra, line in (([], taken), ([f"--resume={saved}"], missing)):
+        out = subprocess.run(command(args + extra, 2, tmp_path, "taken"), cwd=ROOT, env=env(), capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 1 and out.stderr.count(line) == 2, failure(out)  # lines may interleave
+        assert "[rank" not in out.stderr  # no rank's traceback
+    assert (tmp_path / "taken.txt").read_text().splitlines()[-1] == missing  # rank 0 logs rank 1's error
+
+
 def test_latest_checkpoint_and_bad_files(tmp_path):
     assert tg.latest_checkpoint(str(tmp_path / "none")) is None
     for step in (9, 10, 2):
@@ -261,3 +315,11 @@ def test_latest_checkpoint_and_bad_files(tmp_path):
         tg.load_checkpoint(str(tmp_path / "partial.pt"))
     assert e.value.code == (f"error: --resume={tmp_path / 'partial.pt'}: not a train_gpt.py checkpoint "
                             "(expected a dict with 'config', 'model', 'tied'; missing 'config', 'tied')")
+
+
+if __name__ == "__main__":  # under torchrun, for the test of StopSignal across ranks above
+    backend = tg.setup_backend(tg.parse_args(["--preset=cpu"]))
+    stop = tg.StopSignal(backend)
+    answers = stop_answers(stop, signalled=backend.rank == 1)
+    torch.distributed.destroy_process_group()
+    print(json.dumps([backend.rank, answers, threads_alive()]), flush=True)

@@ -4,7 +4,7 @@ Runs that cut each batch into the same number of micro-batches, max(world size, 
 see the same token pieces: 1 process takes them one after the other, N processes side by side
 (ranks walk the documents in the same order) and average their gradients (NorMuon's and Adam's
 reduce-scatters, Adam's launched from gradient hooks during the backward). Each run goes through the hook at the end of this file, which saves its first
-gradients and parameters next to the metrics log.
+gradients and parameters next to the metrics log, and fails the run if any thread outlives main().
 """
 import json
 import math
@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -232,10 +233,23 @@ def test_a_world_size_that_fits_no_rule_is_refused(tmp_path, data):
     assert "lcm(2, 3) = 6 micro-batches must divide every batch; world sizes that work: 1, 3, 9, 19, 27, 57, 81, 171, ..." in out.stderr
 
 
+def threads_alive():
+    """The names of this process's threads other than the calling one (Linux: /proc)."""
+    me = str(threading.get_native_id())
+    names = []
+    for task in os.listdir("/proc/self/task"):
+        if task != me:
+            with open(f"/proc/self/task/{task}/comm") as f:
+                names.append(f.read().strip())
+    return sorted(names)
+
+
 def train_and_save():
     """Test-only hook (this file run under torchrun): train as train_gpt.py does; rank 0 saves the
     gradients of the first COMPARED_STEPS steps, averaged over ranks as the optimizers average them,
-    and the parameters after them to <log_dir>/<run_id>.pt."""
+    and the parameters after them to <log_dir>/<run_id>.pt. A thread still running after main(),
+    whether it returned or raised, fails the run: gloo's workers alive at interpreter exit can abort
+    a rank (see setup_backend), rarely, so the test asserts the cause, which is there every time."""
     run_trainer = tg.Trainer.run
 
     def run_and_save(trainer):
@@ -269,7 +283,12 @@ def train_and_save():
     # the runs agree to 1e-12, and any real difference in the math stands out
     torch.set_default_dtype(torch.float64)
     tg.cpu_compute_dtype = lambda choice: torch.float64
-    tg.main()
+    try:
+        tg.main()
+    finally:
+        alive = threads_alive()
+        if alive:
+            raise SystemExit(f"error: threads still running after main() ended: {', '.join(alive)}")
 
 
 if __name__ == "__main__":
