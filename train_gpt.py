@@ -1935,17 +1935,24 @@ def require_disjoint(train_pattern, val_pattern):
 class TrainLoader:
     """BOS-aligned training batches, one pass over the shards, the next shard read in the background.
 
-    Every step, each rank receives `tokens + 1` tokens (inputs and shifted targets) made of pieces
-    that each start at a BOS and hold at most `max_seq_len` tokens; a longer document's tail is
-    dropped. All ranks walk the same documents in the same order and each keeps its own disjoint
-    pieces, so no communication is needed. Batch size and max_seq_len may change between steps.
+    Every micro-batch, each rank receives `tokens + 1` tokens (inputs and shifted targets) made of
+    pieces that each start at a BOS and hold at most `max_seq_len` tokens; a longer document's tail
+    is dropped. A step's world_size * accum micro-batches (its parts) take consecutive runs of
+    documents, part c * world_size + r being rank r's micro-batch c, so the global batch does not
+    depend on the world size; every rank walks the same documents and keeps its own parts, with no
+    communication. Batch size and max_seq_len may change between steps. A step comes from one
+    shard: when the shard's remaining documents cannot fill all its parts, the rest of the shard is
+    dropped and the step starts at the next shard's first document, as the record's loader does on
+    its 8 GPUs (one micro-batch per GPU).
     """
 
-    def __init__(self, pattern, rank, world_size, vocab_size, device="cpu"):
+    def __init__(self, pattern, rank, world_size, vocab_size, device="cpu", accum=1):
         self.files = list_shards(pattern, "training")
         self.rank, self.world_size, self.vocab_size, self.device = rank, world_size, vocab_size, device
+        self.accum = accum  # micro-batches per rank per step
         self.available = sum(read_shard_header(f) for f in self.files)
         self.consumed = 0  # tokens handed to all ranks so far
+        self.queue = []  # this rank's micro-batches of the current step not handed out yet
         self.shard_index = -1
         self.next_shard = None
         self._advance()
@@ -1983,7 +1990,7 @@ class TrainLoader:
         self.next_shard = self._prefetch(self.shard_index + 1) if more else None
 
     def position(self):
-        """Where the next batch starts (the same on every rank): a checkpoint keeps it."""
+        """Where the next step starts (the same on every rank), asked between steps: a checkpoint keeps it."""
         return dict(shard=self.shard_index, doc=self.doc, consumed=self.consumed)
 
     def seek(self, position):
@@ -1992,20 +1999,24 @@ class TrainLoader:
         self._advance()
         self.doc, self.consumed = position["doc"], position["consumed"]
 
-    def _pieces(self, tokens, max_seq_len):
-        """Take pieces totalling exactly `tokens` from the next documents (numpy views)."""
-        pieces, need = [], tokens
-        while need:
-            if self.doc >= len(self.bos):
-                self._advance()
-                continue
-            start = self.bos[self.doc]
-            end = self.bos[self.doc + 1] if self.doc + 1 < len(self.bos) else len(self.tokens)
-            length = min(end - start, max_seq_len, need)
-            pieces.append(self.tokens[start : start + length])
-            self.doc += 1
-            need -= length
-        return pieces
+    def _parts(self, count, tokens, max_seq_len):
+        """`count` parts, each a list of pieces (numpy views) totalling exactly `tokens`, from this
+        shard's documents on from self.doc; None, and nothing taken, when the shard ends first."""
+        doc, parts = self.doc, []
+        for _ in range(count):
+            pieces, need = [], tokens
+            while need:
+                if doc >= len(self.bos):
+                    return None
+                start = self.bos[doc]
+                end = self.bos[doc + 1] if doc + 1 < len(self.bos) else len(self.tokens)
+                length = min(end - start, max_seq_len, need)
+                pieces.append(self.tokens[start : start + length])
+                doc += 1
+                need -= length
+            parts.append(pieces)
+        self.doc = doc
+        return parts
 
     def next_batch(self, tokens, max_seq_len):
         """(inputs [tokens], targets [tokens], cu_seqlens) for this rank: inputs and targets are
@@ -2013,16 +2024,20 @@ class TrainLoader:
         if self.next_shard and "error" in self.next_shard[1]:
             raise self.next_shard[1]["error"]
         try:
-            for rank in range(self.world_size):
-                pieces = self._pieces(tokens + 1, max_seq_len)
-                if rank == self.rank:
-                    mine = pieces
+            while not self.queue:
+                parts = self._parts(self.world_size * self.accum, tokens + 1, max_seq_len)
+                if parts is None:
+                    self._advance()
+                else:
+                    self.queue = parts[self.rank :: self.world_size]
         except EOFError:
             raise SystemExit(
                 f"error: the training data ran out after {self.consumed:,} tokens handed out; the schedule "
-                f"needs more (the shards {self.files[0]} ... hold {self.available:,} tokens, and documents longer "
-                f"than max_seq_len lose their tails). Download more shards or shorten the schedule."
+                f"needs more (the shards {self.files[0]} ... hold {self.available:,} tokens; documents longer "
+                f"than max_seq_len lose their tails, and so does each shard whose rest cannot fill a step). "
+                f"Download more shards or shorten the schedule."
             ) from None
+        mine = self.queue.pop(0)
         self.consumed += (tokens + 1) * self.world_size
         buf = torch.from_numpy(np.concatenate(mine).astype(np.int64))
         if torch.device(self.device).type == "cuda":
@@ -2595,10 +2610,13 @@ class Trainer:
         self.peak_flops = matmul_peak(backend.device, backend.compute_dtype)  # what the train line's MFU is against
         require_disjoint(cfg.train_files, cfg.val_files)
         self.new_train_loader()
+        # a quick lower bound, from the shard headers alone: the document tails longer than
+        # max_seq_len and the shard tails a step does not fit in are dropped on top of it, which
+        # only reading every shard would tell; the loader stops with its own error if it runs out
         needed = sum(self.schedule.batch_tokens(s) + self.parts for s in range(self.schedule.total))
         if needed > self.train_loader.available:
             raise SystemExit(
-                f"error: the schedule needs {needed:,} training tokens but {cfg.train_files} holds "
+                f"error: the schedule needs at least {needed:,} training tokens but {cfg.train_files} holds "
                 f"{self.train_loader.available:,}; download more shards or shorten the schedule"
             )
         self.val_loader = ValLoader(cfg.val_files, cfg.val_tokens, cfg.val_batch_tokens // self.parts,
@@ -2606,7 +2624,7 @@ class Trainer:
 
     def new_train_loader(self):
         b = self.backend
-        self.train_loader = TrainLoader(self.cfg.train_files, b.rank, b.world_size, self.cfg.vocab_size, b.device)
+        self.train_loader = TrainLoader(self.cfg.train_files, b.rank, b.world_size, self.cfg.vocab_size, b.device, self.accum)
 
     def begin_step(self, step):
         """Make the schedule's changes to the model for `step` (untie, window and YaRN); return the

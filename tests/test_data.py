@@ -217,21 +217,90 @@ def test_train_loader_invariants_on_sample(world):
 
 
 def test_train_loader_across_shards(tmp_path):
-    """Documents of random lengths over three shards, world size 2: a rank's batch may take pieces from two shards."""
+    """Documents of random lengths over three shards, world size 2: every batch comes from one shard,
+    and where it moves on it starts at the next shard's first document, having skipped only a rest
+    of the shard too short to fill the batch."""
     rng = np.random.default_rng(1)
-    paths = []
+    paths, shard_of = [], []
     for s in range(3):
         docs = [np.concatenate([[BOS], rng.integers(0, BOS, rng.integers(1, 300))]) for _ in range(40)]
         paths.append(str(tmp_path / f"tr_{s:03d}.bin"))
         tg.write_shard(paths[-1], np.concatenate(docs))
+        shard_of += [s] * len(docs)
     corpus = Corpus(paths)
     ranks = loaders(str(tmp_path / "tr_*.bin"), 2)
-    used = []
+    last, skips = -1, 0
     for step in range(12):
         tokens, msl = (300, 128) if step % 2 else (511, 200)
-        used += check_step(corpus, [ld.next_batch(tokens, msl) for ld in ranks], tokens, msl)
-    assert used == list(range(len(used)))
-    assert max(used) >= 80  # reached the third shard
+        used = check_step(corpus, [ld.next_batch(tokens, msl) for ld in ranks], tokens, msl)
+        assert shard_of[used[0]] == shard_of[used[-1]]  # one shard per batch
+        if used[0] != last + 1:
+            assert shard_of[used[0]] > shard_of[last] and shard_of[used[0] - 1] < shard_of[used[0]]
+            rest = sum(min(corpus.ends[d] - corpus.bos[d], msl) for d in range(last + 1, len(shard_of))
+                       if shard_of[d] == shard_of[last])
+            # what it skipped could not have served both ranks: rank 0 would have taken at most
+            # tokens + 1 + max_seq_len - 1 of it (its last document cut), leaving rank 1 enough
+            assert rest < 2 * (tokens + 1) + msl - 1
+            skips += rest > 0
+        last = used[-1]
+    assert shard_of[last] == 2 and skips >= 1  # reached the third shard, skipping a shard's tail
+
+
+def story_doc(shard, i, length):
+    """Document i of a shard: a BOS, then tokens that say where they come from."""
+    return [BOS] + [1000 * shard + 20 * i + j for j in range(1, length)]
+
+
+@pytest.mark.parametrize("world, accum", [(2, 1), (1, 2)])
+def test_train_loader_drops_a_shard_tail_like_the_record(tmp_path, world, accum):
+    """The record's rule at shard ends, by hand: a step whose two parts the rest of a shard cannot
+    fill drops that rest (also what would have filled the first part) and starts at the next
+    shard's first document; tokens before a shard's first BOS are never read. The same parts
+    whether they go to two ranks or to one rank's two micro-batches."""
+    lengths = {0: [4, 9, 3, 5, 7, 2], 1: [6, 2, 8, 4, 3], 2: [5, 5, 5, 5]}
+    for s, docs in lengths.items():
+        tokens = [7, 7] if s == 1 else []  # shard 1 starts in the middle of a document
+        for i, n in enumerate(docs):
+            tokens += story_doc(s, i, n)
+        tg.write_shard(str(tmp_path / f"st_{s:03d}.bin"), tokens)
+
+    def piece(s, i, n):
+        return story_doc(s, i, lengths[s][i])[:n]
+
+    # 5 tokens + 1 target per part, max_seq_len 4: (part 0, part 1) per step
+    want = [
+        (piece(0, 0, 4) + piece(0, 1, 2), piece(0, 2, 3) + piece(0, 3, 3)),
+        # shard 0's documents 4 and 5 (7 -> 4 tokens, 2) would fill rank 0, none are left for rank 1
+        (piece(1, 0, 4) + piece(1, 1, 2), piece(1, 2, 4) + piece(1, 3, 2)),
+        # shard 1's document 4 (3 tokens) cannot fill rank 0
+        (piece(2, 0, 4) + piece(2, 1, 2), piece(2, 2, 4) + piece(2, 3, 2)),
+    ]
+    cuts = [([0, 4, 6], [0, 3, 6]), ([0, 4, 6], [0, 4, 6]), ([0, 4, 6], [0, 4, 6])]
+    pattern = str(tmp_path / "st_*.bin")
+
+    def step_of(ranks):
+        """[(inputs, targets, cu_seqlens)] of a step's two parts: two ranks' micro-batch or one rank's two."""
+        return [ld.next_batch(5, 4) for ld in ranks for _ in range(accum)]
+
+    ranks = [tg.TrainLoader(pattern, r, world, VOCAB, accum=accum) for r in range(world)]
+    positions = []
+    for step, (bufs, cus) in enumerate(zip(want, cuts)):
+        positions.append(ranks[0].position())
+        for (inputs, targets, cu_seqlens), buf, cu in zip(step_of(ranks), bufs, cus):
+            assert inputs.tolist() == buf[:-1] and targets.tolist() == buf[1:], step
+            assert cu_seqlens.tolist() == cu, step
+        assert all(ld.position() == ranks[0].position() for ld in ranks)
+    with pytest.raises(SystemExit) as e:
+        ranks[0].next_batch(5, 4)  # shard 2 is used up and there is no shard 3
+    assert "ran out" in str(e.value.code) and "after 36 tokens" in str(e.value.code)
+    # loaders sought to any step's position (as a resumed run's are) continue with that step's parts
+    for step, pos in enumerate(positions):
+        fresh = [tg.TrainLoader(pattern, r, world, VOCAB, accum=accum) for r in range(world)]
+        for ld in fresh:
+            ld.seek(pos)
+        for later, bufs in enumerate(want[step:]):
+            assert [b[0].tolist() for b in step_of(fresh)] == [buf[:-1] for buf in bufs], (step, later)
+        assert fresh[0].consumed == 36
 
 
 def test_train_loader_runs_out(tmp_path):

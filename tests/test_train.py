@@ -217,6 +217,15 @@ def test_a_bad_shard_is_one_error_line(tmp_path):
     assert message == f"error: {bad}: bad magic number 0 (expected {tg.SHARD_MAGIC}); not a token shard"
 
 
+def test_too_little_training_data_is_one_honest_error_line(tmp_path):
+    """The start check reads only the shard headers, so it can promise a lower bound, and says so."""
+    small = shard_path(tmp_path, "small_000000.bin", ([tg.BOS_ID] + [5] * 99) * 5)  # 500 tokens
+    message = failing_run(tmp_path, [f"--train_files={small}"])
+    # 3 steps of 256 tokens, each with one more token for the last target (one micro-batch a step)
+    assert message == (f"error: the schedule needs at least {3 * 257:,} training tokens but {small} holds 500; "
+                       "download more shards or shorten the schedule")
+
+
 def test_a_bad_token_in_a_later_shard_stops_the_run_at_once(tmp_path):
     rng = np.random.default_rng(0)
     good = rng.integers(0, 1000, 10000)
