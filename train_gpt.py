@@ -2693,21 +2693,31 @@ class Trainer:
         self.log.metric(kind="sink", step=step, share=share, alpha=alphas.tolist(), threshold=SINK_THRESHOLD)
 
     def warmup(self):
-        """Untimed: compile and run a few real steps of every schedule stage (at least adam_every, so
-        that Adam's compiled update runs too), then restore the model, the optimizers and the data so
-        the timed run starts from scratch."""
+        """Untimed: compile every graph the timed run uses and run a few real steps of every schedule
+        stage (at least adam_every, so that Adam's compiled update runs too), then restore the model, the
+        optimizers and the data so the timed run starts from scratch.
+
+        Steps and validations go in the run's order, so the windows and the YaRN scale (a constant in
+        the compiled graph) take the values the run gives them, with one validation per graph the run's
+        validations need: a stage's windows and scale, tied or not, and the final windows."""
         if not self.cfg.warmup_steps:
             return
+        sched = self.schedule
         steps = max(self.cfg.warmup_steps, self.optimizers.adam_every)
         model_state = clone_tree(self.model.state_dict())
         optim_state = clone_tree(self.optimizers.state_dict())
-        starts = set(self.schedule.stage_starts())
-        if self.schedule.untie_step is not None:
-            starts.add(self.schedule.untie_step)
-        for start in sorted(starts):
-            for step in range(start, min(start + steps, self.schedule.total)):
+        starts = set(sched.stage_starts()) | ({sched.untie_step} - {None})
+        train = {step for start in starts for step in range(start, min(start + steps, sched.total))}
+        graphs = {}  # (stage, final, tied) -> the first step that validates with that graph
+        for step in sorted(self.validation_steps(), reverse=True):
+            tied = sched.untie_step is None or step <= sched.untie_step
+            graphs[sched.stage(step), step == sched.total, tied] = step
+        validations = set(graphs.values())
+        for step in sorted(train | validations):
+            if step in validations:
+                self.validate(*self.validation_blocks(step))
+            if step in train:
                 self.train_step(step)
-        self.validate(self.schedule.window_blocks(0))
         self.model.load_state_dict(model_state)
         self.model.tied = True
         self.optimizers.load_state_dict(optim_state)
@@ -2796,13 +2806,23 @@ class Trainer:
                     for s in range(sched.total))
         return flops / (self.peak_flops * self.backend.world_size)
 
+    def validation_steps(self):
+        """The steps the run validates at: every val_every and the end."""
+        every, total = self.cfg.val_every, self.schedule.total
+        return set(range(0, total, every) if every else ()) | {total}
+
+    def validation_blocks(self, step):
+        """(window blocks, yarn) of the validation at `step`: the end's widens the long window without YaRN."""
+        last = step == self.schedule.total
+        return (self.schedule.final_window_blocks() if last else self.schedule.window_blocks(step)), not last
+
     def validation(self, step, train_ms):
         """Validate at `step` (the final validation's windows at the end), log it; return the loss."""
-        cfg, sched, last = self.cfg, self.schedule, step == self.schedule.total
-        blocks = sched.final_window_blocks() if last else sched.window_blocks(step)
+        cfg, sched = self.cfg, self.schedule
+        blocks, yarn = self.validation_blocks(step)
         self.log.line(f"validating at step {step}/{sched.total}: {cfg.val_tokens:,} tokens, clock stopped")
         start = time.perf_counter()
-        val_loss = self.validate(blocks, yarn=not last)
+        val_loss = self.validate(blocks, yarn)
         self.val_seconds.append(time.perf_counter() - start)
         avg = f"{train_ms / step:.2f}" if step else "nan"
         self.log.line(f"step:{step}/{sched.total} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms step_avg:{avg}ms "
@@ -2847,7 +2867,7 @@ class Trainer:
         self.describe()
         if cfg.warmup_steps:
             log.line(f"warmup: {'compiling, ' if cfg.compile else ''}{cfg.warmup_steps} steps per schedule stage "
-                     "and a validation, untimed and then undone")
+                     "and a validation per graph the run validates with, untimed and then undone")
             start = time.perf_counter()
             self.warmup()
             log.line(f"warmup: done in {time.perf_counter() - start:.1f}s")
@@ -2855,7 +2875,7 @@ class Trainer:
         path = self.resume_point()
         if path:
             first, train_ms = on_every_rank(self.backend, lambda: self.resume(path))
-        val_steps = set(range(0, total, cfg.val_every) if cfg.val_every else ()) | {total}
+        val_steps = self.validation_steps()
         val_steps -= {first} if path else set()  # the saved run validated there before it saved
         save_steps = set(range(first + 1, total)) if cfg.save_every else set()
         save_steps = {s for s in save_steps if s % cfg.save_every == 0} | ({total} if cfg.save_final else set())

@@ -1,6 +1,7 @@
 """Training end to end: a cpu-preset smoke run whose log records/records.py parses and whose console
 says what it does, loss going down, the comparison with the record, and one-line errors."""
 import dataclasses
+import functools
 import importlib.util
 import json
 import re
@@ -127,6 +128,52 @@ def test_warmup_leaves_no_trace(tmp_path):
     (warm, _), log, _ = run(tmp_path, "warm", QUIET + extra + ["--warmup_steps=2"])
     assert log.config["warmup_steps"] == 2
     assert warm == cold
+
+
+def test_warmup_compiles_every_graph_the_run_uses_and_no_other(tmp_path, monkeypatch):
+    """With --compile the untimed warmup compiles one graph per distinct forward of the run (a
+    stage's batch, windows and YaRN scale, tied or not, training or validating; the final windows),
+    restores the rotary state exactly, and the timed run compiles nothing. Counted by dynamo, which
+    decides what recompiles, with its eager backend: inductor would build the same graphs, far more
+    slowly (tests/test_backend.py runs it)."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    torch._dynamo.reset()
+    argv = TINY + SAMPLE + QUIET + [f"--log_dir={tmp_path}", "--run_id=graphs", "--compile=true", "--warmup_steps=1",
+                                    "--num_steps=3", "--extension_steps=0", "--batch_tokens=256,256,256", "--mtp=false",
+                                    "--long_windows=1,2,2", "--final_window=3", "--val_every=2", "--log_every=0"]
+    cfg = tg.parse_args(argv)
+    backend = tg.setup_backend(cfg)
+    trainer = tg.Trainer(cfg, backend, tg.RunLog(cfg, backend))
+    model, rotary = trainer.model, trainer.model.rotary
+    fresh = rotary.freqs.clone(), rotary.window, rotary.attn_scale
+    calls = []  # per forward: what its graph depends on, and how many graphs it compiled
+    forward, warmup, marks = trainer.forward, trainer.warmup, {}
+
+    def spy_forward(inputs, targets, windows, weights):
+        before = counters["stats"]["unique_graphs"]
+        loss = forward(inputs, targets, windows, weights)
+        key = (inputs.numel(), windows, weights.numel(), rotary.attn_scale, model.tied, model.training)
+        calls.append((key, counters["stats"]["unique_graphs"] - before))
+        return loss
+
+    def spy_warmup():
+        warmup()
+        marks.update(calls=len(calls), graphs=counters["stats"]["unique_graphs"],
+                     rotary=(rotary.freqs.clone(), rotary.window, rotary.attn_scale))
+
+    trainer.forward, trainer.warmup = spy_forward, spy_warmup
+    trainer.run()
+    warm, timed = calls[: marks["calls"]], calls[marks["calls"]:]
+    freqs, window, scale = marks["rotary"]
+    assert torch.equal(freqs, fresh[0]) and (window, scale) == fresh[1:]
+    # the run trains and validates at two YaRN scales, tied and untied, and at the final windows
+    run_keys = {key for key, _ in timed}
+    assert len({key[3] for key in run_keys}) == 2 and {key[4] for key in run_keys} == {True, False}
+    assert any(key[1] == (3 * 64, 64) and not key[5] for key in run_keys)
+    assert sum(n for _, n in timed) == 0 and counters["stats"]["unique_graphs"] == marks["graphs"]
+    assert sum(n for _, n in warm) == len(run_keys) and {key for key, _ in warm} == run_keys
 
 
 def test_train_step_never_reads_the_device(tmp_path, monkeypatch):
