@@ -48,7 +48,7 @@ CUDA_NOT_FP32 = {"addmv", "addr", "einsum", "mv", "matmul", "mm", "bmm", "linear
                  "index_put", "index_copy", "scatter_add", "grid_sampler"}
 # composite ops that reach autocast as another op: x.square() is pow(x, 2) there
 DECOMPOSES_TO = {"square": "pow"}
-# CUDA autocast rules that differ between the torch versions the GPU path supports (README): the
+# CUDA autocast rules that differ between the torch versions the GPU path supports (docs/gpu.md): the
 # (major, minor) from which CUDA runs the op in fp32
 FP32_SINCE = {"rms_norm": (2, 12)}
 SUPPORTED_TORCH = [(2, 11), (2, 13)]  # the device's torch, and the one requirements.txt pins

@@ -5,6 +5,7 @@ import http.server
 import importlib.util
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -448,3 +449,43 @@ def test_build_sample_cuts_units_between_lines_within_the_limit():
     assert build_sample.natural_units(play, heading) == [
         "TITLE", "ACT I.\n\nScene I. A room.\n\nA.\nHi.", "Scene II. A hall.\n\nB.\nI", "ACT II.\n\nScene I.\nC."
     ]
+
+
+# the model part of a run made tiny; appended to a command, these win over its preset (later flags do)
+TINY_MODEL = ["--n_layer=2", "--value_embeds=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128", "--long_window_layers=1",
+              "--skip_from=0", "--skip_to=1", "--backout_layer=0", "--progress=false", "--save_final=false"]
+
+
+def readme_commands(section):
+    """The command lines of the README section `section`'s code block."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read().split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    block = text.split("```\n", 1)[1].split("```", 1)[0]
+    return [shlex.split(line) for line in block.splitlines() if line.strip()]
+
+
+def test_the_readmes_own_text_example_works_on_a_small_corpus(tmp_path, encoding):
+    """The README's two commands for one's own text, as written, on a corpus of about 220,000 tokens
+    (the size it names): the tokenizer splits it and the trainer runs its shortened schedule on it
+    (with the model made tiny, so the test is quick; the data and schedule flags are the README's)."""
+    tokenize_cmd, train_cmd = readme_commands("Training on your own text")
+    rng = np.random.default_rng(0)
+    words = [encoding.decode([int(t)]) for t in rng.integers(300, 20000, 3000)]
+    texts = [" ".join(rng.choice(words, int(rng.integers(40, 200)))) for _ in range(950)]
+    (tmp_path / "my_texts").mkdir()
+    for i, text in enumerate(texts[:400]):
+        (tmp_path / "my_texts" / f"doc{i}.txt").write_text(text)
+    jsonl_corpus(tmp_path / "more.jsonl", texts[400:])
+    assert tokenize_cmd[:2] == ["python", "data/tokenize_corpus.py"] and train_cmd[:2] == ["python", "train_gpt.py"]
+    tokenize_args = [a.replace("data/mine", str(tmp_path / "mine")) for a in tokenize_cmd[2:]]
+    tokenized = subprocess.run([sys.executable, TOKENIZER, *tokenize_args, "--workers", "1"], cwd=tmp_path,
+                               capture_output=True, text=True, timeout=SCRIPT_TIMEOUT)
+    assert tokenized.returncode == 0, tokenized.stderr
+    total = sum(read_shard(p).size for p in (tmp_path / "mine").glob("*.bin"))
+    assert 180_000 < total < 260_000, total
+    train_args = [a.replace("data/mine", str(tmp_path / "mine")) for a in train_cmd[2:]]
+    trained = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *train_args, *TINY_MODEL,
+                              f"--log_dir={tmp_path}/logs"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    log = next((tmp_path / "logs").glob("*.txt")).read_text()
+    assert "\nfinal val_loss:" in log and "step:30/30 val_loss:" in log
