@@ -1077,9 +1077,11 @@ class Rotary(nn.Module):
     def set_extra_state(self, state):
         self.window, self.attn_scale = state["window"], state["attn_scale"]
 
-    def forward(self, x):
-        """x [T, H, D]: rotate dims i and i + D/2 together by angle t * freqs[i]."""
-        angle = torch.arange(x.size(0), device=x.device, dtype=torch.float32)[:, None] * self.freqs
+    def forward(self, x, start=0):
+        """x [T, H, D] at positions start, ..., start + T - 1: rotate dims i and i + D/2 together
+        by angle t * freqs[i] at position t."""
+        t = torch.arange(start, start + x.size(0), device=x.device, dtype=torch.float32)
+        angle = t[:, None] * self.freqs
         cos, sin = angle.cos()[:, None], angle.sin()[:, None]
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
@@ -1152,13 +1154,13 @@ class Attention(nn.Module):
             e = e + scale * (q.float() * self.key_bias).sum(-1)
         return e
 
-    def forward(self, x, ve, rotary, attend, mask):
+    def forward(self, x, ve, rotary, attend, mask, start=0):
         n, h, dh = x.size(0), self.n_head, self.head_dim
         qkv_scale, out_scale = (1.0, 1.0) if self.lambdas is None else self.lambdas
         q = norm(F.linear(x, qkv_scale * self.q).view(n, h, dh))
         k = norm(F.linear(x, qkv_scale * self.k).view(n, h, dh))
         v = F.linear(x, qkv_scale * self.v).view(n, h, dh)
-        q, k = rotary(q), rotary(k)
+        q, k = rotary(q, start), rotary(k, start)
         if self.key_offset:
             # the still (non-rotating) dims of each key take the previous token's values, so one
             # layer can match "the token after the one like me": an induction head in one step;
@@ -1205,10 +1207,10 @@ class Block(nn.Module):
         self.attn_out_gate = output_gate(cfg, cfg.gate_attn) if self.attn is not None else None
         self.mlp_out_gate = output_gate(cfg, cfg.gate_mlp)
 
-    def forward(self, x, ve, rotary, attend, masks):
+    def forward(self, x, ve, rotary, attend, masks, start=0):
         if self.attn is not None:
             h = norm(x)
-            y = self.attn(h, ve, rotary, attend, masks[0] if self.long else masks[1])
+            y = self.attn(h, ve, rotary, attend, masks[0] if self.long else masks[1], start)
             x = x + (y if self.attn_out_gate is None else self.attn_out_gate(h, y))
         h = norm(x)
         y = self.mlp(h)
@@ -1278,14 +1280,15 @@ class GPT(nn.Module):
             x = torch.cat([x[:1], x[1:] + self.smear_lambda * gate * x[:-1]])
         return x
 
-    def hidden(self, idx, windows, attention=None):
+    def hidden(self, idx, windows, attention=None, start=0):
         """Final normed hidden states [T, d] for a packed sequence of documents (`attention`
-        replaces the backend's, e.g. by a SinkProbe around it)."""
+        replaces the backend's, e.g. by a SinkProbe around it; sample.py's KV cache runs only the
+        newest tokens, `start` is the position of the first, for RoPE)."""
         # autocast for 16-bit dtypes only: fp32 needs none (and CPU autocast takes no other)
         with torch.autocast(idx.device.type, dtype=self.dtype, enabled=self.dtype.itemsize == 2):
-            return self._hidden(idx, windows, attention or self.attention)
+            return self._hidden(idx, windows, attention or self.attention, start)
 
-    def _hidden(self, idx, windows, attention):
+    def _hidden(self, idx, windows, attention, start):
         cfg = self.cfg
         docs = (idx == BOS_ID).cumsum(0)
         masks = [attention.mask(docs, w) for w in windows]
@@ -1298,7 +1301,7 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             table = self.ve_tables[i]
             ve = None if table is None else F.embedding(idx, self.value_embeds[table])
-            x = block(x, ve, self.rotary, attention, masks)
+            x = block(x, ve, self.rotary, attention, masks, start)
             if i == cfg.skip_from:
                 skip = x
             if i == cfg.backout_layer:

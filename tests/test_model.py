@@ -284,6 +284,15 @@ def test_rotary_half_dims_still():
     assert torch.allclose(dots, dots[0].expand(50), atol=1e-4)
 
 
+def test_rotary_start_is_the_absolute_position():
+    """Tokens run from position `start` on (a KV-cache step) turn as in the whole sequence."""
+    rot = tg.Rotary(64, 1024.0, 0.1)
+    torch.manual_seed(4)
+    x = torch.randn(40, 3, 64)
+    assert torch.equal(rot(x[25:], 25), rot(x)[25:])
+    assert not torch.allclose(rot(x[25:]), rot(x)[25:])
+
+
 def test_yarn_scale_and_frequencies():
     rot = tg.Rotary(128, 1024.0, 0.1)
     freqs0 = rot.freqs.clone()

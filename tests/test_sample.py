@@ -1,5 +1,6 @@
 """sample.py: loading a checkpoint, the logits it samples from, greedy and seeded sampling, the
-context limit and the command line, on a tiny model that learnt a repeating pattern (conftest)."""
+context limit and the command line, on a tiny model that learnt a repeating pattern (conftest);
+the KV cache against the full forward on a random model with every switch that shapes it."""
 import dataclasses
 import itertools
 
@@ -27,7 +28,7 @@ def loaded(tiny_checkpoint):
 
 
 def generate(model, prompt, n, **kw):
-    return ENC.decode(sample.generate(model, ENC.encode_ordinary(prompt), n, **kw))
+    return ENC.decode(list(sample.generate(model, ENC.encode_ordinary(prompt), n, **kw)))
 
 
 def test_load_model_restores_what_training_left(tiny_checkpoint, loaded):
@@ -86,18 +87,118 @@ def test_context_keeps_bos_and_the_newest_tokens(loaded):
     assert sample.within_context([tg.BOS_ID, 1, 2, 3, 4], 3) == [tg.BOS_ID, 3, 4]
 
 
+# ------------------------------------------------------------------------------------------------
+# The KV cache: each step's logits are the full forward's
+# ------------------------------------------------------------------------------------------------
+
+# every switch of the speedrun preset that shapes the forward pass (smear, key offset, value
+# embeddings, the attention gate and lambdas, softcap, x0, skip, backout, a layer without attention),
+# the extra softmax slot and the output gates, in a model small enough to build in a blink
+RANDOM_MODEL = ["--preset=cpu", "--n_layer=4", "--d_model=32", "--n_head=2", "--head_dim=16", "--mlp_hidden=64",
+                "--no_attn_layers=2", "--long_window_layers=1,3", "--value_embeds=2", "--skip_from=0", "--skip_to=2",
+                "--backout_layer=1", "--gate_dims=8", "--sink_logit=true", "--kv_bias=true", "--gate_attn=relu",
+                "--gate_mlp=sigmoid", "--window_block=8", "--long_windows=1,2,2", "--final_window=2", "--extension_window=2"]
+
+
+def random_model(*flags):
+    """An fp32 model of RANDOM_MODEL with every parameter random (zero-initialized ones would hide
+    the techniques they switch on), untied."""
+    cfg = tg.parse_args(RANDOM_MODEL + list(flags))
+    assert cfg.smear and cfg.key_offset and cfg.x0_mixing and cfg.attn_gate and cfg.attn_lambdas and cfg.softcap > 0
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    model.tied = False
+    return model.eval()
+
+
+@pytest.mark.parametrize("prompt_len", [1, 10])
+def test_cached_logits_are_the_full_forwards(prompt_len):
+    """Token by token after a prompt (BOS alone, or two documents), through one more BOS and past
+    the long window: the cache's logits are those of the whole sequence at once."""
+    model = random_model()
+    windows = (16, 8)
+    rng = np.random.default_rng(0)
+    words = lambda n: [int(t) for t in rng.integers(0, 50000, n)]
+    tokens = [tg.BOS_ID, *words(6), tg.BOS_ID, *words(20), tg.BOS_ID, *words(25)]
+    full = sample.softcapped_logits(model, torch.tensor(tokens), windows)
+    cache = sample.KVCache(model, windows)
+    # fp32 round-off: the cache sums the attention in another order (1e-5 apart at logits up to
+    # the softcap's 30); one rerun token less is 0.1 off, no document mask or no window 15
+    for n in range(prompt_len, len(tokens) + 1):
+        torch.testing.assert_close(cache.logits(tokens[:n]), full[n - 1], rtol=0, atol=1e-4, msg=f"after {n} tokens")
+
+
+def test_generation_restarts_a_full_context_from_bos_and_the_newest_half():
+    """Greedy tokens with the cache are those of the full forward over the context: the whole
+    sequence up to max_seq_len tokens, then BOS and the newest max_seq_len / 2, growing again."""
+    limit = 24
+    model = random_model(f"--max_seq_len={limit}")
+    windows = sample.final_windows(model.cfg)
+    assert windows[0] < 40  # the generation runs past the long window
+    prompt = [5, 6, tg.BOS_ID, 7, 8]  # two documents
+    context, want = [tg.BOS_ID, *prompt], []
+    for _ in range(40):
+        z = sample.softcapped_logits(model, torch.tensor(context), windows)[-1, : model.cfg.vocab_size]
+        want.append(int(z.argmax()))
+        context.append(want[-1])
+        if len(context) > limit:
+            context = [tg.BOS_ID, *context[len(context) - limit // 2 :]]
+    assert tg.BOS_ID not in want
+    assert list(sample.generate(model, prompt, 40, temperature=0)) == want
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line
+# ------------------------------------------------------------------------------------------------
+
+
 def test_cli_prints_the_continuation(tiny_checkpoint, capsys):
     sample.main([tiny_checkpoint.path, "--prompt=a b c", "--max_tokens=5", "--temperature=0", "--device=cpu"])
-    assert capsys.readouterr().out == " d e f g h\n"
+    assert capsys.readouterr().out == "a b c d e f g h\n"
     sample.main([tiny_checkpoint.path, "--prompt=a", "--max_tokens=3", "--num_samples=2", "--device=cpu"])
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "--- sample 1 ---" and lines[2] == "--- sample 2 ---" and len(lines) == 4
+    assert lines[1].startswith("a ") and lines[3].startswith("a ")
+
+
+def test_cli_streams_and_ctrl_c_keeps_what_it_printed(tiny_checkpoint, capsys, monkeypatch):
+    """The prompt is out before the first token is drawn, and each token before the next; Ctrl-C
+    ends the line and exits 130 without a traceback."""
+    printed, pick = [], sample.pick
+
+    def interrupted_pick(*args):
+        printed.append(capsys.readouterr().out)
+        if len(printed) == 4:
+            raise KeyboardInterrupt
+        return pick(*args)
+
+    monkeypatch.setattr(sample, "pick", interrupted_pick)
+    with pytest.raises(SystemExit) as e:
+        sample.main([tiny_checkpoint.path, "--prompt=a b c", "--max_tokens=50", "--temperature=0", "--device=cpu"])
+    assert e.value.code == 130
+    assert printed == ["a b c", " d", " e", " f"]
+    assert capsys.readouterr() == ("\n", "")
+
+
+def test_stream_waits_for_a_character_split_over_tokens(capsys):
+    text = " smile \U0001F642, 日本語"
+    tokens = ENC.encode_ordinary(text)
+    pieces = [ENC.decode_single_token_bytes(t) for t in tokens]
+    assert any(p.decode("utf-8", "replace") != p.decode("utf-8", "ignore") for p in pieces)  # some hold part of a character
+    sample.stream(ENC, "prompt:", iter(tokens))
+    assert capsys.readouterr().out == f"prompt:{text}\n"
 
 
 def test_cli_rejects_a_bad_flag(tiny_checkpoint, capsys):
     with pytest.raises(SystemExit) as e:
         sample.main([tiny_checkpoint.path, "--temperature=-1"])
     assert e.value.code == 2 and "--temperature: expected a number >= 0, got '-1'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        sample.main([tiny_checkpoint.path, f"--max_tokens={sample.MAX_TOKENS + 1}"])
+    assert e.value.code == 2 and f"--max_tokens: expected an integer from 1 to {sample.MAX_TOKENS}, got '{sample.MAX_TOKENS + 1}'" in capsys.readouterr().err
 
 
 def test_a_bad_checkpoint_is_one_clear_error(tiny_checkpoint, tmp_path):
