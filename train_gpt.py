@@ -1966,6 +1966,9 @@ class TrainLoader:
         try:
             tokens = read_shard(self.files[index], self.vocab_size)
             out["bos"] = np.flatnonzero(tokens == BOS_ID)
+            if tokens.size and not out["bos"].size:  # nothing in it could start a batch piece
+                raise ShardError(f"{self.files[index]}: no <|endoftext|> (token {BOS_ID}) among its {tokens.size:,} "
+                                 "tokens, and every document must start with one (data/tokenize_corpus.py writes them)")
             out["tokens"] = tokens
         except Exception as e:
             out["error"] = e

@@ -285,6 +285,14 @@ def test_a_bad_token_in_a_later_shard_stops_the_run_at_once(tmp_path):
         assert not any(line.startswith("final ") for line in f)  # stopped, although shard 0 had enough
 
 
+def test_a_shard_without_bos_is_named(tmp_path):
+    """Not "ran out after 0 tokens": the shard and the missing document marker are named."""
+    bad = shard_path(tmp_path, "nobos_000000.bin", [5, 6, 7] * 1000)
+    message = failing_run(tmp_path, [f"--train_files={tmp_path}/nobos_*.bin"])
+    assert message == (f"error: {bad}: no <|endoftext|> (token 50256) among its 3,000 tokens, and every document "
+                       "must start with one (data/tokenize_corpus.py writes them)")
+
+
 def test_training_shards_as_validation_shards_are_refused(tmp_path):
     """The same files (here a link to a training shard among the val shards) would score trained-on tokens."""
     train = sorted((tg.glob.glob(f"{ROOT}/data/sample/sample_train_*.bin")))
