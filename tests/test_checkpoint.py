@@ -276,10 +276,23 @@ def test_a_failed_save_leaves_the_previous_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["step_000001.pt"]  # no temporary file left behind
 
 
+def start_ranks(args, nproc, log_dir, run_id):
+    """Each rank as its own process, without torchrun (which stops the others as soon as one exits):
+    [(exit status, stderr)] by rank."""
+    port, procs = free_port(), []
+    for rank in range(nproc):
+        ranked = dict(env(), RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+        procs.append(subprocess.Popen(command(args, 1, log_dir, run_id), cwd=ROOT, env=ranked, text=True,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    return [(proc.returncode, stderr) for proc, stderr in zip(procs, errors)]
+
+
 def test_a_check_that_fails_on_one_rank_ends_every_rank_with_its_error_line(tmp_path, data):
-    """Rank 0 alone finds the log taken; rank 1 alone misses its checkpoint part. Each time both
-    ranks exit at start-up, status 1, each with that one line (not the other rank running on until
-    its first collective fails or times out)."""
+    """Rank 0 alone finds the log taken; rank 1 alone misses its checkpoint part. Each time every
+    rank exits at start-up, status 1, with that one line (not running on to its first collective,
+    to fail there or wait for a rank that has gone)."""
     args = STEPS + data + ["--accum_world_size=2", "--num_steps=3", "--save_every=2", "--save_final=false"]
     run(args, 2, tmp_path, "taken")
     saved = tg.checkpoint_path(str(tmp_path / "taken"), 2)
@@ -289,10 +302,9 @@ def test_a_check_that_fails_on_one_rank_ends_every_rank_with_its_error_line(tmp_
     missing = (f"error: --resume={tg.checkpoint_path(str(tmp_path / 'taken'), 2, rank=1)}: no such file "
                "(expected a checkpoint written by train_gpt.py)")
     for extra, line in (([], taken), ([f"--resume={saved}"], missing)):
-        out = subprocess.run(command(args + extra, 2, tmp_path, "taken"), cwd=ROOT, env=env(), capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 1 and out.stderr.count(line) == 2, failure(out)  # lines may interleave
-        assert "[rank" not in out.stderr  # no rank's traceback
+        for status, stderr in start_ranks(args + extra, 2, tmp_path, "taken"):
+            assert status == 1 and stderr.splitlines()[-1:] == [line], stderr
+            assert "Traceback" not in stderr
     assert (tmp_path / "taken.txt").read_text().splitlines()[-1] == missing  # rank 0 logs rank 1's error
 
 
