@@ -324,9 +324,9 @@ def test_key_offset_moves_still_dims(tmp_path):
     cfg = tg.parse_args(TINY)
     layer = cfg.long_window_layers[0]
     torch.manual_seed(3)
-    with_offset = tg.Attention(cfg, layer)
+    with_offset = tg.Attention(cfg, layer, torch.float32)
     plain_cfg = tg.parse_args(TINY + ["--key_offset=false"])
-    plain = tg.Attention(plain_cfg, layer)
+    plain = tg.Attention(plain_cfg, layer, torch.float32)
     plain.load_state_dict(with_offset.state_dict())
     assert with_offset.key_offset and not plain.key_offset
     assert not tg.Attention(cfg, 0).key_offset  # only long-window layers
@@ -430,7 +430,7 @@ def test_attention_lambdas_scale_qkv_and_output():
     with them (q and k are normed, so only v's factor shows)."""
     cfg = tg.parse_args(TINY)
     torch.manual_seed(1)
-    attn = tg.Attention(cfg, 0)
+    attn = tg.Attention(cfg, 0, torch.float32)
     assert attn.lambdas.kind == "scalar" and attn.lambdas.tolist() == [0.5, 1.0]
     assert tg.Attention(tg.parse_args(TINY + ["--attn_lambdas=false"]), 0).lambdas is None
     with torch.no_grad():

@@ -321,8 +321,8 @@ def test_block_gates_each_sublayer_with_its_normed_input():
 def test_head_gate_scales_each_head_by_a_sigmoid_of_the_whole_input():
     cfg = T.parse_args(TINY + ["--head_gate=true", "--attn_gate=false", "--d_model=32"])
     torch.manual_seed(0)
-    gated = T.Attention(cfg, 0)
-    plain = T.Attention(T.parse_args(TINY + ["--attn_gate=false"]), 0)
+    gated = T.Attention(cfg, 0, torch.float32)
+    plain = T.Attention(T.parse_args(TINY + ["--attn_gate=false"]), 0, torch.float32)
     assert gated.gate.shape == (cfg.n_head, cfg.d_model) and gated.gate.kind == "gate"
     with torch.no_grad():
         gated.gate.copy_(torch.randn_like(gated.gate))
