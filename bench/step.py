@@ -6,9 +6,9 @@ of this device's measured matmul peak they reach (MFU). Prints a table and write
     python bench/step.py --cpu_dtype=fp32 --steps=3     # any other --name=value is a train_gpt flag
 
 Options: --steps=N (timed steps per stage, default 5), --untimed=N (steps run before them: compile,
-caches; default 2), --out=PATH (JSON, default logs/step.json), --smoke (a tiny model and matmul:
-checks this script on a CPU in seconds). Without the preset's training shards the model runs on
-random tokens (the same work).
+caches; default 2), --out=PATH (JSON, default logs/step.json; the lines also go to PATH with .txt),
+--smoke (a tiny model and matmul: checks this script on a CPU in seconds). Without the preset's
+training shards the model runs on random tokens (the same work).
 
 The peak is what a large square matmul reaches here in bf16 and, on a CPU (where bf16 is not always
 the faster), in fp32; MFU is given against each. Model FLOPs are counted from the config
@@ -95,10 +95,9 @@ def main(argv):
                    f"{' '.join(model_argv)}\ncompute dtype {dtype}, {backend.world_size} device(s), "
                    f"{untimed} untimed + {steps} timed steps per stage")
         mfu_names = " ".join(f"{'MFU ' + name:>9s}" for name in peaks)
-        if report.enabled:
-            print(f"{'stage':>5s} {'step':>6s} {'batch':>7s} {'windows':>9s} {'ms/step':>9s} {'tok/s/dev':>10s} "
-                  f"{'FLOP/tok':>10s} {'GFLOP/s':>9s} {mfu_names}", flush=True)
-        for start, times, _ in G.stage_runs(trainer, untimed, steps):
+        report.note(f"{'stage':>5s} {'step':>6s} {'batch':>7s} {'windows':>9s} {'ms/step':>9s} {'tok/s/dev':>10s} "
+                    f"{'FLOP/tok':>10s} {'GFLOP/s':>9s} {mfu_names}")
+        for start, times, _, _ in G.stage_runs(trainer, untimed, steps):
             ms = 1000 * statistics.median(times[untimed:]) if len(times) > untimed else float("nan")  # a short stage
             windows = schedule.windows(schedule.window_blocks(start))
             flops = flops_per_token(cfg, windows)
