@@ -1,19 +1,24 @@
 """One-command GPU check: the fused kernels against their torch twins, then the speedrun preset for a
-few steps of every schedule stage on the GPUs present. Prints a table and writes it as JSON, each
-figure as soon as it is measured (a run cut short keeps what it measured).
+few steps of every schedule stage on the GPUs present, then the final validation. Each row is printed
+and written as soon as it is measured, to a JSON file and, line by line, to a text file beside it (a
+run cut short keeps what it measured).
 
+    python bench/gpu_check.py --quick                  # one GPU in a short lease: fits --budget (300 s)
     python bench/gpu_check.py                          # one GPU: each step accumulates 8 micro-batches
     torchrun --nproc_per_node=8 bench/gpu_check.py     # the record's 8 GPUs
-    python bench/gpu_check.py --quick                  # 3 steps per stage (meant to fit 8 minutes with
-                                                       # compile; not yet timed on a GPU)
 
-Options: --steps=N (timed steps per stage, default 6), --out=PATH (JSON, default
-logs/gpu_check.json), --smoke (tiny shapes and model: checks this script itself on a CPU, with
-TRITON_INTERPRET=1 for the kernels). Any other --name=value is a train_gpt flag for the model run.
-Without FineWeb shards in data/fineweb10B the model runs on random tokens (timing and memory are the
-same; the losses then only show that training runs).
+--quick: the kernels, then only the first stage and the untie's (the largest batch, untied; the last
+stage without an untie), 3 timed steps each, then the final validation; it says what it skips, and
+skips any later part it expects to end past the budget (estimated from the parts measured so far).
+Compilation is reported apart from step time: a step that compiled a graph is not timed.
+
+Options: --quick, --steps=N (timed steps per stage, default 6, 3 with --quick), --budget=S (seconds
+from the start; default none, 300 with --quick), --out=PATH (JSON, default logs/gpu_check.json; the
+text goes to PATH with .txt), --smoke (tiny shapes and model: checks this script itself on a CPU,
+with TRITON_INTERPRET=1 for the kernels), -h/--help. Any other --name=value is a train_gpt flag for
+the model run. Without FineWeb shards in data/fineweb10B the model runs on random tokens (timing and
+memory are the same; the losses then only show that training runs).
 """
-import collections
 import glob
 import json
 import os
@@ -24,6 +29,7 @@ import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as T  # noqa: E402
@@ -40,25 +46,42 @@ SMOKE_FLAGS = ["--n_layer=3", "--d_model=64", "--n_head=2", "--head_dim=32", "--
 TOLERANCE = dict(bf16=2e-2, loss=1e-4, fp8_out=0.06, fp8_grad=0.1)  # as in tests/test_kernels.py
 SYNTHETIC_SHARD_TOKENS = 2**25  # one random shard, linked as often as the schedule needs
 MEAN_DOC_TOKENS = 1000
+QUICK_STEPS = 3
+# a device lease gives about 8 minutes of command time: --quick starts no part it expects to end later
+QUICK_BUDGET_S = 300
 
 
 class Report:
-    """The check's rows, printed and written to JSON (temporary file + rename) as each arrives."""
+    """The check's rows, printed and written as each arrives: to JSON (temporary file + rename) and,
+    appended line by line, to a text file of the same name ending .txt."""
 
     def __init__(self, path, enabled, **sections):
         self.path, self.enabled = path, enabled
+        self.text_path = os.path.splitext(path)[0] + ".txt"
         self.data = dict(date=time.strftime("%Y-%m-%d %H:%M"), device=device_name(), torch=torch.__version__, **sections)
+        if enabled:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            open(self.text_path, "w").close()
+            self.note(f"{self.data['date']}, {self.data['device']}, torch {self.data['torch']}")
 
-    def add(self, section, row, line):
-        """Append `row` to a list section (kernels, stages) or set a single one (final)."""
+    def note(self, line):
+        """Print `line` and append it to the text file, at once."""
         if not self.enabled:
             return
+        print(line, flush=True)
+        with open(self.text_path, "a") as f:
+            f.write(line + "\n")
+
+    def add(self, section, row, line):
+        """Append `row` to a list section (kernels, stages, skipped) or set a single one (final); every
+        rank keeps the rows, only the one enabled prints and writes them."""
         if isinstance(self.data.get(section), list):
             self.data[section].append(row)
         else:
             self.data[section] = row
-        print(line, flush=True)
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        if not self.enabled:
+            return
+        self.note(line)
         tmp = f"{self.path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(self.data, f, indent=1)
@@ -185,69 +208,171 @@ def build_trainer(argv, workdir, run_name):
     return T.Trainer(cfg, backend, T.RunLog(cfg, backend))
 
 
-def stage_runs(trainer, untimed, steps):
-    """For the start of every stage (the untie included): run `untimed` steps, then time up to
-    `steps` more. Yields (first step, seconds of each step, losses of each step), untimed ones first."""
+def stage_starts(schedule):
+    """The first step of every stage, and the untie step."""
+    return sorted(set(schedule.stage_starts()) | ({schedule.untie_step} - {None}))
+
+
+def run_stage(trainer, start, untimed, steps):
+    """Run `untimed` steps from `start`, then up to `steps` more. Returns, per step: seconds, loss,
+    and the graphs torch.compile made during it (then the step's time is mostly compilation)."""
+    from torch._dynamo.utils import counters
+
     schedule, backend = trainer.schedule, trainer.backend
-    starts = sorted(set(schedule.stage_starts()) | ({schedule.untie_step} - {None}))
-    for start in starts:
-        if backend.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        times, losses = [], []
-        for step in range(start, min(start + untimed + steps, schedule.total)):
-            backend.synchronize()
-            t0 = time.perf_counter()
-            out = trainer.train_step(step)
-            backend.synchronize()
-            times.append(time.perf_counter() - t0)
-            losses.append(float(out["train_loss"]))
-        yield start, times, losses
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, losses, graphs = [], [], []
+    for step in range(start, min(start + untimed + steps, schedule.total)):
+        before = counters["stats"]["unique_graphs"]
+        backend.synchronize()
+        t0 = time.perf_counter()
+        out = trainer.train_step(step)
+        backend.synchronize()
+        times.append(time.perf_counter() - t0)
+        losses.append(float(out["train_loss"]))
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+    return times, losses, graphs
 
 
-def stage_table(report, argv, steps, workdir):
-    """A few steps at the start of every stage (the untie included): compile time, ms per step,
-    tokens/s per GPU, peak memory, losses; then the final validation."""
+def stage_runs(trainer, untimed, steps):
+    """run_stage at every stage start (the untie included): yields (start, seconds, losses, graphs)."""
+    for start in stage_starts(trainer.schedule):
+        yield (start, *run_stage(trainer, start, untimed, steps))
+
+
+def stage_row(trainer, start, times, losses, graphs):
+    """A stage's figures. ms/step: the median of the steps after the first that compiled nothing;
+    compile: what the first step and the compiling ones took beyond that."""
+    schedule, backend = trainer.schedule, trainer.backend
+    clean = [t for i, (t, n) in enumerate(zip(times, graphs)) if i and not n]
+    ms = 1000 * statistics.median(clean) if clean else float("nan")
+    compile_s = sum(max(0.0, t - ms / 1000) for i, (t, n) in enumerate(zip(times, graphs)) if not i or n)
+    tokens = schedule.batch_tokens(start) / backend.world_size
+    return dict(stage=schedule.stage(start), first_step=start, batch_tokens=schedule.batch_tokens(start),
+                windows=schedule.windows(schedule.window_blocks(start)), steps_timed=len(clean),
+                first_step_s=times[0], graphs=sum(graphs), compile_s=compile_s, ms_per_step=ms,
+                tokens_per_s_per_gpu=1000 * tokens / ms, peak_memory_mib=backend.peak_memory_mib(),
+                loss_first=losses[0], loss_last=losses[-1])
+
+
+def estimate_s(first, batch_tokens, steps):
+    """Rough seconds of a later part from the first stage's row: its compilation again, and `steps`
+    steps of `batch_tokens` at its speed per token (forward only is cheaper: an upper bound)."""
+    return first["compile_s"] + steps * first["ms_per_step"] / 1000 * batch_tokens / first["batch_tokens"]
+
+
+def stage_plan(schedule, quick):
+    """(starts to run, starts left out): all of them, or with --quick the first stage's and the
+    untie's (the largest batch, untied) or, without an untie, the last stage's."""
+    starts = stage_starts(schedule)
+    if not quick:
+        return starts, []
+    keep = sorted({starts[0], starts[-1] if schedule.untie_step is None else schedule.untie_step})
+    return keep, [s for s in starts if s not in keep]
+
+
+def stage_table(report, argv, steps, workdir, quick=False, budget=float("inf"), started=None):
+    """A few steps at the start of the planned stages (stage_plan): compile time, ms per step, tokens/s
+    per GPU, peak memory, losses; then the final validation. After the first stage, a part expected
+    to end more than `budget` seconds after `started` is skipped, and said so."""
+    started = time.perf_counter() if started is None else started
     trainer = build_trainer(argv, workdir, "gpu_check")
     schedule, backend = trainer.schedule, trainer.backend
-    for start, times, losses in stage_runs(trainer, 1, steps):
-        ms = 1000 * statistics.median(times[1:]) if len(times) > 1 else float("nan")
-        tokens = schedule.batch_tokens(start) / backend.world_size
-        row = dict(stage=schedule.stage(start), first_step=start, batch_tokens=schedule.batch_tokens(start),
-                   windows=schedule.windows(schedule.window_blocks(start)), steps_timed=len(times) - 1,
-                   first_step_s=times[0], compile_s=times[0] - ms / 1000, ms_per_step=ms,
-                   tokens_per_s_per_gpu=1000 * tokens / ms, peak_memory_mib=backend.peak_memory_mib(),
-                   loss_first=losses[0], loss_last=losses[-1])
+    plan, left_out = stage_plan(schedule, quick)
+    # (name, tokens, steps) per part, for the estimates; a validation runs twice: compiling, then timed
+    parts = [(f"stage {schedule.stage(s)} from step {s}", schedule.batch_tokens(s), 1 + steps) for s in plan]
+    parts.append(("final validation", trainer.cfg.val_tokens, 2))
+    report.note("plan: " + ", ".join(name for name, _, _ in parts))
+    for start in left_out:
+        part = f"stage {schedule.stage(start)} from step {start}"
+        report.add("skipped", dict(part=part, reason="--quick"), f"skipped: {part} (--quick)")
+    rows = report.data["stages"]
+
+    def elapsed():
+        return time.perf_counter() - started
+
+    def fits(i):
+        """Whether part i is expected to end within the budget (the first always runs); if not, say so."""
+        if not rows:
+            return True
+        name, tokens, n = parts[i]
+        need, left = estimate_s(rows[0], tokens, n), budget - elapsed()
+        go = [need <= left]
+        if dist.is_initialized():  # rank 0's decision, so that all ranks run the same parts
+            dist.broadcast_object_list(go, src=0)
+        if go[0]:
+            return True
+        report.add("skipped", dict(part=name, reason="budget", estimate_s=need, budget_left_s=left),
+                   f"skipped: {name}: about {need:.0f} s, {max(left, 0):.0f} s of the {budget:.0f} s budget left")
+        return False
+
+    def forecast(i):
+        """The expected duration: the time so far and estimates for the parts after part i."""
+        rest = parts[i + 1:]
+        more = sum(estimate_s(rows[0], tokens, n) for _, tokens, n in rest)
+        of_budget = f" of the {budget:.0f} s budget" if budget < float("inf") else ""
+        report.note(f"time: {elapsed():.0f} s so far; about {more:.0f} s more for "
+                    f"{', '.join(name for name, _, _ in rest)}: done at about {elapsed() + more:.0f} s{of_budget}")
+
+    for i, start in enumerate(plan):
+        if not fits(i):
+            continue
+        report.note(f"at {elapsed():.0f} s: running {parts[i][0]}")
+        row = stage_row(trainer, start, *run_stage(trainer, start, 1, steps))
         report.add("stages", row, f"stage {row['stage']} from step {start:5d}: batch {row['batch_tokens']:7d}, "
-                                  f"first step {times[0]:7.1f} s, {ms:8.1f} ms/step, {row['tokens_per_s_per_gpu']:9.0f} "
-                                  f"tok/s/GPU, peak {row['peak_memory_mib'] / 1024:.1f} GiB, "
-                                  f"loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    stage_steps = collections.Counter(schedule.stage(step) for step in range(schedule.total))
-    per_stage = {row["stage"]: row["ms_per_step"] for row in report.data["stages"]}
-    projected = sum(n * per_stage.get(stage, float("nan")) for stage, n in stage_steps.items()) / 1000
-    t0 = time.perf_counter()
-    val_loss = trainer.validate(schedule.final_window_blocks(), yarn=False)
-    first_val_s = time.perf_counter() - t0
-    report.add("final", dict(projected_train_time_s=projected, world_size=backend.world_size, val_loss_one_batch=val_loss,
-                             final_validation_first_call_s=first_val_s),
-               f"projected train time for {schedule.total} steps on {backend.world_size} GPU(s): {projected:.1f} s "
-               f"(record on 8: {RECORD['train_time_s']} s, {RECORD['ms_per_step_8gpu']} ms/step, "
-               f"peak {RECORD['peak_allocated_gib']} GiB); final validation first call {first_val_s:.1f} s")
+                                  f"compile {row['compile_s']:7.1f} s ({row['graphs']} graphs), {row['ms_per_step']:8.1f} "
+                                  f"ms/step, {row['tokens_per_s_per_gpu']:9.0f} tok/s/GPU, peak "
+                                  f"{row['peak_memory_mib'] / 1024:.1f} GiB, loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}")
+        forecast(i)
+    measured = {row["stage"]: row for row in rows}
+
+    def step_ms(step):
+        """A step's ms: its stage's as measured or else, scaled by batch size, that of the measured
+        stage with the nearest batch (of two as near, the earlier)."""
+        batch = schedule.batch_tokens(step)
+        row = measured.get(schedule.stage(step)) or min(rows, key=lambda r: abs(r["batch_tokens"] - batch))
+        return row["ms_per_step"] * batch / row["batch_tokens"]
+
+    projected = sum(map(step_ms, range(schedule.total))) / 1000 if rows else float("nan")
+    scaled = sorted({schedule.stage(step) for step in range(schedule.total)} - set(measured)) if rows else []
+    final = dict(projected_train_time_s=projected, scaled_stages=scaled, world_size=backend.world_size)
+    shown = "final validation skipped"
+    if fits(len(parts) - 1):
+        report.note(f"at {elapsed():.0f} s: running the final validation")
+        seconds = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            val_loss = trainer.validate(schedule.final_window_blocks(), yarn=False)
+            seconds.append(time.perf_counter() - t0)
+        compile_s = max(0.0, seconds[0] - seconds[1])
+        final.update(val_loss_one_batch=val_loss, final_validation_s=seconds[1], final_validation_compile_s=compile_s)
+        shown = f"final validation {seconds[1]:.1f} s, compile {compile_s:.1f} s"
+    report.add("final", final,
+               f"projected train time for {schedule.total} steps on {backend.world_size} GPU(s): {projected:.1f} s"
+               + (f" (stages {', '.join(map(str, scaled))} scaled from the measured ones by batch size)" if scaled else "")
+               + f" (record on 8: {RECORD['train_time_s']} s, {RECORD['ms_per_step_8gpu']} ms/step, "
+               f"peak {RECORD['peak_allocated_gib']} GiB); {shown}; {elapsed():.0f} s in all")
 
 
-def print_table(data):
-    """The stages as one table, the record's figures under it (what the README asks to report)."""
-    print(f"\n{data['date']}, {data['device']}, torch {data['torch']}")
-    print("| stage | first step | batch | compile (s) | ms/step | tokens/s/GPU | peak (GiB) | loss first -> last |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+def print_table(report):
+    """The stages as one table, the record's figures and what was skipped under it (what the README
+    asks to report)."""
+    data, note = report.data, report.note
+    note("")
+    note("| stage | first step | batch | graphs | compile (s) | ms/step | tokens/s/GPU | peak (GiB) | loss first -> last |")
+    note("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in data["stages"]:
-        print(f"| {r['stage']} | {r['first_step']} | {r['batch_tokens']} | {r['compile_s']:.1f} | {r['ms_per_step']:.1f} | "
-              f"{r['tokens_per_s_per_gpu']:.0f} | {r['peak_memory_mib'] / 1024:.1f} | {r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+        note(f"| {r['stage']} | {r['first_step']} | {r['batch_tokens']} | {r['graphs']} | {r['compile_s']:.1f} | "
+             f"{r['ms_per_step']:.1f} | {r['tokens_per_s_per_gpu']:.0f} | {r['peak_memory_mib'] / 1024:.1f} | "
+             f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
     final, record = data.get("final", {}), data["record"]
-    print(f"projected train time on {final.get('world_size')} GPU(s): {final.get('projected_train_time_s', float('nan')):.1f} s; "
-          f"record on 8 H100s: {record['train_time_s']} s, {record['ms_per_step_8gpu']} ms/step, "
-          f"peak {record['peak_allocated_gib']} GiB")
+    note(f"projected train time on {final.get('world_size')} GPU(s): {final.get('projected_train_time_s', float('nan')):.1f} s; "
+         f"record on 8 H100s: {record['train_time_s']} s, {record['ms_per_step_8gpu']} ms/step, "
+         f"peak {record['peak_allocated_gib']} GiB")
+    if data["skipped"]:
+        note(f"skipped: {', '.join(row['part'] for row in data['skipped'])}")
     bad = [row["op"] for row in data["kernels"] if not row["ok"]]
-    print(f"kernels: {'all within tolerance' if not bad else 'OUT OF TOLERANCE: ' + ', '.join(bad)}", flush=True)
+    note(f"kernels: {'all within tolerance' if not bad else 'OUT OF TOLERANCE: ' + ', '.join(bad)}")
 
 
 def split_options(argv, names):
@@ -257,10 +382,28 @@ def split_options(argv, names):
     return own, [a for a in argv if a.split("=")[0] not in names]
 
 
+def number(own, name, default, kind):
+    """The script's option `name` as a positive `kind` (int or float), or `default` if absent."""
+    if name not in own:
+        return default
+    try:
+        value = kind(own[name])
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise SystemExit(f"error: {name}={own[name]}: expected a positive {'whole ' if kind is int else ''}number")
+    return value
+
+
 def main(argv):
-    own, rest = split_options(argv, ("--quick", "--smoke", "--steps", "--out"))
-    smoke = "--smoke" in own
-    steps = int(own["--steps"]) if "--steps" in own else (1 if smoke else 3 if "--quick" in own else 6)
+    if "-h" in argv or "--help" in argv:
+        print(__doc__.strip())
+        return None
+    started = time.perf_counter()
+    own, rest = split_options(argv, ("--quick", "--smoke", "--steps", "--budget", "--out"))
+    smoke, quick = "--smoke" in own, "--quick" in own
+    steps = number(own, "--steps", 1 if smoke else QUICK_STEPS if quick else 6, int)
+    budget = number(own, "--budget", QUICK_BUDGET_S if quick else float("inf"), float)
     out = own.get("--out") or os.path.join("logs", "gpu_check.json")
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device: this check times the GPU path; on a CPU, --smoke (with "
@@ -269,14 +412,13 @@ def main(argv):
         raise SystemExit("error: --smoke runs the Triton kernels on the CPU, which needs TRITON_INTERPRET=1 in "
                          "the environment (set before Python starts)")
     device = torch.device("cuda" if not smoke else "cpu")
-    report = Report(out, int(os.environ.get("RANK", 0)) == 0, record=RECORD, kernels=[], stages=[])
+    report = Report(out, int(os.environ.get("RANK", 0)) == 0, record=RECORD, kernels=[], stages=[], skipped=[])
     if report.enabled:
         check_kernels(report, device, SMOKE_SHAPES if smoke else KERNEL_SHAPES)
     model_argv = (["--device=cpu", "--fp8_head=true"] + SMOKE_FLAGS if smoke else []) + rest
     with tempfile.TemporaryDirectory() as workdir:
-        stage_table(report, model_argv, steps, workdir)
-    if report.enabled:
-        print_table(report.data)
+        stage_table(report, model_argv, steps, workdir, quick, budget, started)
+    print_table(report)
     return report.data
 
 

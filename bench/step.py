@@ -73,10 +73,9 @@ def main(argv):
                    f"{' '.join(model_argv)}\ncompute dtype {dtype}, {backend.world_size} device(s), "
                    f"{untimed} untimed + {steps} timed steps per stage")
         mfu_names = " ".join(f"{'MFU ' + name:>9s}" for name in peaks)
-        if report.enabled:
-            print(f"{'stage':>5s} {'step':>6s} {'batch':>7s} {'windows':>9s} {'ms/step':>9s} {'tok/s/dev':>10s} "
-                  f"{'FLOP/tok':>10s} {'GFLOP/s':>9s} {mfu_names}", flush=True)
-        for start, times, _ in G.stage_runs(trainer, untimed, steps):
+        report.note(f"{'stage':>5s} {'step':>6s} {'batch':>7s} {'windows':>9s} {'ms/step':>9s} {'tok/s/dev':>10s} "
+                    f"{'FLOP/tok':>10s} {'GFLOP/s':>9s} {mfu_names}")
+        for start, times, _, _ in G.stage_runs(trainer, untimed, steps):
             ms = 1000 * statistics.median(times[untimed:]) if len(times) > untimed else float("nan")  # a short stage
             windows = schedule.windows(schedule.window_blocks(start))
             flops = T.flops_per_token(cfg, windows)

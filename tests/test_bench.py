@@ -38,6 +38,89 @@ def test_gpu_check_smoke(tmp_path):
     assert run.stdout.rstrip().endswith("kernels: all within tolerance")
 
 
+# the smoke model for in-process runs of the quick mode: on the sample shards (no synthetic ones to
+# write) and without the FP8 head, whose CPU emulation is slow (the smoke test above runs it)
+QUICK_SMOKE = ["--smoke", "--quick", f"--train_files={ROOT}/data/sample/sample_train_*.bin",
+               f"--val_files={ROOT}/data/sample/sample_val_*.bin", "--fp8_head=false"]
+
+
+def quick_check(tmp_path, monkeypatch, capsys, budget):
+    """gpu_check --smoke --quick in this process, a stub in place of the kernel checks (the smoke test
+    runs them): (report, stdout lines, text file lines)."""
+    out = tmp_path / "check.json"
+
+    def kernels(report, device, shapes):
+        report.add("kernels", dict(op="stub", ok=True), "kernel stub")
+
+    monkeypatch.setattr(gpu_check, "check_kernels", kernels)
+    report = gpu_check.main(QUICK_SMOKE + [f"--budget={budget}", f"--out={out}"])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    return report, capsys.readouterr().out.splitlines(), (tmp_path / "check.txt").read_text().splitlines()
+
+
+def test_gpu_check_quick_runs_the_kernels_then_two_stages_then_the_validation(tmp_path, monkeypatch, capsys):
+    """--quick: the kernels first, then the first stage and the untie's (the smoke schedule's stage 2,
+    from step 4), then the final validation; it says which stages it leaves out, estimates the rest
+    after the first stage, and its text file holds what it printed."""
+    report, lines, text = quick_check(tmp_path, monkeypatch, capsys, 100000)
+    assert text == lines
+    starts = [line for line in lines if line.startswith(("kernel stub", "plan:", "skipped:", "stage ", "time:", "projected"))]
+    assert starts[:6] == ["kernel stub", "plan: stage 0 from step 0, stage 2 from step 4, final validation",
+                          "skipped: stage 1 from step 2 (--quick)", "skipped: stage 3 from step 6 (--quick)"] + starts[4:6]
+    assert starts[4].startswith("stage 0 from step     0: batch     256, compile ")
+    assert starts[5].startswith("time: ") and starts[5].endswith(" of the 100000 s budget")
+    assert starts[6].startswith("stage 2 from step     4: batch     512, compile ") and starts[7].startswith("time: ")
+    assert starts[8].startswith("projected train time for 8 steps on 1 GPU(s): ")
+    assert "(stages 1, 3 scaled from the measured ones by batch size)" in starts[8] and "final validation " in starts[8]
+    stages = report["stages"]
+    assert [(row["stage"], row["first_step"]) for row in stages] == [(0, 0), (2, 4)]
+    assert all(row["steps_timed"] == 1 and row["graphs"] == 0 and row["ms_per_step"] > 0 for row in stages)
+    assert [(row["part"], row["reason"]) for row in report["skipped"]] == [
+        ("stage 1 from step 2", "--quick"), ("stage 3 from step 6", "--quick")]
+    final = report["final"]
+    assert final["scaled_stages"] == [1, 3] and 10 < final["val_loss_one_batch"] < 12
+    # 2 steps per stage at 256, 384, 512 and 512 tokens: stages 1 and 3 take the measured stage of the
+    # nearest batch, scaled (384 is as near 256 as 512: the earlier stage's, 0)
+    ms0, ms2 = stages[0]["ms_per_step"], stages[1]["ms_per_step"]
+    want = (2 * ms0 + 2 * ms0 * 384 / 256 + 2 * ms2 + 2 * ms2) / 1000
+    assert abs(final["projected_train_time_s"] - want) < 1e-9 * want
+
+
+def test_gpu_check_quick_skips_what_it_expects_past_the_budget(tmp_path, monkeypatch, capsys):
+    """The first stage always runs; the parts after it, expected to end past a budget already spent,
+    are skipped and said to be, each with its estimate, then once more under the table."""
+    report, lines, text = quick_check(tmp_path, monkeypatch, capsys, 1e-6)
+    assert text == lines
+    assert [row["first_step"] for row in report["stages"]] == [0] and "val_loss_one_batch" not in report["final"]
+    skipped = [line for line in lines if line.startswith("skipped: ")]
+    assert [line.split(":")[1] for line in skipped[2:4]] == [" stage 2 from step 4", " final validation"]
+    assert all(line.endswith(" s, 0 s of the 0 s budget left") for line in skipped[2:4])
+    assert skipped[4] == "skipped: stage 1 from step 2, stage 3 from step 6, stage 2 from step 4, final validation"
+    assert [row["reason"] for row in report["skipped"]] == ["--quick", "--quick", "budget", "budget"]
+    assert lines.index(skipped[2]) > lines.index(next(line for line in lines if line.startswith("stage 0 from step")))
+
+
+def test_gpu_check_report_writes_each_line_as_it_comes(tmp_path):
+    """A run cut short (a lease's time limit) keeps every row it printed: the text file and the JSON
+    hold each one as soon as it is added, before the next."""
+    report = gpu_check.Report(str(tmp_path / "r.json"), True, stages=[])
+    report.add("stages", dict(stage=0), "row 0")
+    assert (tmp_path / "r.txt").read_text().splitlines()[1:] == ["row 0"]
+    assert json.loads((tmp_path / "r.json").read_text())["stages"] == [dict(stage=0)]
+    report.note("a note")
+    assert (tmp_path / "r.txt").read_text().splitlines()[1:] == ["row 0", "a note"]
+
+
+def test_gpu_check_help_and_bad_options(capsys):
+    assert gpu_check.main(["--help"]) is None
+    assert capsys.readouterr().out.strip() == gpu_check.__doc__.strip() and "--quick" in gpu_check.__doc__
+    for argv, message in [(["--steps=x"], "error: --steps=x: expected a positive whole number"),
+                          (["--budget=-5"], "error: --budget=-5: expected a positive number")]:
+        with pytest.raises(SystemExit) as e:
+            gpu_check.main(argv)
+        assert e.value.code == message
+
+
 def test_gpu_check_says_what_it_needs():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     for argv, expected in [([], "error: no CUDA device"), (["--smoke"], "error: --smoke runs the Triton kernels")]:
