@@ -2915,7 +2915,7 @@ class Trainer:
             stop.finish()  # the flag sent at the last boundary
         finally:
             stop.close()
-        tokens = sum(sched.batch_tokens(s) for s in range(total))
+        tokens = self.tokens_before[-1]
         peak = self.backend.peak_memory_mib()
         log.line(f"final val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms tokens:{tokens} peak_memory:{peak}MiB")
         log.metric(kind="final", val_loss=val_loss, train_time_ms=train_ms, tokens=tokens, peak_memory_mib=peak)
