@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 import train_gpt as tg
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # SPEC section 3, as tests/record_ref.py transcribes it (not from the code)
 SPEC_COEFFS = rr.POLAR_COEFFS
 
@@ -262,7 +264,9 @@ def test_normuon_decay_scales_with_lr_squared():
 VOCAB = 1024
 PRESET_SMALL = ["--device=cpu", "--compile=false", "--fp8_head=false", "--triton=false", "--warmup_steps=0",
                 "--vocab_size=1024", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=256",
-                "--batch_tokens=128,256,384", "--accum_world_size=2", "--window_block=32", "--progress=false"]
+                "--batch_tokens=128,256,384", "--accum_world_size=2", "--window_block=32", "--progress=false",
+                # the loaders are faked; the trainer still checks that these name disjoint shards
+                f"--train_files={ROOT}/data/sample/sample_train_*.bin", f"--val_files={ROOT}/data/sample/sample_val_*.bin"]
 
 
 class FakeLoader:
