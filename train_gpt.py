@@ -557,6 +557,22 @@ class Backend:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
 
 
+def scaled_mm_fp32(a, b, scale_a, scale_b, out_dtype, use_fast_accum=False):
+    """torch._scaled_mm's result from an fp32 matmul of the fp8 operands: fp8 values and their pairwise
+    products are exact in fp32, so only the order of the sums differs. For the CPU, whose _scaled_mm
+    is a scalar loop (~0.1 GFLOP/s in torch 2.13, some 1000x below its fp32 matmul)."""
+    return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
+
+
+# the FP8 matmul by device type: torch._scaled_mm where the hardware multiplies fp8 (CUDA), else a twin
+SCALED_MM = dict(cpu=scaled_mm_fp32)
+
+
+def scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=False):
+    return SCALED_MM.get(a.device.type, torch._scaled_mm)(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype,
+                                                          use_fast_accum=use_fast_accum)
+
+
 def cpu_compute_dtype(choice):
     """The CPU's matmul dtype for --cpu_dtype: with `auto`, bf16 only where the CPU multiplies it
     natively (AVX512-BF16 or AMX: ~4x fp32); AVX2-only CPUs emulate bf16, 5x or more slower than fp32.
@@ -732,7 +748,7 @@ def _to_fp8(t, scale, dtype):
 
 
 class _FP8Linear(torch.autograd.Function):
-    """x @ w^T with both operands cast to e4m3 and the output gradient to e5m2 (torch._scaled_mm)."""
+    """x @ w^T with both operands cast to e4m3 and the output gradient to e5m2 (torch._scaled_mm on CUDA)."""
 
     @staticmethod
     def forward(ctx, x, w, x_scale, w_scale, grad_scale):
@@ -742,7 +758,7 @@ class _FP8Linear(torch.autograd.Function):
         # torch.full fills on the device; torch.tensor would copy from the host and wait for it
         xs, ws = (torch.full((), s, dtype=torch.float32, device=x.device) for s in (x_scale, w_scale))
         # _scaled_mm wants its first operand row-major and its second column-major: w_f8.T is.
-        out = torch._scaled_mm(x_f8, w_f8.T, scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, use_fast_accum=True)
+        out = scaled_mm(x_f8, w_f8.T, scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, use_fast_accum=True)
         ctx.save_for_backward(x_f8, w_f8, xs, ws)
         ctx.grad_scale, ctx.shape, ctx.dtypes = grad_scale, shape, (x.dtype, w.dtype)
         return out.reshape(*shape[:-1], w.shape[0])
@@ -753,10 +769,10 @@ class _FP8Linear(torch.autograd.Function):
         gs = torch.full((), ctx.grad_scale, dtype=torch.float32, device=grad.device)
         g_f8 = _to_fp8(grad.reshape(-1, grad.shape[-1]), ctx.grad_scale, torch.float8_e5m2)
         # .T.contiguous().T gives the same matrix stored column-major, as the second operand must be
-        grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
+        grad_x = scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
         # x^T @ g, then transposed: for the head's [vocab x d] weight the product [d x vocab] is the
         # faster shape on the GPU (the record's choice). fp32, so an fp32 weight gets an unrounded gradient
-        grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, scale_a=xs, scale_b=gs, out_dtype=torch.float32).T
+        grad_w = scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, scale_a=xs, scale_b=gs, out_dtype=torch.float32).T
         return grad_x.reshape(ctx.shape).to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
 
 

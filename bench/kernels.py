@@ -124,7 +124,7 @@ def main(argv=None):
           "(each of 8 ranks takes about 1/8). softcap_mtp_ce FLOPs are elementwise "
           f"({CE_OPS_FWD} fwd / {CE_OPS_BWD} bwd ops per logit, not tensor-core work): it is memory-bound, though its "
           "2-3 exponentials per logit also load the SFUs near the memory time. fp8 rows use the fp8 peak "
-          f"({FP8_PEAK / 1e12:.0f} TFLOP/s). CPU times are of the torch twins in bf16 (fp8 via torch._scaled_mm).")
+          f"({FP8_PEAK / 1e12:.0f} TFLOP/s). CPU times are of the torch twins in bf16 (fp8 as fp32 products of the fp8 operands).")
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, dty
     assert_close(dz, rz, TOL[dtype], what + " dlogits")
 
 
-# FP8 lm_head (torch._scaled_mm on CPU). Inputs shaped like the head's: RMS-normed rows of width 768,
+# FP8 lm_head (on the CPU, fp32 products of the fp8 operands; torch._scaled_mm on CUDA). Inputs shaped like the head's: RMS-normed rows of width 768,
 # weights of the init std, and the output gradient of the record's loss, summed over tokens: per
 # token, softmax minus the one-hot target (entries from about 1e-5 to 1), which FP8_GRAD_SCALE
 # must bring into e5m2's range without saturating (a scale meant for a mean loss would).
@@ -192,6 +192,22 @@ def test_fp8_linear_is_close_to_full_precision():
     ref, (rx, rw) = twin_grads(lambda a, b: a @ b.T, (x, w), grad)
     errors = dict(out=relative_error(out, ref), grad_x=relative_error(gx, rx), grad_w=relative_error(gw, rw))
     assert errors["out"] < 0.06 and errors["grad_x"] < 0.1 and errors["grad_w"] < 0.1, errors
+
+
+def test_the_cpu_fp8_matmul_equals_scaled_mm(monkeypatch):
+    """On the CPU the FP8 products run as fp32 matmuls of the fp8 operands (the CPU's _scaled_mm is a
+    scalar loop); they must equal torch._scaled_mm, the op CUDA runs, forward and backward, eager and
+    compiled by inductor. Only the order of the sums differs: within one bf16 rounding."""
+    x, w, grad = fp8_case()
+    out, (gx, gw) = kernel_grads(T.fp8_linear, (x, w), grad)
+    monkeypatch.setattr(T, "SCALED_MM", {})  # every device on torch._scaled_mm
+    torch._dynamo.reset()
+    for fn in (T.fp8_linear, torch.compile(T.fp8_linear, fullgraph=True)):
+        ref, (rx, rw) = kernel_grads(fn, (x, w), grad)
+        assert (out.dtype, gx.dtype, gw.dtype) == (ref.dtype, rx.dtype, rw.dtype)
+        assert_close(out, ref, 2**-8, "forward vs _scaled_mm")
+        assert_close(gx, rx, 2**-8, "grad x vs _scaled_mm")
+        assert_close(gw, rw, 1e-6, "grad w vs _scaled_mm")  # fp32 output
 
 
 def test_fp8_casts_saturate():
