@@ -334,4 +334,6 @@ if __name__ == "__main__":  # under torchrun, for the test of StopSignal across 
     stop = tg.StopSignal(backend)
     answers = stop_answers(stop, signalled=backend.rank == 1)
     torch.distributed.destroy_process_group()
-    print(json.dumps([backend.rank, answers, threads_alive()]), flush=True)
+    # one write per line: print's separate write of the newline lets the two ranks' lines run together
+    sys.stdout.write(json.dumps([backend.rank, answers, threads_alive()]) + "\n")
+    sys.stdout.flush()
