@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import functools
 import glob
+import importlib
 import inspect
 import itertools
 import json
@@ -64,6 +65,8 @@ class Config:
     checkpoint_dir: str = ""  # where checkpoints go; empty: <log_dir>/<run_id>/
     resume: str = ""  # continue from a checkpoint file, or `auto`: the latest in checkpoint_dir if any
     resume_any: bool = False  # resume even from a checkpoint of another config or source
+    wandb: str = ""  # also send the metrics to this Weights & Biases project (WANDB_MODE=offline keeps them local); empty = off
+    tensorboard: bool = False  # also write the metrics as TensorBoard events to <log_dir>/tensorboard/<run_id>/
     # model shape
     vocab_size: int = 50257  # GPT-2's 50,257 tokens
     vocab_multiple: int = 128  # the embedding and head are padded to a multiple of this
@@ -2315,6 +2318,52 @@ def config_summary(cfg):
     return f"config: {' '.join(flags)} (the full config is in the log)"
 
 
+class Tracker:
+    """The run's metrics, as the .jsonl holds them, also sent to Weights & Biases and/or TensorBoard,
+    the trackers people already watch; each is imported only when asked for, so neither is needed
+    otherwise. Scalars go under `<kind>/<name>` (train/train_loss, val/val_loss) at their step."""
+
+    def __init__(self, cfg):
+        self.wandb = self.writer = None
+        self.step = 0  # the last step seen: the final record has none
+        if cfg.wandb:
+            wandb = import_for("wandb", "--wandb", "wandb")
+            # the run id as the W&B id: a resumed run continues its W&B run
+            self.wandb = wandb.init(project=cfg.wandb, name=cfg.run_id, id=cfg.run_id, resume="allow",
+                                    config=config_json(cfg), dir=cfg.log_dir)
+        if cfg.tensorboard:
+            tensorboard = import_for("torch.utils.tensorboard", "--tensorboard", "tensorboard")
+            self.writer = tensorboard.SummaryWriter(os.path.join(cfg.log_dir, "tensorboard", cfg.run_id))
+            self.writer.add_text("config", json.dumps(config_json(cfg), indent=1))
+
+    def record(self, kind, step=None, **values):
+        if kind == "config":
+            return
+        self.step = self.step if step is None else step
+        scalars = {f"{kind}/{name}": value for name, value in values.items()
+                   if isinstance(value, (int, float)) and not isinstance(value, bool)}
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=self.step)
+        if self.writer is not None:
+            for name, value in scalars.items():
+                self.writer.add_scalar(name, value, self.step)
+            self.writer.flush()
+
+    def close(self):
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def import_for(module, flag, package):
+    """Import an optional tracker's module, or stop with one line saying what to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise SystemExit(f"error: {flag} needs the {package} package, which is not installed (pip install {package})") from None
+
+
 class RunLog:
     """Writes `<log_dir>/<run_id>.txt` and `.jsonl` on rank 0; every line is flushed as written.
 
@@ -2338,6 +2387,7 @@ class RunLog:
                              "--checkpoint_dir, or continue that run with --resume")
         try:
             os.makedirs(cfg.log_dir, exist_ok=True)
+            self.tracker = Tracker(cfg)  # first: a tracker that cannot start leaves no log behind
             self.text = open(self.path, "a" if exists else "w")
             self.metrics = open(metrics_path, "a" if exists else "w")
         except OSError as e:
@@ -2369,11 +2419,13 @@ class RunLog:
         if self.enabled:
             self.metrics.write(json.dumps(record) + "\n")
             self.metrics.flush()
+            self.tracker.record(**record)
 
     def close(self):
         if self.enabled:
             self.text.close()
             self.metrics.close()
+            self.tracker.close()
 
 
 def current_record(track):

@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import json
 import re
+import sys
 import threading
 import os
 
@@ -308,6 +309,76 @@ def test_an_unusable_log_dir_is_one_error_line(tmp_path):
     not_a_dir.write_text("")
     message = failing_run(tmp_path, [f"--log_dir={not_a_dir}"])
     assert message.startswith(f"error: --log_dir={not_a_dir}: cannot write the run's log there (")
+
+
+class FakeWandb:
+    """Stands in for the wandb module (not a test dependency): keeps what the trainer sends it."""
+
+    def __init__(self):
+        self.inits, self.logs, self.finished = [], [], 0
+
+    def init(self, **kwargs):
+        self.inits.append(kwargs)
+        return self
+
+    def log(self, scalars, step):
+        self.logs.append((step, scalars))
+
+    def finish(self):
+        self.finished += 1
+
+
+class FakeTensorBoard:
+    """Stands in for torch.utils.tensorboard: its SummaryWriter keeps the scalars and texts."""
+
+    def __init__(self):
+        self.dirs, self.scalars, self.texts, self.closed = [], [], [], 0
+
+    def SummaryWriter(self, log_dir):
+        self.dirs.append(log_dir)
+        return self
+
+    def add_scalar(self, name, value, step):
+        self.scalars.append((step, name, value))
+
+    def add_text(self, name, text):
+        self.texts.append((name, json.loads(text)))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed += 1
+
+
+def test_wandb_and_tensorboard_get_every_scalar_the_metrics_file_holds(tmp_path, monkeypatch):
+    wandb, tensorboard = FakeWandb(), FakeTensorBoard()
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    _, _, metrics = run(tmp_path, "tracked", QUIET + ["--num_steps=3", "--extension_steps=0", "--batch_tokens=256,256,256",
+                                                      "--val_every=2", "--log_every=1", "--wandb=proj", "--tensorboard=true"])
+    [init] = wandb.inits
+    assert (init["project"], init["id"], init["name"], init["config"]["num_steps"]) == ("proj", "tracked", "tracked", 3)
+    assert tensorboard.dirs == [str(tmp_path / "tensorboard" / "tracked")] and tensorboard.texts[0][1]["num_steps"] == 3
+    # what the .jsonl holds, as (step, kind/name, value): every number but the config's, the final one at the last step
+    expected, step = [], 0
+    for m in metrics[1:]:
+        step = m.get("step", step)
+        expected += [(step, f"{m['kind']}/{k}", v) for k, v in m.items() if k not in ("kind", "step") and isinstance(v, (int, float))]
+    assert {(s, "val/val_loss") for s, name, _ in expected if name == "val/val_loss"} == {(0, "val/val_loss"), (2, "val/val_loss"), (3, "val/val_loss")}
+    assert ("train/grad_norm" in {name for _, name, _ in expected}) and (3, "final/tokens", 768) in expected
+    assert [(s, n, v) for s, scalars in wandb.logs for n, v in scalars.items()] == expected
+    assert tensorboard.scalars == expected
+    assert wandb.finished == 1 and tensorboard.closed == 1
+
+
+@pytest.mark.parametrize("flag, package", [("--wandb=proj", "wandb"), ("--tensorboard=true", "tensorboard")])
+def test_a_tracker_that_is_not_installed_is_one_error_line_and_leaves_no_log(tmp_path, monkeypatch, flag, package):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # None in sys.modules: the import fails
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    message = failing_run(tmp_path, [flag])
+    assert message == f"error: {flag.split('=')[0]} needs the {package} package, which is not installed (pip install {package})"
+    assert not list(tmp_path.glob("*.txt")) and not list(tmp_path.glob("*.jsonl"))
 
 
 def test_eta_counts_the_remaining_tokens_and_validations():
