@@ -2613,12 +2613,12 @@ class StopSignal:
 # ------------------------------------------------------------------------------------------------
 
 
-def eta_seconds(ms_per_token, tokens_left, vals_left, val_seconds):
-    """Time to the end of the run: the remaining tokens (later stages have larger batches) at the
-    latest rate, plus the remaining validations at the average duration of those done (none done
-    yet: not counted)."""
+def eta_seconds(ms_per_flop, flops_left, vals_left, val_seconds):
+    """Time to the end of the run: the remaining steps' model FLOPs (later stages have larger batches
+    and longer windows) at the latest rate, plus the remaining validations at the average duration of
+    those done (none done yet: not counted)."""
     val_mean = sum(val_seconds) / len(val_seconds) if val_seconds else 0.0
-    return ms_per_token * tokens_left / 1000 + vals_left * val_mean
+    return ms_per_flop * flops_left / 1000 + vals_left * val_mean
 
 
 def format_duration(seconds):
@@ -2681,6 +2681,8 @@ class Trainer:
         # from the host and stall the GPU stream each step
         self.mtp_weights = [torch.tensor(self.schedule.mtp_weights(s), device=backend.device) for s in range(self.schedule.total)]
         self.tokens_before = list(itertools.accumulate((self.schedule.batch_tokens(s) for s in range(self.schedule.total)), initial=0))
+        # the model FLOPs before each step: what the ETA and the least cost are counted in
+        self.flops_before = list(itertools.accumulate((self.step_flops(s) for s in range(self.schedule.total)), initial=0))
         self.peak_flops = matmul_peak(backend.device, backend.compute_dtype)  # what the train line's MFU is against
         require_disjoint(cfg.train_files, cfg.val_files)
         self.new_train_loader()
@@ -2873,12 +2875,14 @@ class Trainer:
             self.log.line("note: train_loss is the multi-token-prediction loss, a weighted sum of the cross-entropies "
                           "of the next tokens (README); val_loss is the plain next-token cross-entropy")
 
+    def step_flops(self, step):
+        """Model FLOPs of a step: its batch at its windows."""
+        sched = self.schedule
+        return flops_per_token(self.cfg, sched.windows(sched.window_blocks(step))) * sched.batch_tokens(step)
+
     def least_seconds(self):
         """The train time the schedule would take at 100% MFU: its FLOPs over the devices' peak."""
-        sched = self.schedule
-        flops = sum(flops_per_token(self.cfg, sched.windows(sched.window_blocks(s))) * sched.batch_tokens(s)
-                    for s in range(sched.total))
-        return flops / (self.peak_flops * self.backend.world_size)
+        return self.flops_before[-1] / (self.peak_flops * self.backend.world_size)
 
     def validation_steps(self):
         """The steps the run validates at: every val_every and the end."""
@@ -2917,15 +2921,14 @@ class Trainer:
     def log_train(self, step, losses, train_ms, vals_left):
         """The train line after `step` steps: the losses and grad norm, the lr multiplier of the
         last step, tokens/s and MFU over the steps since the previous line, the ETA."""
-        cfg, sched = self.cfg, self.schedule
+        sched = self.schedule
         losses = self.mean_over_ranks(losses)
         last_step, last_ms = self.last_train_line
         self.last_train_line = (step, train_ms)
-        ms_per_token = (train_ms - last_ms) / (self.tokens_before[step] - self.tokens_before[last_step])
-        tokens_per_s = 1000 / ms_per_token
-        flops = flops_per_token(cfg, sched.windows(sched.window_blocks(step - 1)))
-        mfu = tokens_per_s / self.backend.world_size * flops / self.peak_flops
-        eta = eta_seconds(ms_per_token, self.tokens_before[-1] - self.tokens_before[step], vals_left, self.val_seconds)
+        ms, flops = train_ms - last_ms, self.flops_before[step] - self.flops_before[last_step]
+        tokens_per_s = 1000 * (self.tokens_before[step] - self.tokens_before[last_step]) / ms
+        mfu = 1000 * flops / ms / self.backend.world_size / self.peak_flops
+        eta = eta_seconds(ms / flops, self.flops_before[-1] - self.flops_before[step], vals_left, self.val_seconds)
         shown = " ".join(f"{name}:{value:.4f}" for name, value in losses.items())
         self.log.line(f"step:{step}/{sched.total} {shown} lr_mult:{sched.lr_mult(step - 1):.3f} "
                       f"tokens_per_s:{tokens_per_s:.0f} mfu:{100 * mfu:.1f}% train_time:{train_ms:.0f}ms "

@@ -4,6 +4,7 @@ of this device's measured matmul peak they reach (MFU). Prints a table and write
     python bench/step.py                                # --preset=cpu on a CPU, the speedrun on CUDA
     torchrun --nproc_per_node=8 bench/step.py           # several GPUs
     python bench/step.py --cpu_dtype=fp32 --steps=3     # any other --name=value is a train_gpt flag
+    python bench/step.py --profile=15                   # and where each stage's step spends its time
 
 `--help` lists this script's own options. Without the preset's training shards the model runs on
 random tokens (the same work).
@@ -43,6 +44,9 @@ def parse_options(argv):
                         help="steps run before the timed ones: compile, caches (default 2; 1 with --smoke)")
     parser.add_argument("--out", default=os.path.join("logs", "step.json"), help="the table as JSON (default: %(default)s)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and matmul: checks this script on a CPU in seconds")
+    parser.add_argument("--profile", type=sample.bounded(int, 0), default=0, metavar="N",
+                        help="after each stage's timed steps, profile the last one again and list its N costliest "
+                             "operators by self time (torch.profiler); default 0: no profile")
     try:
         options, rest = parser.parse_known_args(argv)
     except argparse.ArgumentError as e:
@@ -53,11 +57,26 @@ def parse_options(argv):
     return options, rest
 
 
+def profile_step(trainer, step, top):
+    """The `top` operators of one training step by self time (on the GPU its kernels' time, on a CPU
+    the host's), with their share of the step's total and their call counts."""
+    cuda = trainer.backend.device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        trainer.train_step(step)
+        trainer.backend.synchronize()
+    events = prof.key_averages()
+    self_us = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
+    total = sum(self_us(e) for e in events)
+    return [dict(op=e.key, self_ms=self_us(e) / 1000, share=self_us(e) / total, calls=e.count)
+            for e in sorted(events, key=self_us, reverse=True)[:top]]
+
+
 def main(argv):
     options, rest = parse_options(argv)
     smoke, steps, untimed, out = options.smoke, options.steps, options.untimed, options.out
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
-    report = G.Report(out, int(os.environ.get("RANK", 0)) == 0, peaks={}, stages=[])
+    report = G.Report(out, int(os.environ.get("RANK", 0)) == 0, peaks={}, stages=[], profiles=[])
     size = SMOKE_PEAK_SIZE if smoke else T.PEAK_SIZE[device.type]
     for name in PEAK_DTYPES[device.type]:
         peak = T.matmul_peak(device, DTYPES[name], size)
@@ -87,6 +106,12 @@ def main(argv):
             mfu = " ".join(f"{100 * share:8.2f}%" for share in row["mfu"].values())
             report.add("stages", row, f"{row['stage']:5d} {start:6d} {row['batch_tokens']:7d} {'/'.join(map(str, windows)):>9s} "
                                       f"{ms:9.1f} {tokens_per_s:10.0f} {flops:10.3g} {flops * tokens_per_s / 1e9:9.2f} {mfu}")
+            if options.profile:
+                step = min(start + untimed + steps, schedule.total) - 1  # the last timed step again: same shapes
+                ops = profile_step(trainer, step, options.profile)
+                report.add("profiles", dict(stage=row["stage"], step=step, ops=ops),
+                           "\n".join([f"  profile of step {step}: the {len(ops)} costliest operators by self time"]
+                                     + [f"  {o['self_ms']:9.1f} ms {100 * o['share']:5.1f}% {o['calls']:6d}x  {o['op']}" for o in ops]))
     return report.data
 
 

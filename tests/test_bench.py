@@ -131,7 +131,7 @@ def test_gpu_check_says_what_it_needs():
 
 def test_step_bench_smoke(tmp_path):
     out = tmp_path / "step.json"
-    run = subprocess.run([sys.executable, "bench/step.py", "--smoke", "--cpu_dtype=fp32", f"--out={out}"], cwd=ROOT,
+    run = subprocess.run([sys.executable, "bench/step.py", "--smoke", "--cpu_dtype=fp32", "--profile=5", f"--out={out}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -150,6 +150,14 @@ def test_step_bench_smoke(tmp_path):
         assert set(row["mfu"]) == {"bf16", "fp32"}
         assert all(abs(share - row["flop_per_s"] / peaks[name]) < 1e-9 * share for name, share in row["mfu"].items())
     assert "MFU bf16" in run.stdout and "MFU fp32" in run.stdout
+    # --profile: per stage, its last timed step's 5 costliest operators by self time, in order
+    schedule = T.Schedule(cfg)
+    assert [(p["stage"], schedule.stage(p["step"])) for p in report["profiles"]] == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    for p in report["profiles"]:
+        times = [op["self_ms"] for op in p["ops"]]
+        assert len(p["ops"]) == 5 == len({op["op"] for op in p["ops"]}) and times == sorted(times, reverse=True)
+        assert all(0 < op["share"] <= 1 and op["calls"] >= 1 for op in p["ops"]) and sum(op["share"] for op in p["ops"]) <= 1 + 1e-9
+        assert f"profile of step {p['step']}" in run.stdout and p["ops"][0]["op"] in run.stdout
 
 
 def run_tool(script, *argv, timeout=120):

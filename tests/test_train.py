@@ -381,38 +381,43 @@ def test_a_tracker_that_is_not_installed_is_one_error_line_and_leaves_no_log(tmp
     assert not list(tmp_path.glob("*.txt")) and not list(tmp_path.glob("*.jsonl"))
 
 
-def test_eta_counts_the_remaining_tokens_and_validations():
-    # 0.5 ms a token, 6000 tokens to go, two validations of 1 s and 3 s so far, two to come
-    assert tg.eta_seconds(0.5, 6000, 2, [1.0, 3.0]) == pytest.approx(3.0 + 2 * 2.0)
-    assert tg.eta_seconds(0.5, 6000, 1, []) == pytest.approx(3.0)  # no validation measured yet
+def test_eta_counts_the_remaining_flops_and_validations():
+    # 0.5 ms a GFLOP, 6000 GFLOP to go, two validations of 1 s and 3 s so far, two to come
+    assert tg.eta_seconds(0.5e-9, 6000e9, 2, [1.0, 3.0]) == pytest.approx(3.0 + 2 * 2.0)
+    assert tg.eta_seconds(0.5e-9, 6000e9, 1, []) == pytest.approx(3.0)  # no validation measured yet
 
 
 def test_train_line_reports_rate_mfu_lr_and_grad_norm(tmp_path):
     """Each train line: tokens/s over the steps since the previous line (the stages' batches differ),
-    MFU = that rate x FLOPs per token / the timed matmul peak, the last step's lr multiplier, the
-    gradient's norm, and an ETA from the remaining tokens; records.py reads the line (mfu's %)."""
+    MFU = those steps' model FLOPs per second / the timed matmul peak, the last step's lr multiplier,
+    the gradient's norm, and an ETA from the remaining steps' FLOPs at that rate (later stages have
+    longer windows); records.py reads the line (mfu's %)."""
     steps = ["--num_steps=6", "--batch_tokens=256,512,768", "--log_every=2", "--val_every=0"]
     _, log, metrics = run(tmp_path, "line", steps)
     cfg = tg.parse_args(TINY + steps)
     sched = tg.Schedule(cfg)
+    step_flops = [tg.flops_per_token(cfg, sched.windows(sched.window_blocks(s))) * sched.batch_tokens(s) for s in range(6)]
+    assert len(set(f / sched.batch_tokens(s) for s, f in enumerate(step_flops))) > 1  # windows change the FLOPs per token
     trains = [m for m in metrics if m["kind"] == "train"]
     assert [m["step"] for m in trains] == [2, 4, 6]
+    # the MFU's peak, as the log states it
+    peak = float(re.search(r"matmul peak (\d+) GFLOP/s", open(tmp_path / "line.txt").read().split(tg.SEPARATOR)[-1])[1]) * 1e9
+    parsed = [s for s in log.steps if "train_loss" in s]
     previous_step, previous_ms = 0, 0.0
-    for m in trains:
+    for m, line in zip(trains, parsed):
+        seconds = (m["train_time_ms"] - previous_ms) / 1000
         tokens = sum(sched.batch_tokens(s) for s in range(previous_step, m["step"]))
-        assert m["tokens_per_s"] == pytest.approx(1000 * tokens / (m["train_time_ms"] - previous_ms))
+        flops = sum(step_flops[previous_step:m["step"]])
+        assert m["tokens_per_s"] == pytest.approx(tokens / seconds)
+        assert m["mfu"] == pytest.approx(flops / seconds / peak, rel=0.01)  # the peak is shown to 1 GFLOP/s
+        assert line["eta_s"] == pytest.approx(seconds / flops * sum(step_flops[m["step"]:]), abs=0.51)  # shown to 1 s
         assert m["lr_mult"] == sched.lr_mult(m["step"] - 1)
-        flops = tg.flops_per_token(cfg, sched.windows(sched.window_blocks(m["step"] - 1)))
         assert 0 < m["mfu"] < 1 and m["grad_norm"] > 0
         previous_step, previous_ms = m["step"], m["train_time_ms"]
-    parsed = [s for s in log.steps if "train_loss" in s]
     assert [s["mfu_pct"] for s in parsed] == [round(100 * m["mfu"], 1) for m in trains]
-    # the MFU's peak, as the log states it, gives back the reported MFU
-    peak = float(re.search(r"matmul peak (\d+) GFLOP/s", open(tmp_path / "line.txt").read().split(tg.SEPARATOR)[-1])[1]) * 1e9
-    assert trains[-1]["mfu"] == pytest.approx(trains[-1]["tokens_per_s"] * flops / peak, rel=0.01)
     # the cost line: the schedule's FLOPs at that peak, step by step
     text = open(tmp_path / "line.txt").read().split(tg.SEPARATOR)[-1]
-    least = sum(tg.flops_per_token(cfg, sched.windows(sched.window_blocks(s))) * sched.batch_tokens(s) for s in range(6)) / peak
+    least = sum(step_flops) / peak
     shown = re.search(r"cost: at least ([\d.]+)s of training here \(the schedule's 3,072 tokens", text)
     assert shown and float(shown[1]) == pytest.approx(least, abs=0.051 + 0.01 * least)  # shown to 0.1 s, peak to 1 GFLOP/s
     # the gradient's norm equals one computed by hand from the parameters' gradients
