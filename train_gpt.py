@@ -2258,10 +2258,11 @@ def matmul_params(cfg):
 def attention_flops(cfg, windows):
     """Forward + backward FLOPs per token of q.k and p.v at (long, short) windows in tokens.
 
-    Each query is counted against a full window of keys, capped at max_seq_len (no piece of a
-    document is longer): the causal mask's skipped pairs count, as in the usual 6N + 12 L d T
-    estimate. Forward: 2 FLOPs per multiply-add, for q.k and p.v; backward twice the forward."""
-    long_keys, short_keys = (min(w, cfg.max_seq_len) for w in windows)
+    Each query is counted against a full window of keys (itself and the w before it, as FA3's
+    window (w, 0)), capped at max_seq_len (no piece of a document is longer): the causal mask's
+    skipped pairs count, as in the usual 6N + 12 L d T estimate. Forward: 2 FLOPs per multiply-add,
+    for q.k and p.v; backward twice the forward."""
+    long_keys, short_keys = (min(w + 1, cfg.max_seq_len) for w in windows)
     keys = sum(long_keys if layer in cfg.long_window_layers else short_keys
                for layer in range(cfg.n_layer) if layer not in cfg.no_attn_layers)
     return 3 * 2 * 2 * cfg.n_head * cfg.head_dim * keys

@@ -441,8 +441,8 @@ def test_flops_per_token_hand_count():
     weights = 2 * attention_layer + 3 * mlp_layer + 50304 * 64 + 12  # ... the head, the smear gate
     assert tg.matmul_params(cfg) == weights == 3350588
     # q.k and p.v, 2 FLOPs a multiply-add, 3x for forward + backward, 64 channels of queries:
-    # layer 0 sees the short window, layer 2 the long one
-    assert tg.flops_per_token(cfg, (192, 64)) == 6 * weights + 3 * 2 * 2 * 64 * (64 + 192)
+    # layer 0 sees the short window, layer 2 the long one, each the query itself and w keys before it
+    assert tg.flops_per_token(cfg, (192, 64)) == 6 * weights + 3 * 2 * 2 * 64 * (65 + 193)
     # no query sees more keys than max_seq_len (256) holds
     assert tg.attention_flops(cfg, (512, 320)) == 12 * 64 * (256 + 256)
 
