@@ -20,6 +20,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -63,6 +64,7 @@ class Config:
     save_every: int = 0  # checkpoint every this many steps, clock stopped; 0 = never inside the run
     save_final: bool = True  # checkpoint at the end of the run
     checkpoint_dir: str = ""  # where checkpoints go; empty: <log_dir>/<run_id>/
+    keep_checkpoints: int = 2  # the newest this many complete checkpoints stay, older ones are deleted (2: one to fall back on); 0 = keep all
     resume: str = ""  # continue from a checkpoint file, or `auto`: the latest in checkpoint_dir if any
     resume_any: bool = False  # resume even from a checkpoint of another config or source
     wandb: str = ""  # also send the metrics to this Weights & Biases project (WANDB_MODE=offline keeps them local); empty = off
@@ -242,7 +244,7 @@ BOUNDS = {
     **dict.fromkeys(("seed", "warmup_steps", "log_every", "extension_steps", "val_every", "momentum_warmup_steps",
                      "momentum_cooldown_steps", "value_embeds", "lr_mults", "muon_lr", "muon_wd", "mlp_down_lr_mul",
                      "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
-                     "softcap", "shell_lambda", "save_every"), NOT_NEGATIVE),
+                     "softcap", "shell_lambda", "save_every", "keep_checkpoints"), NOT_NEGATIVE),
     **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
     **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
                      "adam_betas", "scalar_betas", "adamw_betas", "untie_frac"), FRACTION),
@@ -301,6 +303,9 @@ def check_config(cfg, typed=None):
             raise ConfigError(f"--{name}={shown}: expected {'each value ' if isinstance(value, tuple) else ''}{expected}")
     if cfg.run_id in (".", "..") or os.path.basename(cfg.run_id) != cfg.run_id:
         raise ConfigError(f"--run_id={cfg.run_id}: expected a plain file name (it names the log files in --log_dir)")
+    if cfg.resume == "auto" and not (cfg.run_id or cfg.checkpoint_dir):
+        raise ConfigError("--resume=auto: expected --run_id (or --checkpoint_dir) too: it looks for the run's checkpoints "
+                          "there, and without one every run gets a fresh id and so finds none")
     check_model_shape(cfg)
 
 
@@ -2369,30 +2374,40 @@ class RunLog:
     """Writes `<log_dir>/<run_id>.txt` and `.jsonl` on rank 0; every line is flushed as written.
 
     The console gets the log's path first and a one-line config summary; the log gets the full config.
-    An existing log is never overwritten: only a resumed run continues it (appends)."""
+    An existing log is never overwritten: only a resumed run continues it (appends). A run that stops
+    before its first step (a refusal, an interrupted warmup) removes the log it made, so its run id
+    stays free and no unfinished log sits among the finished ones."""
 
     def __init__(self, cfg, backend):
         self.enabled = backend.is_master
         self.console = cfg.progress
         self.path = os.path.join(cfg.log_dir, f"{cfg.run_id}.txt")
-        metrics_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl")
+        self.metrics_path = os.path.join(cfg.log_dir, f"{cfg.run_id}.jsonl")
+        self.started = False  # set when the timed loop begins: from then on the log stays, whatever happens
         if not self.enabled:  # rank 0 alone looks (the others could see the log it has just made); main shares its verdict
             return
-        exists = os.path.exists(self.path) or os.path.exists(metrics_path)
+        exists = os.path.exists(self.path) or os.path.exists(self.metrics_path)
         if exists and not cfg.resume:
             raise SystemExit(f"error: --run_id={cfg.run_id}: {self.path} already exists and a log is never overwritten; "
                              "choose another --run_id, or continue that run with --resume")
+        if cfg.resume == "auto" and os.path.exists(self.path) and finished(self.path):
+            raise SystemExit(f"error: --resume=auto: {self.path} says that run finished (its final line is there); "
+                             "nothing to resume")
         saved = latest_checkpoint(checkpoint_dir(cfg)) if cfg.save_every or cfg.save_final else None
         if saved and not cfg.resume:  # another run's checkpoints (a shared --checkpoint_dir)
             raise SystemExit(f"error: {saved} already exists and a checkpoint is never overwritten; choose another "
                              "--checkpoint_dir, or continue that run with --resume")
         try:
             os.makedirs(cfg.log_dir, exist_ok=True)
+            if cfg.save_every or cfg.save_final:  # before the log files: a refusal here leaves none
+                flag = f"--checkpoint_dir={cfg.checkpoint_dir}" if cfg.checkpoint_dir else f"--log_dir={cfg.log_dir}"
+                require_writable(checkpoint_dir(cfg), flag)
             self.tracker = Tracker(cfg)  # first: a tracker that cannot start leaves no log behind
             self.text = open(self.path, "a" if exists else "w")
-            self.metrics = open(metrics_path, "a" if exists else "w")
+            self.metrics = open(self.metrics_path, "a" if exists else "w")
         except OSError as e:
             raise SystemExit(f"error: --log_dir={cfg.log_dir}: cannot write the run's log there ({e.strerror or e})") from None
+        self.created = not exists
         self.show(f"log: {self.path}")
         if exists:
             self.line(f"continued by a resumed run: {config_summary(cfg)}")
@@ -2423,10 +2438,21 @@ class RunLog:
             self.tracker.record(**record)
 
     def close(self):
-        if self.enabled:
-            self.text.close()
-            self.metrics.close()
-            self.tracker.close()
+        """Close the files; remove those this run made if it never reached its first step."""
+        if not self.enabled:
+            return
+        self.text.close()
+        self.metrics.close()
+        self.tracker.close()
+        if self.created and not self.started:
+            os.remove(self.path)
+            os.remove(self.metrics_path)
+
+
+def finished(log_path):
+    """Whether a run's log holds its final line."""
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        return any(line.startswith("final val_loss:") for line in f)
 
 
 def current_record(track):
@@ -2461,7 +2487,7 @@ def versus_record(cfg, record, val_loss, train_ms):
 
 # flags that only say how a run is logged, saved and started: a resumed run may change them
 RUN_ONLY_KEYS = ("run_id", "log_dir", "progress", "log_every", "save_every", "save_final", "checkpoint_dir",
-                 "resume", "resume_any", "warmup_steps")
+                 "keep_checkpoints", "resume", "resume_any", "warmup_steps", "wandb", "tensorboard")
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # signal: exit status (128 + its number, as shells say)
 
@@ -2478,11 +2504,50 @@ def checkpoint_path(folder, step, rank=None):
     return os.path.join(folder, f"{name}.pt" if rank is None else f"{name}.rank{rank}.pt")
 
 
+def saved_steps(folder):
+    """The steps of the complete checkpoints in `folder` (those whose main file exists), newest first."""
+    names = os.listdir(folder) if os.path.isdir(folder) else []
+    return sorted((int(m[1]) for m in map(CHECKPOINT_NAME.fullmatch, names) if m), reverse=True)
+
+
 def latest_checkpoint(folder):
     """The checkpoint of the highest step in `folder`, or None."""
-    names = os.listdir(folder) if os.path.isdir(folder) else []
-    steps = [int(m[1]) for m in map(CHECKPOINT_NAME.fullmatch, names) if m]
-    return checkpoint_path(folder, max(steps)) if steps else None
+    steps = saved_steps(folder)
+    return checkpoint_path(folder, steps[0]) if steps else None
+
+
+def checkpoint_files(folder, step):
+    """A checkpoint's files: the main one first, then the ranks'."""
+    return [checkpoint_path(folder, step)] + sorted(glob.glob(os.path.join(glob.escape(folder), f"step_{step:06d}.rank*.pt")))
+
+
+def remove_old_checkpoints(folder, keep):
+    """Delete all but the newest `keep` complete checkpoints (0: keep all), each main file first, so a
+    half-deleted one never counts as complete."""
+    for step in saved_steps(folder)[keep:] if keep else []:
+        for path in checkpoint_files(folder, step):
+            os.remove(path)
+
+
+def require_writable(folder, flag):
+    """Stop at start, naming the flag, when checkpoints could not be written to `folder`: finding out
+    at the end would lose the trained model. Tried by writing a file there; folders made for the try
+    are removed again."""
+    missing = []
+    parent = os.path.abspath(folder)
+    while not os.path.exists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise SystemExit(f"error: {flag}: cannot write checkpoints to {folder} ({e.strerror or e})") from None
+    finally:
+        for made in missing:  # deepest first
+            if os.path.isdir(made):
+                os.rmdir(made)
 
 
 def save_atomic(obj, path):
@@ -2506,12 +2571,13 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used, with the file named in the message."""
 
 
-def read_checkpoint(path, keys=CHECKPOINT_KEYS):
-    """A checkpoint file's dict on the CPU, or a CheckpointError saying what is wrong with the file."""
+def read_checkpoint(path, keys=CHECKPOINT_KEYS, mmap=False):
+    """A checkpoint file's dict on the CPU, or a CheckpointError saying what is wrong with the file.
+    mmap: map the tensors instead of reading them (a quick check of the file's structure)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file (expected a checkpoint written by train_gpt.py)")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:
         # torch's weights-only refusal is a page of advice; its one line that names the object will do
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
@@ -2805,7 +2871,8 @@ class Trainer:
 
     def save(self, step, train_ms):
         """Checkpoint the run as it stands before `step` (files: see checkpoint_path). Every rank
-        writes its own part; rank 0 writes the main file last, once all parts are in place."""
+        writes its own part; rank 0 writes the main file last, once all parts are in place, then
+        deletes the checkpoints past --keep_checkpoints. Returns the path and the sizes, for the log."""
         b, folder = self.backend, checkpoint_dir(self.cfg)
         os.makedirs(folder, exist_ok=True)
         grads = {name: p.grad for name, p in self.model.named_parameters() if p.grad is not None}
@@ -2819,7 +2886,11 @@ class Trainer:
                              loader=self.train_loader.position()), checkpoint_path(folder, step))
         if b.world_size > 1:
             dist.barrier()
-        return checkpoint_path(folder, step)
+        path, sizes = checkpoint_path(folder, step), [os.path.getsize(f) for f in checkpoint_files(folder, step)]
+        if b.is_master:
+            remove_old_checkpoints(folder, self.cfg.keep_checkpoints)
+        return (f"{path} ({sum(sizes) / 2**20:,.1f} MiB: model and run {sizes[0] / 2**20:,.1f}, optimizer state of "
+                f"{len(sizes) - 1} rank(s) {sum(sizes[1:]) / 2**20:,.1f})")
 
     def resume(self, path):
         """Load a checkpoint written by the same config, source and world size (or, with
@@ -2843,19 +2914,34 @@ class Trainer:
             p.grad = mine["grads"][name].to(p.device) if name in mine["grads"] else None
         set_rng_state(mine["rng"])
         self.train_loader.seek(state["loader"])
-        self.log.line(f"resumed from {path} at step {state['step']}/{self.schedule.total}, train_time {state['train_ms']:.0f}ms")
+        self.log.line(f"resumed from {path} at step {state['step']}/{self.schedule.total}, train_time {state['train_ms']:.0f}ms, "
+                      f"written by {state['world_size']} process(es)")
         if differ:
             self.log.line(f"resumed despite: {'; '.join(differ)}")
         return state["step"], state["train_ms"]
 
     def resume_point(self):
-        """The checkpoint to continue from (--resume, or the latest one with --resume=auto), or None."""
+        """The checkpoint to continue from: --resume, or with --resume=auto the newest complete one
+        whose files every rank can read (a line names each one passed over), or None."""
         if self.cfg.resume != "auto":
             return self.cfg.resume or None
-        path = latest_checkpoint(checkpoint_dir(self.cfg))
-        if path is None:
-            self.log.line(f"resume: no checkpoint in {checkpoint_dir(self.cfg)} yet, starting at step 0")
-        return path
+        folder, b = checkpoint_dir(self.cfg), self.backend
+        for step in saved_steps(folder):
+            try:
+                for path, keys in ((checkpoint_path(folder, step), CHECKPOINT_KEYS), (checkpoint_path(folder, step, b.rank), ("optimizers",))):
+                    read_checkpoint(path, keys, mmap=True)
+                problem = None
+            except CheckpointError as e:
+                problem = str(e)
+            problems = [problem] * b.world_size
+            if b.world_size > 1:
+                dist.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p), None)
+            if problem is None:
+                return checkpoint_path(folder, step)
+            self.log.line(f"resume: passing over the checkpoint of step {step}: {problem}")
+        self.log.line(f"resume: no readable checkpoint in {folder} yet, starting at step 0")
+        return None
 
     def describe(self):
         """The run's set-up as log lines: backend, schedule, what train_loss means."""
@@ -2959,6 +3045,7 @@ class Trainer:
         save_steps = {s for s in save_steps if s % cfg.save_every == 0} | ({total} if cfg.save_final else set())
         val_loss, self.val_seconds, stop = float("nan"), [], StopSignal(self.backend)
         self.last_train_line = (first, train_ms)
+        log.started = True
         self.backend.synchronize()
         t0 = time.perf_counter()
         try:

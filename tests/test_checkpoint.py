@@ -18,7 +18,9 @@ from test_distributed import ROOT, TINY, data, env, failure, free_port, threads_
 
 # 8 steps: stages start at 3 (a wider window, with YaRN) and 6 (the untie), Adam steps every 2. A
 # checkpoint at step 3 leaves step 2's Adam gradients accumulated but not yet applied.
-STEPS = [a for a in TINY if not a.startswith(("--num_steps", "--save_final"))] + ["--num_steps=8", "--val_every=4"]
+# every checkpoint kept (--keep_checkpoints=0): the tests resume from ones a later save would delete
+STEPS = [a for a in TINY if not a.startswith(("--num_steps", "--save_final"))] + ["--num_steps=8", "--val_every=4",
+                                                                                  "--keep_checkpoints=0"]
 KILL_AT = 3
 
 
@@ -71,7 +73,8 @@ def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp
     assert tg.latest_checkpoint(str(tmp_path / "cut")) != tg.checkpoint_path(str(tmp_path / "cut"), 8)
     run(args + [f"--resume={saved}"], nproc, tmp_path, "resumed")
     with open(tmp_path / "resumed.txt") as f:
-        assert f"resumed from {saved} at step {KILL_AT}/8, train_time " in f.read()
+        text = f.read()
+        assert f"resumed from {saved} at step {KILL_AT}/8, train_time " in text and f"ms, written by {nproc} process(es)\n" in text
     (loss_whole, whole), (loss_resumed, again) = final(tmp_path, "whole"), final(tmp_path, "resumed")
     assert loss_resumed == loss_whole
     assert whole.keys() == again.keys()
@@ -124,7 +127,7 @@ def test_a_signal_stops_at_a_step_boundary_with_a_checkpoint(tmp_path, data, sig
     stop = next(line for line in lines if line.startswith("interrupted at step "))
     step = int(stop.split()[3])
     assert stop == f"interrupted at step {step} by {sig.name}" and 1 <= step < 30
-    assert lines[-2] == f"checkpoint: {tg.checkpoint_path(str(tmp_path / 'stopped'), step)}" and lines[-1] == stop
+    assert lines[-2].startswith(f"checkpoint: {tg.checkpoint_path(str(tmp_path / 'stopped'), step)} (") and lines[-1] == stop
     state = tg.load_checkpoint(tg.latest_checkpoint(str(tmp_path / "stopped")))
     assert state["step"] == step
     # --resume=auto with the same run id (what a torchrun restart re-runs) continues the same log; a
@@ -204,14 +207,15 @@ def test_ranks_agree_on_the_stop_step_when_one_rank_is_signalled(tmp_path, data)
     step = int(lines[-1].split()[3])
     assert lines[-1] == f"interrupted at step {step} by SIGTERM" and 1 <= step < 30
     saved = tg.checkpoint_path(str(tmp_path / folders[0]), step)
-    assert lines[-2] == f"checkpoint: {saved}"
+    assert lines[-2].startswith(f"checkpoint: {saved} (")
     assert sorted(os.listdir(tmp_path / folders[0])) == sorted(
         os.path.basename(tg.checkpoint_path("", step, rank)) for rank in (None, 0, 1))
 
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_during_warmup_is_one_line(tmp_path, data, monkeypatch, capsys, sig, status):
-    """Before the timed loop there is nothing to save: the run says so and exits, no traceback."""
+    """Before the timed loop there is nothing to save: the run says so and exits, no traceback, and
+    leaves no log (its run id stays free)."""
     monkeypatch.setattr(tg.Trainer, "warmup", lambda self: (os.kill(os.getpid(), sig), time.sleep(5)))
     handlers = {s: signal.getsignal(s) for s in tg.STOP_SIGNALS}
     with pytest.raises(SystemExit) as e:
@@ -219,8 +223,7 @@ def test_a_signal_during_warmup_is_one_line(tmp_path, data, monkeypatch, capsys,
     assert e.value.code == status
     message = f"interrupted by {sig.name} before the first step or by a second signal: no checkpoint written"
     assert capsys.readouterr().err.strip().splitlines()[-1] == message
-    assert (tmp_path / "early.txt").read_text().splitlines()[-1] == message
-    assert not (tmp_path / "early").exists()
+    assert os.listdir(tmp_path) == []
     assert {s: signal.getsignal(s) for s in tg.STOP_SIGNALS} == handlers  # main puts the handlers back
 
 
@@ -243,12 +246,16 @@ def test_saving_is_outside_the_clock(tmp_path, data, monkeypatch):
         return save(self, step, train_ms)
 
     monkeypatch.setattr(tg.Trainer, "save", slow_save)
-    args = STEPS + data + ["--accum_world_size=1", "--num_steps=4", "--save_every=1", "--val_every=0"]
+    args = STEPS + data + ["--accum_world_size=1", "--num_steps=4", "--save_every=1", "--val_every=0", "--keep_checkpoints=2"]
     start = time.perf_counter()
     _, train_ms = tg.main(args + [f"--log_dir={tmp_path}", "--run_id=timed"])
     assert train_ms / 1000 + 4 * 2.0 <= time.perf_counter() - start
-    assert sorted(os.listdir(tmp_path / "timed")) == sorted(
-        os.path.basename(tg.checkpoint_path("", s, r)) for s in (1, 2, 3, 4) for r in (None, 0))
+    # the newest two are kept; each checkpoint line says how large its files are
+    folder = tmp_path / "timed"
+    assert sorted(os.listdir(folder)) == sorted(os.path.basename(tg.checkpoint_path("", s, r)) for s in (3, 4) for r in (None, 0))
+    mib = [os.path.getsize(tg.checkpoint_path(str(folder), 4, r)) / 2**20 for r in (None, 0)]
+    assert f"checkpoint: {tg.checkpoint_path(str(folder), 4)} ({sum(mib):,.1f} MiB: model and run {mib[0]:,.1f}, " \
+           f"optimizer state of 1 rank(s) {mib[1]:,.1f})" in (tmp_path / "timed.txt").read_text().splitlines()
 
 
 def test_a_shared_checkpoint_dir_is_never_overwritten(tmp_path):
@@ -274,6 +281,76 @@ def test_a_failed_save_leaves_the_previous_file(tmp_path, monkeypatch):
         tg.save_atomic({"good": torch.zeros(3)}, path)
     assert torch.equal(torch.load(path)["good"], torch.ones(3))
     assert os.listdir(tmp_path) == ["step_000001.pt"]  # no temporary file left behind
+
+
+def test_old_checkpoints_go_and_incomplete_ones_stay(tmp_path):
+    """--keep_checkpoints: the newest N complete checkpoints (main file present) stay, with their rank
+    files; 0 keeps all; a checkpoint still being written (rank files, no main file yet) is left alone."""
+    folder = str(tmp_path)
+    files = {step: [tg.checkpoint_path(folder, step, rank) for rank in (None, 0, 1)] for step in (1, 2, 3, 4)}
+    for paths in files.values():
+        for path in paths:
+            open(path, "wb").close()
+    being_written = tg.checkpoint_path(folder, 5, 0)
+    open(being_written, "wb").close()
+    tg.remove_old_checkpoints(folder, 0)
+    assert len(os.listdir(folder)) == 13
+    tg.remove_old_checkpoints(folder, 2)
+    assert sorted(os.listdir(folder)) == sorted(os.path.basename(p) for p in files[3] + files[4] + [being_written])
+    assert tg.saved_steps(folder) == [4, 3]
+
+
+def test_an_unwritable_checkpoint_dir_stops_the_run_at_start_without_a_trace(tmp_path, data):
+    """Found before training, naming the flag (not at the end, losing the model); the log it began is gone."""
+    (tmp_path / "file").write_text("")
+    ck = tmp_path / "file" / "ck"
+    with pytest.raises(SystemExit) as e:
+        tg.main(STEPS + data + [f"--log_dir={tmp_path / 'logs'}", "--run_id=r", f"--checkpoint_dir={ck}"])
+    assert e.value.code == f"error: --checkpoint_dir={ck}: cannot write checkpoints to {ck} (Not a directory)"
+    assert not (tmp_path / "logs").exists() or os.listdir(tmp_path / "logs") == []
+
+
+def test_a_run_refused_before_its_first_step_leaves_no_log_and_its_run_id_free(tmp_path, data):
+    missing = tmp_path / "nothing.pt"
+    args = STEPS + data + ["--accum_world_size=1", "--num_steps=1", f"--log_dir={tmp_path / 'logs'}", "--run_id=again"]
+    with pytest.raises(SystemExit) as e:
+        tg.main(args + [f"--resume={missing}"])
+    assert str(e.value.code).startswith(f"error: --resume={missing}: no such file")
+    assert os.listdir(tmp_path / "logs") == []  # no log, no metrics, no empty checkpoint folder
+    tg.main(args)  # the same run id is free
+    assert sorted(os.listdir(tmp_path / "logs")) == ["again", "again.jsonl", "again.txt"]
+
+
+def test_resume_auto_passes_over_an_unreadable_checkpoint_and_refuses_a_finished_run(tmp_path, data, monkeypatch):
+    """A run that crashed at step 2 (checkpoints at steps 1 and 2, the log kept) whose step-2 file is
+    then damaged: --resume=auto says so and continues from step 1. Once finished (without a final
+    checkpoint), --resume=auto refuses instead of training it again."""
+    args = STEPS + data + ["--accum_world_size=1", "--save_every=1", "--keep_checkpoints=0", "--val_every=0",
+                           f"--log_dir={tmp_path}", "--run_id=crashed"]
+    train_step = tg.Trainer.train_step
+
+    def crash_at_2(self, step):
+        if step == 2:
+            raise RuntimeError("a crash at step 2")
+        return train_step(self, step)
+
+    monkeypatch.setattr(tg.Trainer, "train_step", crash_at_2)
+    with pytest.raises(RuntimeError):
+        tg.main(args)
+    monkeypatch.undo()
+    assert tg.saved_steps(str(tmp_path / "crashed")) == [2, 1]
+    damaged = tg.checkpoint_path(str(tmp_path / "crashed"), 2)
+    with open(damaged, "r+b") as f:
+        f.truncate(os.path.getsize(damaged) // 2)
+    tg.main(args + ["--resume=auto"])
+    lines = (tmp_path / "crashed.txt").read_text().splitlines()
+    passed = next(line for line in lines if line.startswith("resume: passing over"))
+    assert passed.startswith(f"resume: passing over the checkpoint of step 2: {damaged}: not a checkpoint torch.load")
+    assert any(line.startswith(f"resumed from {tg.checkpoint_path(str(tmp_path / 'crashed'), 1)} at step 1/") for line in lines)
+    with pytest.raises(SystemExit) as e:
+        tg.main(args + ["--resume=auto"])
+    assert e.value.code == (f"error: --resume=auto: {tmp_path / 'crashed.txt'} says that run finished (its final line "
+                            "is there); nothing to resume")
 
 
 def start_ranks(args, nproc, log_dir, run_id):

@@ -146,6 +146,8 @@ def test_baseline_takes_an_optional_bool():
     ("--run_id=a/b", "--run_id=a/b: expected a plain file name"),
     ("--run_id=..", "--run_id=..: expected a plain file name"),
     ("--device=gpu", "--device=gpu: expected one of auto, cuda, cpu"),
+    ("--resume=auto", "--resume=auto: expected --run_id (or --checkpoint_dir) too"),
+    ("--keep_checkpoints=-1", "--keep_checkpoints=-1: expected 0 or more"),
 ])
 def test_values_are_checked_at_start(arg, expected):
     assert expected in error_message([arg])
