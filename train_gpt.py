@@ -1287,7 +1287,8 @@ class GPT(nn.Module):
         self.lm_head = tag(normal(self.vocab, d, 0.005), "head")
         # tied until untie(): the embedding reads lm_head; a separate table exists only if it unties
         self.tied = True
-        self.embed = tag(param(torch.zeros(self.vocab, d), "copy of lm_head at untie (zeros before)"), "embed") if cfg.untie_frac < 1 else None
+        self.embed = (tag(param(torch.zeros(self.vocab, d), "copy of lm_head at untie (zeros before)"), "embed")
+                      if cfg.untie_frac < 1 else None)
         self.ve_tables = value_embed_tables(cfg)
         inner = cfg.n_head * cfg.head_dim
         self.value_embeds = nn.ParameterList(
