@@ -69,6 +69,7 @@ class Config:
     resume_any: bool = False  # resume even from a checkpoint of another config or source
     wandb: str = ""  # also send the metrics to this Weights & Biases project (WANDB_MODE=offline keeps them local); empty = off
     tensorboard: bool = False  # also write the metrics as TensorBoard events to <log_dir>/tensorboard/<run_id>/
+    dry_run: bool = False  # print the config, the schedule and the parameter table (model on the meta device), then exit
     # model shape
     vocab_size: int = 50257  # GPT-2's 50,257 tokens
     vocab_multiple: int = 128  # the embedding and head are padded to a multiple of this
@@ -621,6 +622,12 @@ def setup_backend(cfg):
     return Backend(device, rank, world_size, ops, attention, compute_dtype, table_dtype)
 
 
+def meta_backend(cfg):
+    """The backend of --dry_run: the meta device (shapes, no memory), one rank and no process group,
+    the torch ops and blocked attention; the model and its optimizer groups build as on any device."""
+    return Backend(torch.device("meta"), 0, 1, TorchOps, BlockedAttention(cfg.window_block))
+
+
 # ------------------------------------------------------------------------------------------------
 # Kernels: fused Triton kernels for CUDA and their plain torch twins (the CPU path and reference)
 # ------------------------------------------------------------------------------------------------
@@ -1060,8 +1067,32 @@ def shape_lr_mul(rows, cols):
     return math.sqrt(max(1.0, rows / cols))
 
 
+def param(data, init):
+    """A parameter that keeps `init`, a short phrase saying how it was initialized, for the parameter
+    table: written where the values are made, so the table says what the code does."""
+    p = nn.Parameter(data)
+    p.init = init
+    return p
+
+
+def zeros(*shape):
+    return param(torch.zeros(shape), "zeros")
+
+
+def constant(value, shape=()):
+    return param(torch.full(shape, float(value)), f"{value:g}")
+
+
+def constants(*values):
+    return param(torch.tensor(values), ", ".join(f"{v:g}" for v in values))
+
+
+def normal(rows, cols, std):
+    return param(torch.randn(rows, cols) * std, f"normal(0, {std:g})")
+
+
 def uniform_matrix(rows, cols, bound):
-    return nn.Parameter(torch.empty(rows, cols).uniform_(-bound, bound))
+    return param(torch.empty(rows, cols).uniform_(-bound, bound), f"uniform(+-{bound:.4g})")
 
 
 class Rotary(nn.Module):
@@ -1155,21 +1186,20 @@ class Attention(nn.Module):
         self.q = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
         self.k = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
         self.v = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
-        self.o = tag(nn.Parameter(torch.zeros(d, inner)), "matrix", lr_mul)
+        self.o = tag(zeros(d, inner), "matrix", lr_mul)
         # learned scales of the QKV and the output weights
-        init = torch.tensor([QKV_LAMBDA_INIT, OUT_LAMBDA_INIT])
-        self.lambdas = tag(nn.Parameter(init), "scalar") if cfg.attn_lambdas else None
+        self.lambdas = tag(constants(QKV_LAMBDA_INIT, OUT_LAMBDA_INIT), "scalar") if cfg.attn_lambdas else None
         self.key_offset = cfg.key_offset and layer in cfg.long_window_layers
         # the per-head gate reads the first gate_dims channels, or all of them with head_gate
         self.gate_dims = d if cfg.head_gate else cfg.gate_dims
         has_gate = cfg.attn_gate or cfg.head_gate
         gate_lr_mul = shape_lr_mul(cfg.n_head, self.gate_dims)
-        self.gate = tag(nn.Parameter(torch.zeros(cfg.n_head, self.gate_dims)), "gate", gate_lr_mul) if has_gate else None
+        self.gate = tag(zeros(cfg.n_head, self.gate_dims), "gate", gate_lr_mul) if has_gate else None
         # the extra slot starts at logit 0 with value 0; its logit is the sink logit plus the key bias's score
         self.has_slot = cfg.sink_logit or cfg.kv_bias
-        self.sink = tag(nn.Parameter(torch.zeros(cfg.n_head)), "scalar") if cfg.sink_logit else None
-        self.key_bias = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim)), "scalar") if cfg.kv_bias else None
-        self.value_bias = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim)), "scalar") if cfg.kv_bias else None
+        self.sink = tag(zeros(cfg.n_head), "scalar") if cfg.sink_logit else None
+        self.key_bias = tag(zeros(cfg.n_head, cfg.head_dim), "scalar") if cfg.kv_bias else None
+        self.value_bias = tag(zeros(cfg.n_head, cfg.head_dim), "scalar") if cfg.kv_bias else None
 
     def slot_logit(self, q, scale):
         """Logit of the extra slot for queries q [T, H, D]: [H] (sink logit only) or [T, H]."""
@@ -1214,7 +1244,7 @@ class MLP(nn.Module):
         self.ops, self.dtype = ops, dtype
         # both count as hidden x d for Muon's shape multiplier: the record stores down transposed
         self.up = tag(uniform_matrix(hidden, d, math.sqrt(3) * 0.5 / math.sqrt(d)), "matrix", shape_lr_mul(hidden, d))
-        self.down = tag(nn.Parameter(torch.zeros(d, hidden)), "matrix", shape_lr_mul(hidden, d) * cfg.mlp_down_lr_mul)
+        self.down = tag(zeros(d, hidden), "matrix", shape_lr_mul(hidden, d) * cfg.mlp_down_lr_mul)
 
     def forward(self, x):
         # the compute dtype whatever autocast left x as (the residual stream and rms_norm are fp32
@@ -1262,28 +1292,29 @@ class GPT(nn.Module):
         self.cfg, self.ops, self.attention, self.dtype = cfg, ops, attention, dtype
         d = cfg.d_model
         self.vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
-        self.lm_head = tag(nn.Parameter(torch.randn(self.vocab, d) * 0.005), "head")
+        self.lm_head = tag(normal(self.vocab, d, 0.005), "head")
         # tied until untie(): the embedding reads lm_head; a separate table exists only if it unties
         self.tied = True
-        self.embed = tag(nn.Parameter(torch.zeros(self.vocab, d)), "embed") if cfg.untie_frac < 1 else None
+        self.embed = (tag(param(torch.zeros(self.vocab, d), "copy of lm_head at untie (zeros before)"), "embed")
+                      if cfg.untie_frac < 1 else None)
         self.ve_tables = value_embed_tables(cfg)
         inner = cfg.n_head * cfg.head_dim
         self.value_embeds = nn.ParameterList(
-            tag(nn.Parameter(torch.zeros(self.vocab, inner)), "value_embed", cfg.value_embed_lr_mul)
+            tag(zeros(self.vocab, inner), "value_embed", cfg.value_embed_lr_mul)
             for _ in range(cfg.value_embeds)
         )
         self.blocks = nn.ModuleList(Block(cfg, i, ops, dtype) for i in range(cfg.n_layer))
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale)
         if cfg.smear:
-            self.smear_lambda = tag(nn.Parameter(torch.zeros(())), "scalar")
-            self.smear_gate = tag(nn.Parameter(torch.zeros(1, cfg.gate_dims)), "smear_gate", cfg.smear_gate_lr_mul)
+            self.smear_lambda = tag(zeros(), "scalar")
+            self.smear_gate = tag(zeros(1, cfg.gate_dims), "smear_gate", cfg.smear_gate_lr_mul)
         if cfg.x0_mixing:
-            self.resid_lambdas = tag(nn.Parameter(torch.full((cfg.n_layer,), 1.1)), "scalar")
-            self.x0_lambdas = tag(nn.Parameter(torch.zeros(cfg.n_layer)), "x0")
+            self.resid_lambdas = tag(constant(1.1, (cfg.n_layer,)), "scalar")
+            self.x0_lambdas = tag(zeros(cfg.n_layer), "x0")
         if cfg.skip_from >= 0:
-            self.skip_gate = tag(nn.Parameter(torch.tensor(-1.5)), "scalar")
+            self.skip_gate = tag(constant(-1.5), "scalar")
         if cfg.backout_layer >= 0:
-            self.backout_lambda = tag(nn.Parameter(torch.tensor(0.5)), "scalar")
+            self.backout_lambda = tag(constant(0.5), "scalar")
         if table_dtype is not None:  # after init, so the random draws are the same in any dtype
             for p in self.parameters():
                 if p.kind in TABLE_KINDS:
@@ -1812,12 +1843,12 @@ class Optimizers:
                 if members:
                     groups.append(dict(params=members, lr=lr, base_lr=lr, betas=betas, weight_decay=decay))
             self.adam = Adam(groups, cfg.adam_lr, adam_betas, cfg.adam_eps, wd, cautious=True, **adam)
-            self.adam_every = cfg.adam_every
+            self.adam_name, self.adam_every = "Adam", cfg.adam_every
         else:
             self.muon = None
             groups = [dict(params=params, base_lr=cfg.adamw_lr)]
             self.adam = Adam(groups, cfg.adamw_lr, cfg.adamw_betas, cfg.adam_eps, cfg.adamw_wd, cautious=False, **adam)
-            self.adam_every = 1
+            self.adam_name, self.adam_every = "AdamW", 1
         for group in (self.muon.param_groups if self.muon else []):
             group["base_lr"] = cfg.muon_lr
         self.scalars = [p for p in params if p.kind == "scalar"]
@@ -1867,6 +1898,19 @@ class Optimizers:
         as step() does, so a table can be checked without stepping."""
         self.set_schedule(lr_mult, momentum)
         return {**(self.muon.hyperparams() if self.muon else {}), **self.adam.hyperparams()}
+
+    def settings(self):
+        """Per parameter, as its group holds it when built (before a step's schedule sets lr and momentum):
+        (optimizer, lr, betas, weight decay). NorMuon's lr includes the matrix's lr_mul; its betas
+        are (momentum, beta2)."""
+        table = {}
+        for group in (self.muon.param_groups if self.muon else []):
+            for p in group["params"]:
+                table[p] = ("NorMuon", group["base_lr"] * p.lr_mul, (group["momentum"], group["beta2"]), group["weight_decay"])
+        for group in self.adam.param_groups:
+            for p in group["params"]:
+                table[p] = (self.adam_name, group["base_lr"], group["betas"], group["weight_decay"])
+        return table
 
     def state_dict(self):
         return [opt.state_dict() for opt in (self.muon, self.adam) if opt is not None]
@@ -2370,6 +2414,22 @@ def import_for(module, flag, package):
         raise SystemExit(f"error: {flag} needs the {package} package, which is not installed (pip install {package})") from None
 
 
+def parameter_table(model, optimizers):
+    """Lines: a header, one row per trainable parameter (name, shape, count, init, optimizer, lr at
+    lr_mult 1, betas, weight decay) in columns two spaces apart, then `parameters: N`. Read from the
+    model and the optimizers as built, so it says what training does."""
+    settings = optimizers.settings()
+    rows = [("parameter", "shape", "count", "init", "optimizer", "lr", "betas", "weight_decay")]
+    params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    for name, p in params:
+        optimizer, lr, betas, wd = settings[p]
+        shape = "x".join(map(str, p.shape)) or "()"
+        rows.append((name, shape, str(p.numel()), p.init, optimizer, f"{lr:.6g}", ",".join(f"{b:g}" for b in betas), f"{wd:g}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    return lines + [f"parameters: {sum(p.numel() for _, p in params)}"]
+
+
 class RunLog:
     """Writes `<log_dir>/<run_id>.txt` and `.jsonl` on rank 0; every line is flushed as written.
 
@@ -2487,7 +2547,7 @@ def versus_record(cfg, record, val_loss, train_ms):
 
 # flags that only say how a run is logged, saved and started: a resumed run may change them
 RUN_ONLY_KEYS = ("run_id", "log_dir", "progress", "log_every", "save_every", "save_final", "checkpoint_dir",
-                 "keep_checkpoints", "resume", "resume_any", "warmup_steps", "wandb", "tensorboard")
+                 "keep_checkpoints", "resume", "resume_any", "warmup_steps", "wandb", "tensorboard", "dry_run")
 CHECKPOINT_NAME = re.compile(r"step_(\d+)\.pt")
 STOP_SIGNALS = {signal.SIGINT: 130, signal.SIGTERM: 143}  # signal: exit status (128 + its number, as shells say)
 
@@ -2944,8 +3004,13 @@ class Trainer:
         return None
 
     def describe(self):
-        """The run's set-up as log lines: backend, schedule, what train_loss means."""
+        """The run's set-up as log lines: the parameter table (its total on the console too), backend,
+        schedule, what train_loss means."""
         cfg, b = self.cfg, self.backend
+        *table, total = parameter_table(self.model, self.optimizers)
+        for line in table:
+            self.log.line(line, console=False)
+        self.log.line(total)
         self.log.line(f"backend: {b.device.type} x {b.world_size}, accumulation {self.accum}, ops {b.ops.name}, "
                       f"attention {type(b.attention).__name__}, compute {str(b.compute_dtype).removeprefix('torch.')}, "
                       f"compile {cfg.compile}, records track {b.records_track(cfg.preset)}")
@@ -3149,6 +3214,18 @@ def fresh_run_id(preset, backend):
     return ids[0]
 
 
+def dry_run(cfg):
+    """--dry_run: the effective config, the schedule by stage and the parameter table, from the model
+    and optimizers built on the meta device: no data, devices or process group, seconds for any preset."""
+    backend = meta_backend(cfg)
+    with torch.device("meta"):
+        model = GPT(cfg, backend.ops, backend.attention, backend.compute_dtype, backend.table_dtype)
+    lines = [config_summary(cfg).removesuffix(" (the full config is in the log)"), "config: " + json.dumps(config_json(cfg))]
+    lines += ["schedule: " + line for line in Schedule(cfg).describe()]
+    lines += parameter_table(model, Optimizers(model, cfg, backend))
+    print("\n".join(lines), flush=True)
+
+
 def main(argv=None):
     """Train. A bad flag: one `error:` line, exit 2. A foreseeable failure (data, log dir, world size):
     one `error:` line on stderr and in the log, exit 1, no traceback. A signal before the timed loop
@@ -3158,6 +3235,8 @@ def main(argv=None):
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    if cfg.dry_run:
+        return dry_run(cfg)
     log, handlers = None, {sig: signal.signal(sig, raise_interrupted) for sig in STOP_SIGNALS}
     try:
         backend = setup_backend(cfg)

@@ -4,13 +4,16 @@ import dataclasses
 import functools
 import importlib.util
 import json
+import math
+import os
 import re
+import subprocess
 import sys
 import threading
-import os
 
 import numpy as np
 import pytest
+import record_ref as rr
 import torch
 
 import train_gpt as tg
@@ -69,6 +72,15 @@ def test_smoke_run_log_parses_and_the_console_says_what_happens(tmp_path, monkey
     # not comparable with the record: said, with what differs, instead of a meaningless difference
     assert console[-1] == ("not compared with record rec: this run differs in num_steps=3 (record: 150), "
                            "batch_tokens=256,256,256 (record: 2048,4096,6144), val_tokens=2048 (record: 65536)")
+    # the log's first lines after the config: the parameter table, as --dry_run prints it for these flags
+    argv = TINY + SAMPLE + [f"--log_dir={tmp_path}", "--num_steps=3", "--extension_steps=0", "--batch_tokens=256,256,256"]
+    tg.main(argv + ["--dry_run=true"])
+    dry = capsys.readouterr().out.splitlines()
+    table = dry[next(i for i, line in enumerate(dry) if line.startswith("parameter ")) :]
+    with open(os.path.join(tmp_path, "smoke.txt")) as f:
+        after = f.read().split(tg.SEPARATOR)[-1].splitlines()[1:]  # after the source and versions
+    assert after[0].startswith("config: {") and after[1 : 1 + len(table)] == table
+    assert table[-1] in console  # the total on the console too
     # the source before the first '=' line reproduces the run
     with open(os.path.join(ROOT, "train_gpt.py")) as f:
         assert log.code == f.read()
@@ -489,3 +501,116 @@ def test_on_the_cpu_a_diverged_run_stops_at_once_without_log_lines(tmp_path):
                                      "--save_every=5"], run_id="quiet")
     assert re.fullmatch(r"error: loss is (nan|inf|-inf) at step [1-3] \(train_loss\)", message), message
     assert not os.path.exists(os.path.join(tmp_path, "quiet"))  # no checkpoint of a diverged model
+
+
+# ------------------------------------------------------------------------------------------------
+# --dry_run: config, schedule and parameter table from a model on the meta device, in seconds
+# ------------------------------------------------------------------------------------------------
+
+
+def dry_run(tmp_path, flags):
+    """`train_gpt.py <flags> --dry_run=true` in a fresh process, in an empty folder (no data, no logs
+    there) and with no GPU visible: its stdout lines, once it has exited 0 and left the folder empty."""
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "train_gpt.py"), *flags, "--dry_run=true"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert os.listdir(tmp_path) == []  # no log, checkpoint or data folder made
+    return done.stdout.splitlines()
+
+
+def table_rows(lines):
+    """The parameter table's rows as {name: (shape, count, init, optimizer, lr, betas, wd)}, and N
+    from the last line, which must be `parameters: N`."""
+    total = re.fullmatch(r"parameters: (\d+)", lines[-1])
+    assert total, lines[-1]
+    header = next(i for i, line in enumerate(lines) if line.startswith("parameter "))
+    assert re.split(r" {2,}", lines[header]) == ["parameter", "shape", "count", "init", "optimizer", "lr", "betas",
+                                                 "weight_decay"]
+    rows = {}
+    for line in lines[header + 1 : -1]:
+        name, shape, count, init, optimizer, lr, betas, wd = re.split(r" {2,}", line)
+        shape = () if shape == "()" else tuple(int(n) for n in shape.split("x"))
+        betas = tuple(float(b) for b in betas.split(","))
+        rows[name] = (shape, int(count), init, optimizer, float(lr), betas, float(wd))
+    return rows, int(total[1])
+
+
+def assert_init_describes(init, value, name):
+    """The table's init phrase says what the real parameter holds (a freshly built one)."""
+    v = value.detach().float()
+    if init == "zeros" or init.startswith("copy of lm_head at untie (zeros before)"):
+        assert torch.all(v == 0), name
+    elif m := re.fullmatch(r"normal\(0, ([\d.e-]+)\)", init):
+        assert v.mean().abs() < 0.01 * float(m[1]) and v.std() == pytest.approx(float(m[1]), rel=0.01), name
+    elif m := re.fullmatch(r"uniform\(\+-([\d.e-]+)\)", init):
+        bound = float(m[1])
+        assert v.abs().max() <= bound * (1 + 1e-3) and v.abs().max() > 0.99 * bound, name
+        assert v.std() == pytest.approx(bound / 3**0.5, rel=0.02), name  # uniform, not normal
+    else:  # constants, one per element or one for all
+        want = [float(x) for x in init.split(", ")]
+        assert v.flatten().tolist() == pytest.approx(want if len(want) == v.numel() else want * v.numel()), name
+
+
+def test_dry_run_cpu_prints_config_schedule_and_the_real_models_table(tmp_path):
+    """The cpu preset's dry run: the config (summary and full JSON), the schedule by stage, then one
+    row per parameter of the real model, built here on the CPU, with its shape, count and init, and
+    the optimizer, lr, betas and weight decay its real optimizer groups hold; last `parameters: N`."""
+    lines = dry_run(tmp_path, ["--preset=cpu"])
+    cfg = tg.parse_args(["--preset=cpu", "--dry_run=true"])
+    assert lines[0] == "config: --preset=cpu --dry_run=true"
+    assert json.loads(lines[1].removeprefix("config: ")) == tg.config_json(cfg)
+    schedule = ["schedule: " + line for line in tg.Schedule(cfg).describe()]
+    assert lines[2 : 2 + len(schedule)] == schedule and lines[2 + len(schedule)].startswith("parameter ")
+    rows, total = table_rows(lines)
+    torch.manual_seed(cfg.seed)
+    model = tg.GPT(cfg, tg.TorchOps, None, torch.float32)
+    optimizers = tg.Optimizers(model, cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
+    params = dict(model.named_parameters())
+    assert total == sum(p.numel() for p in params.values()) == 69108039
+    assert list(rows) == list(params)
+    want = {}
+    for group in optimizers.muon.param_groups:  # NorMuon steps group lr x the matrix's lr_mul
+        for p in group["params"]:
+            want[p] = ("NorMuon", group["lr"] * p.lr_mul, (group["momentum"], group["beta2"]), group["weight_decay"])
+    for group in optimizers.adam.param_groups:
+        for p in group["params"]:
+            want[p] = ("Adam", group["lr"], group["betas"], group["weight_decay"])
+    for name, p in params.items():
+        shape, count, init, optimizer, lr, betas, wd = rows[name]
+        assert (shape, count) == (tuple(p.shape), p.numel()), name
+        assert (optimizer, lr, betas, wd) == (want[p][0], pytest.approx(want[p][1], rel=1e-5), want[p][2], want[p][3]), name
+        assert_init_describes(init, p, name)
+    # a few by hand: the MLP down projection's lr 0.023 x 2 (4 hidden/d) x 2; the value embeddings' 0.008 x 75
+    assert rows["blocks.0.mlp.down"][3:] == ("NorMuon", pytest.approx(0.092), (0.95, 0.95), 1.2)
+    assert rows["value_embeds.0"][3:] == ("Adam", pytest.approx(0.6), (0.65, 0.95), 0.005)
+    assert rows["skip_gate"][2:] == ("-1.5", "Adam", pytest.approx(0.04), (0.9, 0.99), 0.0)
+
+
+def test_dry_run_baseline_is_adamw_on_everything(tmp_path):
+    """`--baseline`: one plain AdamW group (lr 0.0036, betas 0.9, 0.95, no decay) holds every parameter."""
+    rows, _ = table_rows(dry_run(tmp_path, ["--preset=cpu", "--baseline"]))
+    assert {row[3:] for row in rows.values()} == {("AdamW", 0.0036, (0.9, 0.95), 0.0)}
+
+
+def test_dry_run_speedrun_needs_no_gpu_and_matches_the_record(tmp_path):
+    """The speedrun preset without a GPU or data: N by hand from SPEC's shapes, and every row's
+    optimizer, lr, betas and weight decay as record #53 (tests/record_ref.py) sets them, at lr_mult 1
+    and NorMuon's peak momentum."""
+    rows, total = table_rows(dry_run(tmp_path, ["--preset=speedrun"]))
+    vocab, d, hidden, heads, gate = 50304, 768, 3072, 6, 12  # 50,257 padded to a multiple of 128
+    attention = 4 * d * d + heads * gate + 2  # Q, K, V, O, the per-head gate, the two lambdas
+    tables = 2 + 3  # lm_head, embed, three value embeddings
+    scalars = 1 + gate + 11 + 11 + 1 + 1  # smear lambda and gate, resid and x0 lambdas, skip gate, backout
+    assert total == tables * vocab * d + 10 * attention + 11 * 2 * d * hidden + scalars == 268665609
+    assert sum(row[1] for row in rows.values()) == total
+    assert sorted(rows) == sorted(rr.record_parameter_names())
+    peak_momentum = max(rr.record_momentum(s) for s in range(rr.TOTAL))
+    for name, (shape, _, _, optimizer, lr, betas, wd) in rows.items():
+        kind, storage, lr_mul, wd_mul, _ = rr.record_label(name, *rr.RECORD_DIMS)
+        if kind.startswith("muon"):
+            want_lr = rr.MUON_LR * math.sqrt(max(1.0, storage[-2] / storage[-1])) * lr_mul
+            want = ("NorMuon", want_lr, (peak_momentum, rr.MUON_BETA2), rr.MUON_WD * wd_mul)
+        else:
+            want = ("Adam", rr.ADAM_LR * lr_mul, rr.ADAM_BETAS if kind == "adam" else rr.SCALAR_BETAS, rr.ADAM_WD * wd_mul)
+        assert (optimizer, lr, betas, wd) == (want[0], pytest.approx(want[1], rel=1e-5), want[2], want[3]), name
