@@ -48,7 +48,7 @@ class Config:
     """Every constant of a run. Defaults are the `speedrun` preset (the record recipe)."""
 
     # run
-    preset: str = "speedrun"  # speedrun (8xH100 record recipe) | cpu (small model on the bundled sample) | head (the public HEAD, #89)
+    preset: str = "speedrun"  # speedrun (8xH100 record recipe) | cpu (small model on the bundled sample) | head (public HEAD)
     seed: int = 0  # seed of the model's initialization
     device: str = "auto"  # auto | cuda | cpu
     cpu_dtype: str = "auto"  # matmul dtype on a CPU: auto (bf16 if it has AVX512-BF16 or AMX, else fp32) | bf16 | fp32; CUDA: bf16
@@ -94,7 +94,7 @@ class Config:
     val_every: int = 250  # validate every this many steps (and always at the end); 0 = only at the end
     val_tokens: int = 10485760  # tokens of the val shards scored (the record: the first 10,485,760)
     val_batch_tokens: int = 2097152  # global validation tokens per forward pass (262,144 per rank of 8)
-    rounded_stages: bool = False  # #65: thirds start at round(k/3 * num_steps), weights fade over a third's steps, the cooldown at a whole step
+    rounded_stages: bool = False  # #65: thirds start at round(k/3 * num_steps), weights fade over whole steps, so does the cooldown
     first_seq_len: int = 0  # #72: max_seq_len during the first third (HEAD: 896); 0 = max_seq_len throughout
     # optimizers
     muon: bool = True  # False: plain AdamW on every parameter (the baseline end of the ladder)
@@ -2157,7 +2157,7 @@ class Schedule:
     def first_untied_step(self):
         """The untie point untie_frac * num_steps, rounded as the thirds are; with untie_after_adam,
         the step after the first Adam step from the point on (Adam steps where step + 1 is a
-        multiple of adam_every), so the head's last tied update has both tables' gradients."""
+        multiple of adam_every), so no tied gradient is left waiting for Adam when the tables part."""
         point = self.cfg.untie_frac * self.cfg.num_steps
         point = round(point) if self.cfg.rounded_stages else math.ceil(point)
         every = self.cfg.adam_every
@@ -2262,7 +2262,8 @@ class Schedule:
         for _, start, end in self.stage_ranges():
             long_w, short_w = self.windows(self.window_blocks(start))
             mtp = ", ".join(f"{w:.3f}" for w in self.mtp_weights(start))
-            prefix = f", prefix {self.prefix_weight(start):.3f}->{self.prefix_weight(end - 1):.3f}" if self.cfg.prefix_loss else ""
+            prefix = (f", prefix {self.prefix_weight(start):.3f}->{self.prefix_weight(end - 1):.3f}"
+                      if self.cfg.prefix_loss else "")
             lines.append(
                 f"steps {start}-{end - 1}: batch {self.batch_tokens(start)} tokens, max_seq_len {self.max_seq_len(start)}, "
                 f"windows {long_w}/{short_w}, lr x{self.lr_mult(start):.3f}->x{self.lr_mult(end - 1):.3f}, "
@@ -2328,9 +2329,9 @@ def matmul_params(cfg):
 def attention_flops(cfg, windows, max_seq_len=None):
     """Forward + backward FLOPs per token of q.k and p.v at (long, short) windows in tokens.
 
-    Each query is counted against a full window of keys, capped at max_seq_len (the step's; no
-    piece of a document is longer; None: cfg.max_seq_len): the causal mask's skipped pairs count, as in the usual 6N + 12 L d T
-    estimate. Forward: 2 FLOPs per multiply-add, for q.k and p.v; backward twice the forward."""
+    Each query is counted against a full window of keys, capped at the step's max_seq_len (None:
+    cfg.max_seq_len; no piece of a document is longer): the causal mask's skipped pairs count, as in
+    the usual 6N + 12 L d T estimate. Forward: 2 FLOPs per multiply-add, for q.k and p.v; backward twice the forward."""
     long_keys, short_keys = (min(w, max_seq_len or cfg.max_seq_len) for w in windows)
     keys = sum(long_keys if layer in cfg.long_window_layers else short_keys
                for layer in range(cfg.n_layer) if layer not in cfg.no_attn_layers)
@@ -2882,7 +2883,8 @@ class Trainer:
                       f"attention {type(b.attention).__name__}, compute {str(b.compute_dtype).removeprefix('torch.')}, "
                       f"compile {cfg.compile}, records track {b.records_track(cfg.preset)}")
         size, first = PEAK_SIZE[b.device.type], self.schedule.windows(self.schedule.window_blocks(0))
-        self.log.line(f"throughput: {flops_per_token(cfg, first, self.schedule.max_seq_len(0)) / 1e6:.1f} MFLOP per token at the first stage; matmul peak "
+        flops = flops_per_token(cfg, first, self.schedule.max_seq_len(0))
+        self.log.line(f"throughput: {flops / 1e6:.1f} MFLOP per token at the first stage; matmul peak "
                       f"{self.peak_flops / 1e9:.0f} GFLOP/s ({size}^3 {str(b.compute_dtype).removeprefix('torch.')}, timed "
                       "here per device): the train line's MFU is against it")
         self.log.line(f"cost: at least {format_duration(self.least_seconds())} of training here (the schedule's "
@@ -2897,8 +2899,8 @@ class Trainer:
     def least_seconds(self):
         """The train time the schedule would take at 100% MFU: its FLOPs over the devices' peak."""
         sched = self.schedule
-        flops = sum(flops_per_token(self.cfg, sched.windows(sched.window_blocks(s)), sched.max_seq_len(s)) * sched.batch_tokens(s)
-                    for s in range(sched.total))
+        flops = sum(flops_per_token(self.cfg, sched.windows(sched.window_blocks(s)), sched.max_seq_len(s))
+                    * sched.batch_tokens(s) for s in range(sched.total))
         return flops / (self.peak_flops * self.backend.world_size)
 
     def validation_steps(self):
