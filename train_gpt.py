@@ -2,7 +2,8 @@
 
 One file, read top to bottom: configuration and presets, backend, kernels, model, optimizers,
 data, schedules, training loop, logging. Every technique is a named constant in `Config`,
-overridable as `--name=value`; `--preset=cpu` selects the small CPU track and `--baseline`
+overridable as `--name=value`; `--preset=cpu` selects the small CPU track, `--preset=head` the
+public speedrun's latest recipe as far as its techniques are switches here, and `--baseline`
 switches every technique off at once.
 """
 import dataclasses
@@ -49,7 +50,7 @@ class Config:
     """Every constant of a run. Defaults are the `speedrun` preset (the record recipe)."""
 
     # run
-    preset: str = "speedrun"  # speedrun (8xH100 record recipe) | cpu (small model on the bundled sample)
+    preset: str = "speedrun"  # speedrun (8xH100 record recipe) | cpu (small model on the bundled sample) | head (public HEAD)
     seed: int = 0  # seed of the model's initialization
     device: str = "auto"  # auto | cuda | cpu
     cpu_dtype: str = "auto"  # matmul dtype on a CPU: auto (bf16 if it has AVX512-BF16 or AMX, else fp32) | bf16 | fp32; CUDA: bf16
@@ -99,6 +100,8 @@ class Config:
     val_every: int = 250  # validate every this many steps (and always at the end); 0 = only at the end
     val_tokens: int = 10485760  # tokens of the val shards scored (the record: the first 10,485,760)
     val_batch_tokens: int = 2097152  # global validation tokens per forward pass (262,144 per rank of 8)
+    rounded_stages: bool = False  # #65: thirds start at round(k/3 * num_steps), weights fade over whole steps, so does the cooldown
+    first_seq_len: int = 0  # #72: max_seq_len during the first third (HEAD: 896); 0 = max_seq_len throughout
     # optimizers
     muon: bool = True  # False: plain AdamW on every parameter (the baseline end of the ladder)
     muon_lr: float = 0.023  # NorMuon learning rate of the hidden matrices
@@ -143,6 +146,8 @@ class Config:
     window_schedule: bool = True  # False: the last third's window throughout
     fp8_head: bool = True  # FP8 lm_head matmul (CUDA)
     triton: bool = True  # fused Triton kernels on CUDA; False forces the torch twins
+    untie_after_adam: bool = False  # #54: untie after the first Adam step at or past the untie point (not at the point)
+    prefix_loss: float = 0.0  # #88: prefix-token loss weight over the first third, fading to 0 over the second; 0 = off
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -191,6 +196,28 @@ PRESETS = {
         momentum_cooldown_steps=10,
         fp8_head=False,
         triton=False,
+    ),
+    # the public HEAD (repo-root train_gpt.py, records up to #89 merged), number for number where a
+    # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. Not yet
+    # switches (their fields come with them): #54 softcap offset +5; #55/#56/#70 VE and skip gates,
+    # VE init and layout (five tables), per-group weight decay; #57 per-group Adam betas, bf16 weights
+    # with a mantissa buffer; #58 paired-head attention; #62/#83 bigram hash embedding; #64/#67
+    # attention init; #73/#74/#77 residual and post lambdas, saved skip, lane; #80 Q/K orthogonalized
+    # per head pair; #81/#85 MUDD and DC; #82/#85 XSA; #84/#89 FP8 MLP; #88 the prefix-token loss
+    # itself (prefix_loss sets only its schedule); the final validation without FP8
+    "head": dict(
+        num_steps=1270,
+        extension_steps=15,
+        rounded_stages=True,
+        first_seq_len=896,
+        cooldown_frac=0.6,  # #73
+        lr_floor=0.15,  # #72
+        untie_after_adam=True,
+        prefix_loss=0.25,
+        scalar_freeze_steps=0,  # #57 dropped the pause
+        muon_beta2=0.9,  # #78
+        adam_eps=1e-10,  # #57
+        softcap=23.0,  # #54
     ),
 }
 
@@ -245,7 +272,7 @@ BOUNDS = {
     **dict.fromkeys(("seed", "warmup_steps", "log_every", "extension_steps", "val_every", "momentum_warmup_steps",
                      "momentum_cooldown_steps", "value_embeds", "lr_mults", "muon_lr", "muon_wd", "mlp_down_lr_mul",
                      "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
-                     "softcap", "shell_lambda", "save_every", "keep_checkpoints"), NOT_NEGATIVE),
+                     "softcap", "shell_lambda", "save_every", "keep_checkpoints", "first_seq_len", "prefix_loss"), NOT_NEGATIVE),
     **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
     **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
                      "adam_betas", "scalar_betas", "adamw_betas", "untie_frac"), FRACTION),
@@ -2154,30 +2181,67 @@ class ValLoader:
 # ------------------------------------------------------------------------------------------------
 
 
+# per stage (the three thirds, then the extension): the weights of the next 1, 2, 3 tokens' losses at
+# its start and at its end (#53), and the share of prefix_loss at its start and at its end (#88)
+MTP_FADES = (((1.0, 0.5, 0.25), (1.0, 0.5, 0.0)), ((1.0, 0.5), (1.0, 0.0)), ((1.0,), (1.0,)), ((1.0,), (1.0,)))
+PREFIX_FADES = (((1.0,), (1.0,)), ((1.0,), (0.0,)), ((0.0,), (0.0,)), ((0.0,), (0.0,)))
+EXTENSION = 3  # the stage of the extension steps
+
+
 class Schedule:
-    """Batch size, windows, learning-rate multiplier, momentum, MTP weights, the untie step and
-    the steps on which the scalars' optimizer pauses."""
+    """Batch size, longest document piece, windows, learning-rate multiplier, momentum, MTP and
+    prefix-loss weights, the untie step and the steps on which the scalars' optimizer pauses."""
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.total = cfg.num_steps + cfg.extension_steps
-        self.untie_step = math.ceil(cfg.untie_frac * cfg.num_steps) if cfg.untie_frac < 1 else None
+        n = cfg.num_steps
+        self.total = n + cfg.extension_steps
+        # where each third's weights start and end their fade: the exact thirds (#53) or whole steps (#65)
+        self.edges = [round(k * n / 3) if cfg.rounded_stages else k * n / 3 for k in range(4)]
+        self.starts = [math.ceil(e) for e in self.edges]  # first step of each third, then of the extension
+        self.cooldown_start = (1 - cfg.cooldown_frac) * n
+        if cfg.rounded_stages:
+            self.cooldown_start = int(self.cooldown_start)
+        self.untie_step = self.first_untied_step() if cfg.untie_frac < 1 else None
         shape = [(self.batch_tokens(s), self.long_window_blocks(s)) for s in range(self.total)]
         self.changes = [s for s in range(1, self.total) if shape[s] != shape[s - 1]]
 
+    def first_untied_step(self):
+        """The untie point untie_frac * num_steps, rounded as the thirds are; with untie_after_adam,
+        the step after the first Adam step from the point on (Adam steps where step + 1 is a
+        multiple of adam_every), so no tied gradient is left waiting for Adam when the tables part."""
+        point = self.cfg.untie_frac * self.cfg.num_steps
+        point = round(point) if self.cfg.rounded_stages else math.ceil(point)
+        every = self.cfg.adam_every
+        return -(-(point + 1) // every) * every if self.cfg.untie_after_adam else point
+
     def stage(self, step):
         """0, 1, 2: the thirds of the scheduled steps; 3: the extension steps."""
-        return 3 if step >= self.cfg.num_steps else min(2, 3 * step // self.cfg.num_steps)
+        if step >= self.cfg.num_steps:
+            return EXTENSION
+        return max(k for k in range(EXTENSION) if self.starts[k] <= step)
+
+    def progress(self, step):
+        """(stage, fraction of its fade that `step` has passed); the extension does not fade."""
+        stage = self.stage(step)
+        if stage == EXTENSION:
+            return stage, 0.0
+        return stage, (step - self.edges[stage]) / (self.edges[stage + 1] - self.edges[stage])
 
     def batch_tokens(self, step):
         return self.cfg.batch_tokens[min(self.stage(step), 2) if self.cfg.batch_schedule else 2]
+
+    def max_seq_len(self, step):
+        """Longest piece of a document in the step's batch: first_seq_len in the first third, when set."""
+        first = self.cfg.first_seq_len
+        return first if first and self.stage(step) == 0 else self.cfg.max_seq_len
 
     def long_window_blocks(self, step):
         cfg = self.cfg
         if not cfg.window_schedule:
             return cfg.long_windows[-1]
         stage = self.stage(step)
-        return cfg.extension_window if stage == 3 else cfg.long_windows[stage]
+        return cfg.extension_window if stage == EXTENSION else cfg.long_windows[stage]
 
     def window_blocks(self, step):
         """(long, short) windows in blocks while training at `step`; short windows are half as long."""
@@ -2194,14 +2258,16 @@ class Schedule:
         return tuple(b * self.cfg.window_block for b in blocks)
 
     def lr_mult(self, step):
-        """The stage's peak, then a linear cooldown to the absolute floor lr_floor."""
+        """The stage's peak, then a linear cooldown from cooldown_start to the absolute floor
+        lr_floor at num_steps, which the extension keeps."""
         cfg = self.cfg
-        x = min(step / cfg.num_steps, 1.0)
-        peak = cfg.lr_mults[min(self.stage(step), 2)]
-        if x >= 1 - cfg.cooldown_frac:
-            w = (1 - x) / cfg.cooldown_frac
-            return peak * w + cfg.lr_floor * (1 - w)
-        return peak
+        if step >= cfg.num_steps:
+            return cfg.lr_floor
+        peak = cfg.lr_mults[self.stage(step)]
+        if step < self.cooldown_start:
+            return peak
+        t = (step - self.cooldown_start) / (cfg.num_steps - self.cooldown_start)
+        return peak * (1 - t) + cfg.lr_floor * t
 
     def scalars_frozen(self, step):
         """True within scalar_freeze_steps of a batch-size or window change: the scalars, tuned
@@ -2209,43 +2275,51 @@ class Schedule:
         return any(0 <= step - s < self.cfg.scalar_freeze_steps for s in self.changes)
 
     def momentum(self, step):
+        """Warmed up from muon_momentum_start, cooled back over the last steps; where a short run's
+        warmup and cooldown overlap, the warmup wins (as in #53 and HEAD)."""
         cfg = self.cfg
         lo, hi = cfg.muon_momentum_start, cfg.muon_momentum
-        warm = min(1.0, step / cfg.momentum_warmup_steps) if cfg.momentum_warmup_steps else 1.0
         left = self.total - step
-        cool = min(1.0, left / cfg.momentum_cooldown_steps) if cfg.momentum_cooldown_steps else 1.0
-        return lo + (hi - lo) * min(warm, cool)
+        if step < cfg.momentum_warmup_steps:
+            return lo + (hi - lo) * step / cfg.momentum_warmup_steps
+        if left < cfg.momentum_cooldown_steps:
+            return lo + (hi - lo) * left / cfg.momentum_cooldown_steps
+        return hi
+
+    def fade(self, fades, step):
+        """The stage's (start, end) values in `fades`, moved linearly by the step's progress."""
+        stage, t = self.progress(step)
+        start, end = fades[stage]
+        return tuple(a + (b - a) * t for a, b in zip(start, end))
 
     def mtp_weights(self, step):
         """Weights of the next 3, 2, then 1 tokens' losses, fading as training goes on."""
-        if not self.cfg.mtp:
-            return (1.0,)
-        x = step / self.cfg.num_steps
-        if x < 1 / 3:
-            return (1.0, 0.5, 0.25 * (1 - 3 * x))
-        if x < 2 / 3:
-            return (1.0, 0.5 * (2 - 3 * x))
-        return (1.0,)
+        return self.fade(MTP_FADES, step) if self.cfg.mtp else (1.0,)
+
+    def prefix_weight(self, step):
+        """Weight of the prefix-token loss: prefix_loss through the first third, fading over the second."""
+        return self.cfg.prefix_loss * self.fade(PREFIX_FADES, step)[0]
+
+    def stage_ranges(self):
+        """(stage, first step, end) of every stage the run has (a short schedule lacks some thirds)."""
+        bounds = self.starts + [self.total]
+        return [(k, a, b) for k, (a, b) in enumerate(zip(bounds, bounds[1:])) if a < b]
 
     def stage_starts(self):
-        """First step of every stage that the run has (a schedule of 1 or 2 steps lacks some thirds)."""
-        extension = {self.cfg.num_steps} if self.cfg.extension_steps else set()
-        return sorted({self.stage_start(s) for s in range(3)} - {self.cfg.num_steps} | extension)
-
-    def stage_start(self, stage):
-        return -(-stage * self.cfg.num_steps // 3)
+        return [start for _, start, _ in self.stage_ranges()]
 
     def describe(self):
         """The schedule as printable lines, one per stage."""
         lines = []
-        for start in self.stage_starts():
-            stage = self.stage(start)
-            end = self.total if stage == 3 else (self.stage_start(stage + 1) if stage < 2 else self.cfg.num_steps)
+        for _, start, end in self.stage_ranges():
             long_w, short_w = self.windows(self.window_blocks(start))
             mtp = ", ".join(f"{w:.3f}" for w in self.mtp_weights(start))
+            prefix = (f", prefix {self.prefix_weight(start):.3f}->{self.prefix_weight(end - 1):.3f}"
+                      if self.cfg.prefix_loss else "")
             lines.append(
-                f"steps {start}-{end - 1}: batch {self.batch_tokens(start)} tokens, windows {long_w}/{short_w}, "
-                f"lr x{self.lr_mult(start):.3f}->x{self.lr_mult(end - 1):.3f}, momentum {self.momentum(start):.3f}, mtp [{mtp}]"
+                f"steps {start}-{end - 1}: batch {self.batch_tokens(start)} tokens, max_seq_len {self.max_seq_len(start)}, "
+                f"windows {long_w}/{short_w}, lr x{self.lr_mult(start):.3f}->x{self.lr_mult(end - 1):.3f}, "
+                f"momentum {self.momentum(start):.3f}, mtp [{mtp}]{prefix}"
             )
         untie = "never" if self.untie_step is None else f"step {self.untie_step}"
         final = "/".join(str(w) for w in self.windows(self.final_window_blocks()))
@@ -2304,23 +2378,23 @@ def matmul_params(cfg):
     return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear
 
 
-def attention_flops(cfg, windows):
+def attention_flops(cfg, windows, max_seq_len=None):
     """Forward + backward FLOPs per token of q.k and p.v at (long, short) windows in tokens.
 
     Each query is counted against a full window of keys (itself and the w before it, as FA3's
-    window (w, 0)), capped at max_seq_len (no piece of a document is longer): the causal mask's
-    skipped pairs count, as in the usual 6N + 12 L d T estimate. Forward: 2 FLOPs per multiply-add,
-    for q.k and p.v; backward twice the forward."""
-    long_keys, short_keys = (min(w + 1, cfg.max_seq_len) for w in windows)
+    window (w, 0)), capped at the step's max_seq_len (None: cfg.max_seq_len; no piece of a document
+    is longer): the causal mask's skipped pairs count, as in the usual 6N + 12 L d T estimate.
+    Forward: 2 FLOPs per multiply-add, for q.k and p.v; backward twice the forward."""
+    long_keys, short_keys = (min(w + 1, max_seq_len or cfg.max_seq_len) for w in windows)
     keys = sum(long_keys if layer in cfg.long_window_layers else short_keys
                for layer in range(cfg.n_layer) if layer not in cfg.no_attn_layers)
     return 3 * 2 * 2 * cfg.n_head * cfg.head_dim * keys
 
 
-def flops_per_token(cfg, windows):
+def flops_per_token(cfg, windows, max_seq_len=None):
     """Model FLOPs per trained token: 6 per matmul weight (2 forward, 4 backward) plus attention.
     MFU is these FLOPs per second over the device's matmul peak; the optimizers' work is not counted."""
-    return 6 * matmul_params(cfg) + attention_flops(cfg, windows)
+    return 6 * matmul_params(cfg) + attention_flops(cfg, windows, max_seq_len)
 
 
 PEAK_SIZE = dict(cuda=8192, cpu=1024)  # side of the square matmul timed for the device's peak
@@ -2850,7 +2924,7 @@ class Trainer:
         last = step == sched.total - 1
         total, shell_total = 0.0, 0.0
         for micro in range(self.accum):
-            inputs, targets, _ = self.train_loader.next_batch(micro_tokens, cfg.max_seq_len)
+            inputs, targets, _ = self.train_loader.next_batch(micro_tokens, sched.max_seq_len(step))
             loss = self.forward(inputs, targets, windows, weights)  # summed over tokens
             total += loss.detach() / (micro_tokens * self.accum)
             if cfg.shell_lambda:
@@ -3015,7 +3089,8 @@ class Trainer:
                       f"attention {type(b.attention).__name__}, compute {str(b.compute_dtype).removeprefix('torch.')}, "
                       f"compile {cfg.compile}, records track {b.records_track(cfg.preset)}")
         size, first = PEAK_SIZE[b.device.type], self.schedule.windows(self.schedule.window_blocks(0))
-        self.log.line(f"throughput: {flops_per_token(cfg, first) / 1e6:.1f} MFLOP per token at the first stage; matmul peak "
+        flops = flops_per_token(cfg, first, self.schedule.max_seq_len(0))
+        self.log.line(f"throughput: {flops / 1e6:.1f} MFLOP per token at the first stage; matmul peak "
                       f"{self.peak_flops / 1e9:.0f} GFLOP/s ({size}^3 {str(b.compute_dtype).removeprefix('torch.')}, timed "
                       "here per device): the train line's MFU is against it")
         self.log.line(f"cost: at least {format_duration(self.least_seconds())} of training here (the schedule's "
@@ -3028,9 +3103,9 @@ class Trainer:
                           "of the next tokens (README); val_loss is the plain next-token cross-entropy")
 
     def step_flops(self, step):
-        """Model FLOPs of a step: its batch at its windows."""
+        """Model FLOPs of a step: its batch at its windows and longest piece."""
         sched = self.schedule
-        return flops_per_token(self.cfg, sched.windows(sched.window_blocks(step))) * sched.batch_tokens(step)
+        return flops_per_token(self.cfg, sched.windows(sched.window_blocks(step)), sched.max_seq_len(step)) * sched.batch_tokens(step)
 
     def least_seconds(self):
         """The train time the schedule would take at 100% MFU: its FLOPs over the devices' peak."""

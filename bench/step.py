@@ -97,7 +97,7 @@ def main(argv):
         for start, times, _, _ in G.stage_runs(trainer, untimed, steps):
             ms = 1000 * statistics.median(times[untimed:]) if len(times) > untimed else float("nan")  # a short stage
             windows = schedule.windows(schedule.window_blocks(start))
-            flops = T.flops_per_token(cfg, windows)
+            flops = T.flops_per_token(cfg, windows, schedule.max_seq_len(start))
             tokens_per_s = schedule.batch_tokens(start) / backend.world_size / (ms / 1000)
             row = dict(stage=schedule.stage(start), first_step=start, batch_tokens=schedule.batch_tokens(start),
                        windows=windows, steps_timed=len(times) - untimed, ms_per_step=ms,

@@ -143,7 +143,13 @@ def test_warmup_leaves_no_trace(tmp_path):
     assert warm == cold
 
 
-def test_warmup_compiles_every_graph_the_run_uses_and_no_other(tmp_path, monkeypatch):
+# the head preset's schedule rules on 5 steps: thirds at 0, 2, 3 (rounded), the untie after step 3's
+# Adam step, a shorter max_seq_len in the first third
+HEAD_SCHEDULE = ["--num_steps=5", "--rounded_stages=true", "--untie_after_adam=true", "--first_seq_len=128"]
+
+
+@pytest.mark.parametrize("schedule", [[], HEAD_SCHEDULE], ids=["record", "head"])
+def test_warmup_compiles_every_graph_the_run_uses_and_no_other(tmp_path, monkeypatch, schedule):
     """With --compile the untimed warmup compiles one graph per distinct forward of the run (a
     stage's batch, windows and YaRN scale, tied or not, training or validating; the final windows),
     restores the rotary state exactly, and the timed run compiles nothing. Counted by dynamo, which
@@ -155,7 +161,8 @@ def test_warmup_compiles_every_graph_the_run_uses_and_no_other(tmp_path, monkeyp
     torch._dynamo.reset()
     argv = TINY + SAMPLE + QUIET + [f"--log_dir={tmp_path}", "--run_id=graphs", "--compile=true", "--warmup_steps=1",
                                     "--num_steps=3", "--extension_steps=0", "--batch_tokens=256,256,256", "--mtp=false",
-                                    "--long_windows=1,2,2", "--final_window=3", "--val_every=2", "--log_every=0"]
+                                    "--long_windows=1,2,2", "--final_window=3", "--val_every=2", "--log_every=0",
+                                    *schedule]
     cfg = tg.parse_args(argv)
     backend = tg.setup_backend(cfg)
     trainer = tg.Trainer(cfg, backend, tg.RunLog(cfg, backend))
