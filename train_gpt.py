@@ -131,6 +131,7 @@ class Config:
     yarn: bool = True  # rescale RoPE and attention scale when the window grows
     softcap: float = 30.0  # logits = softcap * sigmoid(z / softcap_temp); 0 = plain logits
     softcap_temp: float = 7.5  # temperature of the softcap's sigmoid
+    softcap_offset: float = 0.0  # #54 logits = softcap * sigmoid((z + offset) / softcap_temp) (HEAD: 23 * sigmoid((z + 5) / 7.5))
     untie_frac: float = 2 / 3  # embedding reads the head's weight until this fraction; 1 = always tied
     mtp: bool = True  # multi-token-prediction loss schedule
     batch_schedule: bool = True  # False: the last third's batch size throughout
@@ -618,9 +619,10 @@ def setup_backend(cfg):
 # ------------------------------------------------------------------------------------------------
 
 
-def softcap(z, cap, temp):
-    """cap * sigmoid(z / temp): logits squashed into (0, cap); cap 0 leaves them as they are."""
-    return cap * torch.sigmoid(z / temp) if cap > 0 else z
+def softcap(z, cap, temp, offset=0.0):
+    """cap * sigmoid((z + offset) / temp): logits squashed into (0, cap); cap 0 leaves them as they are.
+    A positive offset (#54) starts the logits above cap / 2, where the cap is asymmetric."""
+    return cap * torch.sigmoid((z + offset) / temp) if cap > 0 else z
 
 
 def log_stable(x):
@@ -642,7 +644,7 @@ class _SoftcapMTPLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, weights, cap, temp, stablemax):
+    def forward(ctx, logits, targets, weights, cap, temp, offset, stablemax):
         n, k = targets.numel(), weights.numel()
         # the k-th target of row i is targets[i + k]; rows past the end get weight 0
         ahead = torch.arange(n, device=logits.device)[:, None] + torch.arange(k, device=logits.device)
@@ -656,7 +658,7 @@ class _SoftcapMTPLoss(torch.autograd.Function):
         for lo in range(0, n, block):
             rows = slice(lo, lo + block)
             z = logits[rows].float()
-            l = softcap(z, cap, temp)
+            l = softcap(z, cap, temp, offset)
             a = log_stable(l) if stablemax else l
             lse = torch.logsumexp(a, dim=-1, keepdim=True)
             c, t = coef[rows], picks[rows]
@@ -676,7 +678,7 @@ class _SoftcapMTPLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None
+        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None, None
 
 
 class TorchOps:
@@ -701,20 +703,20 @@ class TorchOps:
         return F.relu(F.linear(x, w)).square().to(x.dtype)
 
     @staticmethod
-    def softcap_mtp_ce(logits, targets, weights, cap, temp):
+    def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0):
         """Per-token multi-token cross-entropy of softcapped logits.
 
         logits [N, V] (raw z), targets [N] (next tokens), weights [K] (a tensor, so changing
         values never recompile); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}]) over the k with
-        i + k < N, where l = cap * sigmoid(z / temp) (l = z when cap is 0).
+        i + k < N, where l = cap * sigmoid((z + offset) / temp) (l = z when cap is 0).
         """
-        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, False)
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, False)
 
     @staticmethod
-    def stablemax_mtp_ce(logits, targets, weights, cap, temp):
+    def stablemax_mtp_ce(logits, targets, weights, cap, temp, offset=0.0):
         """softcap_mtp_ce with LogStableMax in place of log-softmax: loss_i = sum_k w_k
         (log sum_j s(l_ij) - log s(l_i[t_{i+k}])). No Triton kernel: torch on every device."""
-        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, True)
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, True)
 
 
 # Launch shapes, chosen so every kernel assembles for sm_90a without register spills
@@ -848,10 +850,10 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     @triton.jit
-    def _softcap(z, cap, inv_temp, SOFTCAP: tl.constexpr):
-        """cap * sigmoid(z / temp) in fp32, or z itself when the softcap is off."""
+    def _softcap(z, cap, inv_temp, offset, SOFTCAP: tl.constexpr):
+        """cap * sigmoid((z + offset) / temp) in fp32, or z itself when the softcap is off."""
         if SOFTCAP:
-            return cap * tl.sigmoid(z * inv_temp)
+            return cap * tl.sigmoid((z + offset) * inv_temp)
         return z
 
     @triton.jit
@@ -862,7 +864,7 @@ if triton is not None:
         return target, tl.where(valid, tl.load(w_ptr + k), 0.0)
 
     @triton.jit
-    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, n_rows, vocab, s_z, cap, inv_temp,
+    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, n_rows, vocab, s_z, cap, inv_temp, offset,
                                NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
         """Loss of one row: an online logsumexp over vocabulary blocks, then the weighted target logits."""
         row = tl.program_id(0)
@@ -872,7 +874,7 @@ if triton is not None:
         for v0 in range(0, vocab, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             z = tl.load(z_row + cols, mask=cols < vocab, other=0.0).to(tl.float32)
-            l = tl.where(cols < vocab, _softcap(z, cap, inv_temp, SOFTCAP), -float("inf"))
+            l = tl.where(cols < vocab, _softcap(z, cap, inv_temp, offset, SOFTCAP), -float("inf"))
             new_max = tl.maximum(run_max, tl.max(l, axis=0))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(l - new_max), axis=0)
             run_max = new_max
@@ -880,13 +882,13 @@ if triton is not None:
         loss = 0.0
         for k in tl.static_range(NUM_WEIGHTS):
             target, weight = _mtp_target(t_ptr, w_ptr, row, k, n_rows)
-            picked = _softcap(tl.load(z_row + target).to(tl.float32), cap, inv_temp, SOFTCAP)
+            picked = _softcap(tl.load(z_row + target).to(tl.float32), cap, inv_temp, offset, SOFTCAP)
             loss += weight * (lse - picked)
         tl.store(lse_ptr + row, lse)
         tl.store(loss_ptr + row, loss)
 
     @triton.jit
-    def _softcap_ce_bwd_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, grad_ptr, dz_ptr, n_rows, vocab, s_z, s_dz, cap, inv_temp,
+    def _softcap_ce_bwd_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, grad_ptr, dz_ptr, n_rows, vocab, s_z, s_dz, cap, inv_temp, offset,
                                NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
         """dloss/dz of one row in one pass: sum_k w_k (softmax - onehot(t_{i+k})) * grad, through the softcap."""
         row = tl.program_id(0)
@@ -900,7 +902,7 @@ if triton is not None:
         for v0 in range(0, vocab, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             z = tl.load(z_row + cols, mask=cols < vocab, other=0.0).to(tl.float32)
-            l = _softcap(z, cap, inv_temp, SOFTCAP)
+            l = _softcap(z, cap, inv_temp, offset, SOFTCAP)
             dl = total * tl.exp(l - lse)
             for k in tl.static_range(NUM_WEIGHTS):
                 target, weight = _mtp_target(t_ptr, w_ptr, row, k, n_rows)
@@ -972,14 +974,14 @@ if triton is not None:
         """
 
         @staticmethod
-        def forward(ctx, logits, targets, weights, cap, temp):
+        def forward(ctx, logits, targets, weights, cap, temp, offset):
             _require_16bit("softcap_mtp_ce", logits)
             z, targets = logits.contiguous(), targets.contiguous()
             weights = torch.as_tensor(weights, dtype=torch.float32, device=z.device)  # a tensor: no recompiles
             n, vocab = z.shape
             loss = torch.empty(n, dtype=torch.float32, device=z.device)
             lse = torch.empty(n, dtype=torch.float32, device=z.device)
-            ctx.launch = dict(cap=float(cap), inv_temp=1.0 / temp if cap > 0 else 1.0, NUM_WEIGHTS=weights.numel(),
+            ctx.launch = dict(cap=float(cap), inv_temp=1.0 / temp if cap > 0 else 1.0, offset=float(offset), NUM_WEIGHTS=weights.numel(),
                               SOFTCAP=cap > 0, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
             _softcap_ce_fwd_kernel[(n,)](z, targets, weights, loss, lse, n, vocab, z.stride(0), **ctx.launch)
             ctx.save_for_backward(z, targets, weights, lse)
@@ -992,7 +994,7 @@ if triton is not None:
             dz = torch.empty_like(z)
             _softcap_ce_bwd_kernel[(n,)](z, targets, weights, lse, grad.contiguous(), dz, n, vocab, z.stride(0), dz.stride(0),
                                          **ctx.launch)
-            return dz, None, None, None, None
+            return dz, None, None, None, None, None
 
     class TritonOps(TorchOps):
         """The fused Triton kernels behind TorchOps' signatures (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
@@ -1012,8 +1014,8 @@ if triton is not None:
             return _LinearReLU2.apply(x, w)
 
         @staticmethod
-        def softcap_mtp_ce(logits, targets, weights, cap, temp):
-            return _SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp)
+        def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0):
+            return _SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp, offset)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1340,7 +1342,7 @@ class GPT(nn.Module):
         cfg = self.cfg
         # StableMax only trains: validation is always cross-entropy, so runs stay comparable
         loss_fn = self.ops.stablemax_mtp_ce if cfg.stablemax and self.training else self.ops.softcap_mtp_ce
-        return loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp).sum()
+        return loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset).sum()
 
     @torch.no_grad()
     def first_token_attention(self, idx, windows):
