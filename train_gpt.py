@@ -105,18 +105,24 @@ class Config:
     polar_steps: int = 5  # Polar Express iterations per orthogonalization
     mlp_down_lr_mul: float = 2.0  # extra learning-rate factor of the MLP down projection
     adam_lr: float = 0.008  # Adam learning rate of embeddings, head, gates and scalars
-    adam_betas: tuple = (0.65, 0.95)  # Adam (beta1, beta2)
+    adam_betas: tuple = (0.65, 0.95)  # Adam (beta1, beta2) of the head, embedding and x0 lambdas
     adam_eps: float = 1e-8  # Adam epsilon
     adam_wd: float = 0.005  # Adam cautious weight decay (scaled by the effective lr squared)
     value_embed_lr_mul: float = 75.0  # learning-rate factor of the value embeddings
     smear_gate_lr_mul: float = 0.01  # learning-rate factor of the smear gate (no decay)
     scalar_lr_mul: float = 5.0  # learning-rate factor of the scalars and the x0 lambdas (these with adam_betas)
-    scalar_betas: tuple = (0.9, 0.99)  # Adam (beta1, beta2) of the scalars
+    scalar_betas: tuple = (0.9, 0.99)  # Adam (beta1, beta2) of the scalars and of the #55 gates
     scalar_freeze_steps: int = 40  # the scalars' Adam pauses this long after a batch or window change
     adam_every: int = 2  # Adam steps every this many steps; its gradients accumulate in between
     adamw_lr: float = 0.0036  # the plain AdamW baseline
     adamw_betas: tuple = (0.9, 0.95)  # AdamW (beta1, beta2) of the baseline
     adamw_wd: float = 0.0  # AdamW weight decay of the baseline
+    attn_lr_mul: float = 2.0  # #61 NorMuon lr factor of Q, K, V and O: 2 is the shape factor of #53's stacked (4d x d) matrix; HEAD 1
+    head_wd_mul: float = 1.0  # #55 Adam weight-decay factor of the head and embedding (HEAD 150)
+    value_embed_wd_mul: float = 1.0  # #55 Adam weight-decay factor of the value embeddings (HEAD 5)
+    value_embed_betas: tuple = (0.65, 0.95)  # #57 Adam (beta1, beta2) of the value embeddings (HEAD 0.75, 0.95)
+    smear_gate_betas: tuple = (0.65, 0.95)  # #57 Adam (beta1, beta2) of the smear gate (HEAD 0.9, 0.99)
+    qk_head_pairs: bool = False  # #80 NorMuon orthogonalizes Q and K per pair of heads, not as whole matrices
     # techniques of the record recipe (each one switch)
     value_embeds: int = 3  # number of value-embedding tables, 0 = off
     smear: bool = True  # mix a gated share of the previous token's embedding into each token
@@ -138,6 +144,10 @@ class Config:
     window_schedule: bool = True  # False: the last third's window throughout
     fp8_head: bool = True  # FP8 lm_head matmul (CUDA)
     triton: bool = True  # fused Triton kernels on CUDA; False forces the torch twins
+    ve_layout: str = ""  # #70 value-embedding table of each layer, one character per layer: '.' none or the table's index (HEAD .01.....234); empty: value_embeds' layout
+    ve_init_std: float = 0.0  # #70 value embeddings start N(0, std^2); 0: zeros (HEAD 0.01)
+    ve_gate: str = "none"  # #55/#70 each head takes 2 sigmoid(w . g) of its value embedding: none | x (#55: g = x[:gate_dims]) | x_ve (#70: halves of x and ve)
+    skip_x0_gate: bool = False  # #55 the skip is also scaled by 2 sigmoid(w . x0[:gate_dims]), per token
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -224,9 +234,11 @@ CHOICES = {
     "gate_attn": ("none", "relu", "sigmoid"),
     "gate_mlp": ("none", "relu", "sigmoid"),
     "perp_grad": ("none", "matrices", "all"),
+    "ve_gate": ("none", "x", "x_ve"),
 }
 # tuples of a fixed length: one value per third of training, or (beta1, beta2); the others list layers
-TUPLE_LENGTHS = dict(batch_tokens=3, long_windows=3, lr_mults=3, adam_betas=2, scalar_betas=2, adamw_betas=2)
+TUPLE_LENGTHS = dict(batch_tokens=3, long_windows=3, lr_mults=3, adam_betas=2, scalar_betas=2, adamw_betas=2,
+                     value_embed_betas=2, smear_gate_betas=2)
 # what every other number must satisfy (every element, for tuples), as (test, what it expects)
 AT_LEAST_ONE = (lambda v: v >= 1, "at least 1")
 NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
@@ -240,10 +252,12 @@ BOUNDS = {
     **dict.fromkeys(("seed", "warmup_steps", "log_every", "extension_steps", "val_every", "momentum_warmup_steps",
                      "momentum_cooldown_steps", "value_embeds", "lr_mults", "muon_lr", "muon_wd", "mlp_down_lr_mul",
                      "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
-                     "softcap", "shell_lambda", "save_every"), NOT_NEGATIVE),
+                     "softcap", "shell_lambda", "save_every", "ve_init_std", "attn_lr_mul", "head_wd_mul",
+                     "value_embed_wd_mul"), NOT_NEGATIVE),
     **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
     **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
-                     "adam_betas", "scalar_betas", "adamw_betas", "untie_frac"), FRACTION),
+                     "adam_betas", "scalar_betas", "adamw_betas", "untie_frac", "value_embed_betas",
+                     "smear_gate_betas"), FRACTION),
 }
 HELP_WIDTH = 36  # column where a flag's description starts in --help
 
@@ -322,6 +336,17 @@ def check_model_shape(cfg):
         raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected at most --d_model={cfg.d_model} (the gate reads that many channels)")
     if cfg.value_embeds > cfg.n_layer:
         raise ConfigError(f"--value_embeds={cfg.value_embeds}: expected at most --n_layer={cfg.n_layer} (one table per layer at most)")
+    tables = [str(i) for i in range(cfg.value_embeds)]
+    if cfg.value_embeds and cfg.ve_layout and (len(cfg.ve_layout) != cfg.n_layer or set(cfg.ve_layout) - {".", *tables}
+                                               or not set(tables) <= set(cfg.ve_layout)):
+        raise ConfigError(f"--ve_layout={cfg.ve_layout}: expected {cfg.n_layer} characters (--n_layer), each '.' or a table "
+                          f"0 to {cfg.value_embeds - 1} (--value_embeds={cfg.value_embeds}), every table used")
+    if cfg.ve_gate != "none" and cfg.gate_dims > min(cfg.d_model, cfg.n_head * cfg.head_dim):
+        raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected at most the width of x and of a value embedding for --ve_gate={cfg.ve_gate}")
+    if cfg.qk_head_pairs and cfg.n_head % 2:
+        raise ConfigError(f"--n_head={cfg.n_head}: expected an even number for --qk_head_pairs=true")
+    if cfg.ve_gate == "x_ve" and cfg.gate_dims % 2:
+        raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected an even number for --ve_gate=x_ve (half from x, half from ve)")
 
 
 def config_docs():
@@ -1026,11 +1051,10 @@ COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA (on a CPU: the bac
 YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which YaRN fully/never rescales
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
-TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate")  # stored in Backend.table_dtype
-# the record stores Q, K, V and O stacked as one (4 d x d) matrix: Muon's shape multiplier
-# sqrt(max(1, rows / cols)) = 2 of that stack is what each of the four gets
-ATTN_STACKED = 4
+TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "ve_gate")  # stored in Backend.table_dtype
 QKV_LAMBDA_INIT, OUT_LAMBDA_INIT = 0.5, 1.0  # the per-layer attention lambdas start here
+GATE_RANGE = 2.0  # #55's value-embedding and skip gates are GATE_RANGE * sigmoid(.): 1 at their zero init
+SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
 SHELL_RADIUS_SQ = 2.0  # the shell penalty's hinge is zero for ||x||^2 >= this * d - SHELL_EPS
 SHELL_EPS = 0.1
 
@@ -1041,11 +1065,13 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),)).type_as(x)
 
 
-def tag(param, kind, lr_mul=1.0):
-    """Label a parameter for the optimizer builder. NorMuon: matrix | gate (normalized per row);
-    Adam: head | embed | value_embed | smear_gate | x0 (the main betas) | scalar (their own betas)."""
+def tag(param, kind, lr_mul=1.0, muon_blocks=1):
+    """Label a parameter for the optimizer builder. NorMuon: matrix | gate (normalized per row),
+    orthogonalized as `muon_blocks` blocks of rows; Adam: head | embed | value_embed | smear_gate |
+    x0 | scalar | ve_gate | skip_x0_gate (see Optimizers for each one's lr, betas and decay)."""
     param.kind = kind
     param.lr_mul = lr_mul
+    param.muon_blocks = muon_blocks
     return param
 
 
@@ -1145,9 +1171,10 @@ class Attention(nn.Module):
         d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
         self.n_head, self.head_dim, self.dtype = cfg.n_head, cfg.head_dim, dtype
         bound = math.sqrt(3) / math.sqrt(d)
-        lr_mul = shape_lr_mul(ATTN_STACKED * d, d)
-        self.q = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
-        self.k = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
+        lr_mul = cfg.attn_lr_mul
+        pairs = cfg.n_head // 2 if cfg.qk_head_pairs else 1  # #80: one orthogonalization per pair of heads
+        self.q = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul, pairs)
+        self.k = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul, pairs)
         self.v = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
         self.o = tag(nn.Parameter(torch.zeros(d, inner)), "matrix", lr_mul)
         # learned scales of the QKV and the output weights
@@ -1164,6 +1191,22 @@ class Attention(nn.Module):
         self.sink = tag(nn.Parameter(torch.zeros(cfg.n_head)), "scalar") if cfg.sink_logit else None
         self.key_bias = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim)), "scalar") if cfg.kv_bias else None
         self.value_bias = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim)), "scalar") if cfg.kv_bias else None
+        self.ve_gate_input = cfg.ve_gate
+        has_ve_gate = value_embed_tables(cfg)[layer] is not None and cfg.ve_gate != "none"
+        self.ve_gate = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)), "ve_gate") if has_ve_gate else None
+
+    def gated_ve(self, x, ve):
+        """The value embedding ve [T, inner] as [T, H, D], each head scaled by its gate (#55/#70):
+        2 sigmoid(w_h . g), g the first gate_dims channels of x, or half of them from x, half from ve."""
+        ve = ve.view(x.size(0), self.n_head, self.head_dim)
+        if self.ve_gate is None:
+            return ve
+        dims = self.ve_gate.size(1)
+        if self.ve_gate_input == "x":
+            g = x[:, :dims]
+        else:
+            g = torch.cat([x[:, : dims // 2], ve.flatten(1)[:, : dims // 2].type_as(x)], dim=-1)
+        return GATE_RANGE * torch.sigmoid(F.linear(g, self.ve_gate.type_as(g)))[..., None] * ve
 
     def slot_logit(self, q, scale):
         """Logit of the extra slot for queries q [T, H, D]: [H] (sink logit only) or [T, H]."""
@@ -1187,7 +1230,7 @@ class Attention(nn.Module):
             still[dh // 4 : dh // 2] = still[3 * dh // 4 :] = True
             k = torch.where(still, torch.cat([k[:1], k[:-1]]), k)
         if ve is not None:
-            v = v + ve.view(n, h, dh)
+            v = v + self.gated_ve(x, ve)
         # one dtype into attention, the compute dtype, whatever autocast and the tables' dtype made
         # of q, k (rms_norm) and v (+ a float32 value embedding)
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
@@ -1237,8 +1280,10 @@ class Block(nn.Module):
 
 def value_embed_tables(cfg):
     """Which value-embedding table each layer adds to v (None: none). With n tables the last n
-    layers get tables 0..n-1 and the first n-1 layers get tables 1..n-1."""
+    layers get tables 0..n-1 and the first n-1 layers get tables 1..n-1, unless ve_layout says."""
     n, layers = cfg.value_embeds, cfg.n_layer
+    if n and cfg.ve_layout:
+        return [None if c == "." else int(c) for c in cfg.ve_layout]
     tables = [None] * layers
     for i in range(max(0, n - 1)):
         tables[i] = i + 1
@@ -1263,7 +1308,8 @@ class GPT(nn.Module):
         self.ve_tables = value_embed_tables(cfg)
         inner = cfg.n_head * cfg.head_dim
         self.value_embeds = nn.ParameterList(
-            tag(nn.Parameter(torch.zeros(self.vocab, inner)), "value_embed", cfg.value_embed_lr_mul)
+            tag(nn.Parameter(torch.randn(self.vocab, inner) * cfg.ve_init_std if cfg.ve_init_std else torch.zeros(self.vocab, inner)),
+                "value_embed", cfg.value_embed_lr_mul)
             for _ in range(cfg.value_embeds)
         )
         self.blocks = nn.ModuleList(Block(cfg, i, ops, dtype) for i in range(cfg.n_layer))
@@ -1276,6 +1322,8 @@ class GPT(nn.Module):
             self.x0_lambdas = tag(nn.Parameter(torch.zeros(cfg.n_layer)), "x0")
         if cfg.skip_from >= 0:
             self.skip_gate = tag(nn.Parameter(torch.tensor(-1.5)), "scalar")
+            if cfg.skip_x0_gate:
+                self.skip_x0_gate = tag(nn.Parameter(torch.zeros(1, cfg.gate_dims)), "skip_x0_gate", SKIP_X0_GATE_LR_MUL)
         if cfg.backout_layer >= 0:
             self.backout_lambda = tag(nn.Parameter(torch.tensor(0.5)), "scalar")
         if table_dtype is not None:  # after init, so the random draws are the same in any dtype
@@ -1314,7 +1362,7 @@ class GPT(nn.Module):
         skip = backout = None
         for i, block in enumerate(self.blocks):
             if i == cfg.skip_to and skip is not None:
-                x = x + torch.sigmoid(self.skip_gate) * skip
+                x = x + self.skip_scale(x0) * skip
             if cfg.x0_mixing:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             table = self.ve_tables[i]
@@ -1327,6 +1375,13 @@ class GPT(nn.Module):
         if backout is not None:
             x = x - self.backout_lambda * backout
         return norm(x)
+
+    def skip_scale(self, x0):
+        """sigmoid(skip_gate), times 2 sigmoid(w . x0[:gate_dims]) per token with skip_x0_gate (#55)."""
+        scale = torch.sigmoid(self.skip_gate)
+        if not self.cfg.skip_x0_gate:
+            return scale
+        return scale * GATE_RANGE * torch.sigmoid(F.linear(x0[:, : self.cfg.gate_dims], self.skip_x0_gate.type_as(x0)))
 
     def logits(self, x):
         """Raw head outputs z [T, vocab] in the compute dtype (the softcap is applied inside the loss);
@@ -1460,14 +1515,16 @@ def cautious_mask(update, param, strict=True):
 
 
 def muon_transposed(p):
-    """NorMuon handles a tall matrix as its (wide) transpose: Polar Express and the normalization of
-    its rows treat the transpose's columns identically. A gate keeps its per-head rows."""
-    return p.kind == "matrix" and p.size(-2) > p.size(-1)
+    """NorMuon handles a tall matrix (block) as its (wide) transpose: Polar Express and the
+    normalization of its rows treat the transpose's columns identically. A gate keeps its per-head rows."""
+    return p.kind == "matrix" and p.size(-2) // p.muon_blocks > p.size(-1)
 
 
 def muon_view(p, t):
-    """`t` (p itself or its gradient) in NorMuon's orientation."""
-    return t.mT if muon_transposed(p) else t
+    """`t` (p itself or its gradient) as NorMuon's matrices [p.muon_blocks, rows, cols]: p's row
+    blocks (one block unless split, as #80 splits Q and K by head pairs), in NorMuon's orientation."""
+    blocks = t.unflatten(0, (p.muon_blocks, -1))
+    return blocks.mT if muon_transposed(p) else blocks
 
 
 def normuon_update(grad, weights, momentum_buf, second_moment, lr_mul, hyper, beta2, reduce_dim, ops, polar_steps, dtype):
@@ -1518,7 +1575,7 @@ class NorMuon(torch.optim.Optimizer):
                  dtype=COMPUTE_DTYPE, compile=False):
         by_shape = {}
         for p in params:
-            by_shape.setdefault((p.kind, tuple(muon_view(p, p).shape)), []).append(p)
+            by_shape.setdefault((p.kind, tuple(muon_view(p, p).shape[1:])), []).append(p)
         groups = [dict(params=ps) for _, ps in sorted(by_shape.items())]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
         self.ops, self.rank, self.world_size, self.polar_steps = ops, rank, world_size, polar_steps
@@ -1536,15 +1593,16 @@ class NorMuon(torch.optim.Optimizer):
         pending = []
         for group in self.param_groups:
             params = group["params"]
-            per_rank = -(-len(params) // self.world_size)
-            first = muon_view(params[0], params[0].grad)
-            stack = first.new_empty(per_rank * self.world_size, *first.shape)
-            torch.stack([muon_view(p, p.grad) for p in params], out=stack[: len(params)])
-            stack[len(params):].zero_()
+            count = sum(p.muon_blocks for p in params)
+            per_rank = -(-count // self.world_size)
+            shape = muon_view(params[0], params[0].grad).shape[1:]
+            stack = params[0].grad.new_empty(per_rank * self.world_size, *shape)
+            torch.cat([muon_view(p, p.grad) for p in params], out=stack[:count])
+            stack[count:].zero_()
             if self.world_size == 1:
                 pending.append((stack, None))
                 continue
-            own = stack.new_empty(per_rank, *first.shape)
+            own = stack.new_empty(per_rank, *shape)
             pending.append((own, dist.reduce_scatter_tensor(own, stack, op=dist.ReduceOp.AVG, async_op=True)))
         return pending
 
@@ -1556,12 +1614,15 @@ class NorMuon(torch.optim.Optimizer):
             if work is not None:
                 work.wait()
             params, per_rank = group["params"], grad.size(0)
-            mine = params[self.rank * per_rank : (self.rank + 1) * per_rank]
+            matrices = [m for p in params for m in muon_view(p, p).unbind(0)]  # views into the parameters
+            lr_muls = [p.lr_mul for p in params for _ in range(p.muon_blocks)]
+            first = self.rank * per_rank
+            mine = matrices[first : first + per_rank]
             weights = torch.empty_like(grad)
             if mine:
-                torch.stack([muon_view(p, p) for p in mine], out=weights[: len(mine)])
+                torch.stack(mine, out=weights[: len(mine)])
             weights[len(mine):].zero_()
-            state = self._state(group, grad, mine)
+            state = self._state(group, grad, lr_muls[first : first + per_rank])
             if index not in self.hyper:
                 self.hyper[index] = grad.new_empty(4, dtype=hyper_dtype(grad))
             hyper = self.hyper[index]
@@ -1570,14 +1631,14 @@ class NorMuon(torch.optim.Optimizer):
             self.update(grad, weights, state["momentum"], state["second_moment"], state["lr_mul"], hyper,
                         group["beta2"], reduce_dim, self.ops, self.polar_steps, self.dtype)
             if self.world_size == 1:
-                gathers.append((params, weights, None))
+                gathers.append((matrices, weights, None))
                 continue
             full = weights.new_empty(per_rank * self.world_size, *weights.shape[1:])
-            gathers.append((params, full, dist.all_gather_into_tensor(full, weights, async_op=True)))
-        for params, full, work in gathers:
+            gathers.append((matrices, full, dist.all_gather_into_tensor(full, weights, async_op=True)))
+        for matrices, full, work in gathers:
             if work is not None:
                 work.wait()
-            torch._foreach_copy_([muon_view(p, p) for p in params], list(full[: len(params)].unbind(0)))
+            torch._foreach_copy_(matrices, list(full[: len(matrices)].unbind(0)))
 
     @staticmethod
     def group_hyper(group):
@@ -1593,8 +1654,8 @@ class NorMuon(torch.optim.Optimizer):
                 table[p] = (*normuon_rates(lr, lr_decay, p.lr_mul), (momentum, group["beta2"]))
         return table
 
-    def _state(self, group, grad, mine):
-        """The group's momentum, second moment and per-matrix lr multipliers (of this rank's share)."""
+    def _state(self, group, grad, lr_muls):
+        """The group's momentum, second moment and per-matrix lr multipliers (`lr_muls`: this rank's share's)."""
         state = self.state[group["params"][0]]
         if not state:
             reduce_dim = normuon_reduce_dim(grad.shape, group["params"][0].kind)
@@ -1603,7 +1664,7 @@ class NorMuon(torch.optim.Optimizer):
             shape[reduce_dim] = 1
             state["second_moment"] = torch.zeros(shape, device=grad.device, dtype=grad.dtype)
             # per-matrix lr multipliers, made once: a host-to-device copy every step would stall it
-            lr_muls = [p.lr_mul for p in mine] + [0.0] * (len(grad) - len(mine))  # padding stays 0
+            lr_muls = lr_muls + [0.0] * (len(grad) - len(lr_muls))  # padding stays 0
             state["lr_mul"] = torch.tensor(lr_muls, device=grad.device, dtype=hyper_dtype(grad))[:, None, None]
         return state
 
@@ -1793,12 +1854,14 @@ class Optimizers:
                                 backend.ops, rank, world, cfg.polar_steps, backend.compute_dtype, cfg.compile)
             adam_betas, wd = cfg.adam_betas, cfg.adam_wd
             kinds = {  # kind: (lr, betas, weight decay)
-                "head": (cfg.adam_lr, adam_betas, wd),
-                "embed": (cfg.adam_lr, adam_betas, wd),
-                "value_embed": (cfg.adam_lr * cfg.value_embed_lr_mul, adam_betas, wd),
-                "smear_gate": (cfg.adam_lr * cfg.smear_gate_lr_mul, adam_betas, 0.0),
+                "head": (cfg.adam_lr, adam_betas, wd * cfg.head_wd_mul),
+                "embed": (cfg.adam_lr, adam_betas, wd * cfg.head_wd_mul),
+                "value_embed": (cfg.adam_lr * cfg.value_embed_lr_mul, cfg.value_embed_betas, wd * cfg.value_embed_wd_mul),
+                "smear_gate": (cfg.adam_lr * cfg.smear_gate_lr_mul, cfg.smear_gate_betas, 0.0),
                 "x0": (cfg.adam_lr * cfg.scalar_lr_mul, adam_betas, 0.0),
                 "scalar": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.scalar_betas, 0.0),
+                "ve_gate": (cfg.adam_lr, cfg.scalar_betas, wd),
+                "skip_x0_gate": (cfg.adam_lr * SKIP_X0_GATE_LR_MUL, cfg.scalar_betas, 0.0),
             }
             groups = []
             for kind, (lr, betas, decay) in kinds.items():
@@ -2251,7 +2314,10 @@ def matmul_params(cfg):
     mlp = 2 * d * cfg.mlp_hidden + (d * d if cfg.gate_mlp != "none" else 0)
     vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
     smear = cfg.gate_dims if cfg.smear else 0
-    return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear
+    ve_gates = sum(t is not None and layer not in cfg.no_attn_layers for layer, t in enumerate(value_embed_tables(cfg)))
+    ve_gate = cfg.n_head * cfg.gate_dims if cfg.ve_gate != "none" else 0
+    skip_gate = cfg.gate_dims if cfg.skip_x0_gate and cfg.skip_from >= 0 else 0
+    return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear + ve_gates * ve_gate + skip_gate
 
 
 def attention_flops(cfg, windows):

@@ -199,7 +199,7 @@ def test_help_lists_every_flag_in_config_order_with_value_and_description(capsys
             parts = line.split(maxsplit=1)
             assert (parts[1] if len(parts) == 2 else body[i + 1].strip()), f"{line}: no description"
     assert any(re.fullmatch(r"  --num_steps=1880 +scheduled steps.*", line) for line in body)
-    assert any(re.fullmatch(r"  --adam_betas=0.65,0.95 +Adam \(beta1, beta2\)", line) for line in body)
+    assert any(re.fullmatch(r"  --adam_betas=0.65,0.95 +Adam \(beta1, beta2\) of the head, embedding and x0 lambdas", line) for line in body)
     at = body.index("  --train_files=data/fineweb10B/fineweb_train_*.bin")
     assert body[at + 1] == " " * tg.HELP_WIDTH + "glob of the training shards"
 
