@@ -148,6 +148,7 @@ class Config:
     ve_init_std: float = 0.0  # #70 value embeddings start N(0, std^2); 0: zeros (HEAD 0.01)
     ve_gate: str = "none"  # #55/#70 each head takes 2 sigmoid(w . g) of its value embedding: none | x (#55: g = x[:gate_dims]) | x_ve (#70: halves of x and ve)
     skip_x0_gate: bool = False  # #55 the skip is also scaled by 2 sigmoid(w . x0[:gate_dims]), per token
+    attn_gate_adam: bool = False  # #56 the attention gates step with Adam (as the value-embedding gates), not NorMuon
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -1051,7 +1052,7 @@ COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA (on a CPU: the bac
 YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which YaRN fully/never rescales
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
-TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "ve_gate")  # stored in Backend.table_dtype
+TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "adam_gate")  # stored in Backend.table_dtype
 QKV_LAMBDA_INIT, OUT_LAMBDA_INIT = 0.5, 1.0  # the per-layer attention lambdas start here
 GATE_RANGE = 2.0  # #55's value-embedding and skip gates are GATE_RANGE * sigmoid(.): 1 at their zero init
 SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
@@ -1068,7 +1069,7 @@ def norm(x):
 def tag(param, kind, lr_mul=1.0, muon_blocks=1):
     """Label a parameter for the optimizer builder. NorMuon: matrix | gate (normalized per row),
     orthogonalized as `muon_blocks` blocks of rows; Adam: head | embed | value_embed | smear_gate |
-    x0 | scalar | ve_gate | skip_x0_gate (see Optimizers for each one's lr, betas and decay)."""
+    x0 | scalar | adam_gate | skip_x0_gate (see Optimizers for each one's lr, betas and decay)."""
     param.kind = kind
     param.lr_mul = lr_mul
     param.muon_blocks = muon_blocks
@@ -1185,7 +1186,8 @@ class Attention(nn.Module):
         self.gate_dims = d if cfg.head_gate else cfg.gate_dims
         has_gate = cfg.attn_gate or cfg.head_gate
         gate_lr_mul = shape_lr_mul(cfg.n_head, self.gate_dims)
-        self.gate = tag(nn.Parameter(torch.zeros(cfg.n_head, self.gate_dims)), "gate", gate_lr_mul) if has_gate else None
+        gate_kind = "adam_gate" if cfg.attn_gate_adam else "gate"
+        self.gate = tag(nn.Parameter(torch.zeros(cfg.n_head, self.gate_dims)), gate_kind, gate_lr_mul) if has_gate else None
         # the extra slot starts at logit 0 with value 0; its logit is the sink logit plus the key bias's score
         self.has_slot = cfg.sink_logit or cfg.kv_bias
         self.sink = tag(nn.Parameter(torch.zeros(cfg.n_head)), "scalar") if cfg.sink_logit else None
@@ -1193,7 +1195,7 @@ class Attention(nn.Module):
         self.value_bias = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.head_dim)), "scalar") if cfg.kv_bias else None
         self.ve_gate_input = cfg.ve_gate
         has_ve_gate = value_embed_tables(cfg)[layer] is not None and cfg.ve_gate != "none"
-        self.ve_gate = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)), "ve_gate") if has_ve_gate else None
+        self.ve_gate = tag(nn.Parameter(torch.zeros(cfg.n_head, cfg.gate_dims)), "adam_gate") if has_ve_gate else None
 
     def gated_ve(self, x, ve):
         """The value embedding ve [T, inner] as [T, H, D], each head scaled by its gate (#55/#70):
@@ -1860,7 +1862,7 @@ class Optimizers:
                 "smear_gate": (cfg.adam_lr * cfg.smear_gate_lr_mul, cfg.smear_gate_betas, 0.0),
                 "x0": (cfg.adam_lr * cfg.scalar_lr_mul, adam_betas, 0.0),
                 "scalar": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.scalar_betas, 0.0),
-                "ve_gate": (cfg.adam_lr, cfg.scalar_betas, wd),
+                "adam_gate": (cfg.adam_lr, cfg.scalar_betas, wd),
                 "skip_x0_gate": (cfg.adam_lr * SKIP_X0_GATE_LR_MUL, cfg.scalar_betas, 0.0),
             }
             groups = []

@@ -446,7 +446,7 @@ def test_value_embedding_layout_and_gates_by_layer():
     assert T.value_embed_tables(cfg) == [None, 0, None, 1]
     model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
     assert [block.attn.ve_gate is not None for block in model.blocks] == [False, True, False, True]
-    assert all(block.attn.ve_gate.kind == "ve_gate" for block in model.blocks if block.attn.ve_gate is not None)
+    assert all(block.attn.ve_gate.kind == "adam_gate" for block in model.blocks if block.attn.ve_gate is not None)
 
 
 def test_value_embedding_gate_is_wired_into_v():
@@ -489,15 +489,17 @@ def test_skip_x0_gate_formula():
 
 
 def test_gates_adam_settings():
-    """The #55/#70 gates on Adam: the value-embedding gate at the base lr, the scalars' betas and the
-    base decay (HEAD's ve_gate_bank); the skip gate at lr x 0.05, no decay (#55's skip_gate)."""
+    """The #55/#56/#70 gates on Adam: the value-embedding and (#56) attention gates at the base lr, the
+    scalars' betas and the base decay (HEAD's ve_gate_bank, #63's attn_gate_bank); the skip gate at
+    lr x 0.05, no decay (#55's skip_gate)."""
     cfg = T.parse_args(TINY + ["--n_layer=3", "--long_window_layers=1", "--skip_from=0", "--skip_to=2",
-                               "--skip_x0_gate=true", "--ve_gate=x_ve", "--compile=false"])
+                               "--skip_x0_gate=true", "--ve_gate=x_ve", "--attn_gate_adam=true", "--compile=false"])
     model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
     opt = T.Optimizers(model, cfg, T.Backend(torch.device("cpu"), 0, 1, T.TorchOps, None))
     table = opt.hyperparams(1.0, 0.9)
     gates = [block.attn.ve_gate for block in model.blocks if block.attn.ve_gate is not None]
-    assert gates
-    for gate in gates:
+    attn_gates = [block.attn.gate for block in model.blocks]
+    assert gates and all(g not in opt.muon.hyperparams() for g in attn_gates)
+    for gate in gates + attn_gates:
         assert table[gate] == (cfg.adam_lr, cfg.adam_lr**2 * cfg.adam_wd, cfg.scalar_betas)
     assert table[model.skip_x0_gate] == (cfg.adam_lr * 0.05, 0.0, cfg.scalar_betas)
