@@ -73,7 +73,7 @@ def softcapped_logits(model, idx, windows, last_only=False):
     cfg = model.cfg
     x = model.hidden(idx, windows)
     z = model.logits(x[-1:] if last_only else x).float()
-    return tg.softcap(z, cfg.softcap, cfg.softcap_temp)
+    return tg.softcap(z, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset)
 
 
 class KVCache:
@@ -111,7 +111,7 @@ class KVCache:
         x = model.hidden(idx[self.start :], self.windows, self, self.start)[-1:]
         self.length = self.end
         z = F.linear(x.to(model.dtype), self.head).float()
-        return tg.softcap(z, cfg.softcap, cfg.softcap_temp)[0]
+        return tg.softcap(z, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset)[0]
 
     def mask(self, docs, window):
         """[step's tokens, context so far]: the keys each query sees, those of its document at most

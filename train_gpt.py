@@ -114,18 +114,24 @@ class Config:
     polar_steps: int = 5  # Polar Express iterations per orthogonalization
     mlp_down_lr_mul: float = 2.0  # extra learning-rate factor of the MLP down projection
     adam_lr: float = 0.008  # Adam learning rate of embeddings, head, gates and scalars
-    adam_betas: tuple = (0.65, 0.95)  # Adam (beta1, beta2)
+    adam_betas: tuple = (0.65, 0.95)  # Adam (beta1, beta2) of the head, embedding and x0 lambdas
     adam_eps: float = 1e-8  # Adam epsilon
     adam_wd: float = 0.005  # Adam cautious weight decay (scaled by the effective lr squared)
     value_embed_lr_mul: float = 75.0  # learning-rate factor of the value embeddings
     smear_gate_lr_mul: float = 0.01  # learning-rate factor of the smear gate (no decay)
     scalar_lr_mul: float = 5.0  # learning-rate factor of the scalars and the x0 lambdas (these with adam_betas)
-    scalar_betas: tuple = (0.9, 0.99)  # Adam (beta1, beta2) of the scalars
+    scalar_betas: tuple = (0.9, 0.99)  # Adam (beta1, beta2) of the scalars and of the #55 gates
     scalar_freeze_steps: int = 40  # the scalars' Adam pauses this long after a batch or window change
     adam_every: int = 2  # Adam steps every this many steps; its gradients accumulate in between
     adamw_lr: float = 0.0036  # the plain AdamW baseline
     adamw_betas: tuple = (0.9, 0.95)  # AdamW (beta1, beta2) of the baseline
     adamw_wd: float = 0.0  # AdamW weight decay of the baseline
+    attn_lr_mul: float = 2.0  # #61 NorMuon lr factor of Q, K, V and O: 2 is the shape factor of #53's stacked (4d x d) matrix; HEAD 1
+    head_wd_mul: float = 1.0  # #55 Adam weight-decay factor of the head and embedding (HEAD 150)
+    value_embed_wd_mul: float = 1.0  # #55 Adam weight-decay factor of the value embeddings (HEAD 5)
+    value_embed_betas: tuple = (0.65, 0.95)  # #57 Adam (beta1, beta2) of the value embeddings (HEAD 0.75, 0.95)
+    smear_gate_betas: tuple = (0.65, 0.95)  # #57 Adam (beta1, beta2) of the smear gate (HEAD 0.9, 0.99)
+    qk_head_pairs: bool = False  # #80 NorMuon orthogonalizes Q and K per pair of heads, not as whole matrices
     # techniques of the record recipe (each one switch)
     value_embeds: int = 3  # number of value-embedding tables, 0 = off
     smear: bool = True  # mix a gated share of the previous token's embedding into each token
@@ -140,6 +146,7 @@ class Config:
     yarn: bool = True  # rescale RoPE and attention scale when the window grows
     softcap: float = 30.0  # logits = softcap * sigmoid(z / softcap_temp); 0 = plain logits
     softcap_temp: float = 7.5  # temperature of the softcap's sigmoid
+    softcap_offset: float = 0.0  # #54 logits = softcap * sigmoid((z + offset) / softcap_temp) (HEAD: 23 * sigmoid((z + 5) / 7.5))
     untie_frac: float = 2 / 3  # embedding reads the head's weight until this fraction; 1 = always tied
     mtp: bool = True  # multi-token-prediction loss schedule
     batch_schedule: bool = True  # False: the last third's batch size throughout
@@ -148,6 +155,11 @@ class Config:
     triton: bool = True  # fused Triton kernels on CUDA; False forces the torch twins
     untie_after_adam: bool = False  # #54: untie after the first Adam step at or past the untie point (not at the point)
     prefix_loss: float = 0.0  # #88: prefix-token loss weight over the first third, fading to 0 over the second; 0 = off
+    ve_layout: str = ""  # #70 value-embedding table of each layer, one character per layer: '.' none or the table's index (HEAD .01.....234); empty: value_embeds' layout
+    ve_init_std: float = 0.0  # #70 value embeddings start N(0, std^2); 0: zeros (HEAD 0.01)
+    ve_gate: str = "none"  # #55/#70 each head takes 2 sigmoid(w . g) of its value embedding: none | x (#55: g = x[:gate_dims]) | x_ve (#70: halves of x and ve)
+    skip_x0_gate: bool = False  # #55 the skip is also scaled by 2 sigmoid(w . x0[:gate_dims]), per token
+    attn_gate_adam: bool = False  # #56 the attention gates step with Adam (as the value-embedding gates), not NorMuon
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -256,9 +268,11 @@ CHOICES = {
     "gate_attn": ("none", "relu", "sigmoid"),
     "gate_mlp": ("none", "relu", "sigmoid"),
     "perp_grad": ("none", "matrices", "all"),
+    "ve_gate": ("none", "x", "x_ve"),
 }
 # tuples of a fixed length: one value per third of training, or (beta1, beta2); the others list layers
-TUPLE_LENGTHS = dict(batch_tokens=3, long_windows=3, lr_mults=3, adam_betas=2, scalar_betas=2, adamw_betas=2)
+TUPLE_LENGTHS = dict(batch_tokens=3, long_windows=3, lr_mults=3, adam_betas=2, scalar_betas=2, adamw_betas=2,
+                     value_embed_betas=2, smear_gate_betas=2)
 # what every other number must satisfy (every element, for tuples), as (test, what it expects)
 AT_LEAST_ONE = (lambda v: v >= 1, "at least 1")
 NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
@@ -272,10 +286,12 @@ BOUNDS = {
     **dict.fromkeys(("seed", "warmup_steps", "log_every", "extension_steps", "val_every", "momentum_warmup_steps",
                      "momentum_cooldown_steps", "value_embeds", "lr_mults", "muon_lr", "muon_wd", "mlp_down_lr_mul",
                      "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
-                     "softcap", "shell_lambda", "save_every", "keep_checkpoints", "first_seq_len", "prefix_loss"), NOT_NEGATIVE),
+                     "softcap", "shell_lambda", "save_every", "keep_checkpoints", "first_seq_len", "prefix_loss",
+                     "ve_init_std", "attn_lr_mul", "head_wd_mul", "value_embed_wd_mul"), NOT_NEGATIVE),
     **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
     **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
-                     "adam_betas", "scalar_betas", "adamw_betas", "untie_frac"), FRACTION),
+                     "adam_betas", "scalar_betas", "adamw_betas", "untie_frac", "value_embed_betas",
+                     "smear_gate_betas"), FRACTION),
 }
 HELP_WIDTH = 36  # column where a flag's description starts in --help
 
@@ -357,6 +373,17 @@ def check_model_shape(cfg):
         raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected at most --d_model={cfg.d_model} (the gate reads that many channels)")
     if cfg.value_embeds > cfg.n_layer:
         raise ConfigError(f"--value_embeds={cfg.value_embeds}: expected at most --n_layer={cfg.n_layer} (one table per layer at most)")
+    tables = [str(i) for i in range(cfg.value_embeds)]
+    if cfg.value_embeds and cfg.ve_layout and (len(cfg.ve_layout) != cfg.n_layer or set(cfg.ve_layout) - {".", *tables}
+                                               or not set(tables) <= set(cfg.ve_layout)):
+        raise ConfigError(f"--ve_layout={cfg.ve_layout}: expected {cfg.n_layer} characters (--n_layer), each '.' or a table "
+                          f"0 to {cfg.value_embeds - 1} (--value_embeds={cfg.value_embeds}), every table used")
+    if cfg.ve_gate != "none" and cfg.gate_dims > min(cfg.d_model, cfg.n_head * cfg.head_dim):
+        raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected at most the width of x and of a value embedding for --ve_gate={cfg.ve_gate}")
+    if cfg.qk_head_pairs and cfg.n_head % 2:
+        raise ConfigError(f"--n_head={cfg.n_head}: expected an even number for --qk_head_pairs=true")
+    if cfg.ve_gate == "x_ve" and cfg.gate_dims % 2:
+        raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected an even number for --ve_gate=x_ve (half from x, half from ve)")
 
 
 def config_docs():
@@ -660,9 +687,10 @@ def meta_backend(cfg):
 # ------------------------------------------------------------------------------------------------
 
 
-def softcap(z, cap, temp):
-    """cap * sigmoid(z / temp): logits squashed into (0, cap); cap 0 leaves them as they are."""
-    return cap * torch.sigmoid(z / temp) if cap > 0 else z
+def softcap(z, cap, temp, offset=0.0):
+    """cap * sigmoid((z + offset) / temp): logits squashed into (0, cap); cap 0 leaves them as they are.
+    A positive offset (#54) starts the logits above cap / 2, where the cap is asymmetric."""
+    return cap * torch.sigmoid((z + offset) / temp) if cap > 0 else z
 
 
 def log_stable(x):
@@ -684,7 +712,7 @@ class _SoftcapMTPLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, weights, cap, temp, stablemax):
+    def forward(ctx, logits, targets, weights, cap, temp, offset, stablemax):
         n, k = targets.numel(), weights.numel()
         # the k-th target of row i is targets[i + k]; rows past the end get weight 0
         ahead = torch.arange(n, device=logits.device)[:, None] + torch.arange(k, device=logits.device)
@@ -698,7 +726,7 @@ class _SoftcapMTPLoss(torch.autograd.Function):
         for lo in range(0, n, block):
             rows = slice(lo, lo + block)
             z = logits[rows].float()
-            l = softcap(z, cap, temp)
+            l = softcap(z, cap, temp, offset)
             a = log_stable(l) if stablemax else l
             lse = torch.logsumexp(a, dim=-1, keepdim=True)
             c, t = coef[rows], picks[rows]
@@ -718,7 +746,7 @@ class _SoftcapMTPLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None
+        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None, None
 
 
 class TorchOps:
@@ -743,20 +771,20 @@ class TorchOps:
         return F.relu(F.linear(x, w)).square().to(x.dtype)
 
     @staticmethod
-    def softcap_mtp_ce(logits, targets, weights, cap, temp):
+    def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0):
         """Per-token multi-token cross-entropy of softcapped logits.
 
         logits [N, V] (raw z), targets [N] (next tokens), weights [K] (a tensor, so changing
         values never recompile); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}]) over the k with
-        i + k < N, where l = cap * sigmoid(z / temp) (l = z when cap is 0).
+        i + k < N, where l = cap * sigmoid((z + offset) / temp) (l = z when cap is 0).
         """
-        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, False)
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, False)
 
     @staticmethod
-    def stablemax_mtp_ce(logits, targets, weights, cap, temp):
+    def stablemax_mtp_ce(logits, targets, weights, cap, temp, offset=0.0):
         """softcap_mtp_ce with LogStableMax in place of log-softmax: loss_i = sum_k w_k
         (log sum_j s(l_ij) - log s(l_i[t_{i+k}])). No Triton kernel: torch on every device."""
-        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, True)
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, True)
 
 
 # Launch shapes, chosen so every kernel assembles for sm_90a without register spills
@@ -890,10 +918,10 @@ if triton is not None:
         tl.store(out_ptr + rows[:, None] * s_om + cols[None, :] * s_on, out, mask=(rows[:, None] < M) & (cols[None, :] < N))
 
     @triton.jit
-    def _softcap(z, cap, inv_temp, SOFTCAP: tl.constexpr):
-        """cap * sigmoid(z / temp) in fp32, or z itself when the softcap is off."""
+    def _softcap(z, cap, inv_temp, offset, SOFTCAP: tl.constexpr):
+        """cap * sigmoid((z + offset) / temp) in fp32, or z itself when the softcap is off."""
         if SOFTCAP:
-            return cap * tl.sigmoid(z * inv_temp)
+            return cap * tl.sigmoid((z + offset) * inv_temp)
         return z
 
     @triton.jit
@@ -904,7 +932,7 @@ if triton is not None:
         return target, tl.where(valid, tl.load(w_ptr + k), 0.0)
 
     @triton.jit
-    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, n_rows, vocab, s_z, cap, inv_temp,
+    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, n_rows, vocab, s_z, cap, inv_temp, offset,
                                NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
         """Loss of one row: an online logsumexp over vocabulary blocks, then the weighted target logits."""
         row = tl.program_id(0)
@@ -914,7 +942,7 @@ if triton is not None:
         for v0 in range(0, vocab, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             z = tl.load(z_row + cols, mask=cols < vocab, other=0.0).to(tl.float32)
-            l = tl.where(cols < vocab, _softcap(z, cap, inv_temp, SOFTCAP), -float("inf"))
+            l = tl.where(cols < vocab, _softcap(z, cap, inv_temp, offset, SOFTCAP), -float("inf"))
             new_max = tl.maximum(run_max, tl.max(l, axis=0))
             run_sum = run_sum * tl.exp(run_max - new_max) + tl.sum(tl.exp(l - new_max), axis=0)
             run_max = new_max
@@ -922,13 +950,13 @@ if triton is not None:
         loss = 0.0
         for k in tl.static_range(NUM_WEIGHTS):
             target, weight = _mtp_target(t_ptr, w_ptr, row, k, n_rows)
-            picked = _softcap(tl.load(z_row + target).to(tl.float32), cap, inv_temp, SOFTCAP)
+            picked = _softcap(tl.load(z_row + target).to(tl.float32), cap, inv_temp, offset, SOFTCAP)
             loss += weight * (lse - picked)
         tl.store(lse_ptr + row, lse)
         tl.store(loss_ptr + row, loss)
 
     @triton.jit
-    def _softcap_ce_bwd_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, grad_ptr, dz_ptr, n_rows, vocab, s_z, s_dz, cap, inv_temp,
+    def _softcap_ce_bwd_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, grad_ptr, dz_ptr, n_rows, vocab, s_z, s_dz, cap, inv_temp, offset,
                                NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
         """dloss/dz of one row in one pass: sum_k w_k (softmax - onehot(t_{i+k})) * grad, through the softcap."""
         row = tl.program_id(0)
@@ -942,7 +970,7 @@ if triton is not None:
         for v0 in range(0, vocab, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             z = tl.load(z_row + cols, mask=cols < vocab, other=0.0).to(tl.float32)
-            l = _softcap(z, cap, inv_temp, SOFTCAP)
+            l = _softcap(z, cap, inv_temp, offset, SOFTCAP)
             dl = total * tl.exp(l - lse)
             for k in tl.static_range(NUM_WEIGHTS):
                 target, weight = _mtp_target(t_ptr, w_ptr, row, k, n_rows)
@@ -1014,14 +1042,14 @@ if triton is not None:
         """
 
         @staticmethod
-        def forward(ctx, logits, targets, weights, cap, temp):
+        def forward(ctx, logits, targets, weights, cap, temp, offset):
             _require_16bit("softcap_mtp_ce", logits)
             z, targets = logits.contiguous(), targets.contiguous()
             weights = torch.as_tensor(weights, dtype=torch.float32, device=z.device)  # a tensor: no recompiles
             n, vocab = z.shape
             loss = torch.empty(n, dtype=torch.float32, device=z.device)
             lse = torch.empty(n, dtype=torch.float32, device=z.device)
-            ctx.launch = dict(cap=float(cap), inv_temp=1.0 / temp if cap > 0 else 1.0, NUM_WEIGHTS=weights.numel(),
+            ctx.launch = dict(cap=float(cap), inv_temp=1.0 / temp if cap > 0 else 1.0, offset=float(offset), NUM_WEIGHTS=weights.numel(),
                               SOFTCAP=cap > 0, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
             _softcap_ce_fwd_kernel[(n,)](z, targets, weights, loss, lse, n, vocab, z.stride(0), **ctx.launch)
             ctx.save_for_backward(z, targets, weights, lse)
@@ -1034,7 +1062,7 @@ if triton is not None:
             dz = torch.empty_like(z)
             _softcap_ce_bwd_kernel[(n,)](z, targets, weights, lse, grad.contiguous(), dz, n, vocab, z.stride(0), dz.stride(0),
                                          **ctx.launch)
-            return dz, None, None, None, None
+            return dz, None, None, None, None, None
 
     class TritonOps(TorchOps):
         """The fused Triton kernels behind TorchOps' signatures (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
@@ -1054,8 +1082,8 @@ if triton is not None:
             return _LinearReLU2.apply(x, w)
 
         @staticmethod
-        def softcap_mtp_ce(logits, targets, weights, cap, temp):
-            return _SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp)
+        def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0):
+            return _SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp, offset)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1066,11 +1094,10 @@ COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA (on a CPU: the bac
 YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which YaRN fully/never rescales
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
-TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate")  # stored in Backend.table_dtype
-# the record stores Q, K, V and O stacked as one (4 d x d) matrix: Muon's shape multiplier
-# sqrt(max(1, rows / cols)) = 2 of that stack is what each of the four gets
-ATTN_STACKED = 4
+TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "adam_gate")  # stored in Backend.table_dtype
 QKV_LAMBDA_INIT, OUT_LAMBDA_INIT = 0.5, 1.0  # the per-layer attention lambdas start here
+GATE_RANGE = 2.0  # #55's value-embedding and skip gates are GATE_RANGE * sigmoid(.): 1 at their zero init
+SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
 SHELL_RADIUS_SQ = 2.0  # the shell penalty's hinge is zero for ||x||^2 >= this * d - SHELL_EPS
 SHELL_EPS = 0.1
 
@@ -1081,11 +1108,13 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),)).type_as(x)
 
 
-def tag(param, kind, lr_mul=1.0):
-    """Label a parameter for the optimizer builder. NorMuon: matrix | gate (normalized per row);
-    Adam: head | embed | value_embed | smear_gate | x0 (the main betas) | scalar (their own betas)."""
+def tag(param, kind, lr_mul=1.0, muon_blocks=1):
+    """Label a parameter for the optimizer builder. NorMuon: matrix | gate (normalized per row),
+    orthogonalized as `muon_blocks` blocks of rows; Adam: head | embed | value_embed | smear_gate |
+    x0 | scalar | adam_gate | skip_x0_gate (see Optimizers for each one's lr, betas and decay)."""
     param.kind = kind
     param.lr_mul = lr_mul
+    param.muon_blocks = muon_blocks
     return param
 
 
@@ -1209,9 +1238,10 @@ class Attention(nn.Module):
         d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
         self.n_head, self.head_dim, self.dtype = cfg.n_head, cfg.head_dim, dtype
         bound = math.sqrt(3) / math.sqrt(d)
-        lr_mul = shape_lr_mul(ATTN_STACKED * d, d)
-        self.q = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
-        self.k = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
+        lr_mul = cfg.attn_lr_mul
+        pairs = cfg.n_head // 2 if cfg.qk_head_pairs else 1  # #80: one orthogonalization per pair of heads
+        self.q = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul, pairs)
+        self.k = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul, pairs)
         self.v = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
         self.o = tag(zeros(d, inner), "matrix", lr_mul)
         # learned scales of the QKV and the output weights
@@ -1221,12 +1251,29 @@ class Attention(nn.Module):
         self.gate_dims = d if cfg.head_gate else cfg.gate_dims
         has_gate = cfg.attn_gate or cfg.head_gate
         gate_lr_mul = shape_lr_mul(cfg.n_head, self.gate_dims)
-        self.gate = tag(zeros(cfg.n_head, self.gate_dims), "gate", gate_lr_mul) if has_gate else None
+        gate_kind = "adam_gate" if cfg.attn_gate_adam else "gate"
+        self.gate = tag(zeros(cfg.n_head, self.gate_dims), gate_kind, gate_lr_mul) if has_gate else None
         # the extra slot starts at logit 0 with value 0; its logit is the sink logit plus the key bias's score
         self.has_slot = cfg.sink_logit or cfg.kv_bias
         self.sink = tag(zeros(cfg.n_head), "scalar") if cfg.sink_logit else None
         self.key_bias = tag(zeros(cfg.n_head, cfg.head_dim), "scalar") if cfg.kv_bias else None
         self.value_bias = tag(zeros(cfg.n_head, cfg.head_dim), "scalar") if cfg.kv_bias else None
+        self.ve_gate_input = cfg.ve_gate
+        has_ve_gate = value_embed_tables(cfg)[layer] is not None and cfg.ve_gate != "none"
+        self.ve_gate = tag(zeros(cfg.n_head, cfg.gate_dims), "adam_gate") if has_ve_gate else None
+
+    def gated_ve(self, x, ve):
+        """The value embedding ve [T, inner] as [T, H, D], each head scaled by its gate (#55/#70):
+        2 sigmoid(w_h . g), g the first gate_dims channels of x, or half of them from x, half from ve."""
+        ve = ve.view(x.size(0), self.n_head, self.head_dim)
+        if self.ve_gate is None:
+            return ve
+        dims = self.ve_gate.size(1)
+        if self.ve_gate_input == "x":
+            g = x[:, :dims]
+        else:
+            g = torch.cat([x[:, : dims // 2], ve.flatten(1)[:, : dims // 2].type_as(x)], dim=-1)
+        return GATE_RANGE * torch.sigmoid(F.linear(g, self.ve_gate.type_as(g)))[..., None] * ve
 
     def slot_logit(self, q, scale):
         """Logit of the extra slot for queries q [T, H, D]: [H] (sink logit only) or [T, H]."""
@@ -1250,7 +1297,7 @@ class Attention(nn.Module):
             still[dh // 4 : dh // 2] = still[3 * dh // 4 :] = True
             k = torch.where(still, torch.cat([k[:1], k[:-1]]), k)
         if ve is not None:
-            v = v + ve.view(n, h, dh)
+            v = v + self.gated_ve(x, ve)
         # one dtype into attention, the compute dtype, whatever autocast and the tables' dtype made
         # of q, k (rms_norm) and v (+ a float32 value embedding)
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
@@ -1300,8 +1347,10 @@ class Block(nn.Module):
 
 def value_embed_tables(cfg):
     """Which value-embedding table each layer adds to v (None: none). With n tables the last n
-    layers get tables 0..n-1 and the first n-1 layers get tables 1..n-1."""
+    layers get tables 0..n-1 and the first n-1 layers get tables 1..n-1, unless ve_layout says."""
     n, layers = cfg.value_embeds, cfg.n_layer
+    if n and cfg.ve_layout:
+        return [None if c == "." else int(c) for c in cfg.ve_layout]
     tables = [None] * layers
     for i in range(max(0, n - 1)):
         tables[i] = i + 1
@@ -1327,7 +1376,8 @@ class GPT(nn.Module):
         self.ve_tables = value_embed_tables(cfg)
         inner = cfg.n_head * cfg.head_dim
         self.value_embeds = nn.ParameterList(
-            tag(zeros(self.vocab, inner), "value_embed", cfg.value_embed_lr_mul)
+            tag(normal(self.vocab, inner, cfg.ve_init_std) if cfg.ve_init_std else zeros(self.vocab, inner),
+                "value_embed", cfg.value_embed_lr_mul)
             for _ in range(cfg.value_embeds)
         )
         self.blocks = nn.ModuleList(Block(cfg, i, ops, dtype) for i in range(cfg.n_layer))
@@ -1340,6 +1390,8 @@ class GPT(nn.Module):
             self.x0_lambdas = tag(zeros(cfg.n_layer), "x0")
         if cfg.skip_from >= 0:
             self.skip_gate = tag(constant(-1.5), "scalar")
+            if cfg.skip_x0_gate:
+                self.skip_x0_gate = tag(zeros(1, cfg.gate_dims), "skip_x0_gate", SKIP_X0_GATE_LR_MUL)
         if cfg.backout_layer >= 0:
             self.backout_lambda = tag(constant(0.5), "scalar")
         if table_dtype is not None:  # after init, so the random draws are the same in any dtype
@@ -1378,7 +1430,7 @@ class GPT(nn.Module):
         skip = backout = None
         for i, block in enumerate(self.blocks):
             if i == cfg.skip_to and skip is not None:
-                x = x + torch.sigmoid(self.skip_gate) * skip
+                x = x + self.skip_scale(x0) * skip
             if cfg.x0_mixing:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             table = self.ve_tables[i]
@@ -1391,6 +1443,13 @@ class GPT(nn.Module):
         if backout is not None:
             x = x - self.backout_lambda * backout
         return norm(x)
+
+    def skip_scale(self, x0):
+        """sigmoid(skip_gate), times 2 sigmoid(w . x0[:gate_dims]) per token with skip_x0_gate (#55)."""
+        scale = torch.sigmoid(self.skip_gate)
+        if not self.cfg.skip_x0_gate:
+            return scale
+        return scale * GATE_RANGE * torch.sigmoid(F.linear(x0[:, : self.cfg.gate_dims], self.skip_x0_gate.type_as(x0)))
 
     def logits(self, x):
         """Raw head outputs z [T, vocab] in the compute dtype (the softcap is applied inside the loss);
@@ -1406,7 +1465,7 @@ class GPT(nn.Module):
         cfg = self.cfg
         # StableMax only trains: validation is always cross-entropy, so runs stay comparable
         loss_fn = self.ops.stablemax_mtp_ce if cfg.stablemax and self.training else self.ops.softcap_mtp_ce
-        return loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp).sum()
+        return loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset).sum()
 
     @torch.no_grad()
     def first_token_attention(self, idx, windows):
@@ -1524,14 +1583,16 @@ def cautious_mask(update, param, strict=True):
 
 
 def muon_transposed(p):
-    """NorMuon handles a tall matrix as its (wide) transpose: Polar Express and the normalization of
-    its rows treat the transpose's columns identically. A gate keeps its per-head rows."""
-    return p.kind == "matrix" and p.size(-2) > p.size(-1)
+    """NorMuon handles a tall matrix (block) as its (wide) transpose: Polar Express and the
+    normalization of its rows treat the transpose's columns identically. A gate keeps its per-head rows."""
+    return p.kind == "matrix" and p.size(-2) // p.muon_blocks > p.size(-1)
 
 
 def muon_view(p, t):
-    """`t` (p itself or its gradient) in NorMuon's orientation."""
-    return t.mT if muon_transposed(p) else t
+    """`t` (p itself or its gradient) as NorMuon's matrices [p.muon_blocks, rows, cols]: p's row
+    blocks (one block unless split, as #80 splits Q and K by head pairs), in NorMuon's orientation."""
+    blocks = t.unflatten(0, (p.muon_blocks, -1))
+    return blocks.mT if muon_transposed(p) else blocks
 
 
 def normuon_update(grad, weights, momentum_buf, second_moment, lr_mul, hyper, beta2, reduce_dim, ops, polar_steps, dtype):
@@ -1582,7 +1643,7 @@ class NorMuon(torch.optim.Optimizer):
                  dtype=COMPUTE_DTYPE, compile=False):
         by_shape = {}
         for p in params:
-            by_shape.setdefault((p.kind, tuple(muon_view(p, p).shape)), []).append(p)
+            by_shape.setdefault((p.kind, tuple(muon_view(p, p).shape[1:])), []).append(p)
         groups = [dict(params=ps) for _, ps in sorted(by_shape.items())]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
         self.ops, self.rank, self.world_size, self.polar_steps = ops, rank, world_size, polar_steps
@@ -1600,15 +1661,16 @@ class NorMuon(torch.optim.Optimizer):
         pending = []
         for group in self.param_groups:
             params = group["params"]
-            per_rank = -(-len(params) // self.world_size)
-            first = muon_view(params[0], params[0].grad)
-            stack = first.new_empty(per_rank * self.world_size, *first.shape)
-            torch.stack([muon_view(p, p.grad) for p in params], out=stack[: len(params)])
-            stack[len(params):].zero_()
+            count = sum(p.muon_blocks for p in params)
+            per_rank = -(-count // self.world_size)
+            shape = muon_view(params[0], params[0].grad).shape[1:]
+            stack = params[0].grad.new_empty(per_rank * self.world_size, *shape)
+            torch.cat([muon_view(p, p.grad) for p in params], out=stack[:count])
+            stack[count:].zero_()
             if self.world_size == 1:
                 pending.append((stack, None))
                 continue
-            own = stack.new_empty(per_rank, *first.shape)
+            own = stack.new_empty(per_rank, *shape)
             pending.append((own, dist.reduce_scatter_tensor(own, stack, op=dist.ReduceOp.AVG, async_op=True)))
         return pending
 
@@ -1620,12 +1682,15 @@ class NorMuon(torch.optim.Optimizer):
             if work is not None:
                 work.wait()
             params, per_rank = group["params"], grad.size(0)
-            mine = params[self.rank * per_rank : (self.rank + 1) * per_rank]
+            matrices = [m for p in params for m in muon_view(p, p).unbind(0)]  # views into the parameters
+            lr_muls = [p.lr_mul for p in params for _ in range(p.muon_blocks)]
+            first = self.rank * per_rank
+            mine = matrices[first : first + per_rank]
             weights = torch.empty_like(grad)
             if mine:
-                torch.stack([muon_view(p, p) for p in mine], out=weights[: len(mine)])
+                torch.stack(mine, out=weights[: len(mine)])
             weights[len(mine):].zero_()
-            state = self._state(group, grad, mine)
+            state = self._state(group, grad, lr_muls[first : first + per_rank])
             if index not in self.hyper:
                 self.hyper[index] = grad.new_empty(4, dtype=hyper_dtype(grad))
             hyper = self.hyper[index]
@@ -1634,14 +1699,14 @@ class NorMuon(torch.optim.Optimizer):
             self.update(grad, weights, state["momentum"], state["second_moment"], state["lr_mul"], hyper,
                         group["beta2"], reduce_dim, self.ops, self.polar_steps, self.dtype)
             if self.world_size == 1:
-                gathers.append((params, weights, None))
+                gathers.append((matrices, weights, None))
                 continue
             full = weights.new_empty(per_rank * self.world_size, *weights.shape[1:])
-            gathers.append((params, full, dist.all_gather_into_tensor(full, weights, async_op=True)))
-        for params, full, work in gathers:
+            gathers.append((matrices, full, dist.all_gather_into_tensor(full, weights, async_op=True)))
+        for matrices, full, work in gathers:
             if work is not None:
                 work.wait()
-            torch._foreach_copy_([muon_view(p, p) for p in params], list(full[: len(params)].unbind(0)))
+            torch._foreach_copy_(matrices, list(full[: len(matrices)].unbind(0)))
 
     @staticmethod
     def group_hyper(group):
@@ -1657,8 +1722,8 @@ class NorMuon(torch.optim.Optimizer):
                 table[p] = (*normuon_rates(lr, lr_decay, p.lr_mul), (momentum, group["beta2"]))
         return table
 
-    def _state(self, group, grad, mine):
-        """The group's momentum, second moment and per-matrix lr multipliers (of this rank's share)."""
+    def _state(self, group, grad, lr_muls):
+        """The group's momentum, second moment and per-matrix lr multipliers (`lr_muls`: this rank's share's)."""
         state = self.state[group["params"][0]]
         if not state:
             reduce_dim = normuon_reduce_dim(grad.shape, group["params"][0].kind)
@@ -1667,7 +1732,7 @@ class NorMuon(torch.optim.Optimizer):
             shape[reduce_dim] = 1
             state["second_moment"] = torch.zeros(shape, device=grad.device, dtype=grad.dtype)
             # per-matrix lr multipliers, made once: a host-to-device copy every step would stall it
-            lr_muls = [p.lr_mul for p in mine] + [0.0] * (len(grad) - len(mine))  # padding stays 0
+            lr_muls = lr_muls + [0.0] * (len(grad) - len(lr_muls))  # padding stays 0
             state["lr_mul"] = torch.tensor(lr_muls, device=grad.device, dtype=hyper_dtype(grad))[:, None, None]
         return state
 
@@ -1857,12 +1922,14 @@ class Optimizers:
                                 backend.ops, rank, world, cfg.polar_steps, backend.compute_dtype, cfg.compile)
             adam_betas, wd = cfg.adam_betas, cfg.adam_wd
             kinds = {  # kind: (lr, betas, weight decay)
-                "head": (cfg.adam_lr, adam_betas, wd),
-                "embed": (cfg.adam_lr, adam_betas, wd),
-                "value_embed": (cfg.adam_lr * cfg.value_embed_lr_mul, adam_betas, wd),
-                "smear_gate": (cfg.adam_lr * cfg.smear_gate_lr_mul, adam_betas, 0.0),
+                "head": (cfg.adam_lr, adam_betas, wd * cfg.head_wd_mul),
+                "embed": (cfg.adam_lr, adam_betas, wd * cfg.head_wd_mul),
+                "value_embed": (cfg.adam_lr * cfg.value_embed_lr_mul, cfg.value_embed_betas, wd * cfg.value_embed_wd_mul),
+                "smear_gate": (cfg.adam_lr * cfg.smear_gate_lr_mul, cfg.smear_gate_betas, 0.0),
                 "x0": (cfg.adam_lr * cfg.scalar_lr_mul, adam_betas, 0.0),
                 "scalar": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.scalar_betas, 0.0),
+                "adam_gate": (cfg.adam_lr, cfg.scalar_betas, wd),
+                "skip_x0_gate": (cfg.adam_lr * SKIP_X0_GATE_LR_MUL, cfg.scalar_betas, 0.0),
             }
             groups = []
             for kind, (lr, betas, decay) in kinds.items():
@@ -2375,7 +2442,10 @@ def matmul_params(cfg):
     mlp = 2 * d * cfg.mlp_hidden + (d * d if cfg.gate_mlp != "none" else 0)
     vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
     smear = cfg.gate_dims if cfg.smear else 0
-    return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear
+    ve_gates = sum(t is not None and layer not in cfg.no_attn_layers for layer, t in enumerate(value_embed_tables(cfg)))
+    ve_gate = cfg.n_head * cfg.gate_dims if cfg.ve_gate != "none" else 0
+    skip_gate = cfg.gate_dims if cfg.skip_x0_gate and cfg.skip_from >= 0 else 0
+    return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear + ve_gates * ve_gate + skip_gate
 
 
 def attention_flops(cfg, windows, max_seq_len=None):

@@ -23,7 +23,7 @@ import train_gpt as T  # noqa: E402
 
 H100 = triton.backends.compiler.GPUTarget("cuda", 90, 32)
 TOKENS, WIDTH, HIDDEN, VOCAB = 49152, 768, 3072, 50304  # one rank's record batch and the model widths
-CE_SCALARS = dict(cap=30.0, inv_temp=1 / 7.5, NUM_WEIGHTS=3, SOFTCAP=True, BLOCK_V=T.CE_BLOCK_V)
+CE_SCALARS = dict(cap=30.0, inv_temp=1 / 7.5, offset=0.0, NUM_WEIGHTS=3, SOFTCAP=True, BLOCK_V=T.CE_BLOCK_V)
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64"}
 
 

@@ -164,11 +164,19 @@ def test_values_are_checked_at_start(arg, expected):
     (["--head_dim=30"], "--head_dim=30: expected a multiple of 4"),
     (["--gate_dims=300"], "--gate_dims=300: expected at most --d_model=256"),
     (["--value_embeds=7"], "--value_embeds=7: expected at most --n_layer=6"),
+    (["--ve_layout=.0.1"], "--ve_layout=.0.1: expected 6 characters (--n_layer), each '.' or a table 0 to 2 (--value_embeds=3), every table used"),
+    (["--ve_layout=.0.13."], "--ve_layout=.0.13.: expected 6 characters"),
+    (["--ve_layout=.0.11."], "--ve_layout=.0.11.: expected 6 characters"),
+    (["--ve_gate=x_ve", "--gate_dims=11"], "--gate_dims=11: expected an even number for --ve_gate=x_ve"),
+    (["--ve_gate=x", "--attn_gate=false", "--gate_dims=300"], "--gate_dims=300: expected at most the width of x and of a value embedding for --ve_gate=x"),
+    (["--qk_head_pairs=true", "--n_head=3"], "--n_head=3: expected an even number for --qk_head_pairs=true"),
 ])
 def test_the_model_shape_is_checked_at_start(args, expected):
     assert expected in error_message(["--preset=cpu", *args])
     # what stays allowed: a switched-off skip ignores skip_to, the per-head gate reads all channels
     tg.parse_args(["--preset=cpu", "--skip_from=-1", "--skip_to=-7", "--head_gate=true", "--gate_dims=300"])
+    # a layout is ignored while the value embeddings are off (--baseline turns them off)
+    tg.parse_args(["--preset=cpu", "--value_embeds=0", "--ve_layout=.0"])
 
 
 def test_main_prints_one_error_line_and_exits_2(capsys):
@@ -201,7 +209,7 @@ def test_help_lists_every_flag_in_config_order_with_value_and_description(capsys
             parts = line.split(maxsplit=1)
             assert (parts[1] if len(parts) == 2 else body[i + 1].strip()), f"{line}: no description"
     assert any(re.fullmatch(r"  --num_steps=1880 +scheduled steps.*", line) for line in body)
-    assert any(re.fullmatch(r"  --adam_betas=0.65,0.95 +Adam \(beta1, beta2\)", line) for line in body)
+    assert any(re.fullmatch(r"  --adam_betas=0.65,0.95 +Adam \(beta1, beta2\) of the head, embedding and x0 lambdas", line) for line in body)
     at = body.index("  --train_files=data/fineweb10B/fineweb_train_*.bin")
     assert body[at + 1] == " " * tg.HELP_WIDTH + "glob of the training shards"
 

@@ -122,14 +122,15 @@ def test_linear_relu2_matches_twin_and_autograd(x_shape, w_shape, dtype):
 # smaller than a block, fewer rows than MTP weights; softcap on and off. The model passes the MTP
 # weights as a float32 tensor (new values never recompile); both ops take it.
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("rows,vocab,weights,cap", [
-    (64, 3144, (1.0, 0.5, 0.25), 30.0),
-    (37, 1000, (1.0, 0.3), 30.0),
-    (2, 50, (1.0, 0.5, 0.25), 30.0),
-    (37, 1000, (1.0, 0.5, 0.25), 0.0),
-    (20, 3144, (1.0,), 0.0),
+@pytest.mark.parametrize("rows,vocab,weights,cap,offset", [
+    (64, 3144, (1.0, 0.5, 0.25), 30.0, 0.0),
+    (37, 1000, (1.0, 0.3), 30.0, 0.0),
+    (2, 50, (1.0, 0.5, 0.25), 30.0, 0.0),
+    (37, 1000, (1.0, 0.5, 0.25), 0.0, 0.0),
+    (20, 3144, (1.0,), 0.0, 0.0),
+    (37, 1000, (1.0, 0.5, 0.25), 23.0, 5.0),  # #54's asymmetric cap
 ])
-def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, dtype):
+def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, offset, dtype):
     gen = torch.Generator().manual_seed(3)
     logits = (4 * torch.randn(rows, vocab, generator=gen)).to(dtype)
     targets = torch.randint(0, vocab, (rows,), generator=gen)
@@ -137,14 +138,14 @@ def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, dty
     weights = torch.tensor(weights)
 
     def kernel(z):
-        return T.TritonOps.softcap_mtp_ce(z, targets, weights, cap, 7.5)
+        return T.TritonOps.softcap_mtp_ce(z, targets, weights, cap, 7.5, offset)
 
     def twin(z):
-        return T.TorchOps.softcap_mtp_ce(z, targets, weights, cap, 7.5)
+        return T.TorchOps.softcap_mtp_ce(z, targets, weights, cap, 7.5, offset)
 
     loss, (dz,) = kernel_grads(kernel, (logits,), grad)
     ref, (rz,) = twin_grads(twin, (logits,), grad)
-    what = f"softcap_mtp_ce {rows}x{vocab} w={weights.tolist()} cap={cap} {dtype}"
+    what = f"softcap_mtp_ce {rows}x{vocab} w={weights.tolist()} cap={cap} offset={offset} {dtype}"
     assert loss.dtype == torch.float32 and loss.shape == (rows,)
     assert dz.dtype == dtype and dz.shape == logits.shape
     assert_close(loss, ref, 1e-5, what + " loss")  # fp32 math on the same logits in both

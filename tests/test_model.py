@@ -139,9 +139,9 @@ def test_gpt_forward_same_with_flex_and_blocked():
 # ------------------------------------------------------------------------------------------------
 
 
-def naive_mtp(z, targets, weights, cap, temp):
+def naive_mtp(z, targets, weights, cap, temp, offset=0.0):
     """sum_k w_k CE(softcapped logits_t, target_{t+k}) per token, targets past the end dropped."""
-    l = cap * torch.sigmoid(z.float() / temp) if cap > 0 else z.float()
+    l = cap * torch.sigmoid((z.float() + offset) / temp) if cap > 0 else z.float()
     n = targets.numel()
     out = torch.zeros(n)
     for k, w in enumerate(weights):
@@ -152,22 +152,23 @@ def naive_mtp(z, targets, weights, cap, temp):
     return out
 
 
-@pytest.mark.parametrize("weights, cap", [((1.0, 0.5, 0.25), 30.0), ((1.0, 0.3), 30.0), ((1.0,), 30.0),
-                                          ((1.0, 0.5, 0.125), 0.0)])
-def test_mtp_loss_matches_naive(weights, cap):
+@pytest.mark.parametrize("weights, cap, offset", [((1.0, 0.5, 0.25), 30.0, 0.0), ((1.0, 0.3), 30.0, 0.0),
+                                                  ((1.0,), 30.0, 0.0), ((1.0, 0.5, 0.125), 0.0, 0.0),
+                                                  ((1.0, 0.5, 0.25), 23.0, 5.0)])
+def test_mtp_loss_matches_naive(weights, cap, offset):
     torch.manual_seed(1)
     n, vocab = 37, 101
     z = (torch.randn(n, vocab) * 10).requires_grad_()
     targets = torch.randint(0, vocab, (n,))
-    got = tg.TorchOps.softcap_mtp_ce(z, targets, torch.tensor(weights), cap, 7.5)
+    got = tg.TorchOps.softcap_mtp_ce(z, targets, torch.tensor(weights), cap, 7.5, offset)
     z2 = z.detach().clone().requires_grad_()
-    want = naive_mtp(z2, targets, weights, cap, 7.5)
+    want = naive_mtp(z2, targets, weights, cap, 7.5, offset)
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
     got.mean().backward()
     want.mean().backward()
     assert torch.allclose(z.grad, z2.grad, atol=1e-7)
     if len(weights) > 1:  # the last token has no t+1 target: only the k = 0 term
-        last = F.cross_entropy((cap * torch.sigmoid(z2[-1:] / 7.5)) if cap else z2[-1:], targets[-1:])
+        last = F.cross_entropy((cap * torch.sigmoid((z2[-1:] + offset) / 7.5)) if cap else z2[-1:], targets[-1:])
         assert torch.allclose(got[-1], weights[0] * last, atol=1e-5)
 
 

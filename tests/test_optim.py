@@ -8,6 +8,7 @@ import re
 import zlib
 
 import pytest
+import head_params_ref as hr
 import record_ref as rr
 import torch
 import torch.distributed as dist
@@ -724,3 +725,184 @@ def test_compiled_sharded_steps_match_one_eager_process(tmp_path, monkeypatch):
         ranked = torch.load(tmp_path / f"compiled{rank}.pt")
         for name, want in eager.items():
             torch.testing.assert_close(ranked[name], want, rtol=1e-10, atol=1e-12, msg=f"rank {rank}: {name}")
+
+
+# ------------------------------------------------------------------------------------------------
+# The HEAD's optimizer settings (head_params_ref.py) through our switches, and #80's head pairs
+# ------------------------------------------------------------------------------------------------
+
+# the optimizer-side and simple model switches at the HEAD's values (the `head` preset sets these)
+HEAD_SWITCHES = ["--softcap=23", "--softcap_offset=5", "--value_embeds=5", "--ve_layout=.01.....234",
+                 "--ve_init_std=0.01", "--ve_gate=x_ve", "--adam_betas=0.5,0.95", "--adam_eps=1e-10",
+                 "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99", "--head_wd_mul=150",
+                 "--value_embed_wd_mul=5", "--muon_beta2=0.9", "--attn_lr_mul=1", "--qk_head_pairs=true",
+                 "--scalar_freeze_steps=0"]
+
+
+def head_label(name):
+    """Our parameter name -> (HEAD's label, index of the matrix within its bank's per-layer pair), or None
+    where the HEAD has no counterpart under these switches (x0 and backout lambdas, the attention gate,
+    resid lambdas, whose HEAD form other switches build)."""
+    leaf = name.split(".")[-1]
+    if name in ("lm_head", "embed", "smear_gate"):
+        return name, 0
+    if name.startswith("value_embeds."):
+        return "value_embeds", 0
+    if leaf == "ve_gate":
+        return "ve_gate_bank", 0
+    if leaf in ("q", "k"):
+        return "qk_bank", 0
+    if leaf in ("v", "o"):
+        return "vo_bank", 0
+    if leaf in ("up", "down"):
+        return "mlp_bank", int(leaf == "down")  # c_fc even, c_proj odd
+    if leaf in ("lambdas", "smear_lambda", "skip_gate"):
+        return "scalars", 0
+    return None
+
+
+@pytest.fixture(scope="module")
+def head_model():
+    """The speedrun-shaped model with HEAD's switches, on the meta device (shapes and settings only)."""
+    cfg = tg.parse_args(HEAD_SWITCHES + ["--compile=false"])
+    with torch.device("meta"):
+        model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+    return cfg, model, tg.Optimizers(model, cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
+
+
+def test_head_switches_give_heads_optimizer_settings(head_model):
+    _, model, opt = head_model
+    table = opt.hyperparams(1.0, hr.MUON_MOMENTUM)
+    checked = set()
+    for name, p in model.named_parameters():
+        label = head_label(name)
+        if label is None:
+            continue
+        label, index = label
+        optim = hr.PARAM_TABLE[label][0]
+        lr, decay, betas = table[p]
+        if optim == "adam":
+            want_lr, want_betas, _, want_decay = hr.adam_settings(label)
+            assert p.kind not in ("matrix", "gate"), name
+        else:
+            want_lr, want_decay, want_betas = hr.muon_settings(label, index)
+            assert p.kind == "matrix", name
+        assert lr == pytest.approx(want_lr, rel=1e-12), name
+        assert decay == pytest.approx(want_decay, rel=1e-12), name
+        assert tuple(betas) == want_betas, name
+        checked.add(label)
+    assert checked == {"lm_head", "embed", "smear_gate", "value_embeds", "ve_gate_bank", "qk_bank", "vo_bank",
+                       "mlp_bank", "scalars"}
+    assert all(group["eps"] == hr.ADAM_EPS for group in opt.adam.param_groups)
+
+
+def test_head_switches_give_heads_shapes(head_model):
+    """Each HEAD bank's matrices, one for one: Q and K as head-pair blocks (#80), V and O, the MLP's,
+    five value-embedding tables and their five gates (#70), the head (HEAD stores it transposed)."""
+    _, model, _ = head_model
+    params = dict(model.named_parameters())
+    qk = [m for name, p in params.items() if name.endswith((".q", ".k")) for m in tg.muon_view(p, p).unbind(0)]
+    assert len(qk) == hr.QK_GROUPS and {m.shape for m in qk} == {hr.SHAPES["qk_bank"][1][1:]}
+    vo = [tg.muon_view(p, p) for name, p in params.items() if name.endswith((".v", ".o"))]
+    assert len(vo) == hr.VO_MATRICES and {m.shape[1:] for m in vo} == {hr.SHAPES["vo_bank"][1][1:]}
+    # HEAD stores c_proj as (hidden, d) too: our down projection transposed
+    mlp = [p if name.endswith(".up") else p.mT for name, p in params.items() if name.endswith((".up", ".down"))]
+    assert len(mlp) == 2 * hr.N_LAYER and {m.shape for m in mlp} == {hr.SHAPES["mlp_bank"][1][1:]}
+    tables = [p for name, p in params.items() if name.startswith("value_embeds.")]
+    assert sum(t.size(0) for t in tables) == hr.SHAPES["value_embeds"][0][0]
+    assert {t.size(1) for t in tables} == {hr.SHAPES["value_embeds"][0][1]}
+    gates = [p for name, p in params.items() if name.endswith(".ve_gate")]
+    assert (len(gates), *gates[0].shape) == hr.SHAPES["ve_gate_bank"][0]
+    assert tuple(params["lm_head"].mT.shape) == hr.SHAPES["lm_head"][0]
+    assert tuple(params["smear_gate"].shape) == hr.SHAPES["smear_gate"][0]
+
+
+def test_head_switches_give_heads_inits():
+    """N(0, 0.01) value embeddings and zero gates (#70), at a width where the std is well measured."""
+    cfg = tg.parse_args(["--preset=cpu", "--n_layer=11", "--no_attn_layers=6", "--long_window_layers=3,10",
+                         "--skip_from=3", "--skip_to=6", "--backout_layer=7", "--vocab_size=2000"] + HEAD_SWITCHES)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+    std = hr.SHAPES["value_embeds"][2][1]
+    for table in model.value_embeds:
+        assert table.std().item() == pytest.approx(std, rel=0.02) and abs(table.mean().item()) < std / 50
+    gates = [block.attn.ve_gate for block in model.blocks if block.attn is not None and block.attn.ve_gate is not None]
+    assert len(gates) == hr.N_VE_TABLES and all(not g.any() for g in gates)
+    assert [table for table in tg.value_embed_tables(cfg)] == hr.VE_LAYOUT
+
+
+def split_params(generator, blocks):
+    """Q/K-like matrices cut into head-pair blocks: wide (8 x 6 in 2 blocks of 4 x 6), tall blocks
+    (16 x 6 in 2 of 8 x 6, each handled transposed), and an unsplit 4 x 6 sharing the wide blocks' group."""
+    specs = [((8, 6), 2, 1.0), ((8, 6), 2, 2.0), ((16, 6), 2, 1.5), ((4, 6), 1, 3.0)]
+    return [tg.tag(torch.nn.Parameter(torch.randn(shape, generator=generator)), "matrix", lr_mul, b if blocks else 1)
+            for shape, b, lr_mul in specs]
+
+
+def test_normuon_head_pairs_match_reference():
+    """#80: each block is its own NorMuon matrix: orthogonalized and normalized on its own."""
+    g = torch.Generator().manual_seed(5)
+    params = split_params(g, blocks=True)
+    lr, wd, mom, beta2 = 0.1, 5.0, 0.9, 0.9
+    opt = tg.NorMuon(params, lr, wd, mom, beta2, tg.TorchOps)
+    states = [[{}, {}] for _ in params]
+    for step in range(2):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        before = [p.detach().clone() for p in params]
+        for p, grad in zip(params, grads):
+            p.grad = grad.clone()
+        opt.step()
+        for p, grad, w0, state in zip(params, grads, before, states):
+            blocks = p.muon_blocks
+            want = torch.cat([ref_normuon_step(w, gb, st, lr, wd, mom, beta2, p.lr_mul)
+                              for w, gb, st in zip(w0.chunk(blocks), grad.chunk(blocks), state)])
+            err = (p.detach() - want).norm() / (want - w0).norm()
+            assert err < 1e-4, (step, tuple(p.shape), err.item())
+            with torch.no_grad():
+                p.copy_(want)  # in lock-step, so bf16 rounding does not compound
+    # splitting changes the update: the whole matrix orthogonalized at once lands elsewhere
+    whole = split_params(torch.Generator().manual_seed(5), blocks=False)
+    for p, grad in zip(whole, [torch.randn(p.shape, generator=torch.Generator().manual_seed(9)) for p in whole]):
+        p.grad = grad
+    split = split_params(torch.Generator().manual_seed(5), blocks=True)
+    for p, q in zip(split, whole):
+        p.grad = q.grad.clone()
+    tg.NorMuon(whole, lr, wd, mom, beta2, tg.TorchOps).step()
+    tg.NorMuon(split, lr, wd, mom, beta2, tg.TorchOps).step()
+    assert not torch.allclose(whole[0], split[0], atol=1e-3)
+
+
+def head_pairs_steps(rank, world):
+    """Two NorMuon steps of the split matrices on the ranks' average gradient (each rank its own)."""
+    params = split_params(torch.Generator().manual_seed(6), blocks=True)
+    opt = tg.NorMuon(params, 0.1, 5.0, 0.9, 0.9, tg.TorchOps, rank, world)
+    for step in range(2):
+        for i, p in enumerate(params):
+            coeffs = [toy_coeffs(str(i), p.shape, r, step, 0) for r in ([rank] if world > 1 else range(3))]
+            p.grad = sum(a + b * p.detach() for a, b in coeffs) / len(coeffs)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def head_pairs_rank(rank, world, store, out):
+    torch.set_default_dtype(torch.float64)
+    tg.COMPUTE_DTYPE = torch.float64
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    torch.save(head_pairs_steps(rank, world), os.path.join(out, f"pairs{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_normuon_head_pairs_sharded_match_one_process(tmp_path, monkeypatch):
+    """3 gloo ranks share the blocks, not the parameters: the wide group's 5 blocks (2 + 2 + 1 of
+    three parameters) pad to 6, the tall group's 2 to 3; the ranks land where one process does."""
+    mp.spawn(head_pairs_rank, args=(3, str(tmp_path / "store"), str(tmp_path)), nprocs=3)
+    monkeypatch.setattr(tg, "COMPUTE_DTYPE", torch.float64)
+    torch.set_default_dtype(torch.float64)
+    try:
+        want = head_pairs_steps(0, 1)
+    finally:
+        torch.set_default_dtype(torch.float32)
+    for rank in range(3):
+        for ours, theirs in zip(torch.load(tmp_path / f"pairs{rank}.pt"), want):
+            torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=f"rank {rank}")

@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import head_params_ref as hr
+import sample
 import train_gpt as T
 
 TINY = ["--preset=cpu", "--n_layer=2", "--d_model=32", "--n_head=2", "--head_dim=16", "--mlp_hidden=64",
@@ -385,3 +387,119 @@ def test_every_switch_on_trains(tmp_path):
     assert np.array(sinks[0]["alpha"]).shape == (2, 2)
     text = open(tmp_path / "all_on.txt").read()
     assert " shell:" in text and "\nsink step:20 share:" in text
+
+
+# ------------------------------------------------------------------------------------------------
+# HEAD techniques (#54-#80) on the optimizer side and in the model's small parts
+# ------------------------------------------------------------------------------------------------
+
+
+def tiny_batch():
+    gen = torch.Generator().manual_seed(2)
+    idx = torch.randint(0, 1000, (64,), generator=gen)
+    idx[0] = T.BOS_ID
+    return idx, torch.randint(0, 1000, (64,), generator=gen)
+
+
+def test_softcap_offset_loss_is_heads_formula():
+    """#54: the model's validation loss, and the sampler's logits, are 23 sigmoid((z + 5) / 7.5)."""
+    cap = ["--softcap=23", "--softcap_offset=5", "--softcap_temp=7.5", "--fp8_head=false"]
+    cfg = T.parse_args(TINY + cap)
+    torch.manual_seed(0)
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block)).eval()
+    with torch.no_grad():
+        model.lm_head.mul_(400)  # logits of a few units, so the offset's asymmetry shows
+    idx, targets = tiny_batch()
+    windows = (32, 16)
+    with torch.no_grad():
+        loss = model(idx, targets, windows, torch.tensor([1.0]))
+        with torch.autocast("cpu", dtype=T.COMPUTE_DTYPE):
+            z = model.logits(model.hidden(idx, windows)).float()
+    logits = hr.SOFTCAP_A * torch.sigmoid((z + hr.SOFTCAP_B) / hr.SOFTCAP_C)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, targets, reduction="sum"))
+    torch.testing.assert_close(sample.softcapped_logits(model, idx, windows), logits)
+    symmetric = F.cross_entropy(hr.SOFTCAP_A * torch.sigmoid(z / hr.SOFTCAP_C), targets, reduction="sum")
+    assert abs(loss - symmetric) > 1e-3  # the offset matters
+
+
+@pytest.mark.parametrize("mode", ["x", "x_ve"])
+def test_value_embedding_gate_formula(mode):
+    """#55 reads x[:12]; #70 (HEAD) reads x[:6] and ve[:6]; each head gets 2 sigmoid(w_h . g) of its ve."""
+    cfg = T.parse_args(TINY + [f"--ve_gate={mode}"])
+    attn = T.Attention(cfg, 0, torch.float32)
+    gen = torch.Generator().manual_seed(3)
+    n, h, d = 20, cfg.n_head, cfg.head_dim
+    x, ve = T.norm(torch.randn(n, cfg.d_model, generator=gen)), torch.randn(n, h * d, generator=gen)
+    torch.testing.assert_close(attn.gated_ve(x, ve), ve.view(n, h, d))  # zero init: a gate of 1
+    with torch.no_grad():
+        attn.ve_gate.copy_(torch.randn(attn.ve_gate.shape, generator=gen))
+    w = attn.ve_gate.detach()
+    if mode == "x":
+        gate = 2 * torch.sigmoid(x[:, :12] @ w.T)
+    else:
+        gate = hr.ve_gate(ve[:, :6], x[:, :6], w)
+    torch.testing.assert_close(attn.gated_ve(x, ve), gate[..., None] * ve.view(n, h, d))
+
+
+def test_value_embedding_layout_and_gates_by_layer():
+    cfg = T.parse_args(TINY + ["--n_layer=4", "--value_embeds=2", "--ve_layout=.0.1", "--ve_gate=x_ve"])
+    assert T.value_embed_tables(cfg) == [None, 0, None, 1]
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
+    assert [block.attn.ve_gate is not None for block in model.blocks] == [False, True, False, True]
+    assert all(block.attn.ve_gate.kind == "adam_gate" for block in model.blocks if block.attn.ve_gate is not None)
+
+
+def test_value_embedding_gate_is_wired_into_v():
+    """A zero gate (2 sigmoid(0) = 1) leaves the model as without gates; a nonzero one changes it."""
+    idx, targets = tiny_batch()
+    losses = []
+    for gate in ("none", "x_ve", "x_ve"):
+        cfg = T.parse_args(TINY + [f"--ve_gate={gate}", "--ve_init_std=0.5", "--fp8_head=false"])
+        torch.manual_seed(0)
+        model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
+        with torch.no_grad():
+            for block in model.blocks:
+                block.attn.o.normal_()  # zero-init output projections would hide v
+            if len(losses) == 2:
+                model.blocks[0].attn.ve_gate.fill_(3.0)
+            losses.append(model(idx, targets, (32, 16), torch.tensor([1.0])))
+    torch.testing.assert_close(losses[1], losses[0])
+    assert abs(losses[2] - losses[0]) > 1e-3
+
+
+def test_value_embedding_init_std():
+    cfg = T.parse_args(TINY + ["--ve_init_std=0.01"])
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
+    for table in model.value_embeds:
+        assert table.std().item() == pytest.approx(0.01, rel=0.05)
+    default = T.GPT(T.parse_args(TINY), T.TorchOps, T.BlockedAttention(cfg.window_block))
+    assert not any(table.any() for table in default.value_embeds)
+
+
+def test_skip_x0_gate_formula():
+    """#55: the skip is scaled by sigmoid(skip_gate) * 2 sigmoid(w . x0[:12]) per token."""
+    cfg = T.parse_args(TINY + ["--n_layer=3", "--long_window_layers=1", "--skip_from=0", "--skip_to=2", "--skip_x0_gate=true"])
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randn(10, cfg.d_model, generator=gen)
+    with torch.no_grad():
+        model.skip_x0_gate.copy_(torch.randn(model.skip_x0_gate.shape, generator=gen))
+        want = torch.sigmoid(torch.tensor(-1.5)) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_x0_gate.T)
+        torch.testing.assert_close(model.skip_scale(x0), want)
+
+
+def test_gates_adam_settings():
+    """The #55/#56/#70 gates on Adam: the value-embedding and (#56) attention gates at the base lr, the
+    scalars' betas and the base decay (HEAD's ve_gate_bank, #63's attn_gate_bank); the skip gate at
+    lr x 0.05, no decay (#55's skip_gate)."""
+    cfg = T.parse_args(TINY + ["--n_layer=3", "--long_window_layers=1", "--skip_from=0", "--skip_to=2",
+                               "--skip_x0_gate=true", "--ve_gate=x_ve", "--attn_gate_adam=true", "--compile=false"])
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
+    opt = T.Optimizers(model, cfg, T.Backend(torch.device("cpu"), 0, 1, T.TorchOps, None))
+    table = opt.hyperparams(1.0, 0.9)
+    gates = [block.attn.ve_gate for block in model.blocks if block.attn.ve_gate is not None]
+    attn_gates = [block.attn.gate for block in model.blocks]
+    assert gates and all(g not in opt.muon.hyperparams() for g in attn_gates)
+    for gate in gates + attn_gates:
+        assert table[gate] == (cfg.adam_lr, cfg.adam_lr**2 * cfg.adam_wd, cfg.scalar_betas)
+    assert table[model.skip_x0_gate] == (cfg.adam_lr * 0.05, 0.0, cfg.scalar_betas)

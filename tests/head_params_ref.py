@@ -1,0 +1,105 @@
+"""An independent transcription of the public HEAD's per-parameter table (modded-nanogpt repo root,
+records up to #89): NorMuonAndAdam's defaults, TrainingManager's param_table, and the shapes and
+inits of GPT.__init__, written in HEAD's own terms (its labels and its banked storage) for the tests
+to hold train_gpt's switches against.
+
+Nothing here is imported from train_gpt. Only the parts that the optimizer-side switches touch are
+transcribed; the MUDD, bigram and lambda parameters are listed with their optimizer settings but
+their shapes belong to the helpers that build them.
+"""
+import math
+
+import torch
+
+WORLD = 8  # HEAD pads its banks to a multiple of the GPU count
+VOCAB = 50304  # 50257 rounded up to a multiple of 128
+D_MODEL, N_HEAD, HEAD_DIM, N_LAYER = 768, 6, 128, 11
+MLP_HIDDEN = 4 * D_MODEL
+GATE_DIMS = 12
+N_VE_TABLES = 5
+ATTN_LAYERS = N_LAYER - 1  # layer 6 has no attention
+
+# the logits: A * sigmoid((z + B) / C), in the eval path and the fused CE kernel alike (#54)
+SOFTCAP_A, SOFTCAP_B, SOFTCAP_C = 23.0, 5.0, 7.5
+
+# NorMuonAndAdam's defaults, as TrainingManager passes them
+ADAM_LR, ADAM_EPS, ADAM_WD = 0.008, 1e-10, 0.005
+MUON_LR, MUON_MOMENTUM, MUON_BETA2, MUON_WD = 0.023, 0.95, 0.9, 1.2
+MLP_PROJ_LR_MUL = 2.0  # the odd matrices of mlp_bank (c_proj) step twice as far
+
+# label: (optimizer, Adam betas, lr_mul, wd_mul); entries without lr_mul / wd_mul default to 1
+PARAM_TABLE = {
+    "qk_bank": ("normuon", None, 1.0, 1.0),
+    "vo_bank": ("normuon", None, 1.0, 1.0),
+    "mlp_bank": ("normuon", None, 1.0, 1.0),
+    "scalars": ("adam", (0.9, 0.99), 5.0, 0.0),
+    "smear_gate": ("adam", (0.9, 0.99), 0.01, 0.0),
+    "ve_gate_bank": ("adam", (0.9, 0.99), 1.0, 1.0),
+    "lm_head": ("adam", (0.5, 0.95), 1.0, 150.0),
+    "bigram_embed": ("adam", (0.75, 0.95), 75.0, 5.0),
+    "post_lambdas": ("adam", (0.9, 0.95), 1.0, 0.0),
+    "resid_lambdas": ("adam", (0.9, 0.95), 5.0, 0.0),
+    "value_embeds": ("adam", (0.75, 0.95), 75.0, 5.0),
+    "embed": ("adam", (0.5, 0.95), 1.0, 150.0),
+    "mudd_w1": ("adam", (0.9, 0.99), 0.25, 1.0),
+    "mudd_w2": ("adam", (0.9, 0.99), 0.25, 1.0),
+    "mudd_b2": ("adam", (0.9, 0.99), 0.25, 0.0),
+    "mudd_gate_w1": ("adam", (0.9, 0.99), 0.1, 1.0),
+    "mudd_gate_w2": ("adam", (0.9, 0.99), 0.1, 1.0),
+    "mudd_gate_b2": ("adam", (0.9, 0.99), 0.1, 0.0),
+    "_mudd_gate_scale": ("adam", (0.9, 0.99), 0.1, 0.0),
+}
+
+
+def padded(n):
+    return -(-n // WORLD) * WORLD
+
+
+# #80: Q and K as one matrix per head pair: per attention layer, 3 Q pairs then 3 K pairs
+QK_GROUPS = ATTN_LAYERS * 2 * (N_HEAD // 2)
+VO_MATRICES = ATTN_LAYERS * 2
+INIT_BOUND = math.sqrt(3) * 0.5 / math.sqrt(D_MODEL)  # uniform(-b, b) has std 0.5 / sqrt(d)
+
+# label: (storage shape, NorMuon's reshape or None, init); init is ("normal", std), ("uniform",
+# bound), ("zeros",), or a description where it differs by slice
+SHAPES = {
+    "lm_head": ((D_MODEL, VOCAB), None, ("normal", 0.005)),  # stored (in, out)
+    "embed": ((VOCAB, D_MODEL), None, "lm_head transposed"),
+    "value_embeds": ((N_VE_TABLES * VOCAB, D_MODEL), None, ("normal", 0.01)),
+    "ve_gate_bank": ((N_VE_TABLES, N_HEAD, GATE_DIMS), None, ("zeros",)),
+    "smear_gate": ((1, GATE_DIMS), None, ("zeros",)),
+    "qk_bank": ((padded(QK_GROUPS), 2 * HEAD_DIM, D_MODEL), (padded(QK_GROUPS), 2 * HEAD_DIM, D_MODEL),
+                "uniform(-INIT_BOUND, INIT_BOUND), padding zeros"),
+    "vo_bank": ((padded(VO_MATRICES), D_MODEL, D_MODEL), (padded(VO_MATRICES), D_MODEL, D_MODEL),
+                "uniform(-INIT_BOUND, INIT_BOUND), padding zeros"),
+    "mlp_bank": ((12, 2, MLP_HIDDEN, D_MODEL), (24, MLP_HIDDEN, D_MODEL), "c_fc uniform(-INIT_BOUND, INIT_BOUND), c_proj zeros"),
+}
+
+# which value-embedding table (and which of ve_gate_bank's gates) each layer uses: `.01.....234`
+VE_LAYOUT = [None, 0, 1, None, None, None, None, None, 2, 3, 4]
+
+
+def ve_gate(ve_head, x_head, w):
+    """The gate per head, HEAD's way: 2 sigmoid(w . [x[:6], ve[:6]]) (x the normed attention input)."""
+    return 2 * torch.sigmoid(torch.cat([x_head, ve_head], dim=-1) @ w.T)
+
+
+def adam_settings(label):
+    """Adam's (lr, betas, eps, decay coefficient) at lr multiplier 1: the decay is lr^2 * wd * wd_mul."""
+    optim, betas, lr_mul, wd_mul = PARAM_TABLE[label]
+    assert optim == "adam"
+    lr = ADAM_LR * lr_mul
+    return lr, betas, ADAM_EPS, lr * lr * ADAM_WD * wd_mul
+
+
+def muon_settings(label, matrix_index=0):
+    """NorMuon's (lr, decay coefficient, (momentum, beta2)) for one matrix of a bank at lr multiplier 1.
+
+    The lr multiplier is sqrt(max(1, rows / cols)) of the bank's per-rank chunk shape, times 2 for
+    mlp_bank's odd (c_proj) matrices; the decay is wd * lr_base * (the matrix's lr)."""
+    _, reshape, _ = SHAPES[label]
+    rows, cols = reshape[-2:]
+    lr = MUON_LR * max(1.0, rows / cols) ** 0.5 * PARAM_TABLE[label][2]
+    if label == "mlp_bank" and matrix_index % 2 == 1:
+        lr *= MLP_PROJ_LR_MUL
+    return lr, MUON_WD * PARAM_TABLE[label][3] * MUON_LR * lr, (MUON_MOMENTUM, MUON_BETA2)
