@@ -146,6 +146,8 @@ def test_baseline_takes_an_optional_bool():
     ("--run_id=a/b", "--run_id=a/b: expected a plain file name"),
     ("--run_id=..", "--run_id=..: expected a plain file name"),
     ("--device=gpu", "--device=gpu: expected one of auto, cuda, cpu"),
+    ("--bigram_vocab=-3", "--bigram_vocab=-3: expected 0 or more"),
+    ("--bigram_betas=0.9", "--bigram_betas=0.9: cannot read as comma-separated floats (expected 2 values, got 1)"),
 ])
 def test_values_are_checked_at_start(arg, expected):
     assert expected in error_message([arg])
@@ -162,6 +164,7 @@ def test_values_are_checked_at_start(arg, expected):
     (["--head_dim=30"], "--head_dim=30: expected a multiple of 4"),
     (["--gate_dims=300"], "--gate_dims=300: expected at most --d_model=256"),
     (["--value_embeds=7"], "--value_embeds=7: expected at most --n_layer=6"),
+    (["--bigram_vocab=1"], "--bigram_vocab=1: expected 0 (off) or at least 2"),
 ])
 def test_the_model_shape_is_checked_at_start(args, expected):
     assert expected in error_message(["--preset=cpu", *args])
