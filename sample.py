@@ -80,11 +80,11 @@ class KVCache:
     """An attention backend for GPT.hidden that keeps every attention layer's keys and values of
     the context, so a new token costs a pass over a few tokens instead of the whole context.
 
-    Besides attention, two things look back one token: the smear (the previous token's embedding)
-    and the key offset on long-window layers (the previous token's raw key at that layer, which
-    depends on that token's own smear). So a step also runs the RERUN cached tokens before the new
-    one: the first of them comes out wrong (it misses its predecessor), the second exact, and so
-    the new token. All of them attend to the cached keys and values; only the new token's are added.
+    Besides attention, three things look back one token: the smear (the previous token's embedding),
+    the bigram embedding (the previous token's id) and the key offset on long-window layers (the
+    previous token's raw key at that layer, which depends on that token's own smear). So a step
+    also runs the RERUN cached tokens before the new one: the first of them comes out wrong (it
+    misses its predecessor), the second exact, and so the new token. All of them attend to the cached keys and values; only the new token's are added.
     """
 
     def __init__(self, model, windows):

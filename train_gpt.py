@@ -160,6 +160,12 @@ class Config:
     ve_gate: str = "none"  # #55/#70 each head takes 2 sigmoid(w . g) of its value embedding: none | x (#55: g = x[:gate_dims]) | x_ve (#70: halves of x and ve)
     skip_x0_gate: bool = False  # #55 the skip is also scaled by 2 sigmoid(w . x0[:gate_dims]), per token
     attn_gate_adam: bool = False  # #56 the attention gates step with Adam (as the value-embedding gates), not NorMuon
+    bigram_vocab: int = 0  # #62: rows of the hashed (previous token, token) embedding added before each block; 0 = off
+    bigram_signs: int = 0  # #83: rows of the fixed random +-1 table multiplied into each bigram's row; 0 = no signs
+    bigram_lambda_init: float = 0.05  # #62: start of the per-layer bigram lambdas (#62 0.1, 0.05 from #73 on)
+    bigram_lr_mul: float = 75.0  # #62: Adam learning-rate factor of the bigram table
+    bigram_betas: tuple = (0.75, 0.95)  # #62: Adam (beta1, beta2) of the bigram table
+    bigram_wd_mul: float = 5.0  # #62: Adam weight-decay factor of the bigram table
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -210,13 +216,13 @@ PRESETS = {
         triton=False,
     ),
     # the public HEAD (repo-root train_gpt.py, records up to #89 merged), number for number where a
-    # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. Not yet
-    # switches (their fields come with them): #54 softcap offset +5; #55/#56/#70 VE and skip gates,
-    # VE init and layout (five tables), per-group weight decay; #57 per-group Adam betas, bf16 weights
-    # with a mantissa buffer; #58 paired-head attention; #62/#83 bigram hash embedding; #64/#67
-    # attention init; #73/#74/#77 residual and post lambdas, saved skip, lane; #80 Q/K orthogonalized
-    # per head pair; #81/#85 MUDD and DC; #82/#85 XSA; #84/#89 FP8 MLP; #88 the prefix-token loss
-    # itself (prefix_loss sets only its schedule); the final validation without FP8
+    # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
+    # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
+    # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init;
+    # #73/#74/#77 residual and post lambdas, saved skip, lane; #81/#85 MUDD (which in HEAD also drives
+    # the skip, the attention gates on layers 3 and 10, the bigram's mixing and replaces backout) and
+    # DC; #82/#85 XSA; #84/#89 FP8 MLP; #88 the prefix-token loss itself (prefix_loss sets only its
+    # schedule); the final validation without FP8. The bigram mixes #62's way (per-layer lambdas).
     "head": dict(
         num_steps=1270,
         extension_steps=15,
@@ -230,6 +236,20 @@ PRESETS = {
         muon_beta2=0.9,  # #78
         adam_eps=1e-10,  # #57
         softcap=23.0,  # #54
+        softcap_offset=5.0,  # #54
+        value_embeds=5,  # #63/#65
+        ve_layout=".01.....234",  # #70
+        ve_init_std=0.01,  # #70
+        ve_gate="x_ve",  # #70
+        adam_betas=(0.5, 0.95),  # #57
+        value_embed_betas=(0.75, 0.95),  # #57
+        smear_gate_betas=(0.9, 0.99),  # #57
+        head_wd_mul=150.0,  # #55
+        value_embed_wd_mul=5.0,  # #55
+        attn_lr_mul=1.0,  # #61 (HEAD banks Q, K, V, O as separate matrices)
+        qk_head_pairs=True,  # #80
+        bigram_vocab=377280,  # #62/#83: 50304 * 15 / 2 rows
+        bigram_signs=8192,  # #83
     ),
 }
 
@@ -272,7 +292,7 @@ CHOICES = {
 }
 # tuples of a fixed length: one value per third of training, or (beta1, beta2); the others list layers
 TUPLE_LENGTHS = dict(batch_tokens=3, long_windows=3, lr_mults=3, adam_betas=2, scalar_betas=2, adamw_betas=2,
-                     value_embed_betas=2, smear_gate_betas=2)
+                     value_embed_betas=2, smear_gate_betas=2, bigram_betas=2)
 # what every other number must satisfy (every element, for tuples), as (test, what it expects)
 AT_LEAST_ONE = (lambda v: v >= 1, "at least 1")
 NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
@@ -287,11 +307,12 @@ BOUNDS = {
                      "momentum_cooldown_steps", "value_embeds", "lr_mults", "muon_lr", "muon_wd", "mlp_down_lr_mul",
                      "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
                      "softcap", "shell_lambda", "save_every", "keep_checkpoints", "first_seq_len", "prefix_loss",
-                     "ve_init_std", "attn_lr_mul", "head_wd_mul", "value_embed_wd_mul"), NOT_NEGATIVE),
+                     "ve_init_std", "attn_lr_mul", "head_wd_mul", "value_embed_wd_mul", "bigram_vocab", "bigram_signs",
+                     "bigram_lr_mul", "bigram_wd_mul"), NOT_NEGATIVE),
     **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
     **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
                      "adam_betas", "scalar_betas", "adamw_betas", "untie_frac", "value_embed_betas",
-                     "smear_gate_betas"), FRACTION),
+                     "smear_gate_betas", "bigram_betas"), FRACTION),
 }
 HELP_WIDTH = 36  # column where a flag's description starts in --help
 
@@ -371,6 +392,9 @@ def check_model_shape(cfg):
         raise ConfigError(f"--head_dim={cfg.head_dim}: expected a multiple of 4 (RoPE rotates half of each head in pairs)")
     if cfg.attn_gate and not cfg.head_gate and cfg.gate_dims > cfg.d_model:
         raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected at most --d_model={cfg.d_model} (the gate reads that many channels)")
+    if cfg.bigram_vocab == 1:
+        raise ConfigError("--bigram_vocab=1: expected 0 (off) or at least 2 (the last row is the first token's, "
+                          "the others the hashed pairs')")
     if cfg.value_embeds > cfg.n_layer:
         raise ConfigError(f"--value_embeds={cfg.value_embeds}: expected at most --n_layer={cfg.n_layer} (one table per layer at most)")
     tables = [str(i) for i in range(cfg.value_embeds)]
@@ -1094,7 +1118,7 @@ COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA (on a CPU: the bac
 YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which YaRN fully/never rescales
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
-TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "adam_gate")  # stored in Backend.table_dtype
+TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "adam_gate", "bigram")  # stored in Backend.table_dtype
 QKV_LAMBDA_INIT, OUT_LAMBDA_INIT = 0.5, 1.0  # the per-layer attention lambdas start here
 GATE_RANGE = 2.0  # #55's value-embedding and skip gates are GATE_RANGE * sigmoid(.): 1 at their zero init
 SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
@@ -1111,7 +1135,7 @@ def norm(x):
 def tag(param, kind, lr_mul=1.0, muon_blocks=1):
     """Label a parameter for the optimizer builder. NorMuon: matrix | gate (normalized per row),
     orthogonalized as `muon_blocks` blocks of rows; Adam: head | embed | value_embed | smear_gate |
-    x0 | scalar | adam_gate | skip_x0_gate (see Optimizers for each one's lr, betas and decay)."""
+    x0 | scalar | adam_gate | skip_x0_gate | bigram (see Optimizers for each one's lr, betas and decay)."""
     param.kind = kind
     param.lr_mul = lr_mul
     param.muon_blocks = muon_blocks
@@ -1359,6 +1383,45 @@ def value_embed_tables(cfg):
     return tables
 
 
+BIGRAM_MULS = (36313, 27191)  # #62: the hash's multipliers of the token and of the one before it
+
+
+def bigram_hash(idx, rows):
+    """The bigram table's row for each position of a packed sequence idx [T] (#62):
+    (36313 * token) xor (27191 * previous token) mod (rows - 1), in int32 as the record hashes; the
+    first position has no previous token and takes the last row. A document's BOS pairs with the
+    previous document's last token, as in the record (masking it there was slower and no better)."""
+    t = idx.to(torch.int32)
+    pairs = torch.bitwise_xor(BIGRAM_MULS[0] * t[1:], BIGRAM_MULS[1] * t[:-1]) % (rows - 1)
+    return torch.cat([t.new_full((1,), rows - 1), pairs])
+
+
+def bigram_sign_rows(idx, rows):
+    """The sign table's row for each position (#83): token xor previous token mod rows; row 0 first."""
+    return torch.cat([idx.new_zeros(1), torch.bitwise_xor(idx[:-1], idx[1:]) % rows])
+
+
+class BigramEmbed(nn.Module):
+    """A hashed embedding of each (previous token, token) pair, mixed into the residual stream
+    before every block with a learned per-layer lambda (#62): what tends to follow a pair is learned
+    in a row of its own instead of being composed by the layers. Pairs that hash to one row share
+    it; with the sign trick (#83) each pair reads the row times its own fixed random +-1 per channel,
+    so colliding pairs pull the shared row in independent directions rather than the same one."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d = cfg.d_model
+        self.weight = tag(zeros(cfg.bigram_vocab, d), "bigram", cfg.bigram_lr_mul)
+        self.lambdas = tag(constant(cfg.bigram_lambda_init, (cfg.n_layer,)), "scalar")
+        self.register_buffer("signs", torch.randn(cfg.bigram_signs, d).sign() if cfg.bigram_signs else None)
+
+    def forward(self, idx):
+        x = F.embedding(bigram_hash(idx, self.weight.size(0)), self.weight)
+        if self.signs is None:
+            return x
+        return x * self.signs[bigram_sign_rows(idx, self.signs.size(0))].to(x.dtype)
+
+
 class GPT(nn.Module):
     """The record model. forward(idx, targets, windows, mtp_weights) returns the token losses'
     sum: the record trains on the sum, which sets the gradient scale Adam's eps is measured against."""
@@ -1394,6 +1457,8 @@ class GPT(nn.Module):
                 self.skip_x0_gate = tag(zeros(1, cfg.gate_dims), "skip_x0_gate", SKIP_X0_GATE_LR_MUL)
         if cfg.backout_layer >= 0:
             self.backout_lambda = tag(constant(0.5), "scalar")
+        # made last, so switching it on leaves every other parameter's random init as it was
+        self.bigram_embed = BigramEmbed(cfg) if cfg.bigram_vocab else None
         if table_dtype is not None:  # after init, so the random draws are the same in any dtype
             for p in self.parameters():
                 if p.kind in TABLE_KINDS:
@@ -1427,12 +1492,15 @@ class GPT(nn.Module):
         docs = (idx == BOS_ID).cumsum(0)
         masks = [attention.mask(docs, w) for w in windows]
         x = x0 = norm(self.embed_tokens(idx))
+        bigram = self.bigram_embed(idx) if self.bigram_embed is not None else None
         skip = backout = None
         for i, block in enumerate(self.blocks):
             if i == cfg.skip_to and skip is not None:
                 x = x + self.skip_scale(x0) * skip
             if cfg.x0_mixing:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
+            if bigram is not None:
+                x = x + self.bigram_embed.lambdas[i] * bigram
             table = self.ve_tables[i]
             ve = None if table is None else F.embedding(idx, self.value_embeds[table])
             x = block(x, ve, self.rotary, attention, masks, start)
@@ -1930,6 +1998,7 @@ class Optimizers:
                 "scalar": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.scalar_betas, 0.0),
                 "adam_gate": (cfg.adam_lr, cfg.scalar_betas, wd),
                 "skip_x0_gate": (cfg.adam_lr * SKIP_X0_GATE_LR_MUL, cfg.scalar_betas, 0.0),
+                "bigram": (cfg.adam_lr * cfg.bigram_lr_mul, cfg.bigram_betas, wd * cfg.bigram_wd_mul),
             }
             groups = []
             for kind, (lr, betas, decay) in kinds.items():

@@ -275,3 +275,32 @@ def test_compiled_training_with_bf16_tables(tmp_path):
     assert all(map(math.isfinite, losses)) and not torch.equal(head, trainer.model.lm_head)
     assert all(s["exp_avg"].dtype == torch.bfloat16 for p, s in trainer.optimizers.adam.state.items() if p.kind == "head")
     assert 5 < trainer.validate(trainer.schedule.window_blocks(0)) < 11.5
+
+
+def test_compiled_bigram_embed_matches_eager():
+    """The bigram embedding's int32 hash, sign lookup and table gradient as inductor compiles them
+    (fullgraph, as the model is compiled), against eager and the gradient's definition."""
+    torch._dynamo.reset()
+    cfg = tg.parse_args(["--preset=cpu", "--bigram_vocab=1001", "--bigram_signs=64"])
+    torch.manual_seed(0)
+    bigram = tg.BigramEmbed(cfg)
+    with torch.no_grad():
+        bigram.weight.normal_()
+    idx = torch.randint(0, cfg.vocab_size, (256,), generator=torch.Generator().manual_seed(1))
+    idx[[0, 100]] = BOS
+    upstream = torch.randn(256, cfg.d_model)
+
+    def run(fn):
+        bigram.weight.grad = None
+        out = fn(idx)
+        (out * upstream).sum().backward()
+        return out, bigram.weight.grad.clone()
+
+    want, want_grad = run(bigram)
+    got, got_grad = run(torch.compile(bigram, fullgraph=True, dynamic=False))
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(got_grad, want_grad)
+    # each position adds its upstream gradient, times its signs, to the row it read
+    signs = bigram.signs[tg.bigram_sign_rows(idx, 64)]
+    rows = tg.bigram_hash(idx, 1001).long()
+    torch.testing.assert_close(got_grad, torch.zeros(1001, cfg.d_model).index_add_(0, rows, upstream * signs))

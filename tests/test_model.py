@@ -444,3 +444,146 @@ def test_attention_lambdas_scale_qkv_and_output():
     with torch.no_grad():
         attn.lambdas.copy_(torch.tensor([1.0, 3.0]))  # v doubles, the output triples: x6
     torch.testing.assert_close(attn(x, None, rotary, attention, mask), 6 * y, rtol=1e-4, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Bigram hash embedding (#62) with the sign trick (#83)
+# ------------------------------------------------------------------------------------------------
+
+HEAD_BIGRAM_ROWS, HEAD_SIGN_ROWS = 377280, 8192  # the public HEAD's 50304 * 15 // 2 rows and 8192 signs
+
+
+def head_bigram_row(prev, token, rows):
+    """HEAD's get_bigram_hash for one pair, transcribed with Python ints (its int32 products never
+    overflow below token id 2^31 / 36313 = 59138, above GPT-2's ids)."""
+    return ((36313 * token) ^ (27191 * prev)) % (rows - 1)
+
+
+def head_rows(tokens, rows):
+    """HEAD hashes a rank's whole input sequence at once: position 0 takes the reserved last row,
+    every other position pairs with the token before it, across document boundaries too."""
+    return [rows - 1] + [head_bigram_row(p, t, rows) for p, t in zip(tokens, tokens[1:])]
+
+
+def test_bigram_hash_is_heads():
+    # by hand: 36313 * 10 = 363130, 27191 * 50256 = 1366510896, xor 1366738762 = 3622 * 377279 + 234224
+    assert head_bigram_row(BOS, 10, HEAD_BIGRAM_ROWS) == 234224
+    # a second document starts at position 4: its BOS pairs with the first document's last token (13)
+    tokens = [BOS, 10, 50255, 13, BOS, 0, 0, 1, 50256, BOS]
+    got = tg.bigram_hash(torch.tensor(tokens), HEAD_BIGRAM_ROWS)
+    assert got.tolist() == head_rows(tokens, HEAD_BIGRAM_ROWS)
+    assert got[0] == HEAD_BIGRAM_ROWS - 1 and got[4] == head_bigram_row(13, BOS, HEAD_BIGRAM_ROWS)
+    # only the first position of the sequence takes the last row; a small table the same way
+    assert (got[1:] < HEAD_BIGRAM_ROWS - 1).all()
+    assert tg.bigram_hash(torch.tensor(tokens), 7).tolist() == head_rows(tokens, 7)
+    assert tg.bigram_hash(torch.tensor([BOS]), 7).tolist() == [6]
+
+
+def test_bigram_sign_rows_are_heads():
+    tokens = [BOS, 10, 50255, 13, BOS, 8192, 0]
+    # HEAD: (input[t-1] ^ input[t]) % 8192, position 0 -> sign row 0
+    want = [0] + [(p ^ t) % HEAD_SIGN_ROWS for p, t in zip(tokens, tokens[1:])]
+    assert tg.bigram_sign_rows(torch.tensor(tokens), HEAD_SIGN_ROWS).tolist() == want
+    assert want[5] == (BOS ^ 8192) % 8192 == BOS % 8192  # 50256 = 6 * 8192 + 1104
+
+
+def bigram_model(*flags, seed=0):
+    cfg = tg.parse_args(TINY + ["--bigram_vocab=97", "--bigram_signs=16", *flags])
+    torch.manual_seed(seed)
+    return tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+
+
+def test_bigram_embed_init_and_signs():
+    model = bigram_model()
+    bigram = model.bigram_embed
+    assert bigram.weight.shape == (97, 64) and bigram.weight.kind == "bigram" and not bigram.weight.any()
+    assert bigram.lambdas.kind == "scalar" and bigram.lambdas.tolist() == pytest.approx([0.05, 0.05])
+    assert bigram.signs.shape == (16, 64) and set(bigram.signs.unique().tolist()) == {-1.0, 1.0}
+    assert "bigram_embed.signs" in model.state_dict()  # every rank draws it from the seed; resume restores it
+    assert bigram_model("--bigram_lambda_init=0.1").bigram_embed.lambdas.tolist() == pytest.approx([0.1, 0.1])
+    assert bigram_model("--bigram_signs=0").bigram_embed.signs is None
+    assert tg.GPT(tg.parse_args(TINY), tg.TorchOps, None).bigram_embed is None
+
+
+@pytest.mark.parametrize("signs", [16, 0])
+def test_bigram_forward_matches_a_reference(signs):
+    """hidden() with the bigram on: x0 = norm(embedding), then before block i
+    x <- resid_i x + x0_i x0 + bigram_i B, B[t] = table[hash(t-1, t)] * signs[(t-1 ^ t) % 16]."""
+    model = bigram_model(f"--bigram_signs={signs}")
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn_like(p))  # the zero-init table and projections would hide it
+    idx = torch.randint(0, 1000, (96,), generator=torch.Generator().manual_seed(2))
+    idx[[0, 40]] = BOS
+    tokens = idx.tolist()
+    table, lambdas = model.bigram_embed.weight.detach(), model.bigram_embed.lambdas.detach()
+    b = table[head_rows(tokens, 97)]
+    if signs:
+        b = b * model.bigram_embed.signs[[0] + [(p ^ t) % signs for p, t in zip(tokens, tokens[1:])]]
+    windows = (64, 32)
+    attention = model.attention
+    masks = [attention.mask((idx == BOS).cumsum(0), w) for w in windows]
+    with torch.no_grad():
+        got = model.hidden(idx, windows)
+        x = x0 = tg.norm(model.embed_tokens(idx))
+        for i, block in enumerate(model.blocks):
+            x = model.resid_lambdas[i] * x + model.x0_lambdas[i] * x0 + lambdas[i] * b
+            table_i = model.ve_tables[i]
+            ve = None if table_i is None else model.value_embeds[table_i][idx]
+            x = block(x, ve, model.rotary, attention, masks)
+        want = tg.norm(x)
+    torch.testing.assert_close(got, want)
+    # and the bigram term is really there: without it the hidden states differ
+    with torch.no_grad():
+        model.bigram_embed.lambdas.zero_()
+        assert not torch.allclose(model.hidden(idx, windows), got, atol=1e-3)
+
+
+def test_bigram_switched_on_at_init_changes_nothing_else():
+    """The table starts at zero and is made last: the other parameters draw the same init, and the
+    model's output is the bigram-off model's."""
+    on = bigram_model()
+    torch.manual_seed(0)
+    off = tg.GPT(tg.parse_args(TINY), tg.TorchOps, tg.BlockedAttention(32), torch.float32)
+    theirs = dict(off.named_parameters())
+    for name, p in on.named_parameters():
+        if not name.startswith("bigram_embed."):
+            assert torch.equal(p, theirs[name]), name
+    idx = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    idx[0] = BOS
+    with torch.no_grad():
+        torch.testing.assert_close(on.hidden(idx, (64, 32)), off.hidden(idx, (64, 32)), rtol=0, atol=0)
+
+
+def test_bigram_gradient_reaches_only_the_rows_read():
+    model = bigram_model()
+    with torch.no_grad():
+        model.bigram_embed.weight.normal_()
+    idx = torch.tensor([BOS, 5, 6, 5, 6, BOS, 7])
+    model(idx, torch.roll(idx, -1), (64, 32), torch.tensor([1.0])).backward()
+    touched = set(torch.nonzero(model.bigram_embed.weight.grad.abs().sum(1))[:, 0].tolist())
+    assert touched == set(head_rows(idx.tolist(), 97)) and len(touched) == 6  # 7 positions, (5, 6) twice
+    assert model.bigram_embed.lambdas.grad.abs().min() > 0
+
+
+def test_bigram_table_in_adam_with_its_own_settings():
+    """HEAD's bigram_embed group: Adam at lr x75, betas (0.75, 0.95), decay x5 (lr^2 * 0.005 * 5);
+    its lambdas with the scalars (lr x5, betas (0.9, 0.99), no decay), as #62 kept them."""
+    model = bigram_model()
+    cfg = model.cfg
+    opt = tg.Optimizers(model, cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
+    table = opt.hyperparams(2.0, 0.9)
+    lr = 0.008 * 75 * 2.0
+    (got_lr, decay, betas), (lambda_lr, lambda_decay, lambda_betas) = (table[p] for p in model.bigram_embed.parameters())
+    assert (got_lr, decay, betas) == (pytest.approx(lr), pytest.approx(lr * lr * 0.005 * 5), (0.75, 0.95))
+    assert (lambda_lr, lambda_decay, lambda_betas) == (pytest.approx(0.008 * 5 * 2.0), 0.0, (0.9, 0.99))
+    assert any(p is model.bigram_embed.lambdas for p in opt.scalars)  # paused with them (scalar_freeze_steps)
+    assert all(p is not model.bigram_embed.weight for g in opt.muon.param_groups for p in g["params"])
+
+
+def test_bigram_table_stored_in_the_table_dtype():
+    cfg = tg.parse_args(TINY + ["--bigram_vocab=97", "--bigram_signs=16"])
+    model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(32), table_dtype=torch.bfloat16)
+    assert model.bigram_embed.weight.dtype == torch.bfloat16 and model.bigram_embed.lambdas.dtype == torch.float32
+    idx = torch.randint(0, 1000, (64,))
+    assert model.bigram_embed(idx).dtype == torch.bfloat16  # the signs (fp32) multiply in the table's dtype
