@@ -232,3 +232,25 @@ def test_help_shows_the_values_of_the_chosen_preset(capsys):
     assert any(re.fullmatch(r"  --num_steps=150 +scheduled steps.*", line) for line in lines)
     assert any(re.fullmatch(r"  --n_layer=3 +transformer blocks", line) for line in lines)
     assert any(re.fullmatch(r"  --muon=false +.*", line) for line in lines)
+
+
+def readme_head_table():
+    """The rows of the README's HEAD table: (switch name, speedrun cell, head cell)."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        section = f.read().split("## The HEAD recipe")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| [^|]+ \| [^|]+ \| `--(\w+)` \| ([^|]+) \| ([^|]+) \|$", section, re.M)
+    return [(name, speedrun.strip(), head.strip()) for name, speedrun, head in rows]
+
+
+def test_the_readmes_head_table_is_the_presets():
+    """Every row's values are the presets' (an empty string is shown as #53's), and every value
+    `head` sets apart from `speedrun` has its row (rows of switches HEAD replaced stay off in both),
+    so the table can neither drift nor miss a switch."""
+    speedrun, head = tg.parse_args([]), tg.parse_args(["--preset=head"])
+    shown = lambda value: tg.show_value(value) if value != "" else "(#53's)"  # noqa: E731
+    rows = readme_head_table()
+    assert len(rows) > 20
+    for name, speedrun_cell, head_cell in rows:
+        assert (speedrun_cell, head_cell) == (shown(getattr(speedrun, name)), shown(getattr(head, name))), name
+    differ = {f.name for f in fields(tg.Config) if getattr(speedrun, f.name) != getattr(head, f.name)} - {"preset"}
+    assert differ <= {name for name, _, _ in rows}, differ - {name for name, _, _ in rows}
