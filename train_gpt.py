@@ -3400,6 +3400,21 @@ def error_line(e):
     return message if isinstance(message, str) else None
 
 
+def memory_error_line(e):
+    """The `error:` line for an allocation that failed (CUDA's OutOfMemoryError, the CPU allocator's
+    RuntimeError), naming what was asked for and the flags that need less; None for other errors."""
+    text = str(e)
+    if not (isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "can't allocate memory" in text)):
+        return None
+    in_bytes = re.search(r"tried to allocate (\d+) bytes", text, re.I)  # the CPU allocator's words
+    in_units = re.search(r"tried to allocate ([\d.]+ [KMGT]iB)", text, re.I)  # CUDA's
+    size = f"{int(in_bytes[1]) / 2**30:.2f} GiB" if in_bytes else in_units[1] if in_units else None
+    asked = f"{size} more could not be allocated" if size else "an allocation failed"
+    return (f"error: out of memory ({asked}). Less is needed per step with a larger --accum_world_size "
+            "(a multiple of this run's: each rank takes finer slices of the same batch, the numbers stay) "
+            "or a smaller --val_batch_tokens; --batch_tokens and --max_seq_len shrink it too but change the recipe")
+
+
 def on_every_rank(backend, start):
     """`start()`, a start-up step whose checks some ranks make alone (rank 0 alone looks at the log
     and checkpoint folders, each rank reads its own checkpoint part): its result, or, when it failed
@@ -3473,8 +3488,11 @@ def main(argv=None):
             log.line(message, console=False)  # stderr gets it from SystemExit
         raise SystemExit(message) from None
     except Exception as e:  # a bug or an unforeseen failure: the traceback goes to stderr, its gist to the log
+        message = memory_error_line(e)
         if log:
-            log.line(f"error: {type(e).__name__}: {e}", console=False)
+            log.line(message or f"error: {type(e).__name__}: {e}", console=False)
+        if message:
+            raise SystemExit(message) from None
         raise
     finally:
         for sig, handler in handlers.items():

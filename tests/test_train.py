@@ -621,3 +621,20 @@ def test_dry_run_speedrun_needs_no_gpu_and_matches_the_record(tmp_path):
         else:
             want = ("Adam", rr.ADAM_LR * lr_mul, rr.ADAM_BETAS if kind == "adam" else rr.SCALAR_BETAS, rr.ADAM_WD * wd_mul)
         assert (optimizer, lr, betas, wd) == (want[0], pytest.approx(want[1], rel=1e-5), want[2], want[3]), name
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_out_of_memory_is_one_line_naming_the_size_and_the_flags(tmp_path, monkeypatch, device):
+    """A step whose allocation fails: the CPU allocator's real error (1 PiB asked for), and CUDA's
+    OutOfMemoryError as torch words it; one error line, no traceback, the log kept (the run had started)."""
+    def step_that_allocates_too_much(self, step):
+        if device == "cpu":
+            torch.empty(2**50, dtype=torch.uint8)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 79.11 GiB")
+
+    monkeypatch.setattr(tg.Trainer, "train_step", step_that_allocates_too_much)
+    message = failing_run(tmp_path, [])
+    size = "1048576.00 GiB" if device == "cpu" else "2.00 GiB"
+    assert message.startswith(f"error: out of memory ({size} more could not be allocated). Less is needed per step with a "
+                              "larger --accum_world_size")
+    assert (tmp_path / "fails.txt").exists()
