@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+import sample
 import train_gpt as tg
 from test_distributed import ROOT, TINY, data, env, failure, free_port, threads_alive  # noqa: F401 (data is a fixture)
 
@@ -86,6 +87,11 @@ def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp
     # a checkpoint's step is the number of steps done: the uninterrupted run moved on from there
     cut = tg.load_checkpoint(saved)
     assert cut["step"] == KILL_AT and not torch.equal(cut["model"]["lm_head"], whole["lm_head"])
+    # sample.py (and evals/hellaswag.py, which loads through it) reads a checkpoint of any world size
+    _, model = sample.load_model(tg.latest_checkpoint(str(tmp_path / "resumed")), "cpu")
+    state = model.state_dict()
+    assert state.keys() == again.keys()
+    assert all(torch.equal(state[k], again[k]) if torch.is_tensor(again[k]) else state[k] == again[k] for k in state)
 
 
 def test_resume_refuses_another_config_unless_told(tmp_path, data):
