@@ -617,6 +617,7 @@ class Backend:
     # the dtype the head, the embedding tables and the gates are stored in (and so their optimizer
     # state): bf16 on CUDA, as the record keeps them; None keeps them as made (float32, the CPU's)
     table_dtype: torch.dtype | None = None
+    notes: tuple = ()  # what fall_back turned off on this device, as log lines
 
     @property
     def is_master(self):
@@ -660,6 +661,32 @@ def scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=False):
                                                           use_fast_accum=use_fast_accum)
 
 
+FP8_CAPABILITY = (8, 9)  # torch._scaled_mm's FP8 needs sm_89 (Ada) or newer: Hopper, Blackwell
+FP8_SWITCHES = ("fp8_head",)  # the switches that run matmuls in FP8
+
+
+def fp8_unsupported(device):
+    """Why `device` cannot run the FP8 matmuls, as a phrase, or None (the CPU runs their exact twin)."""
+    if device.type != "cuda":
+        return None
+    if torch.version.hip:
+        return "ROCm's FP8 types (e4m3fnuz, e5m2fnuz) are not the e4m3fn and e5m2 this path casts to"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FP8_CAPABILITY:
+        return f"sm_{major}{minor} has no FP8 matmul (sm_{FP8_CAPABILITY[0]}{FP8_CAPABILITY[1]} or newer has)"
+    return None
+
+
+def fall_back(cfg, device):
+    """Turn off the switches `device` cannot run; a line for each, for the log."""
+    reason, notes = fp8_unsupported(device), []
+    for name in FP8_SWITCHES:
+        if getattr(cfg, name) and reason:
+            setattr(cfg, name, False)
+            notes.append(f"--{name}=false here: {reason}; that matmul runs in the compute dtype (the numbers differ slightly)")
+    return notes
+
+
 def cpu_compute_dtype(choice):
     """The CPU's matmul dtype for --cpu_dtype: with `auto`, bf16 only where the CPU multiplies it
     natively (AVX512-BF16 or AMX: ~4x fp32); AVX2-only CPUs emulate bf16, 5x or more slower than fp32.
@@ -697,7 +724,7 @@ def setup_backend(cfg):
     attention = FlexAttention() if use_cuda else BlockedAttention(cfg.window_block)
     compute_dtype = COMPUTE_DTYPE if use_cuda else cpu_compute_dtype(cfg.cpu_dtype)
     table_dtype = COMPUTE_DTYPE if use_cuda else None
-    return Backend(device, rank, world_size, ops, attention, compute_dtype, table_dtype)
+    return Backend(device, rank, world_size, ops, attention, compute_dtype, table_dtype, tuple(fall_back(cfg, device)))
 
 
 def meta_backend(cfg):
@@ -3227,6 +3254,8 @@ class Trainer:
         self.log.line(f"backend: {b.device.type} x {b.world_size}, accumulation {self.accum}, ops {b.ops.name}, "
                       f"attention {type(b.attention).__name__}, compute {str(b.compute_dtype).removeprefix('torch.')}, "
                       f"compile {cfg.compile}, records track {b.records_track(cfg.preset)}")
+        for note in b.notes:
+            self.log.line("fallback: " + note)
         size, first = PEAK_SIZE[b.device.type], self.schedule.windows(self.schedule.window_blocks(0))
         flops = flops_per_token(cfg, first, self.schedule.max_seq_len(0))
         self.log.line(f"throughput: {flops / 1e6:.1f} MFLOP per token at the first stage; matmul peak "

@@ -89,8 +89,11 @@ class Report:
 
 
 def device_name():
-    """The GPU's name, or the CPU's model, cores and torch threads."""
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else T.versions_and_hardware().splitlines()[-1]
+    """The GPU's name and compute capability, or the CPU's model, cores and torch threads."""
+    if not torch.cuda.is_available():
+        return T.versions_and_hardware().splitlines()[-1]
+    major, minor = torch.cuda.get_device_capability()
+    return f"{torch.cuda.get_device_name()} (sm_{major}{minor})"
 
 
 def synchronize(device):
@@ -278,6 +281,8 @@ def stage_table(report, argv, steps, workdir, quick=False, budget=float("inf"), 
     started = time.perf_counter() if started is None else started
     trainer = build_trainer(argv, workdir, "gpu_check")
     schedule, backend = trainer.schedule, trainer.backend
+    for note in backend.notes:  # what this device cannot run (train_gpt.fall_back)
+        report.add("fallbacks", note, "fallback: " + note)
     plan, left_out = stage_plan(schedule, quick)
     # (name, tokens, steps) per part, for the estimates; a validation runs twice: compiling, then timed
     parts = [(f"stage {schedule.stage(s)} from step {s}", schedule.batch_tokens(s), 1 + steps) for s in plan]
@@ -412,7 +417,7 @@ def main(argv):
         raise SystemExit("error: --smoke runs the Triton kernels on the CPU, which needs TRITON_INTERPRET=1 in "
                          "the environment (set before Python starts)")
     device = torch.device("cuda" if not smoke else "cpu")
-    report = Report(out, int(os.environ.get("RANK", 0)) == 0, record=RECORD, kernels=[], stages=[], skipped=[])
+    report = Report(out, int(os.environ.get("RANK", 0)) == 0, record=RECORD, kernels=[], stages=[], skipped=[], fallbacks=[])
     if report.enabled:
         check_kernels(report, device, SMOKE_SHAPES if smoke else KERNEL_SHAPES)
     model_argv = (["--device=cpu", "--fp8_head=true"] + SMOKE_FLAGS if smoke else []) + rest

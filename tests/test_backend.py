@@ -304,3 +304,19 @@ def test_compiled_bigram_embed_matches_eager():
     signs = bigram.signs[tg.bigram_sign_rows(idx, 64)]
     rows = tg.bigram_hash(idx, 1001).long()
     torch.testing.assert_close(got_grad, torch.zeros(1001, cfg.d_model).index_add_(0, rows, upstream * signs))
+
+
+@pytest.mark.parametrize("capability, hip, off", [((9, 0), None, False), ((8, 9), None, False), ((12, 0), None, False),
+                                                   ((8, 6), None, True), ((8, 0), None, True), ((9, 4), "6.2", True)])
+def test_fp8_falls_back_where_the_gpu_has_no_fp8_matmul(monkeypatch, capability, hip, off):
+    """sm_89 and newer keep the FP8 head; an A100 (sm_80), an RTX 3090 (sm_86) and a ROCm build turn it
+    off with a line saying why; the CPU keeps it (its twin is exact)."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    cfg = tg.parse_args([])
+    notes = tg.fall_back(cfg, torch.device("cuda", 0))
+    assert cfg.fp8_head is not off and len(notes) == int(off)
+    if off:
+        assert notes[0].startswith("--fp8_head=false here: ") and ("ROCm" in notes[0] if hip else f"sm_{capability[0]}{capability[1]} has no FP8" in notes[0])
+    cpu = tg.parse_args([])
+    assert tg.fall_back(cpu, torch.device("cpu")) == [] and cpu.fp8_head
