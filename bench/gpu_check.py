@@ -12,7 +12,7 @@ stage without an untie), 3 timed steps each, then the final validation; it says 
 skips any later part it expects to end past the budget (estimated from the parts measured so far).
 Compilation is reported apart from step time: a step that compiled a graph is not timed.
 
-Options: --quick, --steps=N (timed steps per stage, default 6, 3 with --quick), --budget=S (seconds
+Options: --quick, --steps=N (timed steps per stage, default 6, 4 with --quick), --budget=S (seconds
 from the start; default none, 300 with --quick), --out=PATH (JSON, default logs/gpu_check.json; the
 text goes to PATH with .txt), --smoke (tiny shapes and model: checks this script itself on a CPU,
 with TRITON_INTERPRET=1 for the kernels), -h/--help. Any other --name=value is a train_gpt flag for
@@ -46,7 +46,7 @@ SMOKE_FLAGS = ["--n_layer=3", "--d_model=64", "--n_head=2", "--head_dim=32", "--
 TOLERANCE = dict(bf16=2e-2, loss=1e-4, fp8_out=0.06, fp8_grad=0.1)  # as in tests/test_kernels.py
 SYNTHETIC_SHARD_TOKENS = 2**25  # one random shard, linked as often as the schedule needs
 MEAN_DOC_TOKENS = 1000
-QUICK_STEPS = 3
+QUICK_STEPS = 4  # whole Adam periods (adam_every = 2), as the mean of a stage's steps needs
 # a device lease gives about 8 minutes of command time: --quick starts no part it expects to end later
 QUICK_BUDGET_S = 300
 
@@ -217,7 +217,7 @@ def stage_starts(schedule):
 
 
 def run_stage(trainer, start, untimed, steps):
-    """Run `untimed` steps from `start`, then up to `steps` more. Returns, per step: seconds, loss,
+    """Run `untimed` steps from `start`, then up to `steps` more of its stage. Returns, per step: seconds, loss,
     and the graphs torch.compile made during it (then the step's time is mostly compilation)."""
     from torch._dynamo.utils import counters
 
@@ -225,7 +225,8 @@ def run_stage(trainer, start, untimed, steps):
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times, losses, graphs = [], [], []
-    for step in range(start, min(start + untimed + steps, schedule.total)):
+    stage_end = min([s for s in stage_starts(schedule) if s > start] + [schedule.total])  # this stage's steps only
+    for step in range(start, min(start + untimed + steps, stage_end)):
         before = counters["stats"]["unique_graphs"]
         backend.synchronize()
         t0 = time.perf_counter()
@@ -244,11 +245,13 @@ def stage_runs(trainer, untimed, steps):
 
 
 def stage_row(trainer, start, times, losses, graphs):
-    """A stage's figures. ms/step: the median of the steps after the first that compiled nothing;
-    compile: what the first step and the compiling ones took beyond that."""
+    """A stage's figures. ms/step: the mean of the steps after the first that compiled nothing (not
+    the median: Adam runs every adam_every steps, and a median of alternating fast and slow steps
+    is one of them, not what the run spends); compile: what the first step and the compiling ones
+    took beyond that."""
     schedule, backend = trainer.schedule, trainer.backend
     clean = [t for i, (t, n) in enumerate(zip(times, graphs)) if i and not n]
-    ms = 1000 * statistics.median(clean) if clean else float("nan")
+    ms = 1000 * statistics.mean(clean) if clean else float("nan")
     compile_s = sum(max(0.0, t - ms / 1000) for i, (t, n) in enumerate(zip(times, graphs)) if not i or n)
     tokens = schedule.batch_tokens(start) / backend.world_size
     return dict(stage=schedule.stage(start), first_step=start, batch_tokens=schedule.batch_tokens(start),

@@ -39,7 +39,7 @@ def parse_options(argv):
         prog="bench/step.py", description=__doc__.split("\n\n")[0], allow_abbrev=False, exit_on_error=False,
         epilog="Every other --name=value is a train_gpt.py flag for the model run (--preset, --cpu_dtype, "
                "--batch_tokens, ...): `python train_gpt.py --help` lists them.")
-    parser.add_argument("--steps", type=sample.bounded(int, 1), help="timed steps per stage (default 5; 1 with --smoke)")
+    parser.add_argument("--steps", type=sample.bounded(int, 1), help="timed steps per stage, rounded up to whole Adam periods (default 6; 2 with --smoke)")
     parser.add_argument("--untimed", type=sample.bounded(int, 0),
                         help="steps run before the timed ones: compile, caches (default 2; 1 with --smoke)")
     parser.add_argument("--out", default=os.path.join("logs", "step.json"), help="the table as JSON (default: %(default)s)")
@@ -52,7 +52,7 @@ def parse_options(argv):
     except argparse.ArgumentError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    options.steps = options.steps or (1 if options.smoke else 5)
+    options.steps = options.steps or (1 if options.smoke else 6)
     options.untimed = (1 if options.smoke else 2) if options.untimed is None else options.untimed
     return options, rest
 
@@ -87,6 +87,9 @@ def main(argv):
     with tempfile.TemporaryDirectory() as workdir:
         trainer = G.build_trainer(model_argv, workdir, "step")
         cfg, schedule, backend = trainer.cfg, trainer.schedule, trainer.backend
+        # whole Adam periods, averaged: Adam steps every adam_every steps (the 50k-row tables' update
+        # costs the same at every batch size), so a median of a few steps was the cheaper kind alone
+        steps = -(-steps // cfg.adam_every) * cfg.adam_every
         dtype = str(backend.compute_dtype).removeprefix("torch.")
         report.add("config", dict(argv=model_argv, compute_dtype=dtype, world_size=backend.world_size, untimed=untimed),
                    f"{' '.join(model_argv)}\ncompute dtype {dtype}, {backend.world_size} device(s), "
@@ -95,7 +98,7 @@ def main(argv):
         report.note(f"{'stage':>5s} {'step':>6s} {'batch':>7s} {'windows':>9s} {'ms/step':>9s} {'tok/s/dev':>10s} "
                     f"{'FLOP/tok':>10s} {'GFLOP/s':>9s} {mfu_names}")
         for start, times, _, _ in G.stage_runs(trainer, untimed, steps):
-            ms = 1000 * statistics.median(times[untimed:]) if len(times) > untimed else float("nan")  # a short stage
+            ms = 1000 * statistics.mean(times[untimed:]) if len(times) > untimed else float("nan")  # a short stage
             windows = schedule.windows(schedule.window_blocks(start))
             flops = T.flops_per_token(cfg, windows, schedule.max_seq_len(start))
             tokens_per_s = schedule.batch_tokens(start) / backend.world_size / (ms / 1000)
@@ -107,7 +110,7 @@ def main(argv):
             report.add("stages", row, f"{row['stage']:5d} {start:6d} {row['batch_tokens']:7d} {'/'.join(map(str, windows)):>9s} "
                                       f"{ms:9.1f} {tokens_per_s:10.0f} {flops:10.3g} {flops * tokens_per_s / 1e9:9.2f} {mfu}")
             if options.profile:
-                step = min(start + untimed + steps, schedule.total) - 1  # the last timed step again: same shapes
+                step = start + len(times) - 1  # the last timed step again: same shapes
                 ops = profile_step(trainer, step, options.profile)
                 report.add("profiles", dict(stage=row["stage"], step=step, ops=ops),
                            "\n".join([f"  profile of step {step}: the {len(ops)} costliest operators by self time"]
