@@ -587,3 +587,68 @@ def test_bigram_table_stored_in_the_table_dtype():
     assert model.bigram_embed.weight.dtype == torch.bfloat16 and model.bigram_embed.lambdas.dtype == torch.float32
     idx = torch.randint(0, 1000, (64,))
     assert model.bigram_embed(idx).dtype == torch.bfloat16  # the signs (fp32) multiply in the table's dtype
+
+
+def test_activation_checkpointing_gives_the_same_gradients_and_keeps_less():
+    """Each block recomputed in the backward: the loss and every gradient bitwise equal to the plain
+    model's (the same ops again, deterministic on the CPU), while of the tensors autograd keeps from
+    the forward (a step's activation memory) those made inside the blocks are no longer kept (the
+    checkpoint keeps each block's inputs itself) and the whole shrinks by most of what they were."""
+    def step(checkpointing):
+        cfg = tg.parse_args(TINY + ["--n_layer=4", "--long_window_layers=1,3", "--skip_from=1", "--skip_to=2",
+                                    "--backout_layer=2", f"--activation_checkpointing={checkpointing}"])
+        torch.manual_seed(5)
+        model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+        idx = torch.randint(0, BOS, (300,), generator=torch.Generator().manual_seed(1))
+        idx[[0, 90, 200]] = BOS
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        inside = [False]
+        kept = {True: {}, False: {}}  # inside a block or not: distinct storages kept, parameters aside
+        for block in model.blocks:
+            block.register_forward_pre_hook(lambda *_: inside.__setitem__(0, True))
+            block.register_forward_hook(lambda *_: inside.__setitem__(0, False))
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                kept[inside[0]][storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loss = model(idx, idx, (64, 32), torch.tensor([1.0, 0.5]))
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        return loss, grads, sum(kept[True].values()), sum(kept[False].values())
+
+    plain_loss, plain_grads, plain_inside, plain_outside = step(False)
+    loss, grads, inside, outside = step(True)
+    assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+    # (outside, a few block outputs are now kept by the ops after the block instead of inside it)
+    assert plain_inside > 1_000_000 and inside == 0, (plain_inside, inside)
+    assert inside + outside < plain_outside + 0.2 * plain_inside, (outside, plain_outside, plain_inside)
+
+
+def test_activation_checkpointing_compiles_to_the_same_gradients():
+    """The checkpointed blocks under torch.compile (fullgraph, inductor): the loss and gradients of the
+    compiled plain model, bitwise."""
+    results = []
+    for checkpointing in (False, True):
+        cfg = tg.parse_args(TINY + ["--n_layer=2", "--long_window_layers=1", "--skip_from=0", "--skip_to=1",
+                                    "--backout_layer=0", f"--activation_checkpointing={checkpointing}"])
+        torch.manual_seed(0)
+        model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+        idx = torch.randint(0, BOS, (256,), generator=torch.Generator().manual_seed(1))
+        idx[[0, 100]] = BOS
+        torch._dynamo.reset()
+        loss = torch.compile(model, fullgraph=True, dynamic=False)(idx, idx, (64, 32), torch.tensor([1.0, 0.5]))
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (plain_loss, plain_grads), (loss, grads) = results
+    assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
+    assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
