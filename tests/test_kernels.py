@@ -283,7 +283,8 @@ def test_sm90_builds_cover_every_kernel(sm90_reports):
     assert {r["kernel"] for r in sm90_reports.values()} == kernels
 
 
-@pytest.mark.parametrize("name", ["sym_mm", "sym_axpby", "linear_relu2", "softcap_ce_fwd", "softcap_ce_bwd"])
+@pytest.mark.parametrize("name", ["sym_mm", "sym_axpby", "linear_relu2", "softcap_ce_fwd", "softcap_ce_bwd",
+                                  "softcap_ce_fwd_prefix", "softcap_ce_bwd_prefix"])
 def test_sm90_build_has_no_spills_and_fits(sm90_reports, name):
     r = sm90_reports[name]
     assert r["spill_stores"] == 0, f"{name}: ptxas reports {r['spill_stores']} bytes spill stores ({r['registers']} registers)"
