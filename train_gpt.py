@@ -3301,9 +3301,10 @@ class Trainer:
                       "fraction of it, see MFU)")
         for line in self.schedule.describe():
             self.log.line("schedule: " + line)
-        if cfg.mtp:
+        if cfg.mtp or cfg.prefix_loss:
             self.log.line("note: train_loss is the multi-token-prediction loss, a weighted sum of the cross-entropies "
-                          "of the next tokens (README); val_loss is the plain next-token cross-entropy")
+                          "of the next tokens (README)" + (" and, while its weight is on, of the next token's prefix "
+                          "token (#88)" if cfg.prefix_loss else "") + "; val_loss is the plain next-token cross-entropy")
 
     def step_flops(self, step):
         """Model FLOPs of a step: its batch at its windows and longest piece."""
