@@ -6,6 +6,7 @@ overridable as `--name=value`; `--preset=cpu` selects the small CPU track, `--pr
 public speedrun's latest recipe as far as its techniques are switches here, and `--baseline`
 switches every technique off at once.
 """
+import base64
 import dataclasses
 import difflib
 import functools
@@ -156,7 +157,7 @@ class Config:
     fp8_head: bool = True  # FP8 lm_head matmul (CUDA)
     triton: bool = True  # fused Triton kernels on CUDA; False forces the torch twins
     untie_after_adam: bool = False  # #54: untie after the first Adam step at or past the untie point (not at the point)
-    prefix_loss: float = 0.0  # #88: prefix-token loss weight over the first third, fading to 0 over the second; 0 = off
+    prefix_loss: float = 0.0  # #88: weight of a CE toward the next token's longest proper prefix token (first third, fading over the second); 0 = off
     ve_layout: str = ""  # #70 value-embedding table of each layer, one character per layer: '.' none or the table's index (HEAD .01.....234); empty: value_embeds' layout
     ve_init_std: float = 0.0  # #70 value embeddings start N(0, std^2); 0: zeros (HEAD 0.01)
     ve_gate: str = "none"  # #55/#70 each head takes 2 sigmoid(w . g) of its value embedding: none | x (#55: g = x[:gate_dims]) | x_ve (#70: halves of x and ve)
@@ -223,8 +224,8 @@ PRESETS = {
     # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init;
     # #73/#74/#77 residual and post lambdas, saved skip, lane; #81/#85 MUDD (which in HEAD also drives
     # the skip, the attention gates on layers 3 and 10, the bigram's mixing and replaces backout) and
-    # DC; #82/#85 XSA; #84/#89 FP8 MLP; #88 the prefix-token loss itself (prefix_loss sets only its
-    # schedule); the final validation without FP8. The bigram mixes #62's way (per-layer lambdas).
+    # DC; #82/#85 XSA; #84/#89 FP8 MLP; the final validation without FP8. The bigram mixes #62's way
+    # (per-layer lambdas).
     "head": dict(
         num_steps=1270,
         extension_steps=15,
@@ -753,6 +754,7 @@ def log_stable(x):
 
 
 CE_ROWS = 32  # rows of logits the CPU loss handles at once: a few MB of fp32, cache-sized
+NO_PREFIX = -1  # #88 prefix target of a row whose next token has no proper prefix token: no term (the ops test >= 0)
 
 
 class _SoftcapMTPLoss(torch.autograd.Function):
@@ -765,12 +767,16 @@ class _SoftcapMTPLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits, targets, weights, cap, temp, offset, stablemax):
+    def forward(ctx, logits, targets, weights, cap, temp, offset, stablemax, prefix_targets, prefix_weight):
         n, k = targets.numel(), weights.numel()
         # the k-th target of row i is targets[i + k]; rows past the end get weight 0
         ahead = torch.arange(n, device=logits.device)[:, None] + torch.arange(k, device=logits.device)
         coef = (weights * (ahead < n)).float()
         picks = targets[ahead.clamp(max=n - 1)]
+        if prefix_targets is not None:  # #88: one more target per row, weight 0 where it is NO_PREFIX
+            has = prefix_targets >= 0
+            picks = torch.cat([picks, torch.where(has, prefix_targets, 0)[:, None]], dim=1)
+            coef = torch.cat([coef, (prefix_weight * has).float()[:, None]], dim=1)
         loss = torch.empty(n, device=logits.device)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(logits) if want_grad else None
@@ -799,7 +805,7 @@ class _SoftcapMTPLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None, None
+        return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None, None, None, None
 
 
 class TorchOps:
@@ -824,20 +830,22 @@ class TorchOps:
         return F.relu(F.linear(x, w)).square().to(x.dtype)
 
     @staticmethod
-    def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0):
+    def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None):
         """Per-token multi-token cross-entropy of softcapped logits.
 
         logits [N, V] (raw z), targets [N] (next tokens), weights [K] (a tensor, so changing
         values never recompile); loss_i = sum_k w_k (lse_i - l_i[t_{i+k}]) over the k with
         i + k < N, where l = cap * sigmoid((z + offset) / temp) (l = z when cap is 0).
+        With prefix_targets [N] (#88), each row adds prefix_weight (a [1] tensor) * (lse_i - l_i[p_i])
+        on the same softcapped logits and logsumexp, except where p_i is NO_PREFIX.
         """
-        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, False)
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, False, prefix_targets, prefix_weight)
 
     @staticmethod
-    def stablemax_mtp_ce(logits, targets, weights, cap, temp, offset=0.0):
+    def stablemax_mtp_ce(logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None):
         """softcap_mtp_ce with LogStableMax in place of log-softmax: loss_i = sum_k w_k
         (log sum_j s(l_ij) - log s(l_i[t_{i+k}])). No Triton kernel: torch on every device."""
-        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, True)
+        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, True, prefix_targets, prefix_weight)
 
 
 # Launch shapes, chosen so every kernel assembles for sm_90a without register spills
@@ -985,9 +993,17 @@ if triton is not None:
         return target, tl.where(valid, tl.load(w_ptr + k), 0.0)
 
     @triton.jit
-    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, w_ptr, loss_ptr, lse_ptr, n_rows, vocab, s_z, cap, inv_temp, offset,
+    def _prefix_target(p_ptr, pw_ptr, row):
+        """#88: the row's prefix target and its weight; weight 0 (and target 0) where it is NO_PREFIX."""
+        target = tl.load(p_ptr + row)
+        valid = target >= 0
+        return tl.where(valid, target, 0), tl.where(valid, tl.load(pw_ptr), 0.0)
+
+    @triton.jit
+    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, w_ptr, p_ptr, pw_ptr, loss_ptr, lse_ptr, n_rows, vocab, s_z, cap, inv_temp, offset,
                                NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-        """Loss of one row: an online logsumexp over vocabulary blocks, then the weighted target logits."""
+        """Loss of one row: an online logsumexp over vocabulary blocks, then the weighted target logits
+        (with the prefix target's, #88, unless p_ptr is None)."""
         row = tl.program_id(0)
         z_row = z_ptr + row.to(tl.int64) * s_z
         run_max = -float("inf")
@@ -1005,13 +1021,18 @@ if triton is not None:
             target, weight = _mtp_target(t_ptr, w_ptr, row, k, n_rows)
             picked = _softcap(tl.load(z_row + target).to(tl.float32), cap, inv_temp, offset, SOFTCAP)
             loss += weight * (lse - picked)
+        if p_ptr is not None:
+            target, weight = _prefix_target(p_ptr, pw_ptr, row)
+            picked = _softcap(tl.load(z_row + target).to(tl.float32), cap, inv_temp, offset, SOFTCAP)
+            loss += weight * (lse - picked)
         tl.store(lse_ptr + row, lse)
         tl.store(loss_ptr + row, loss)
 
     @triton.jit
-    def _softcap_ce_bwd_kernel(z_ptr, t_ptr, w_ptr, lse_ptr, grad_ptr, dz_ptr, n_rows, vocab, s_z, s_dz, cap, inv_temp, offset,
-                               NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
-        """dloss/dz of one row in one pass: sum_k w_k (softmax - onehot(t_{i+k})) * grad, through the softcap."""
+    def _softcap_ce_bwd_kernel(z_ptr, t_ptr, w_ptr, p_ptr, pw_ptr, lse_ptr, grad_ptr, dz_ptr, n_rows, vocab, s_z, s_dz, cap,
+                               inv_temp, offset, NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+        """dloss/dz of one row in one pass: sum_k w_k (softmax - onehot(t_{i+k})) * grad, through the softcap
+        (the prefix target, #88, is one more such term unless p_ptr is None)."""
         row = tl.program_id(0)
         z_row = z_ptr + row.to(tl.int64) * s_z
         dz_row = dz_ptr + row.to(tl.int64) * s_dz
@@ -1020,6 +1041,9 @@ if triton is not None:
         total = 0.0
         for k in tl.static_range(NUM_WEIGHTS):
             total += _mtp_target(t_ptr, w_ptr, row, k, n_rows)[1]
+        if p_ptr is not None:
+            prefix, prefix_weight = _prefix_target(p_ptr, pw_ptr, row)
+            total += prefix_weight
         for v0 in range(0, vocab, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             z = tl.load(z_row + cols, mask=cols < vocab, other=0.0).to(tl.float32)
@@ -1028,6 +1052,8 @@ if triton is not None:
             for k in tl.static_range(NUM_WEIGHTS):
                 target, weight = _mtp_target(t_ptr, w_ptr, row, k, n_rows)
                 dl -= tl.where(cols == target, weight, 0.0)
+            if p_ptr is not None:
+                dl -= tl.where(cols == prefix, prefix_weight, 0.0)
             if SOFTCAP:  # dl/dz = cap / temp * s (1 - s) with s = l / cap
                 s = l / cap
                 dl *= cap * inv_temp * s * (1.0 - s)
@@ -1095,27 +1121,29 @@ if triton is not None:
         """
 
         @staticmethod
-        def forward(ctx, logits, targets, weights, cap, temp, offset):
+        def forward(ctx, logits, targets, weights, cap, temp, offset, prefix_targets, prefix_weight):
             _require_16bit("softcap_mtp_ce", logits)
             z, targets = logits.contiguous(), targets.contiguous()
             weights = torch.as_tensor(weights, dtype=torch.float32, device=z.device)  # a tensor: no recompiles
+            # #88: None compiles the kernels without the prefix target
+            prefix = (None, None) if prefix_targets is None else (prefix_targets.contiguous(), prefix_weight.float())
             n, vocab = z.shape
             loss = torch.empty(n, dtype=torch.float32, device=z.device)
             lse = torch.empty(n, dtype=torch.float32, device=z.device)
             ctx.launch = dict(cap=float(cap), inv_temp=1.0 / temp if cap > 0 else 1.0, offset=float(offset), NUM_WEIGHTS=weights.numel(),
                               SOFTCAP=cap > 0, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
-            _softcap_ce_fwd_kernel[(n,)](z, targets, weights, loss, lse, n, vocab, z.stride(0), **ctx.launch)
-            ctx.save_for_backward(z, targets, weights, lse)
+            _softcap_ce_fwd_kernel[(n,)](z, targets, weights, *prefix, loss, lse, n, vocab, z.stride(0), **ctx.launch)
+            ctx.save_for_backward(z, targets, weights, lse, *prefix)
             return loss
 
         @staticmethod
         def backward(ctx, grad):
-            z, targets, weights, lse = ctx.saved_tensors
+            z, targets, weights, lse, *prefix = ctx.saved_tensors
             n, vocab = z.shape
             dz = torch.empty_like(z)
-            _softcap_ce_bwd_kernel[(n,)](z, targets, weights, lse, grad.contiguous(), dz, n, vocab, z.stride(0), dz.stride(0),
-                                         **ctx.launch)
-            return dz, None, None, None, None, None
+            _softcap_ce_bwd_kernel[(n,)](z, targets, weights, *prefix, lse, grad.contiguous(), dz, n, vocab, z.stride(0),
+                                         dz.stride(0), **ctx.launch)
+            return dz, None, None, None, None, None, None, None
 
     class TritonOps(TorchOps):
         """The fused Triton kernels behind TorchOps' signatures (CUDA; CPU tensors under TRITON_INTERPRET=1)."""
@@ -1135,8 +1163,8 @@ if triton is not None:
             return _LinearReLU2.apply(x, w)
 
         @staticmethod
-        def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0):
-            return _SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp, offset)
+        def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None):
+            return _SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp, offset, prefix_targets, prefix_weight)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1451,9 +1479,34 @@ class BigramEmbed(nn.Module):
         return x * self.signs[bigram_sign_rows(idx, self.signs.size(0))].to(x.dtype)
 
 
+GPT2_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2.tiktoken")  # GPT-2's tokens as bytes
+
+
+def prefix_tokens(rows, vocab_size, path=GPT2_RANKS):
+    """#88: a [rows] table whose entry t is the token whose bytes are the longest proper prefix of
+    token t's that is itself a token below vocab_size; NO_PREFIX where there is none (single bytes,
+    <|endoftext|>, the padding rows). Read from the bundled ranks file: no tokenizer, no network."""
+    ids = {}
+    with open(path, "rb") as f:
+        for line in f:
+            token, rank = line.split()
+            ids[base64.b64decode(token)] = int(rank)
+    table = [NO_PREFIX] * rows
+    for token, t in ids.items():
+        if t >= vocab_size:
+            continue
+        for n in range(len(token) - 1, 0, -1):
+            prefix = ids.get(token[:n], vocab_size)
+            if prefix < vocab_size:
+                table[t] = prefix
+                break
+    return torch.tensor(table)
+
+
 class GPT(nn.Module):
-    """The record model. forward(idx, targets, windows, mtp_weights) returns the token losses'
-    sum: the record trains on the sum, which sets the gradient scale Adam's eps is measured against."""
+    """The record model. forward(idx, targets, windows, mtp_weights, prefix_weight=None) returns the
+    token losses' sum: the record trains on the sum, which sets the gradient scale Adam's eps is
+    measured against. With prefix_loss on, load_prefix_table() must run before a prefix weight is passed."""
 
     def __init__(self, cfg, ops, attention, dtype=COMPUTE_DTYPE, table_dtype=None):
         super().__init__()
@@ -1488,10 +1541,17 @@ class GPT(nn.Module):
             self.backout_lambda = tag(constant(0.5), "scalar")
         # made last, so switching it on leaves every other parameter's random init as it was
         self.bigram_embed = BigramEmbed(cfg) if cfg.bigram_vocab else None
+        if cfg.prefix_loss:  # #88: all NO_PREFIX until load_prefix_table(), a buffer the compiled graphs read
+            self.register_buffer("prefix_table", torch.full((self.vocab,), NO_PREFIX), persistent=False)
         if table_dtype is not None:  # after init, so the random draws are the same in any dtype
             for p in self.parameters():
                 if p.kind in TABLE_KINDS:
                     p.data = p.data.to(table_dtype)
+
+    @torch.no_grad()
+    def load_prefix_table(self):
+        """Fill the #88 table in place, so the graphs compiled on the empty one read the filled one."""
+        self.prefix_table.copy_(prefix_tokens(self.vocab, self.cfg.vocab_size))
 
     @torch.no_grad()
     def untie(self):
@@ -1564,12 +1624,13 @@ class GPT(nn.Module):
             return fp8_linear(x, self.lm_head)
         return F.linear(x, self.lm_head.to(self.dtype))
 
-    def forward(self, idx, targets, windows, mtp_weights):
+    def forward(self, idx, targets, windows, mtp_weights, prefix_weight=None):
         z = self.logits(self.hidden(idx, windows))
         cfg = self.cfg
         # StableMax only trains: validation is always cross-entropy, so runs stay comparable
         loss_fn = self.ops.stablemax_mtp_ce if cfg.stablemax and self.training else self.ops.softcap_mtp_ce
-        return loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset).sum()
+        prefix = None if prefix_weight is None else self.prefix_table[targets]  # #88 (training passes the weight)
+        return loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset, prefix, prefix_weight).sum()
 
     @torch.no_grad()
     def first_token_attention(self, idx, windows):
@@ -3057,6 +3118,9 @@ class Trainer:
         # every step's MTP weights on the device up front: making them inside a step would copy
         # from the host and stall the GPU stream each step
         self.mtp_weights = [torch.tensor(self.schedule.mtp_weights(s), device=backend.device) for s in range(self.schedule.total)]
+        # #88: None where the weight is 0 (off, or past the second third): that step's graph has no prefix term
+        self.prefix_weights = [torch.tensor([w], device=backend.device) if w else None
+                               for w in map(self.schedule.prefix_weight, range(self.schedule.total))]
         self.tokens_before = list(itertools.accumulate((self.schedule.batch_tokens(s) for s in range(self.schedule.total)), initial=0))
         # the model FLOPs before each step: what the ETA and the least cost are counted in
         self.flops_before = list(itertools.accumulate((self.step_flops(s) for s in range(self.schedule.total)), initial=0))
@@ -3101,7 +3165,7 @@ class Trainer:
         total, shell_total = 0.0, 0.0
         for micro in range(self.accum):
             inputs, targets, _ = self.train_loader.next_batch(micro_tokens, sched.max_seq_len(step))
-            loss = self.forward(inputs, targets, windows, weights)  # summed over tokens
+            loss = self.forward(inputs, targets, windows, weights, self.prefix_weights[step])  # summed over tokens
             total += loss.detach() / (micro_tokens * self.accum)
             if cfg.shell_lambda:
                 # outside the compiled forward (which returns one loss, shared with validation): it
@@ -3276,9 +3340,10 @@ class Trainer:
                       "fraction of it, see MFU)")
         for line in self.schedule.describe():
             self.log.line("schedule: " + line)
-        if cfg.mtp:
+        if cfg.mtp or cfg.prefix_loss:
             self.log.line("note: train_loss is the multi-token-prediction loss, a weighted sum of the cross-entropies "
-                          "of the next tokens (README); val_loss is the plain next-token cross-entropy")
+                          "of the next tokens (README)" + (" and, while its weight is on, of the next token's prefix "
+                          "token (#88)" if cfg.prefix_loss else "") + "; val_loss is the plain next-token cross-entropy")
 
     def step_flops(self, step):
         """Model FLOPs of a step: its batch at its windows and longest piece."""
@@ -3366,6 +3431,8 @@ class Trainer:
         log.started = True
         self.backend.synchronize()
         t0 = time.perf_counter()
+        if cfg.prefix_loss:  # #88: on the clock, as HEAD builds it (its warmup ran on the empty table too)
+            self.model.load_prefix_table()
         try:
             for step in range(first, total + 1):
                 signum = stop.requested()

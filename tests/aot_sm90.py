@@ -24,6 +24,7 @@ import train_gpt as T  # noqa: E402
 H100 = triton.backends.compiler.GPUTarget("cuda", 90, 32)
 TOKENS, WIDTH, HIDDEN, VOCAB = 49152, 768, 3072, 50304  # one rank's record batch and the model widths
 CE_SCALARS = dict(cap=30.0, inv_temp=1 / 7.5, offset=0.0, NUM_WEIGHTS=3, SOFTCAP=True, BLOCK_V=T.CE_BLOCK_V)
+PREFIX_ON = ["--prefix_loss=0.25"]  # #88: the loss op then also takes the prefix targets and their weight
 POINTER = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32", torch.int64: "*i64"}
 
 
@@ -31,7 +32,7 @@ def recorded_pointers():
     """op -> Triton pointer types of its tensor arguments, as the model feeds them on CUDA (under CUDA's
     autocast rules, tables stored in bf16: tests/op_spy.py)."""
     seen = {}
-    for name, args in op_spy.record_op_inputs(cuda_rules=True, table_dtype=torch.bfloat16):
+    for name, args in op_spy.record_op_inputs(PREFIX_ON, cuda_rules=True, table_dtype=torch.bfloat16):
         if name not in op_spy.OPERANDS:  # attention and the residual stream: not Triton kernels of ours
             continue
         types = [POINTER[dtype] for dtype, _ in args]
@@ -49,7 +50,23 @@ def kernel_table(pointers):
     """name -> (kernel, arguments at the record's shapes with the recorded dtypes, launch options, multiplies)."""
     (gram,), (sym,) = pointers["sym_mm"], pointers["sym_axpby"]
     x, w = pointers["linear_relu2"]
-    z, t, mtp = pointers["softcap_mtp_ce"]
+    z, t, mtp, prefix, prefix_weight = pointers["softcap_mtp_ce"]
+
+    def ce_kernels(p, pw):
+        """The two loss kernels, with the #88 prefix target (pointers) or without (None)."""
+        return (
+            (T._softcap_ce_fwd_kernel,
+             dict(z_ptr=z, t_ptr=t, w_ptr=mtp, p_ptr=p, pw_ptr=pw, loss_ptr="*fp32", lse_ptr="*fp32", n_rows=TOKENS,
+                  vocab=VOCAB, s_z=VOCAB, **CE_SCALARS),
+             dict(num_warps=T.CE_WARPS), False),
+            (T._softcap_ce_bwd_kernel,
+             dict(z_ptr=z, t_ptr=t, w_ptr=mtp, p_ptr=p, pw_ptr=pw, lse_ptr="*fp32", grad_ptr="*fp32", dz_ptr=z, n_rows=TOKENS,
+                  vocab=VOCAB, s_z=VOCAB, s_dz=VOCAB, **CE_SCALARS),
+             dict(num_warps=T.CE_WARPS), False),
+        )
+
+    ce_fwd, ce_bwd = ce_kernels(None, None)
+    ce_fwd_prefix, ce_bwd_prefix = ce_kernels(prefix, prefix_weight)
     return {
         "sym_mm": (T._sym_mm_kernel, sym_args(gram, WIDTH, HIDDEN, False), dict(num_warps=T.SYM_WARPS, num_stages=T.SYM_STAGES), True),
         "sym_axpby": (T._sym_mm_kernel, sym_args(sym, WIDTH, WIDTH, True), dict(num_warps=T.SYM_WARPS, num_stages=T.SYM_STAGES), True),
@@ -59,15 +76,10 @@ def kernel_table(pointers):
                  s_wn=WIDTH, s_wk=1, s_om=HIDDEN, s_on=1, BLOCK_M=T.MM_BLOCK_M, BLOCK_N=T.MM_BLOCK_N,
                  BLOCK_K=T.MM_BLOCK_K, GROUP_M=T.MM_GROUP_M, DOT_FP32=False),
             dict(num_warps=T.MM_WARPS, num_stages=T.MM_STAGES), True),
-        "softcap_ce_fwd": (
-            T._softcap_ce_fwd_kernel,
-            dict(z_ptr=z, t_ptr=t, w_ptr=mtp, loss_ptr="*fp32", lse_ptr="*fp32", n_rows=TOKENS, vocab=VOCAB, s_z=VOCAB, **CE_SCALARS),
-            dict(num_warps=T.CE_WARPS), False),
-        "softcap_ce_bwd": (
-            T._softcap_ce_bwd_kernel,
-            dict(z_ptr=z, t_ptr=t, w_ptr=mtp, lse_ptr="*fp32", grad_ptr="*fp32", dz_ptr=z, n_rows=TOKENS, vocab=VOCAB,
-                 s_z=VOCAB, s_dz=VOCAB, **CE_SCALARS),
-            dict(num_warps=T.CE_WARPS), False),
+        "softcap_ce_fwd": ce_fwd,
+        "softcap_ce_bwd": ce_bwd,
+        "softcap_ce_fwd_prefix": ce_fwd_prefix,
+        "softcap_ce_bwd_prefix": ce_bwd_prefix,
     }
 
 
@@ -79,7 +91,7 @@ def specialize(kernel, args):
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(kernel.arg_names):
         value = args[name]
-        if i in kernel.constexprs or (type(value) is int and value == 1):
+        if i in kernel.constexprs or value is None or (type(value) is int and value == 1):
             signature[name], constexprs[name] = "constexpr", value
         elif isinstance(value, str):  # a pointer: torch allocations are 16-byte aligned
             signature[name], attrs[(i,)] = value, [["tt.divisibility", 16]]

@@ -144,8 +144,12 @@ def record_op_inputs(flags=(), cuda_rules=False, table_dtype=None, built=None):
         schedule = T.Schedule(cfg)
         windows = schedule.windows(schedule.window_blocks(0))
         rules = CudaAutocastRules(None if cuda_rules is True else cuda_rules) if cuda_rules else contextlib.nullcontext()
+        prefix_weight = None
+        if cfg.prefix_loss:  # #88, as the Trainer passes it
+            model.load_prefix_table()
+            prefix_weight = torch.tensor([schedule.prefix_weight(0)])
         with rules:
-            model(idx[:-1], idx[1:], windows, torch.tensor(schedule.mtp_weights(0))).backward()
+            model(idx[:-1], idx[1:], windows, torch.tensor(schedule.mtp_weights(0)), prefix_weight).backward()
         optimizers.step(0, schedule.lr_mult(0), schedule.momentum(0), last=True)
     finally:
         T.fp8_linear = fp8_linear

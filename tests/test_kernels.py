@@ -119,33 +119,43 @@ def test_linear_relu2_matches_twin_and_autograd(x_shape, w_shape, dtype):
 
 
 # Record vocabulary 50304 scaled by 1/16 (3144: one full and one partial 2048-block), a vocabulary
-# smaller than a block, fewer rows than MTP weights; softcap on and off. The model passes the MTP
-# weights as a float32 tensor (new values never recompile); both ops take it.
+# smaller than a block, fewer rows than MTP weights; softcap on and off; with #88's prefix target
+# (a third of the rows without one, some equal to an MTP target). The model passes the MTP and prefix
+# weights as float32 tensors (new values never recompile); both ops take them.
 @pytest.mark.parametrize("dtype", HALF)
-@pytest.mark.parametrize("rows,vocab,weights,cap,offset", [
-    (64, 3144, (1.0, 0.5, 0.25), 30.0, 0.0),
-    (37, 1000, (1.0, 0.3), 30.0, 0.0),
-    (2, 50, (1.0, 0.5, 0.25), 30.0, 0.0),
-    (37, 1000, (1.0, 0.5, 0.25), 0.0, 0.0),
-    (20, 3144, (1.0,), 0.0, 0.0),
-    (37, 1000, (1.0, 0.5, 0.25), 23.0, 5.0),  # #54's asymmetric cap
+@pytest.mark.parametrize("rows,vocab,weights,cap,offset,prefix", [
+    (64, 3144, (1.0, 0.5, 0.25), 30.0, 0.0, False),
+    (37, 1000, (1.0, 0.3), 30.0, 0.0, False),
+    (2, 50, (1.0, 0.5, 0.25), 30.0, 0.0, False),
+    (37, 1000, (1.0, 0.5, 0.25), 0.0, 0.0, False),
+    (20, 3144, (1.0,), 0.0, 0.0, False),
+    (37, 1000, (1.0, 0.5, 0.25), 23.0, 5.0, False),  # #54's asymmetric cap
+    (64, 3144, (1.0, 0.5, 0.25), 23.0, 5.0, True),  # HEAD's first third
+    (2, 50, (1.0, 0.5), 30.0, 0.0, True),
+    (20, 1000, (1.0,), 0.0, 0.0, True),
 ])
-def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, offset, dtype):
+def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, offset, prefix, dtype):
     gen = torch.Generator().manual_seed(3)
     logits = (4 * torch.randn(rows, vocab, generator=gen)).to(dtype)
     targets = torch.randint(0, vocab, (rows,), generator=gen)
     grad = torch.randn(rows, generator=gen)
     weights = torch.tensor(weights)
+    extra = ()
+    if prefix:
+        prefixes = torch.randint(0, vocab, (rows,), generator=gen)
+        prefixes[::3] = T.NO_PREFIX
+        prefixes[1::4] = targets[1::4]  # the gradient's one-hot columns then add up
+        extra = (prefixes, torch.tensor([0.25]))
 
     def kernel(z):
-        return T.TritonOps.softcap_mtp_ce(z, targets, weights, cap, 7.5, offset)
+        return T.TritonOps.softcap_mtp_ce(z, targets, weights, cap, 7.5, offset, *extra)
 
     def twin(z):
-        return T.TorchOps.softcap_mtp_ce(z, targets, weights, cap, 7.5, offset)
+        return T.TorchOps.softcap_mtp_ce(z, targets, weights, cap, 7.5, offset, *extra)
 
     loss, (dz,) = kernel_grads(kernel, (logits,), grad)
     ref, (rz,) = twin_grads(twin, (logits,), grad)
-    what = f"softcap_mtp_ce {rows}x{vocab} w={weights.tolist()} cap={cap} offset={offset} {dtype}"
+    what = f"softcap_mtp_ce {rows}x{vocab} w={weights.tolist()} cap={cap} offset={offset} prefix={prefix} {dtype}"
     assert loss.dtype == torch.float32 and loss.shape == (rows,)
     assert dz.dtype == dtype and dz.shape == logits.shape
     assert_close(loss, ref, 1e-5, what + " loss")  # fp32 math on the same logits in both
@@ -283,7 +293,8 @@ def test_sm90_builds_cover_every_kernel(sm90_reports):
     assert {r["kernel"] for r in sm90_reports.values()} == kernels
 
 
-@pytest.mark.parametrize("name", ["sym_mm", "sym_axpby", "linear_relu2", "softcap_ce_fwd", "softcap_ce_bwd"])
+@pytest.mark.parametrize("name", ["sym_mm", "sym_axpby", "linear_relu2", "softcap_ce_fwd", "softcap_ce_bwd",
+                                  "softcap_ce_fwd_prefix", "softcap_ce_bwd_prefix"])
 def test_sm90_build_has_no_spills_and_fits(sm90_reports, name):
     r = sm90_reports[name]
     assert r["spill_stores"] == 0, f"{name}: ptxas reports {r['spill_stores']} bytes spill stores ({r['registers']} registers)"

@@ -2,6 +2,7 @@
 dense torch reference, and every switch on at once still training on a tiny CPU run."""
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -14,10 +15,11 @@ import train_gpt as T
 
 TINY = ["--preset=cpu", "--n_layer=2", "--d_model=32", "--n_head=2", "--head_dim=16", "--mlp_hidden=64",
         "--long_window_layers=1", "--skip_from=-1", "--backout_layer=-1", "--value_embeds=2", "--window_block=16"]
-# the seeds' techniques and HEAD's bigram embedding (#62/#83), all at once
+# the seeds' techniques, HEAD's bigram embedding (#62/#83) and prefix-token loss (#88), all at once
 ALL_ON = ["--shell_lambda=0.008", "--gate_attn=relu", "--gate_mlp=sigmoid", "--head_gate=true",
           "--sink_metric=true", "--sink_logit=true", "--kv_bias=true", "--stablemax=true",
-          "--perp_grad=all", "--perp_grad_rescale=true", "--bigram_vocab=1001", "--bigram_signs=64"]
+          "--perp_grad=all", "--perp_grad_rescale=true", "--bigram_vocab=1001", "--bigram_signs=64",
+          "--prefix_loss=0.25"]
 
 
 def test_shell_penalty_by_hand():
@@ -504,3 +506,183 @@ def test_gates_adam_settings():
     for gate in gates + attn_gates:
         assert table[gate] == (cfg.adam_lr, cfg.adam_lr**2 * cfg.adam_wd, cfg.scalar_betas)
     assert table[model.skip_x0_gate] == (cfg.adam_lr * 0.05, 0.0, cfg.scalar_betas)
+
+
+# ------------------------------------------------------------------------------------------------
+# #88 the prefix-token loss: the table against tiktoken, the loss against an eager formula
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    from data.tokenize_corpus import gpt2_encoding
+
+    return gpt2_encoding()
+
+
+@pytest.fixture(scope="module")
+def head_prefix_table():
+    return T.prefix_tokens(50304, 50257)
+
+
+def longest_prefix_token(enc, token, vocab_size=50257):
+    """The reference: try every shorter prefix of the token's bytes on tiktoken, longest first."""
+    text = enc.decode_single_token_bytes(token)
+    for n in range(len(text) - 1, 0, -1):
+        try:
+            prefix = enc.encode_single_token(text[:n])
+        except KeyError:
+            continue
+        if prefix < vocab_size:
+            return prefix
+    return T.NO_PREFIX
+
+
+@pytest.mark.parametrize("text,prefix", [(" the", " th"), (" th", " t"), ("the", "th"), ("ing", "in"),
+                                         (" Hello", " Hell"), (" a", " "), ("a", None), (" ", None)])
+def test_prefix_table_by_hand(gpt2, head_prefix_table, text, prefix):
+    token = gpt2.encode_single_token(text)
+    want = T.NO_PREFIX if prefix is None else gpt2.encode_single_token(prefix)
+    assert head_prefix_table[token].item() == want
+
+
+def test_prefix_table_equals_tiktoken_everywhere(gpt2, head_prefix_table):
+    """Every GPT-2 token against the brute-force reference; <|endoftext|> and the padding rows have none."""
+    assert head_prefix_table.shape == (50304,) and head_prefix_table.dtype == torch.int64
+    want = [longest_prefix_token(gpt2, t) for t in range(T.BOS_ID)]
+    assert head_prefix_table[: T.BOS_ID].tolist() == want
+    assert (head_prefix_table[T.BOS_ID :] == T.NO_PREFIX).all()
+    assert (head_prefix_table >= 0).sum() == 50000  # all but the 256 single bytes
+
+
+def test_prefix_table_of_a_smaller_vocabulary(gpt2):
+    """A model of 290 tokens cannot predict " th" (294): " the" falls back to " t"."""
+    table = T.prefix_tokens(384, 290)
+    the, t = gpt2.encode_single_token(" the"), gpt2.encode_single_token(" t")
+    assert gpt2.encode_single_token(" th") >= 290 and table[the].item() == t
+    assert table.tolist() == [longest_prefix_token(gpt2, i, 290) for i in range(290)] + [T.NO_PREFIX] * 94
+
+
+def eager_prefix_mtp_loss(z, targets, weights, prefixes, prefix_weight, stablemax):
+    """loss_i = sum_k w_k nll_i(t_{i+k}) + pw nll_i(p_i) (no term where p_i < 0), nll from the
+    log-softmax of 23 sigmoid((z + 5) / 7.5) (of its LogStableMax with `stablemax`)."""
+    l = 23 * torch.sigmoid((z + 5) / 7.5)
+    a = torch.sign(l) * torch.log1p(l.abs()) if stablemax else l
+    logp = torch.log_softmax(a, dim=-1)
+    n = len(targets)
+    rows = []
+    for i in range(n):
+        loss = sum(w * -logp[i, targets[i + k]] for k, w in enumerate(weights) if i + k < n)
+        if prefixes[i] >= 0:
+            loss = loss + prefix_weight * -logp[i, prefixes[i]]
+        rows.append(loss)
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("stablemax", [False, True])
+def test_prefix_loss_and_gradient_against_eager_formula(stablemax):
+    gen = torch.Generator().manual_seed(8)
+    n, vocab = 40, 300
+    z = 4 * torch.randn(n, vocab, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    prefixes = torch.randint(0, vocab, (n,), generator=gen)
+    prefixes[1::5] = targets[1::5]
+    prefixes[::3] = T.NO_PREFIX
+    weights, prefix_weight = [1.0, 0.5, 0.25], 0.2
+    op = T.TorchOps.stablemax_mtp_ce if stablemax else T.TorchOps.softcap_mtp_ce
+    mine = z.clone().requires_grad_()
+    loss = op(mine, targets, torch.tensor(weights), 23.0, 7.5, 5.0, prefixes, torch.tensor([prefix_weight]))
+    ref = z.clone().requires_grad_()
+    want = eager_prefix_mtp_loss(ref, targets, weights, prefixes, prefix_weight, stablemax)
+    torch.testing.assert_close(loss, want.float(), rtol=1e-5, atol=1e-5)
+    grad = torch.randn(n, generator=gen, dtype=torch.float64)
+    loss.backward(grad.float())
+    want.backward(grad)
+    torch.testing.assert_close(mine.grad, ref.grad, rtol=1e-5, atol=1e-6)
+    plain = op(z, targets, torch.tensor(weights), 23.0, 7.5, 5.0)
+    assert (loss - plain)[::3].abs().max() < 1e-6 and (loss - plain)[1::3].min() > 0  # only rows with a prefix
+
+
+def prefix_model(flags=()):
+    cfg = T.parse_args(TINY + ["--softcap=23", "--softcap_offset=5", "--fp8_head=false", "--prefix_loss=0.25"] + list(flags))
+    torch.manual_seed(0)
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
+    with torch.no_grad():
+        model.lm_head.mul_(400)  # logits of a few units
+    return model
+
+
+def test_model_adds_the_prefix_term_on_its_own_logits(head_prefix_table):
+    """forward(..., w) = forward(...) + w * sum_i CE(softcapped logits_i, table[target_i]), the table
+    filled by load_prefix_table (empty before: no term), kept out of the state dict."""
+    model = prefix_model()
+    assert (model.prefix_table == T.NO_PREFIX).all() and "prefix_table" not in model.state_dict()
+    idx, targets = tiny_batch()
+    targets[:8] = torch.tensor([262, 294, 64, 220, 1169, T.BOS_ID, 278, 257])  # " the", " th", "a", " ", ...
+    windows, mtp = (32, 16), torch.tensor([1.0, 0.5])
+    plain = model(idx, targets, windows, mtp)
+    torch.testing.assert_close(model(idx, targets, windows, mtp, torch.tensor([0.3])), plain)  # the table is empty
+    model.load_prefix_table()
+    assert torch.equal(model.prefix_table, head_prefix_table)
+    with torch.no_grad(), torch.autocast("cpu", dtype=T.COMPUTE_DTYPE):
+        z = model.logits(model.hidden(idx, windows)).float()
+    prefixes = head_prefix_table[targets]
+    has = prefixes >= 0
+    ce = F.cross_entropy(23 * torch.sigmoid((z[has] + 5) / 7.5), prefixes[has], reduction="sum")
+    torch.testing.assert_close(model(idx, targets, windows, mtp, torch.tensor([0.3])), plain + 0.3 * ce)
+
+
+def prefix_run(tmp_path, prefix_loss):
+    """A 6-step run (thirds at steps 0, 2, 4) on the sample; the prefix weight and the table's state
+    each training forward received."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = T.parse_args(TINY + [f"--prefix_loss={prefix_loss}", "--num_steps=6", "--rounded_stages=true",
+                               "--batch_tokens=64,64,64", "--max_seq_len=64", "--val_every=0", "--val_tokens=128",
+                               "--val_batch_tokens=128", "--save_final=false", "--progress=false", f"--log_dir={tmp_path}",
+                               f"--train_files={root}/data/sample/sample_train_*.bin",
+                               f"--val_files={root}/data/sample/sample_val_*.bin"])
+    backend = T.Backend(torch.device("cpu"), 0, 1, T.TorchOps, T.BlockedAttention(cfg.window_block))
+    trainer = T.Trainer(cfg, backend, T.RunLog(cfg, backend))
+    seen, forward = [], trainer.forward
+
+    def spy(idx, targets, windows, mtp, prefix_weight=None):
+        if trainer.model.training:
+            filled = bool((trainer.model.prefix_table >= 0).any()) if prefix_loss else None
+            seen.append((None if prefix_weight is None else prefix_weight.item(), filled))
+        return forward(idx, targets, windows, mtp, prefix_weight)
+
+    trainer.forward = spy
+    trainer.run()
+    return trainer, seen
+
+
+def test_trainer_passes_the_weight_while_it_is_not_zero(tmp_path):
+    """prefix_loss through the first third, fading over the second, then no weight (no prefix term
+    in the graph); the table is filled by the time the first step runs."""
+    trainer, seen = prefix_run(tmp_path, 0.25)
+    assert seen == [(0.25, True), (0.25, True), (0.25, True), (0.125, True), (None, True), (None, True)]
+
+
+def test_prefix_loss_off_costs_nothing(tmp_path):
+    """prefix_loss=0: no table, and the Trainer passes no weight (the graphs have no prefix term)."""
+    trainer, seen = prefix_run(tmp_path, 0.0)
+    assert seen == [(None, None)] * 6 and not hasattr(trainer.model, "prefix_table")
+
+
+def test_compiled_prefix_forward_matches_eager_without_recompiles():
+    """Inductor on the CPU: the prefix term compiles fullgraph, and a new weight value is a new
+    tensor value, not a new graph."""
+    from torch._dynamo.utils import counters
+
+    model = prefix_model()
+    model.load_prefix_table()
+    idx, targets = tiny_batch()
+    windows, mtp = (32, 16), torch.tensor([1.0, 0.5])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=False)
+    before = counters["stats"]["unique_graphs"]
+    for w in (0.25, 0.1):
+        weight = torch.tensor([w])
+        torch.testing.assert_close(compiled(idx, targets, windows, mtp, weight), model(idx, targets, windows, mtp, weight),
+                                   rtol=1e-4, atol=1e-3)
+    assert counters["stats"]["unique_graphs"] - before == 1
