@@ -112,18 +112,30 @@ def graphs():
     return counters["stats"]["unique_graphs"]
 
 
-def compiled_trainer(tmp_path, attention, run_id, table_dtype=None):
+# HEAD's switches on the same small shape (a value-embedding table on layers 0 and 2, a small bigram
+# table), with its schedule rules
+HEAD_SHAPED = SPEEDRUN_SHAPED + [
+    "--softcap=23", "--softcap_offset=5", "--ve_layout=0.0", "--ve_init_std=0.01", "--ve_gate=x_ve", "--qk_head_pairs=true",
+    "--bigram_vocab=512", "--bigram_signs=64", "--rounded_stages=true", "--first_seq_len=128", "--untie_after_adam=true",
+    "--prefix_loss=0.25", "--muon_beta2=0.9", "--attn_lr_mul=1", "--adam_eps=1e-10", "--head_wd_mul=150",
+    "--scalar_freeze_steps=0", "--adam_betas=0.5,0.95", "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99",
+]
+
+
+def compiled_trainer(tmp_path, attention, run_id, table_dtype=None, flags=SPEEDRUN_SHAPED):
     torch._dynamo.reset()
-    cfg = tg.parse_args(SPEEDRUN_SHAPED + [f"--log_dir={tmp_path}", f"--run_id={run_id}"])
+    cfg = tg.parse_args(flags + [f"--log_dir={tmp_path}", f"--run_id={run_id}"])
     assert cfg.compile and cfg.fp8_head and cfg.mtp and cfg.yarn and cfg.untie_frac < 1
     backend = tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, attention, table_dtype=table_dtype)
     return tg.Trainer(cfg, backend, tg.RunLog(cfg, backend))
 
 
 def stage_graphs(schedule):
-    """Graphs a run must compile for its steps: one per distinct (batch, window, MTP length, tied)."""
+    """Graphs a run must compile for its steps: one per distinct (batch, window, MTP length, tied,
+    prefix loss on)."""
     return len({(schedule.batch_tokens(s), schedule.long_window_blocks(s), len(schedule.mtp_weights(s)),
-                 schedule.untie_step is None or s < schedule.untie_step) for s in range(schedule.total)})
+                 schedule.untie_step is None or s < schedule.untie_step, schedule.prefix_weight(s) > 0)
+                for s in range(schedule.total)})
 
 
 def test_compiled_flex_forward_through_every_stage(tmp_path):
@@ -179,6 +191,20 @@ def test_compiled_training_through_every_stage(tmp_path):
     # + the final validation's, in the warmup too
     assert sum(per_forward) == 5 and per_forward[-1] == 0 and graphs() - start == 5 + optimizer_graphs
     assert 5 < val_loss < 11
+
+
+def test_compiled_head_shaped_training_compiles_only_in_the_warmup(tmp_path):
+    """HEAD's switches on a small model, compiled (fullgraph) with the CPU attention and the FP8 head:
+    the warmup compiles every graph the run uses (one per stage and untie, the prefix loss on or off)
+    and the final validation's, the timed run none, and the run trains."""
+    trainer = compiled_trainer(tmp_path, tg.BlockedAttention(128), "head", flags=HEAD_SHAPED)
+    per_step = []
+    trainer.train_step = counting(per_step)(trainer.train_step)
+    start = graphs()
+    val_loss, _ = trainer.run()
+    warmup = len(per_step) - trainer.schedule.total
+    assert per_step[warmup:] == [0] * trainer.schedule.total and sum(per_step[:warmup]) >= stage_graphs(trainer.schedule)
+    assert graphs() > start and 5 < val_loss < 11
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, torch.float32), (True, False, torch.bfloat16),
