@@ -222,8 +222,8 @@ PRESETS = {
     # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init;
     # #73/#74/#77 residual and post lambdas, saved skip, lane; #81/#85 MUDD (which in HEAD also drives
     # the skip, the attention gates on layers 3 and 10, the bigram's mixing and replaces backout) and
-    # DC; #82/#85 XSA; #84/#89 FP8 MLP; #88 the prefix-token loss itself (prefix_loss sets only its
-    # schedule); the final validation without FP8. The bigram mixes #62's way (per-layer lambdas).
+    # DC; #82/#85 XSA; #88 the prefix-token loss itself (prefix_loss sets only its schedule). The
+    # bigram mixes #62's way (per-layer lambdas). Every validation runs without FP8, as HEAD's.
     "head": dict(
         num_steps=1270,
         extension_steps=15,
@@ -251,6 +251,7 @@ PRESETS = {
         qk_head_pairs=True,  # #80
         bigram_vocab=377280,  # #62/#83: 50304 * 15 / 2 rows
         bigram_signs=8192,  # #83
+        fp8_mlp=True,  # #84/#89
     ),
 }
 
