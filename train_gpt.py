@@ -855,9 +855,14 @@ def _to_fp8(t, scale, dtype):
     return (t / scale).clamp(-limit, limit).to(dtype)
 
 
+def fp8_amax(t):
+    """t's largest magnitude as a float32 scalar, at least FP8_MIN_AMAX."""
+    return t.detach().abs().amax().float().clamp(min=FP8_MIN_AMAX)
+
+
 def amax_scale(t):
     """The scale that maps t's largest magnitude onto e4m3's largest (scaling by the tensor as it is now)."""
-    return t.detach().abs().amax().float().clamp(min=FP8_MIN_AMAX) / E4M3_MAX
+    return fp8_amax(t) / E4M3_MAX
 
 
 def scale_tensor(scale, device):
@@ -1413,7 +1418,7 @@ class MLP(nn.Module):
         if step > 0:
             self.act_scale.copy_(act_amax.clamp(min=FP8_MIN_AMAX) * FP8_MLP_ACT_HEADROOM / E4M3_MAX)
         self.act_amax.zero_()
-        now = amax_scale(self.down.to(self.dtype)) * E4M3_MAX  # of the weight as the forward casts it
+        now = fp8_amax(self.down.to(self.dtype))  # of the weight as the forward casts it
         before = self.down_amax * FP8_MLP_DOWN_HEADROOM
         self.down_scale.copy_((now if step <= FP8_MLP_EXACT_STEPS else before) / E4M3_MAX)
         self.down_amax.copy_(now)
@@ -3157,10 +3162,10 @@ class Trainer:
         amax is the max over micro-batches and ranks (HEAD: each rank its previous micro-batch's), so
         every rank, and a run resumed from rank 0's checkpoint, uses the same scales."""
         mlps = [block.mlp for block in self.model.blocks]
-        amax = torch.stack([mlp.act_amax for mlp in mlps])
+        amaxes = torch.stack([mlp.act_amax for mlp in mlps])
         if self.backend.world_size > 1:
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX)
-        for mlp, act_amax in zip(mlps, amax):
+            dist.all_reduce(amaxes, op=dist.ReduceOp.MAX)
+        for mlp, act_amax in zip(mlps, amaxes):
             mlp.rescale(step, act_amax)
 
     @torch.no_grad()
