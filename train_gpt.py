@@ -169,6 +169,7 @@ class Config:
     bigram_lr_mul: float = 75.0  # #62: Adam learning-rate factor of the bigram table
     bigram_betas: tuple = (0.75, 0.95)  # #62: Adam (beta1, beta2) of the bigram table
     bigram_wd_mul: float = 5.0  # #62: Adam weight-decay factor of the bigram table
+    fp8_mlp: bool = False  # #84/#89: MLP up and down projections in FP8 while training, the down projection's scales delayed
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -224,8 +225,8 @@ PRESETS = {
     # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init;
     # #73/#74/#77 residual and post lambdas, saved skip, lane; #81/#85 MUDD (which in HEAD also drives
     # the skip, the attention gates on layers 3 and 10, the bigram's mixing and replaces backout) and
-    # DC; #82/#85 XSA; #84/#89 FP8 MLP; the final validation without FP8. The bigram mixes #62's way
-    # (per-layer lambdas).
+    # DC; #82/#85 XSA. The bigram mixes #62's way (per-layer lambdas). Every validation runs without
+    # FP8, as HEAD's.
     "head": dict(
         num_steps=1270,
         extension_steps=15,
@@ -253,6 +254,7 @@ PRESETS = {
         qk_head_pairs=True,  # #80
         bigram_vocab=377280,  # #62/#83: 50304 * 15 / 2 rows
         bigram_signs=8192,  # #83
+        fp8_mlp=True,  # #84/#89
     ),
 }
 
@@ -665,7 +667,7 @@ def scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=False):
 
 
 FP8_CAPABILITY = (8, 9)  # torch._scaled_mm's FP8 needs sm_89 (Ada) or newer: Hopper, Blackwell
-FP8_SWITCHES = ("fp8_head",)  # the switches that run matmuls in FP8
+FP8_SWITCHES = ("fp8_head", "fp8_mlp")  # the switches that run matmuls in FP8
 
 
 def fp8_unsupported(device):
@@ -808,6 +810,11 @@ class _SoftcapMTPLoss(torch.autograd.Function):
         return grad * grad_loss[:, None].to(grad.dtype), None, None, None, None, None, None, None, None
 
 
+def relu2(h):
+    """relu(h)^2 in h's dtype (under CUDA autocast square() becomes pow(), which runs in fp32)."""
+    return F.relu(h).square().to(h.dtype)
+
+
 class TorchOps:
     """Plain torch versions of every fused op; the reference the Triton kernels are tested against."""
 
@@ -825,9 +832,8 @@ class TorchOps:
 
     @staticmethod
     def linear_relu2(x, w):
-        """relu(x @ w^T)^2, the MLP up projection and its activation, in x's dtype as the kernel's
-        (under CUDA autocast square() becomes pow(), which runs in fp32)."""
-        return F.relu(F.linear(x, w)).square().to(x.dtype)
+        """relu(x @ w^T)^2, the MLP up projection and its activation, in x's dtype as the kernel's."""
+        return relu2(F.linear(x, w))
 
     @staticmethod
     def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None):
@@ -872,30 +878,60 @@ FP8_W_SCALE = 1.5 / 448  # |w| up to 1.5, 300 init stds of 0.005
 FP8_GRAD_SCALE = 0.75 / 448
 
 
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+FP8_MIN_AMAX = 1e-12  # an all-zero tensor (the down projection at init) still gets a finite scale
+# #84/#89 FP8 MLP: the down projection's scales are delayed (set once per step from the step before)
+FP8_MLP_ACT_HEADROOM = 1.8  # the ReLU^2 output's scale covers 1.8x the previous step's largest value
+FP8_MLP_DOWN_HEADROOM = 1.12  # the down weight's scale covers 1.12x the previous step's largest |w|
+FP8_MLP_EXACT_STEPS = 16  # through this step the down weight is scaled by its own amax, not the previous step's
+
+
 def _to_fp8(t, scale, dtype):
     """t / scale as `dtype`, saturating: out-of-range values would otherwise become NaN or inf."""
     limit = torch.finfo(dtype).max
     return (t / scale).clamp(-limit, limit).to(dtype)
 
 
+def fp8_amax(t):
+    """t's largest magnitude as a float32 scalar, at least FP8_MIN_AMAX."""
+    return t.detach().abs().amax().float().clamp(min=FP8_MIN_AMAX)
+
+
+def amax_scale(t):
+    """The scale that maps t's largest magnitude onto e4m3's largest (scaling by the tensor as it is now)."""
+    return fp8_amax(t) / E4M3_MAX
+
+
+def scale_tensor(scale, device):
+    """A scale as the float32 tensor _scaled_mm takes; torch.full fills on the device, where
+    torch.tensor would copy from the host and wait for it."""
+    return scale.float() if torch.is_tensor(scale) else torch.full((), scale, dtype=torch.float32, device=device)
+
+
 class _FP8Linear(torch.autograd.Function):
-    """x @ w^T with both operands cast to e4m3 and the output gradient to e5m2 (torch._scaled_mm on CUDA)."""
+    """x @ w^T with both operands cast to e4m3 (torch._scaled_mm on CUDA). The backward casts the
+    output gradient to e5m2 (the head's), or with grad_scale None runs in the inputs' dtype on the
+    unquantized inputs, the FP8 forward's rounding passed straight through (the MLP's, #84)."""
 
     @staticmethod
     def forward(ctx, x, w, x_scale, w_scale, grad_scale):
         shape = x.shape
         x_f8 = _to_fp8(x.reshape(-1, shape[-1]), x_scale, torch.float8_e4m3fn)
         w_f8 = _to_fp8(w, w_scale, torch.float8_e4m3fn)
-        # torch.full fills on the device; torch.tensor would copy from the host and wait for it
-        xs, ws = (torch.full((), s, dtype=torch.float32, device=x.device) for s in (x_scale, w_scale))
+        xs, ws = scale_tensor(x_scale, x.device), scale_tensor(w_scale, x.device)
         # _scaled_mm wants its first operand row-major and its second column-major: w_f8.T is.
         out = scaled_mm(x_f8, w_f8.T, scale_a=xs, scale_b=ws, out_dtype=torch.bfloat16, use_fast_accum=True)
-        ctx.save_for_backward(x_f8, w_f8, xs, ws)
+        ctx.save_for_backward(*((x_f8, w_f8, xs, ws) if grad_scale is not None else (x, w)))
         ctx.grad_scale, ctx.shape, ctx.dtypes = grad_scale, shape, (x.dtype, w.dtype)
         return out.reshape(*shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx, grad):
+        grad_x, grad_w = (_FP8Linear.fp8_grads if ctx.grad_scale is not None else _FP8Linear.plain_grads)(ctx, grad)
+        return grad_x.reshape(ctx.shape).to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
+
+    @staticmethod
+    def fp8_grads(ctx, grad):
         x_f8, w_f8, xs, ws = ctx.saved_tensors
         gs = torch.full((), ctx.grad_scale, dtype=torch.float32, device=grad.device)
         g_f8 = _to_fp8(grad.reshape(-1, grad.shape[-1]), ctx.grad_scale, torch.float8_e5m2)
@@ -904,11 +940,18 @@ class _FP8Linear(torch.autograd.Function):
         # x^T @ g, then transposed: for the head's [vocab x d] weight the product [d x vocab] is the
         # faster shape on the GPU (the record's choice). fp32, so an fp32 weight gets an unrounded gradient
         grad_w = scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, scale_a=xs, scale_b=gs, out_dtype=torch.float32).T
-        return grad_x.reshape(ctx.shape).to(ctx.dtypes[0]), grad_w.to(ctx.dtypes[1]), None, None, None
+        return grad_x, grad_w
+
+    @staticmethod
+    def plain_grads(ctx, grad):
+        x, w = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1])
+        return g @ w.to(g.dtype), g.T @ x.reshape(-1, x.shape[-1]).to(g.dtype)
 
 
 def fp8_linear(x, w, x_scale=FP8_X_SCALE, w_scale=FP8_W_SCALE, grad_scale=FP8_GRAD_SCALE):
-    """The lm_head matmul in FP8 (bf16 output): half the bytes and twice the tensor-core rate of bf16."""
+    """x @ w^T in FP8 (bf16 output): half the bytes and twice the tensor-core rate of bf16. The
+    defaults are the lm_head's; scales may be float32 tensors (computed on the device)."""
     return _FP8Linear.apply(x, w, x_scale, w_scale, grad_scale)
 
 
@@ -1391,20 +1434,51 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """ReLU^2 MLP; the up projection and activation run as one fused op."""
+    """ReLU^2 MLP; the up projection and activation run as one fused op (in FP8 while training with
+    fp8_mlp, as torch ops: the fused kernel takes 16-bit operands)."""
 
     def __init__(self, cfg, ops, dtype=COMPUTE_DTYPE):
         super().__init__()
         d, hidden = cfg.d_model, cfg.mlp_hidden
-        self.ops, self.dtype = ops, dtype
+        self.ops, self.dtype, self.fp8 = ops, dtype, cfg.fp8_mlp
         # both count as hidden x d for Muon's shape multiplier: the record stores down transposed
         self.up = tag(uniform_matrix(hidden, d, math.sqrt(3) * 0.5 / math.sqrt(d)), "matrix", shape_lr_mul(hidden, d))
         self.down = tag(zeros(d, hidden), "matrix", shape_lr_mul(hidden, d) * cfg.mlp_down_lr_mul)
+        if self.fp8:
+            # the down projection's delayed scales, state of the run (checkpointed, equal on every rank):
+            # this step's ReLU^2 amax so far, the scales this step uses, the down weight's last amax
+            for name, value in (("act_amax", 0.0), ("act_scale", 1.0), ("down_scale", 1.0), ("down_amax", 0.0)):
+                self.register_buffer(name, torch.tensor(value))
+            self.rescale(0, self.act_amax)
 
     def forward(self, x):
         # the compute dtype whatever autocast left x as (the residual stream and rms_norm are fp32
         # under it): the fused kernel's tiles are sized for 2-byte operands
-        return F.linear(self.ops.linear_relu2(x.to(self.dtype), self.up.to(self.dtype)), self.down)
+        x, up, down = x.to(self.dtype), self.up.to(self.dtype), self.down.to(self.dtype)
+        if self.fp8 and self.training:
+            return self.fp8_forward(x, up, down)
+        return F.linear(self.ops.linear_relu2(x, up), down)
+
+    def fp8_forward(self, x, up, down):
+        """#84/#89: both projections in e4m3 with backward passes in the compute dtype. The up
+        projection scales x and w by their amax now; the down projection takes the delayed scales
+        rescale() set, and records the ReLU^2 output's amax for the next step's."""
+        h = relu2(fp8_linear(x, up, amax_scale(x), amax_scale(up), grad_scale=None))
+        self.act_amax.copy_(torch.maximum(self.act_amax, h.detach().amax().float()))
+        return fp8_linear(h, down, self.act_scale, self.down_scale, grad_scale=None)
+
+    @torch.no_grad()
+    def rescale(self, step, act_amax):
+        """Set the down projection's scales for `step` (#89): the ReLU^2 output's from `act_amax`,
+        the largest output of the step before (step 0 keeps 1); the weight's from its amax of the
+        step before, or through FP8_MLP_EXACT_STEPS from its own amax."""
+        if step > 0:
+            self.act_scale.copy_(act_amax.clamp(min=FP8_MIN_AMAX) * FP8_MLP_ACT_HEADROOM / E4M3_MAX)
+        self.act_amax.zero_()
+        now = fp8_amax(self.down.to(self.dtype))  # of the weight as the forward casts it
+        before = self.down_amax * FP8_MLP_DOWN_HEADROOM
+        self.down_scale.copy_((now if step <= FP8_MLP_EXACT_STEPS else before) / E4M3_MAX)
+        self.down_amax.copy_(now)
 
 
 class Block(nn.Module):
@@ -3180,7 +3254,20 @@ class Trainer:
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             logged["grad_norm"] = gradient_norm(self.model.parameters())
         self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last, freeze_scalars=sched.scalars_frozen(step))
+        if cfg.fp8_mlp:
+            self.rescale_fp8_mlps(step + 1)
         return logged
+
+    def rescale_fp8_mlps(self, step):
+        """The FP8 MLPs' down-projection scales for `step` (#89), from the step just done. The ReLU^2
+        amax is the max over micro-batches and ranks (HEAD: each rank its previous micro-batch's), so
+        every rank, and a run resumed from rank 0's checkpoint, uses the same scales."""
+        mlps = [block.mlp for block in self.model.blocks]
+        amaxes = torch.stack([mlp.act_amax for mlp in mlps])
+        if self.backend.world_size > 1:
+            dist.all_reduce(amaxes, op=dist.ReduceOp.MAX)
+        for mlp, act_amax in zip(mlps, amaxes):
+            mlp.rescale(step, act_amax)
 
     @torch.no_grad()
     def validate(self, blocks, yarn=True):

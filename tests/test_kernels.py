@@ -227,6 +227,99 @@ def test_fp8_casts_saturate():
     assert T._to_fp8(big, 1.0, torch.float8_e5m2).float().tolist() == [57344.0, -57344.0]
 
 
+# FP8 MLP (#84/#89): e4m3 up projection scaled by the operands' amax now, ReLU^2 in bf16, e4m3 down
+# projection at the delayed scales, backward in bf16 on the unquantized operands. The reference is
+# the product of the dequantized operands, written here from the definition.
+def e4m3(t, scale):
+    """t / scale (divided in t's dtype) rounded to e4m3, saturating at +-448, dequantized in float64."""
+    return (t / scale).clamp(-448, 448).to(torch.float8_e4m3fn).double() * scale.double()
+
+
+def fp8_mlp_case(act_scale=None):
+    cfg = T.parse_args(["--preset=cpu", "--fp8_mlp=true"])
+    torch.manual_seed(5)
+    mlp = T.MLP(cfg, T.TorchOps, torch.bfloat16)
+    with torch.no_grad():
+        mlp.down.copy_(0.02 * torch.randn_like(mlp.down))
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(64, cfg.d_model, generator=gen)
+    x = (x / x.square().mean(-1, keepdim=True).sqrt()).bfloat16().requires_grad_()
+    grad = torch.randn(64, cfg.d_model, generator=gen).bfloat16()
+    # step 1's scales: the ReLU^2 output's from a step before on these inputs (in bf16), the down
+    # weight's from its own amax (step 1 <= FP8_MLP_EXACT_STEPS)
+    mlp.rescale(1, T.TorchOps.linear_relu2(x.detach(), mlp.up.detach().bfloat16()).float().max())
+    if act_scale is not None:
+        mlp.act_scale.fill_(act_scale)
+    return mlp, x, grad
+
+
+def fp8_mlp_reference(mlp, x, grad):
+    """(output, grad x, grad up, grad down, ReLU^2 output) from the definition, in float64."""
+    up, down, xb = mlp.up.detach().bfloat16(), mlp.down.detach().bfloat16(), x.detach()
+    amax = lambda t: t.abs().max().float() / 448
+    h = (e4m3(xb, amax(xb)) @ e4m3(up, amax(up)).T).bfloat16().double()
+    post = h.clamp(min=0).square().bfloat16()
+    out = e4m3(post, mlp.act_scale) @ e4m3(down, mlp.down_scale).T
+    g = grad.double()
+    g_h = (g @ down.double()) * 2 * h.clamp(min=0)
+    return out, g_h @ up.double(), g_h.T @ xb.double(), g.T @ post.double(), post
+
+
+def test_fp8_mlp_computes_the_products_of_its_fp8_operands():
+    """Forward: the product of the dequantized operands (bf16 roundings of h and of the output,
+    and an fp8 step where those flip a rounding: 2^-6); backward: the bf16 product of the
+    unquantized operands (a few bf16 roundings: 1e-2). The step's ReLU^2 amax is recorded."""
+    mlp, x, grad = fp8_mlp_case()
+    mlp.train()
+    out = mlp(x)
+    out.backward(grad)
+    ref, gx, gup, gdown, post = fp8_mlp_reference(mlp, x, grad)
+    assert out.dtype == x.grad.dtype == torch.bfloat16 and mlp.up.grad.dtype == torch.float32
+    assert_close(out, ref, 2**-6, "fp8 mlp forward vs dequantized product")
+    assert_close(x.grad, gx, 1e-2, "fp8 mlp grad x")
+    assert_close(mlp.up.grad, gup, 1e-2, "fp8 mlp grad up")
+    assert_close(mlp.down.grad, gdown, 1e-2, "fp8 mlp grad down")
+    assert mlp.act_amax.item() == post.float().max().item()
+    mlp.eval()  # validation: no FP8, no recorded amax
+    mlp.act_amax.zero_()
+    plain = F.linear(T.TorchOps.linear_relu2(x.detach(), mlp.up.bfloat16()), mlp.down.bfloat16())
+    assert torch.equal(mlp(x.detach()), plain) and mlp.act_amax.item() == 0
+
+
+def test_fp8_mlp_saturates_at_the_delayed_scale():
+    """A ReLU^2 output above 448 x act_scale (a delayed scale too small for this step) is clamped to
+    e4m3's largest, not turned into NaN: here the largest quarter of the range is cut."""
+    mlp, x, grad = fp8_mlp_case()
+    small = mlp.act_scale.item() / (4 * 1.8)
+    mlp, x, grad = fp8_mlp_case(act_scale=small)
+    mlp.train()
+    out = mlp(x)
+    ref, *_, post = fp8_mlp_reference(mlp, x, grad)
+    assert (post.float() > 2 * 448 * small).any()  # some outputs are far out of range
+    assert torch.isfinite(out).all()
+    assert_close(out, ref, 2**-6, "saturated fp8 mlp forward")
+
+
+def test_fp8_mlp_delayed_scales_follow_heads_rule():
+    """Hand-computed: the ReLU^2 scale of step s is 1.8 x (step s-1's amax) / 448 (1 at step 0);
+    the down weight's is its own amax / 448 through step 16, then 1.12 x (step s-1's amax) / 448."""
+    mlp = T.MLP(T.parse_args(["--preset=cpu", "--fp8_mlp=true"]), T.TorchOps, torch.bfloat16)
+    assert mlp.act_scale.item() == 1.0 and mlp.act_amax.item() == 0.0
+    assert_close(mlp.down_scale, torch.tensor(1e-12 / 448), 1e-6, "step 0 down scale (zero weight)")
+    weights = {s: 0.5 + s / 64 for s in range(1, 20)}  # bf16-exact
+    for s in range(1, 20):
+        with torch.no_grad():
+            mlp.down.zero_()
+            mlp.down[3, 7] = -weights[s]  # the amax is of |w|
+        mlp.rescale(s, torch.tensor(2.0 * s))
+        want_down = weights[s] / 448 if s <= 16 else weights[s - 1] * 1.12 / 448
+        assert_close(mlp.act_scale, torch.tensor(2.0 * s * 1.8 / 448), 1e-6, f"act scale, step {s}")
+        assert_close(mlp.down_scale, torch.tensor(want_down), 1e-6, f"down scale, step {s}")
+        assert mlp.act_amax.item() == 0.0  # the next step's amax starts afresh
+    mlp.rescale(20, torch.tensor(0.0))
+    assert_close(mlp.act_scale, torch.tensor(1e-12 * 1.8 / 448), 1e-6, "act scale of an all-zero step")
+
+
 # The whole model: a small CPU-preset GPT with every parameter perturbed (so zero-initialized
 # projections do not hide the MLP), TorchOps vs TritonOps on the same batch. The model computes
 # in bf16, so the loss agrees to 1e-4 and the gradients of the matrices the kernels produce

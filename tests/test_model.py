@@ -1,5 +1,6 @@
 """Model: attention masks (flex vs blocked vs dense SDPA), the MTP loss and its schedule, untying,
 value-embedding assignment, half-RoPE with YaRN and the partial key offset."""
+import copy
 import math
 import warnings
 
@@ -652,3 +653,41 @@ def test_activation_checkpointing_compiles_to_the_same_gradients():
     (plain_loss, plain_grads), (loss, grads) = results
     assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
     assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+def test_fp8_mlp_compiled_by_inductor_matches_eager():
+    """A small FP8-MLP model's loss, MLP gradients and recorded ReLU^2 amax, compiled by inductor on
+    the CPU (fullgraph, the buffer update inside the graph) against the same model run eagerly. The
+    model computes in fp32 around the MLPs, where compiled and eager agree to ~1e-6 without FP8;
+    inductor divides by the scale in fp32 where eager rounds to bf16 first, so some fp8 roundings
+    flip (measured 3.5e-2 at most, bound 6e-2). In eval mode the model is the plain one, FP8 off."""
+    cfg = tg.parse_args(TINY + ["--fp8_mlp=true"])
+    attention = tg.BlockedAttention(cfg.window_block)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, tg.TorchOps, attention, torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.1 * torch.randn_like(p))  # the zero-init projections would hide the blocks
+    for block in model.blocks:
+        block.mlp.rescale(1, torch.tensor(50.0))
+    idx = torch.randint(0, cfg.vocab_size, (128,), generator=torch.Generator().manual_seed(1))
+    idx[0] = BOS
+    targets, weights = idx.roll(-1), torch.ones(1)
+
+    def run(m, forward):
+        loss = forward(idx, targets, (64, 32), weights)
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in m.named_parameters() if ".mlp." in n}
+
+    compiled = copy.deepcopy(model)
+    torch._dynamo.reset()
+    (loss, grads), (closs, cgrads) = run(model, model), run(compiled, torch.compile(compiled, fullgraph=True, dynamic=False))
+    assert abs(closs - loss) <= 1e-3 * abs(loss)
+    for name, g in grads.items():
+        assert (cgrads[name].double() - g.double()).abs().max() <= 6e-2 * g.double().abs().max(), name
+    for block, cblock in zip(model.blocks, compiled.blocks):
+        assert 0 < block.mlp.act_amax.item() and abs(cblock.mlp.act_amax - block.mlp.act_amax) <= 1e-2 * block.mlp.act_amax
+    plain = tg.GPT(tg.parse_args(TINY), tg.TorchOps, attention, torch.float32)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k in plain.state_dict()})
+    model.eval(), plain.eval()
+    with torch.no_grad():
+        assert torch.equal(model(idx, targets, (64, 32), weights), plain(idx, targets, (64, 32), weights))
+        assert not torch.equal(loss, plain(idx, targets, (64, 32), weights))  # training ran in FP8
