@@ -224,10 +224,16 @@ PRESETS = {
     # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
     # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
     # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init;
-    # #73/#74/#77 residual and post lambdas, saved skip, lane; #81/#85 MUDD (which in HEAD also drives
-    # the skip, the attention gates on layers 3 and 10, the bigram's mixing and replaces backout) and
-    # DC; #82/#85 XSA; #84/#89 FP8 MLP; #88 the prefix-token loss itself (prefix_loss sets only its
-    # schedule); the final validation without FP8. The bigram mixes #62's way (per-layer lambdas).
+    # #81/#85 MUDD (which in HEAD also drives the skip, the attention gates on layers 3 and 10, the bigram's
+    # mixing and replaces backout) and DC; #82/#85 XSA; #84/#89 FP8 MLP; #88 the prefix-token loss itself
+    # (prefix_loss sets only its schedule); the final validation without FP8. The bigram mixes with
+    # per-layer lambdas (#62/#73), not HEAD's MUDD gates.
+    # #73/#77's sublayer form is HEAD's on layers 0-9: x <- r x + p attn(norm(in)) + x0 and bigram terms,
+    # x <- r x + p mlp(norm(x)), in = layer 7's output after layer 7 (the lane), layer 3's output added
+    # in place of layer 6's attention (skip_from/skip_to, #53's). What MUDD replaced in HEAD: on layer 10
+    # the four lambdas are per-token MUDD coefficients (its [11, 2] rows stay, unused); the x0 and bigram
+    # terms' lambdas are per-token MUDD-gate outputs (HEAD has no x0 or bigram lambdas); the skip's
+    # 2 sigmoid(w . x0) gate is a MUDD-gate output; backout is a post-loop MUDD mix.
     "head": dict(
         num_steps=1270,
         extension_steps=15,
@@ -255,6 +261,9 @@ PRESETS = {
         qk_head_pairs=True,  # #80
         bigram_vocab=377280,  # #62/#83: 50304 * 15 / 2 rows
         bigram_signs=8192,  # #83
+        sublayer_resid=True,  # #73
+        post_lambdas=True,  # #77
+        lane_layer=7,  # #77
     ),
 }
 
