@@ -349,7 +349,7 @@ def test_switches_off_add_no_parameters():
     off, on = names([]), names(ALL_ON)
     assert off < on
     new = {n.split(".")[-1] for n in on - off}
-    assert new == {"weight", "sink", "key_bias", "value_bias", "lambdas"}
+    assert new == {"weight", "sink", "key_bias", "value_bias", "lambdas", "post_lambdas"}
 
 
 @pytest.mark.parametrize("flag", ["--gate_attn=tanh", "--gate_mlp=yes", "--perp_grad=some"])
