@@ -692,3 +692,25 @@ def test_sublayer_lambdas_get_gradients_only_where_used():
     for lambdas in (model.resid_lambdas, model.post_lambdas):
         used = lambdas.grad != 0
         assert not used[6, 0] and used.sum() == 21
+
+
+
+def test_sublayer_lambdas_and_lane_compile_fullgraph():
+    """The GPU compiles the model whole: with the three switches on (4 layers, no attention on 2, lane 1),
+    inductor (fullgraph) gives eager's hidden states."""
+    flags = ["--n_layer=4", "--no_attn_layers=2", "--long_window_layers=1", "--skip_from=0", "--skip_to=2",
+             "--backout_layer=1", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=1"]
+    cfg = tg.parse_args(TINY + flags)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".o", ".down", "_lambdas")):
+                p.add_(0.1 * torch.randn_like(p))
+    idx = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(5))
+    idx[0] = BOS
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model.hidden(idx, (64, 32))
+        got = torch.compile(model.hidden, fullgraph=True, dynamic=False)(idx, (64, 32))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
