@@ -306,8 +306,7 @@ CHOICES = {
 }
 # tuples of a fixed length: one value per third of training, or (beta1, beta2); the others list layers
 TUPLE_LENGTHS = dict(batch_tokens=3, long_windows=3, lr_mults=3, adam_betas=2, scalar_betas=2, adamw_betas=2,
-                     value_embed_betas=2, smear_gate_betas=2, bigram_betas=2,
-                     lambda_betas=2)
+                     value_embed_betas=2, smear_gate_betas=2, bigram_betas=2, lambda_betas=2)
 # what every other number must satisfy (every element, for tuples), as (test, what it expects)
 AT_LEAST_ONE = (lambda v: v >= 1, "at least 1")
 NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")

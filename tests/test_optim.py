@@ -453,8 +453,8 @@ def toy_momentum(step):
 
 class ToyModel(torch.nn.Module):
     """A parameter of every kind the optimizers tell apart. On 2 ranks the head and embedding (10
-    rows) split evenly and the value embeddings (9) pad; on 3 the reverse; the bigram table (8)
-    splits on 2 and pads on 3. NorMuon's groups: 6 MLP
+    rows) split evenly and the value embeddings (9) pad; on 3 the reverse; the bigram table (8) and
+    the [4, 2] sublayer lambdas (#73) split on 2 and pad on 3. NorMuon's groups: 6 MLP
     matrices (3 tall, handled transposed, with 3 wide), 5 square ones, 3 gates (wide, per row)."""
 
     def __init__(self):
@@ -472,6 +472,7 @@ class ToyModel(torch.nn.Module):
             [param((12, 6), "matrix", 1.0 + i) for i in range(3)] + [param((6, 12), "matrix", 2.0 + i) for i in range(3)]
             + [param((6, 6), "matrix", 1.0 + i / 2) for i in range(5)] + [param((2, 4), "gate", 1.0 + i) for i in range(3)])
         self.bigram = param((8, 6), "bigram")
+        self.resid_lambdas, self.post_lambdas = param((4, 2), "resid_lambda"), param((4, 2), "lambda")
 
 
 def toy_in_use(name, step):
@@ -549,7 +550,9 @@ def ref_toy_train(model, world, perp):
                "smear_gate": (cfg.adam_lr * cfg.smear_gate_lr_mul, cfg.adam_betas, 0.0),
                "x0": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.adam_betas, 0.0),
                "scalar": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.scalar_betas, 0.0),
-               "bigram": (cfg.adam_lr * cfg.bigram_lr_mul, cfg.bigram_betas, cfg.adam_wd * cfg.bigram_wd_mul)}
+               "bigram": (cfg.adam_lr * cfg.bigram_lr_mul, cfg.bigram_betas, cfg.adam_wd * cfg.bigram_wd_mul),
+               "resid_lambda": (cfg.adam_lr * cfg.resid_lambda_lr_mul, cfg.lambda_betas, 0.0),
+               "lambda": (cfg.adam_lr, cfg.lambda_betas, 0.0)}
 
     def average(grads, name):
         return torch.stack([ref_perp(g, w[name]) if perp else g for g in grads]).mean(0)
@@ -623,7 +626,8 @@ def check_toy(result, ref, rank, world):
     assert result["rerun"]
     # the tables' reduce-scatters start during the last backward before each Adam step, none other
     for (step, micro), names in result[False, "launched"].items():
-        tables = ["head", "value_embeds.0", "value_embeds.1", "bigram"] + (["embed"] if step >= TOY_UNTIE else [])
+        tables = ["head", "value_embeds.0", "value_embeds.1", "bigram", "resid_lambdas", "post_lambdas"]
+        tables += ["embed"] if step >= TOY_UNTIE else []
         adam_steps = step % 2 == 1 or step == TOY_STEPS - 1
         assert names == (sorted(tables) if world > 1 and adam_steps and micro == TOY_ACCUM - 1 else []), (step, micro)
 
