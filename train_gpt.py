@@ -170,6 +170,11 @@ class Config:
     bigram_betas: tuple = (0.75, 0.95)  # #62: Adam (beta1, beta2) of the bigram table
     bigram_wd_mul: float = 5.0  # #62: Adam weight-decay factor of the bigram table
     fp8_mlp: bool = False  # #84/#89: MLP up and down projections in FP8 while training, the down projection's scales delayed
+    sublayer_resid: bool = False  # #73: residual lambdas per sublayer (attention, MLP); the x0 and bigram lambdas' terms join the attention output
+    post_lambdas: bool = False  # #73/#77: a learned scale on each sublayer's output (attention, MLP), start 1
+    lane_layer: int = -1  # #77: the attention of every later layer reads this layer's output, not the stream (HEAD 7); -1 = off
+    resid_lambda_lr_mul: float = 5.0  # #73: Adam learning-rate factor of the per-sublayer residual lambdas
+    lambda_betas: tuple = (0.9, 0.95)  # #73: Adam (beta1, beta2) of the sublayer lambdas, and of the x0 and bigram lambdas under sublayer_resid
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -223,10 +228,15 @@ PRESETS = {
     # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
     # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
     # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init;
-    # #73/#74/#77 residual and post lambdas, saved skip, lane; #81/#85 MUDD (which in HEAD also drives
-    # the skip, the attention gates on layers 3 and 10, the bigram's mixing and replaces backout) and
-    # DC; #82/#85 XSA. The bigram mixes #62's way (per-layer lambdas). Every validation runs without
-    # FP8, as HEAD's.
+    # #81/#85 MUDD (which in HEAD also drives the skip, the attention gates on layers 3 and 10, the bigram's
+    # mixing and replaces backout) and DC; #82/#85 XSA. The bigram mixes with per-layer lambdas
+    # (#62/#73), not HEAD's MUDD gates. Every validation runs without FP8, as HEAD's.
+    # #73/#77's sublayer form is HEAD's on layers 0-9: x <- r x + p attn(norm(in)) + x0 and bigram terms,
+    # x <- r x + p mlp(norm(x)), in = layer 7's output after layer 7 (the lane), layer 3's output added
+    # in place of layer 6's attention (skip_from/skip_to, #53's). What MUDD replaced in HEAD: on layer 10
+    # the four lambdas are per-token MUDD coefficients (its [11, 2] rows stay, unused); the x0 and bigram
+    # terms' lambdas are per-token MUDD-gate outputs (HEAD has no x0 or bigram lambdas); the skip's
+    # 2 sigmoid(w . x0) gate is a MUDD-gate output; backout is a post-loop MUDD mix.
     "head": dict(
         num_steps=1270,
         extension_steps=15,
@@ -255,6 +265,9 @@ PRESETS = {
         bigram_vocab=377280,  # #62/#83: 50304 * 15 / 2 rows
         bigram_signs=8192,  # #83
         fp8_mlp=True,  # #84/#89
+        sublayer_resid=True,  # #73
+        post_lambdas=True,  # #77
+        lane_layer=7,  # #77
     ),
 }
 
@@ -297,7 +310,7 @@ CHOICES = {
 }
 # tuples of a fixed length: one value per third of training, or (beta1, beta2); the others list layers
 TUPLE_LENGTHS = dict(batch_tokens=3, long_windows=3, lr_mults=3, adam_betas=2, scalar_betas=2, adamw_betas=2,
-                     value_embed_betas=2, smear_gate_betas=2, bigram_betas=2)
+                     value_embed_betas=2, smear_gate_betas=2, bigram_betas=2, lambda_betas=2)
 # what every other number must satisfy (every element, for tuples), as (test, what it expects)
 AT_LEAST_ONE = (lambda v: v >= 1, "at least 1")
 NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
@@ -313,11 +326,11 @@ BOUNDS = {
                      "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
                      "softcap", "shell_lambda", "save_every", "keep_checkpoints", "first_seq_len", "prefix_loss",
                      "ve_init_std", "attn_lr_mul", "head_wd_mul", "value_embed_wd_mul", "bigram_vocab", "bigram_signs",
-                     "bigram_lr_mul", "bigram_wd_mul"), NOT_NEGATIVE),
+                     "bigram_lr_mul", "bigram_wd_mul", "resid_lambda_lr_mul"), NOT_NEGATIVE),
     **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
     **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
                      "adam_betas", "scalar_betas", "adamw_betas", "untie_frac", "value_embed_betas",
-                     "smear_gate_betas", "bigram_betas"), FRACTION),
+                     "smear_gate_betas", "bigram_betas", "lambda_betas"), FRACTION),
 }
 HELP_WIDTH = 36  # column where a flag's description starts in --help
 
@@ -386,7 +399,7 @@ def check_model_shape(cfg):
         value = getattr(cfg, name)
         if not all(0 <= v < cfg.n_layer for v in value) or len(set(value)) != len(value):
             raise ConfigError(f"--{name}={show_value(value)}: expected each value {layers}, each once")
-    for name in ("skip_from", "backout_layer"):
+    for name in ("skip_from", "backout_layer", "lane_layer"):
         value = getattr(cfg, name)
         if not -1 <= value < cfg.n_layer:
             raise ConfigError(f"--{name}={value}: expected {layers}, or -1 for off")
@@ -1222,6 +1235,9 @@ TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "adam_gate"
 QKV_LAMBDA_INIT, OUT_LAMBDA_INIT = 0.5, 1.0  # the per-layer attention lambdas start here
 GATE_RANGE = 2.0  # #55's value-embedding and skip gates are GATE_RANGE * sigmoid(.): 1 at their zero init
 SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
+SUBLAYER_RESID_INIT = 1.1**0.5  # #73: a layer's two residual lambdas start at #53's one per-layer 1.1 together
+POST_LAMBDA_INIT = 1.0  # #73/#77: the sublayer output scales start neutral
+ATTN_SUBLAYER, MLP_SUBLAYER = 0, 1  # the columns of the [n_layer, 2] sublayer lambdas
 SHELL_RADIUS_SQ = 2.0  # the shell penalty's hinge is zero for ||x||^2 >= this * d - SHELL_EPS
 SHELL_EPS = 0.1
 
@@ -1235,7 +1251,8 @@ def norm(x):
 def tag(param, kind, lr_mul=1.0, muon_blocks=1):
     """Label a parameter for the optimizer builder. NorMuon: matrix | gate (normalized per row),
     orthogonalized as `muon_blocks` blocks of rows; Adam: head | embed | value_embed | smear_gate |
-    x0 | scalar | adam_gate | skip_x0_gate | bigram (see Optimizers for each one's lr, betas and decay)."""
+    x0 | scalar | adam_gate | skip_x0_gate | bigram | resid_lambda | lambda (see Optimizers for each
+    one's lr, betas and decay)."""
     param.kind = kind
     param.lr_mul = lr_mul
     param.muon_blocks = muon_blocks
@@ -1481,6 +1498,13 @@ class MLP(nn.Module):
         self.down_amax.copy_(now)
 
 
+def residual(x, y, resid, post, sublayer):
+    """x + y, the sublayer's output y added to the stream x; with #73's residual lambdas the stream is
+    scaled first (resid[sublayer] x), with #73/#77's post lambdas the output (post[sublayer] y)."""
+    y = y if post is None else post[sublayer] * y
+    return x + y if resid is None else resid[sublayer] * x + y
+
+
 class Block(nn.Module):
     def __init__(self, cfg, layer, ops, dtype=COMPUTE_DTYPE):
         super().__init__()
@@ -1490,14 +1514,18 @@ class Block(nn.Module):
         self.attn_out_gate = output_gate(cfg, cfg.gate_attn) if self.attn is not None else None
         self.mlp_out_gate = output_gate(cfg, cfg.gate_mlp)
 
-    def forward(self, x, ve, rotary, attend, masks, start=0):
+    def forward(self, x, ve, rotary, attend, masks, start=0, resid=None, post=None, inject=None, lane=None):
+        """resid, post: this layer's [2] sublayer lambdas (attention, MLP) or None; inject: added with
+        the attention output (#73), dropped by a layer without attention; lane: what the attention
+        reads instead of x (#77)."""
         if self.attn is not None:
-            h = norm(x)
+            h = norm(x if lane is None else lane)
             y = self.attn(h, ve, rotary, attend, masks[0] if self.long else masks[1], start)
-            x = x + (y if self.attn_out_gate is None else self.attn_out_gate(h, y))
+            x = residual(x, y if self.attn_out_gate is None else self.attn_out_gate(h, y), resid, post, ATTN_SUBLAYER)
+            x = x if inject is None else x + inject
         h = norm(x)
         y = self.mlp(h)
-        return x + (y if self.mlp_out_gate is None else self.mlp_out_gate(h, y))
+        return residual(x, y if self.mlp_out_gate is None else self.mlp_out_gate(h, y), resid, post, MLP_SUBLAYER)
 
 
 def value_embed_tables(cfg):
@@ -1543,7 +1571,7 @@ class BigramEmbed(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.weight = tag(zeros(cfg.bigram_vocab, d), "bigram", cfg.bigram_lr_mul)
-        self.lambdas = tag(constant(cfg.bigram_lambda_init, (cfg.n_layer,)), "scalar")
+        self.lambdas = tag(constant(cfg.bigram_lambda_init, (cfg.n_layer,)), "lambda" if cfg.sublayer_resid else "scalar")
         self.register_buffer("signs", torch.randn(cfg.bigram_signs, d).sign() if cfg.bigram_signs else None)
 
     def forward(self, idx):
@@ -1605,8 +1633,13 @@ class GPT(nn.Module):
             self.smear_lambda = tag(zeros(), "scalar")
             self.smear_gate = tag(zeros(1, cfg.gate_dims), "smear_gate", cfg.smear_gate_lr_mul)
         if cfg.x0_mixing:
-            self.resid_lambdas = tag(constant(1.1, (cfg.n_layer,)), "scalar")
-            self.x0_lambdas = tag(zeros(cfg.n_layer), "x0")
+            if not cfg.sublayer_resid:
+                self.resid_lambdas = tag(constant(1.1, (cfg.n_layer,)), "scalar")
+            self.x0_lambdas = tag(zeros(cfg.n_layer), "lambda" if cfg.sublayer_resid else "x0")
+        if cfg.sublayer_resid:
+            self.resid_lambdas = tag(constant(SUBLAYER_RESID_INIT, (cfg.n_layer, 2)), "resid_lambda")
+        if cfg.post_lambdas:
+            self.post_lambdas = tag(constant(POST_LAMBDA_INIT, (cfg.n_layer, 2)), "lambda")
         if cfg.skip_from >= 0:
             self.skip_gate = tag(constant(-1.5), "scalar")
             if cfg.skip_x0_gate:
@@ -1656,21 +1689,27 @@ class GPT(nn.Module):
         masks = [attention.mask(docs, w) for w in windows]
         x = x0 = norm(self.embed_tokens(idx))
         bigram = self.bigram_embed(idx) if self.bigram_embed is not None else None
-        skip = backout = None
+        skip = backout = lane = None
         for i, block in enumerate(self.blocks):
             if i == cfg.skip_to and skip is not None:
                 x = x + self.skip_scale(x0) * skip
-            if cfg.x0_mixing:
+            if cfg.x0_mixing and not cfg.sublayer_resid:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
-            if bigram is not None:
+            if bigram is not None and not (cfg.sublayer_resid and i):  # #73: layer 0's goes in first, as before
                 x = x + self.bigram_embed.lambdas[i] * bigram
             table = self.ve_tables[i]
             ve = None if table is None else F.embedding(idx, self.value_embeds[table])
-            x = self.run_block(block, x, ve, self.rotary, attention, masks, start)
+            x = self.run_block(block, x, ve, self.rotary, attention, masks, start,
+                               self.resid_lambdas[i] if cfg.sublayer_resid else None,
+                               self.post_lambdas[i] if cfg.post_lambdas else None,
+                               self.injection(i, x0, bigram) if cfg.sublayer_resid else None,
+                               lane if i > cfg.lane_layer >= 0 else None)
             if i == cfg.skip_from:
                 skip = x
             if i == cfg.backout_layer:
                 backout = x
+            if i == cfg.lane_layer:
+                lane = x
         if backout is not None:
             x = x - self.backout_lambda * backout
         return norm(x)
@@ -1681,6 +1720,15 @@ class GPT(nn.Module):
         if self.cfg.activation_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
         return block(*args)
+
+    def injection(self, i, x0, bigram):
+        """What layer i adds with its attention output under sublayer_resid (#73): a_i x0, plus b_i
+        times the bigram embedding from layer 1 on (layer 0's comes in before the first block)."""
+        inject = self.x0_lambdas[i] * x0 if self.cfg.x0_mixing else None
+        if bigram is None or i == 0:
+            return inject
+        term = self.bigram_embed.lambdas[i] * bigram
+        return term if inject is None else inject + term
 
     def skip_scale(self, x0):
         """sigmoid(skip_gate), times 2 sigmoid(w . x0[:gate_dims]) per token with skip_x0_gate (#55)."""
@@ -2170,6 +2218,8 @@ class Optimizers:
                 "adam_gate": (cfg.adam_lr, cfg.scalar_betas, wd),
                 "skip_x0_gate": (cfg.adam_lr * SKIP_X0_GATE_LR_MUL, cfg.scalar_betas, 0.0),
                 "bigram": (cfg.adam_lr * cfg.bigram_lr_mul, cfg.bigram_betas, wd * cfg.bigram_wd_mul),
+                "resid_lambda": (cfg.adam_lr * cfg.resid_lambda_lr_mul, cfg.lambda_betas, 0.0),
+                "lambda": (cfg.adam_lr, cfg.lambda_betas, 0.0),
             }
             groups = []
             for kind, (lr, betas, decay) in kinds.items():

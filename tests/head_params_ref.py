@@ -4,8 +4,8 @@ inits of GPT.__init__, written in HEAD's own terms (its labels and its banked st
 to hold train_gpt's switches against.
 
 Nothing here is imported from train_gpt. Only the parts that the optimizer-side switches touch are
-transcribed; the MUDD, bigram and lambda parameters are listed with their optimizer settings but
-their shapes belong to the helpers that build them.
+transcribed; the MUDD and bigram parameters are listed with their optimizer settings but their
+shapes belong to the helpers that build them.
 """
 import math
 
@@ -73,6 +73,9 @@ SHAPES = {
     "vo_bank": ((padded(VO_MATRICES), D_MODEL, D_MODEL), (padded(VO_MATRICES), D_MODEL, D_MODEL),
                 "uniform(-INIT_BOUND, INIT_BOUND), padding zeros"),
     "mlp_bank": ((12, 2, MLP_HIDDEN, D_MODEL), (24, MLP_HIDDEN, D_MODEL), "c_fc uniform(-INIT_BOUND, INIT_BOUND), c_proj zeros"),
+    # [layer, sublayer]: column 0 the attention, 1 the MLP (#77's form; layer 10's rows unused, MUDD's there)
+    "resid_lambdas": ((N_LAYER, 2), None, ("constant", 1.1**0.5)),
+    "post_lambdas": ((N_LAYER, 2), None, ("constant", 1.0)),
 }
 
 # which value-embedding table (and which of ve_gate_bank's gates) each layer uses: `.01.....234`

@@ -150,6 +150,8 @@ def test_baseline_takes_an_optional_bool():
     ("--keep_checkpoints=-1", "--keep_checkpoints=-1: expected 0 or more"),
     ("--bigram_vocab=-3", "--bigram_vocab=-3: expected 0 or more"),
     ("--bigram_betas=0.9", "--bigram_betas=0.9: cannot read as comma-separated floats (expected 2 values, got 1)"),
+    ("--lambda_betas=0.9,1.2", "--lambda_betas=0.9,1.2: expected each value between 0 and 1"),
+    ("--resid_lambda_lr_mul=-1", "--resid_lambda_lr_mul=-1: expected 0 or more"),
 ])
 def test_values_are_checked_at_start(arg, expected):
     assert expected in error_message([arg])
@@ -173,6 +175,8 @@ def test_values_are_checked_at_start(arg, expected):
     (["--ve_gate=x", "--attn_gate=false", "--gate_dims=300"], "--gate_dims=300: expected at most the width of x and of a value embedding for --ve_gate=x"),
     (["--qk_head_pairs=true", "--n_head=3"], "--n_head=3: expected an even number for --qk_head_pairs=true"),
     (["--bigram_vocab=1"], "--bigram_vocab=1: expected 0 (off) or at least 2"),
+    (["--lane_layer=6"], "--lane_layer=6: expected a layer index from 0 to 5 (--n_layer=6), or -1 for off"),
+    (["--lane_layer=-2"], "--lane_layer=-2: expected a layer index from 0 to 5 (--n_layer=6), or -1 for off"),
 ])
 def test_the_model_shape_is_checked_at_start(args, expected):
     assert expected in error_message(["--preset=cpu", *args])

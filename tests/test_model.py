@@ -691,3 +691,130 @@ def test_fp8_mlp_compiled_by_inductor_matches_eager():
     with torch.no_grad():
         assert torch.equal(model(idx, targets, (64, 32), weights), plain(idx, targets, (64, 32), weights))
         assert not torch.equal(loss, plain(idx, targets, (64, 32), weights))  # training ran in FP8
+
+
+# ------------------------------------------------------------------------------------------------
+# #73/#74/#77: residual and post lambdas per sublayer, x0 and bigram with the attention output,
+# the layer-3 skip in place of layer 6's attention, the layer-7 lane
+# ------------------------------------------------------------------------------------------------
+
+# HEAD's layer layout at a tiny width: 11 layers, no attention on 6, skip 3 -> 6, backout and lane 7
+HEAD_LAYOUT = ["--n_layer=11", "--no_attn_layers=6", "--long_window_layers=3,10", "--skip_from=3", "--skip_to=6",
+               "--backout_layer=7", "--bigram_vocab=97", "--bigram_signs=16"]
+
+
+def lambdas_model(*flags):
+    cfg = tg.parse_args(TINY + HEAD_LAYOUT + list(flags))
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p + 0.3 * torch.randn_like(p))  # lambdas away from their init, zero tables and projections alive
+    return model
+
+
+def records_hidden(model, idx, windows, sublayer, post, lane_layer):
+    """hidden() as the records write GPT.forward, block by block from the attention and MLP modules.
+    #53 (sublayer off): before block i, x <- r_i x + a_i x0 + b_i B; then x + attn(norm x), x + mlp(norm x).
+    #77 (sublayer on): x = x0 + b_0 B, then per layer x <- r_i0 x + p_i0 attn(norm x_in) + a_i x0 + b_i B
+    (b_0 B only at the start; nothing on a layer without attention), x <- r_i1 x + p_i1 mlp(norm x),
+    where x_in is layer 7's output for the layers after it (the lane). The skip (layer 3's output,
+    times sigmoid(skip_gate)) enters at layer 6's input, where its attention would be."""
+    masks = [model.attention.mask((idx == BOS).cumsum(0), w) for w in windows]
+    x0 = tg.norm(model.embed_tokens(idx))
+    bigram, b = model.bigram_embed(idx), model.bigram_embed.lambdas
+    r = model.resid_lambdas
+    p = model.post_lambdas if post else torch.ones(len(model.blocks), 2)
+    x = x0 + b[0] * bigram if sublayer else x0
+    skip = backout = lane = None
+    for i, block in enumerate(model.blocks):
+        if i == 6:
+            x = x + torch.sigmoid(model.skip_gate) * skip
+        if not sublayer:
+            x = r[i] * x + model.x0_lambdas[i] * x0 + b[i] * bigram
+        table = model.ve_tables[i]
+        ve = None if table is None else model.value_embeds[table][idx]
+        if block.attn is not None:
+            reads = lane if lane is not None and i > lane_layer else x
+            y = block.attn(tg.norm(reads), ve, model.rotary, model.attention, masks[0] if block.long else masks[1])
+            if sublayer:
+                x = r[i, 0] * x + p[i, 0] * y + model.x0_lambdas[i] * x0 + (b[i] * bigram if i else 0)
+            else:
+                x = x + p[i, 0] * y
+        y = block.mlp(tg.norm(x))
+        x = r[i, 1] * x + p[i, 1] * y if sublayer else x + p[i, 1] * y
+        if i == 3:
+            skip = x
+        if i == 7:
+            backout = x
+        if i == lane_layer:
+            lane = x
+    return tg.norm(x - model.backout_lambda * backout)
+
+
+@pytest.mark.parametrize("sublayer,post,lane", [(True, True, 7), (True, False, -1), (False, True, -1),
+                                                (False, False, 7), (True, True, 2)])
+def test_sublayer_lambdas_and_lane_match_the_records_forward(sublayer, post, lane):
+    model = lambdas_model(f"--sublayer_resid={sublayer}", f"--post_lambdas={post}", f"--lane_layer={lane}")
+    idx = torch.randint(0, 1000, (96,), generator=torch.Generator().manual_seed(2))
+    idx[[0, 40]] = BOS
+    windows = (64, 32)
+    with torch.no_grad():
+        got = model.hidden(idx, windows)
+        torch.testing.assert_close(got, records_hidden(model, idx, windows, sublayer, post, lane))
+        # the post lambdas and the lane matter: the records' form without them differs
+        if post:
+            assert not torch.allclose(records_hidden(model, idx, windows, sublayer, False, lane), got, atol=1e-3)
+        if lane >= 0:
+            assert not torch.allclose(records_hidden(model, idx, windows, sublayer, post, -1), got, atol=1e-3)
+
+
+def test_sublayer_lambdas_shapes_inits_and_kinds():
+    """[n_layer, 2] (attention, MLP) as HEAD stores them: resid sqrt(1.1) (#73), post 1 (#77); the x0
+    and bigram lambdas move to their Adam group under sublayer_resid; off, #53's per-layer resid 1.1."""
+    cfg = tg.parse_args(TINY + HEAD_LAYOUT + ["--sublayer_resid=true", "--post_lambdas=true"])
+    model = tg.GPT(cfg, tg.TorchOps, None)
+    assert model.resid_lambdas.shape == (11, 2) and model.resid_lambdas.kind == "resid_lambda"
+    assert model.resid_lambdas.flatten().tolist() == pytest.approx([math.sqrt(1.1)] * 22)
+    assert model.post_lambdas.shape == (11, 2) and model.post_lambdas.kind == "lambda"
+    assert model.post_lambdas.flatten().tolist() == [1.0] * 22
+    assert model.x0_lambdas.kind == model.bigram_embed.lambdas.kind == "lambda" and not model.x0_lambdas.any()
+    off = tg.GPT(tg.parse_args(TINY + HEAD_LAYOUT), tg.TorchOps, None)
+    assert off.resid_lambdas.shape == (11,) and off.resid_lambdas.kind == "scalar" and not hasattr(off, "post_lambdas")
+    assert off.resid_lambdas.tolist() == pytest.approx([1.1] * 11) and off.x0_lambdas.kind == "x0"
+    # sublayer_resid without x0 mixing: its own resid lambdas, no x0 lambdas
+    bare = tg.GPT(tg.parse_args(TINY + ["--sublayer_resid=true", "--x0_mixing=false"]), tg.TorchOps, None)
+    assert bare.resid_lambdas.shape == (2, 2) and not hasattr(bare, "x0_lambdas")
+
+
+def test_sublayer_lambdas_get_gradients_only_where_used():
+    """Layer 6 has no attention, so its attention column gets no gradient (as in HEAD); every other does."""
+    model = lambdas_model("--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=7")
+    idx = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(4))
+    idx[0] = BOS
+    model(idx, torch.roll(idx, -1), (64, 32), torch.tensor([1.0])).backward()
+    for lambdas in (model.resid_lambdas, model.post_lambdas):
+        used = lambdas.grad != 0
+        assert not used[6, 0] and used.sum() == 21
+
+
+
+def test_sublayer_lambdas_and_lane_compile_fullgraph():
+    """The GPU compiles the model whole: with the three switches on (4 layers, no attention on 2, lane 1),
+    inductor (fullgraph) gives eager's hidden states."""
+    flags = ["--n_layer=4", "--no_attn_layers=2", "--long_window_layers=1", "--skip_from=0", "--skip_to=2",
+             "--backout_layer=1", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=1"]
+    cfg = tg.parse_args(TINY + flags)
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith((".o", ".down", "_lambdas")):
+                p.add_(0.1 * torch.randn_like(p))
+    idx = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(5))
+    idx[0] = BOS
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model.hidden(idx, (64, 32))
+        got = torch.compile(model.hidden, fullgraph=True, dynamic=False)(idx, (64, 32))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -453,8 +453,8 @@ def toy_momentum(step):
 
 class ToyModel(torch.nn.Module):
     """A parameter of every kind the optimizers tell apart. On 2 ranks the head and embedding (10
-    rows) split evenly and the value embeddings (9) pad; on 3 the reverse; the bigram table (8)
-    splits on 2 and pads on 3. NorMuon's groups: 6 MLP
+    rows) split evenly and the value embeddings (9) pad; on 3 the reverse; the bigram table (8) and
+    the [4, 2] sublayer lambdas (#73) split on 2 and pad on 3. NorMuon's groups: 6 MLP
     matrices (3 tall, handled transposed, with 3 wide), 5 square ones, 3 gates (wide, per row)."""
 
     def __init__(self):
@@ -472,6 +472,7 @@ class ToyModel(torch.nn.Module):
             [param((12, 6), "matrix", 1.0 + i) for i in range(3)] + [param((6, 12), "matrix", 2.0 + i) for i in range(3)]
             + [param((6, 6), "matrix", 1.0 + i / 2) for i in range(5)] + [param((2, 4), "gate", 1.0 + i) for i in range(3)])
         self.bigram = param((8, 6), "bigram")
+        self.resid_lambdas, self.post_lambdas = param((4, 2), "resid_lambda"), param((4, 2), "lambda")
 
 
 def toy_in_use(name, step):
@@ -549,7 +550,9 @@ def ref_toy_train(model, world, perp):
                "smear_gate": (cfg.adam_lr * cfg.smear_gate_lr_mul, cfg.adam_betas, 0.0),
                "x0": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.adam_betas, 0.0),
                "scalar": (cfg.adam_lr * cfg.scalar_lr_mul, cfg.scalar_betas, 0.0),
-               "bigram": (cfg.adam_lr * cfg.bigram_lr_mul, cfg.bigram_betas, cfg.adam_wd * cfg.bigram_wd_mul)}
+               "bigram": (cfg.adam_lr * cfg.bigram_lr_mul, cfg.bigram_betas, cfg.adam_wd * cfg.bigram_wd_mul),
+               "resid_lambda": (cfg.adam_lr * cfg.resid_lambda_lr_mul, cfg.lambda_betas, 0.0),
+               "lambda": (cfg.adam_lr, cfg.lambda_betas, 0.0)}
 
     def average(grads, name):
         return torch.stack([ref_perp(g, w[name]) if perp else g for g in grads]).mean(0)
@@ -623,7 +626,8 @@ def check_toy(result, ref, rank, world):
     assert result["rerun"]
     # the tables' reduce-scatters start during the last backward before each Adam step, none other
     for (step, micro), names in result[False, "launched"].items():
-        tables = ["head", "value_embeds.0", "value_embeds.1", "bigram"] + (["embed"] if step >= TOY_UNTIE else [])
+        tables = ["head", "value_embeds.0", "value_embeds.1", "bigram", "resid_lambdas", "post_lambdas"]
+        tables += ["embed"] if step >= TOY_UNTIE else []
         adam_steps = step % 2 == 1 or step == TOY_STEPS - 1
         assert names == (sorted(tables) if world > 1 and adam_steps and micro == TOY_ACCUM - 1 else []), (step, micro)
 
@@ -739,15 +743,15 @@ HEAD_SWITCHES = ["--softcap=23", "--softcap_offset=5", "--value_embeds=5", "--ve
                  "--ve_init_std=0.01", "--ve_gate=x_ve", "--adam_betas=0.5,0.95", "--adam_eps=1e-10",
                  "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99", "--head_wd_mul=150",
                  "--value_embed_wd_mul=5", "--muon_beta2=0.9", "--attn_lr_mul=1", "--qk_head_pairs=true",
-                 "--scalar_freeze_steps=0"]
+                 "--scalar_freeze_steps=0", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=7"]
 
 
 def head_label(name):
     """Our parameter name -> (HEAD's label, index of the matrix within its bank's per-layer pair), or None
     where the HEAD has no counterpart under these switches (x0 and backout lambdas, the attention gate,
-    resid lambdas, whose HEAD form other switches build)."""
+    whose HEAD form MUDD builds)."""
     leaf = name.split(".")[-1]
-    if name in ("lm_head", "embed", "smear_gate"):
+    if name in ("lm_head", "embed", "smear_gate", "resid_lambdas", "post_lambdas"):
         return name, 0
     if name.startswith("value_embeds."):
         return "value_embeds", 0
@@ -795,7 +799,7 @@ def test_head_switches_give_heads_optimizer_settings(head_model):
         assert tuple(betas) == want_betas, name
         checked.add(label)
     assert checked == {"lm_head", "embed", "smear_gate", "value_embeds", "ve_gate_bank", "qk_bank", "vo_bank",
-                       "mlp_bank", "scalars"}
+                       "mlp_bank", "scalars", "resid_lambdas", "post_lambdas"}
     assert all(group["eps"] == hr.ADAM_EPS for group in opt.adam.param_groups)
 
 
@@ -818,6 +822,8 @@ def test_head_switches_give_heads_shapes(head_model):
     assert (len(gates), *gates[0].shape) == hr.SHAPES["ve_gate_bank"][0]
     assert tuple(params["lm_head"].mT.shape) == hr.SHAPES["lm_head"][0]
     assert tuple(params["smear_gate"].shape) == hr.SHAPES["smear_gate"][0]
+    for name in ("resid_lambdas", "post_lambdas"):
+        assert tuple(params[name].shape) == hr.SHAPES[name][0], name
 
 
 def test_head_switches_give_heads_inits():
@@ -832,6 +838,9 @@ def test_head_switches_give_heads_inits():
     gates = [block.attn.ve_gate for block in model.blocks if block.attn is not None and block.attn.ve_gate is not None]
     assert len(gates) == hr.N_VE_TABLES and all(not g.any() for g in gates)
     assert [table for table in tg.value_embed_tables(cfg)] == hr.VE_LAYOUT
+    for name in ("resid_lambdas", "post_lambdas"):
+        shape, _, (_, value) = hr.SHAPES[name]
+        torch.testing.assert_close(getattr(model, name).detach(), torch.full(shape, value), msg=name)
 
 
 def split_params(generator, blocks):
@@ -909,3 +918,23 @@ def test_normuon_head_pairs_sharded_match_one_process(tmp_path, monkeypatch):
     for rank in range(3):
         for ours, theirs in zip(torch.load(tmp_path / f"pairs{rank}.pt"), want):
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=f"rank {rank}")
+
+
+def test_sublayer_lambdas_adam_groups():
+    """#73-#77's param_table: resid_lambdas Adam lr x5, post_lambdas, x0_lambdas and bigram_lambdas
+    lr x1, all betas (0.9, 0.95) and no decay; none of them paused with the scalars (#57 dropped that)."""
+    flags = ["--preset=cpu", "--bigram_vocab=97", "--sublayer_resid=true", "--post_lambdas=true"]
+    model = tg.GPT(tg.parse_args(flags), tg.TorchOps, None)
+    opt = tg.Optimizers(model, model.cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
+    table = opt.hyperparams(0.5, 0.9)
+    want = {"resid_lambdas": 0.008 * 5 * 0.5, "post_lambdas": 0.008 * 0.5, "x0_lambdas": 0.008 * 0.5,
+            "bigram_embed.lambdas": 0.008 * 0.5}
+    params = dict(model.named_parameters())
+    for name, lr in want.items():
+        assert table[params[name]] == (pytest.approx(lr), 0.0, (0.9, 0.95)), name
+        assert all(p is not params[name] for p in opt.scalars), name
+    assert table[params["resid_lambdas"]][0] == pytest.approx(hr.adam_settings("resid_lambdas")[0] * 0.5)
+    # the betas and resid lr factor are flags
+    model = tg.GPT(tg.parse_args(flags + ["--lambda_betas=0.8,0.9", "--resid_lambda_lr_mul=2"]), tg.TorchOps, None)
+    opt = tg.Optimizers(model, model.cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
+    assert opt.hyperparams(1.0, 0.9)[model.resid_lambdas] == (pytest.approx(0.016), 0.0, (0.8, 0.9))

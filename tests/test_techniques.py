@@ -15,12 +15,12 @@ import train_gpt as T
 
 TINY = ["--preset=cpu", "--n_layer=2", "--d_model=32", "--n_head=2", "--head_dim=16", "--mlp_hidden=64",
         "--long_window_layers=1", "--skip_from=-1", "--backout_layer=-1", "--value_embeds=2", "--window_block=16"]
-# the seeds' techniques, HEAD's bigram embedding (#62/#83), FP8 MLP (#84/#89) and prefix-token loss
-# (#88), all at once
+# the seeds' techniques, HEAD's bigram embedding (#62/#83), FP8 MLP (#84/#89), prefix-token loss (#88)
+# and sublayer form (#73/#77), all at once
 ALL_ON = ["--shell_lambda=0.008", "--gate_attn=relu", "--gate_mlp=sigmoid", "--head_gate=true",
           "--sink_metric=true", "--sink_logit=true", "--kv_bias=true", "--stablemax=true",
           "--perp_grad=all", "--perp_grad_rescale=true", "--bigram_vocab=1001", "--bigram_signs=64",
-          "--fp8_mlp=true", "--prefix_loss=0.25"]
+          "--fp8_mlp=true", "--prefix_loss=0.25", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=0"]
 
 
 def test_shell_penalty_by_hand():
@@ -351,7 +351,7 @@ def test_switches_off_add_no_parameters():
     off, on = names([]), names(ALL_ON)
     assert off < on
     new = {n.split(".")[-1] for n in on - off}
-    assert new == {"weight", "sink", "key_bias", "value_bias", "lambdas"}
+    assert new == {"weight", "sink", "key_bias", "value_bias", "lambdas", "post_lambdas"}
 
 
 @pytest.mark.parametrize("flag", ["--gate_attn=tanh", "--gate_mlp=yes", "--perp_grad=some"])

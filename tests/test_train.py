@@ -600,6 +600,18 @@ def test_dry_run_baseline_is_adamw_on_everything(tmp_path):
     assert {row[3:] for row in rows.values()} == {("AdamW", 0.0036, (0.9, 0.95), 0.0)}
 
 
+def test_dry_run_head_lists_the_sublayer_lambdas(tmp_path):
+    """--preset=head: #73/#77's [11, 2] residual (sqrt(1.1), Adam lr 0.008 x 5) and post (1, lr 0.008)
+    lambdas with betas (0.9, 0.95) and no decay, HEAD's param_table; the x0 and bigram lambdas in #73's group."""
+    rows, _ = table_rows(dry_run(tmp_path, ["--preset=head"]))
+    shape, count, init, *settings = rows["resid_lambdas"]
+    assert (shape, count, float(init)) == ((11, 2), 22, pytest.approx(math.sqrt(1.1), rel=1e-5))
+    assert settings == ["Adam", pytest.approx(0.04), (0.9, 0.95), 0.0]
+    assert rows["post_lambdas"] == ((11, 2), 22, "1", "Adam", pytest.approx(0.008), (0.9, 0.95), 0.0)
+    for name in ("x0_lambdas", "bigram_embed.lambdas"):
+        assert rows[name][:2] == ((11,), 11) and rows[name][3:] == ("Adam", pytest.approx(0.008), (0.9, 0.95), 0.0)
+
+
 def test_dry_run_speedrun_needs_no_gpu_and_matches_the_record(tmp_path):
     """The speedrun preset without a GPU or data: N by hand from SPEC's shapes, and every row's
     optimizer, lr, betas and weight decay as record #53 (tests/record_ref.py) sets them, at lr_mult 1
