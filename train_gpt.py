@@ -598,13 +598,21 @@ class BlockedAttention:
         allowed = (q_docs[:, :, None] == k_docs[:, None, :]) & (delta >= 0) & (delta <= window)
         return allowed, span
 
+    @staticmethod
+    def key_blocks(t, span, blocks, b):
+        """Keys or values t [n, H, D] as the overlapping blocks [blocks, span + b, H, D] each query block
+        sees. Gathered by index, not by unfold: inductor's CPU backward of an overlapping unfold gives
+        wrong gradients (torch 2.13: off by more than the gradient itself; tests/test_model.py)."""
+        rows = torch.arange(blocks, device=t.device)[:, None] * b + torch.arange(span + b, device=t.device)
+        return F.pad(t, (0, 0, 0, 0, span, blocks * b - t.size(0)))[rows]
+
     def scores(self, q, k, mask, scale):
         """Masked attention logits per block [blocks, H, block, span + block], fp32."""
         allowed, span = mask
         blocks, b, _ = allowed.shape
         n = q.size(0)
         q_blocks = F.pad(q, (0, 0, 0, 0, 0, blocks * b - n)).view(blocks, b, *q.shape[1:]).transpose(1, 2)
-        k_blocks = F.pad(k, (0, 0, 0, 0, span, blocks * b - n)).unfold(0, span + b, b)
+        k_blocks = self.key_blocks(k, span, blocks, b).permute(0, 2, 3, 1)
         s = (q_blocks @ k_blocks).float() * scale
         return s.masked_fill(~allowed[:, None], float("-inf"))
 
@@ -615,7 +623,7 @@ class BlockedAttention:
         s = self.scores(q, k, mask, scale)
         lse = s.logsumexp(-1)
         p = (s - lse[..., None]).exp().to(v.dtype)
-        v_blocks = F.pad(v, (0, 0, 0, 0, span, blocks * b - n)).unfold(0, span + b, b).mT
+        v_blocks = self.key_blocks(v, span, blocks, b).transpose(1, 2)
         y = (p @ v_blocks).transpose(1, 2).reshape(blocks * b, *v.shape[1:])[:n]
         lse = lse.transpose(1, 2).reshape(blocks * b, -1)[:n]
         return y, (lse if need_lse else None)
