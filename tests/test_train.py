@@ -151,7 +151,8 @@ HEAD_SCHEDULE = ["--num_steps=5", "--rounded_stages=true", "--untie_after_adam=t
 @pytest.mark.parametrize("schedule", [[], HEAD_SCHEDULE], ids=["record", "head"])
 def test_warmup_compiles_every_graph_the_run_uses_and_no_other(tmp_path, monkeypatch, schedule):
     """With --compile the untimed warmup compiles one graph per distinct forward of the run (a
-    stage's batch, windows and YaRN scale, tied or not, training or validating; the final windows),
+    stage's batch, windows and YaRN scale, tied or not, training or validating, the prefix loss on
+    or off; the final windows),
     restores the rotary state exactly, and the timed run compiles nothing. Counted by dynamo, which
     decides what recompiles, with its eager backend: inductor would build the same graphs, far more
     slowly (tests/test_backend.py runs it)."""
@@ -171,10 +172,10 @@ def test_warmup_compiles_every_graph_the_run_uses_and_no_other(tmp_path, monkeyp
     calls = []  # per forward: what its graph depends on, and how many graphs it compiled
     forward, warmup, marks = trainer.forward, trainer.warmup, {}
 
-    def spy_forward(inputs, targets, windows, weights):
+    def spy_forward(inputs, targets, windows, weights, prefix_weight=None):
         before = counters["stats"]["unique_graphs"]
-        loss = forward(inputs, targets, windows, weights)
-        key = (inputs.numel(), windows, weights.numel(), rotary.attn_scale, model.tied, model.training)
+        loss = forward(inputs, targets, windows, weights, prefix_weight)
+        key = (inputs.numel(), windows, weights.numel(), rotary.attn_scale, model.tied, model.training, prefix_weight is None)
         calls.append((key, counters["stats"]["unique_graphs"] - before))
         return loss
 
