@@ -361,57 +361,6 @@ def test_resume_auto_passes_over_an_unreadable_checkpoint_and_refuses_a_finished
                             "is there); nothing to resume")
 
 
-def rank_pid(parent, rank):
-    """The pid of the torchrun worker under `parent` whose RANK is `rank`, or None."""
-    for child in descendants(parent):
-        try:
-            with open(f"/proc/{child}/environ", "rb") as f:
-                if f"RANK={rank}".encode() in f.read().split(b"\0"):
-                    return child
-        except OSError:
-            continue
-    return None
-
-
-def descendants(pid):
-    """Every descendant of `pid`, from /proc (Linux)."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            with contextlib.suppress(OSError), open(f"/proc/{entry}/stat") as f:
-                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        kids = [p for p, parent in parents.items() if parent == current]
-        found += kids
-        todo += kids
-    return found
-
-
-def test_a_killed_rank_restarts_under_torchrun_and_ends_where_an_uninterrupted_run_ends(tmp_path, data):
-    """torchrun --max-restarts=1 with a fixed run id and --resume=auto: rank 1 SIGKILLed once the
-    step-3 checkpoint is complete; torchrun restarts both ranks, which go on from the newest complete
-    checkpoint and end with the uninterrupted run's val loss, bitwise."""
-    args = STEPS + data + ["--accum_world_size=2"]
-    run(args, 2, tmp_path, "whole")
-    cmd = command(args + ["--save_every=3", "--resume=auto"], 2, tmp_path, "restarted")
-    cmd.insert(cmd.index("-m") + 2, "--max-restarts=1")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    saved, deadline = tg.checkpoint_path(str(tmp_path / "restarted"), KILL_AT), time.time() + 300
-    while not os.path.exists(saved) and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    victim = rank_pid(proc.pid, 1)
-    assert victim is not None, "no rank 1 worker found"
-    os.kill(victim, signal.SIGKILL)
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 0, stderr[-3000:]
-    lines = (tmp_path / "restarted.txt").read_text().splitlines()
-    assert any(line.startswith("continued by a resumed run: ") for line in lines)
-    assert any(line.startswith(f"resumed from {tmp_path / 'restarted'}") for line in lines)
-    assert final(tmp_path, "restarted")[0] == final(tmp_path, "whole")[0]
-
-
 def start_ranks(args, nproc, log_dir, run_id):
     """Each rank as its own process, without torchrun (which stops the others as soon as one exits):
     [(exit status, stderr)] by rank."""
