@@ -2952,9 +2952,11 @@ class RunLog:
 
 
 def finished(log_path):
-    """Whether a run's log holds its final line."""
+    """Whether a run's log holds its final line (read after the embedded source, whose f-strings
+    would otherwise read like log lines)."""
     with open(log_path, encoding="utf-8", errors="replace") as f:
-        return any(line.startswith("final val_loss:") for line in f)
+        lines = f.read().split(SEPARATOR)[-1].splitlines()
+    return any(line.startswith("final val_loss:") for line in lines)
 
 
 def current_record(track):

@@ -263,7 +263,7 @@ def test_saving_is_outside_the_clock(tmp_path, data, monkeypatch):
     assert sorted(os.listdir(folder)) == sorted(os.path.basename(tg.checkpoint_path("", s, r)) for s in (3, 4) for r in (None, 0))
     mib = [os.path.getsize(tg.checkpoint_path(str(folder), 4, r)) / 2**20 for r in (None, 0)]
     assert f"checkpoint: {tg.checkpoint_path(str(folder), 4)} ({sum(mib):,.1f} MiB: model and run {mib[0]:,.1f}, " \
-           f"optimizer state of 1 rank(s) {mib[1]:,.1f})" in (tmp_path / "timed.txt").read_text().splitlines()
+           f"optimizer state of 1 rank(s) {mib[1]:,.1f})" in (tmp_path / "timed.txt").read_text().split(tg.SEPARATOR)[-1].splitlines()
 
 
 def test_a_shared_checkpoint_dir_is_never_overwritten(tmp_path):
@@ -351,7 +351,7 @@ def test_resume_auto_passes_over_an_unreadable_checkpoint_and_refuses_a_finished
     with open(damaged, "r+b") as f:
         f.truncate(os.path.getsize(damaged) // 2)
     tg.main(args + ["--resume=auto"])
-    lines = (tmp_path / "crashed.txt").read_text().splitlines()
+    lines = (tmp_path / "crashed.txt").read_text().split(tg.SEPARATOR)[-1].splitlines()  # after the embedded source
     passed = next(line for line in lines if line.startswith("resume: passing over"))
     assert passed.startswith(f"resume: passing over the checkpoint of step 2: {damaged}: not a checkpoint torch.load")
     assert any(line.startswith(f"resumed from {tg.checkpoint_path(str(tmp_path / 'crashed'), 1)} at step 1/") for line in lines)
