@@ -1920,6 +1920,19 @@ def fill(t, values):
         t[i].fill_(v)
 
 
+def unshard_rows(shares, rows):
+    """A tensor whole again from its ranks' consecutive row shares (the last ones zero-padded)."""
+    return torch.cat(shares)[:rows]
+
+
+def rows_of_rank(full, rank, world):
+    """Rank `rank`'s share when `full`'s rows are cut into `world` equal shares, zero-padded at the
+    end as the optimizers pad a tensor whose rows world does not divide."""
+    per_rank = -(-full.size(0) // world)
+    padded = torch.cat([full, full.new_zeros(per_rank * world - full.size(0), *full.shape[1:])])
+    return padded[rank * per_rank : (rank + 1) * per_rank].clone()
+
+
 class NorMuon(torch.optim.Optimizer):
     """Muon with NorMuon normalization and cautious weight decay, sharded across ranks.
 
@@ -2031,6 +2044,20 @@ class NorMuon(torch.optim.Optimizer):
             state["lr_mul"] = torch.tensor(lr_muls, device=grad.device, dtype=hyper_dtype(grad))[:, None, None]
         return state
 
+    def reshard(self, states):
+        """This rank's state_dict from the state_dicts of all ranks of a run with len(states) ranks:
+        every tensor of a group's state holds that run's share of the group's stacked matrices, so
+        the shares are joined and cut anew for this run's ranks."""
+        mine, index = dict(state={}, param_groups=states[0]["param_groups"]), 0
+        for group in self.param_groups:
+            count = sum(p.muon_blocks for p in group["params"])
+            if index in states[0]["state"]:
+                mine["state"][index] = {key: rows_of_rank(unshard_rows([s["state"][index][key] for s in states], count),
+                                                          self.rank, self.world_size)
+                                        for key in states[0]["state"][index]}
+            index += len(group["params"])
+        return mine
+
 
 def adam_update(param, grad, exp_avg, exp_avg_sq, hyper, beta1, beta2, eps, decay, cautious):
     """One Adam step on a tensor (or this rank's rows of it), in place on it and its moments: every
@@ -2077,9 +2104,26 @@ class Adam(torch.optim.Optimizer):
                     if self.split(p):
                         p.register_post_accumulate_grad_hook(self._grad_ready)
 
-    def split(self, p):
-        """Whether p is split by rows across ranks (else all-reduced and updated whole everywhere)."""
-        return self.world_size > 1 and p.dim() >= 2 and p.size(0) >= self.world_size
+    def split(self, p, world_size=None):
+        """Whether p is split by rows across ranks (else all-reduced and updated whole everywhere), on
+        this run's ranks or on `world_size` ranks."""
+        world_size = world_size or self.world_size
+        return world_size > 1 and p.dim() >= 2 and p.size(0) >= world_size
+
+    def reshard(self, states):
+        """This rank's state_dict from the state_dicts of all ranks of a run with len(states) ranks:
+        the moments of a tensor split by rows there are joined, then split anew for this run (those
+        of an unsplit one are the same on every rank)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        mine = dict(state={}, param_groups=states[0]["param_groups"])
+        for index, state in states[0]["state"].items():
+            p, joined = params[index], {}
+            for key, value in state.items():
+                if torch.is_tensor(value) and self.split(p, len(states)):
+                    value = unshard_rows([s["state"][index][key] for s in states], p.size(0))
+                joined[key] = rows_of_rank(value, self.rank, self.world_size) if torch.is_tensor(value) and self.split(p) else value
+            mine["state"][index] = joined
+        return mine
 
     def _grad_ready(self, p):
         if self.armed:
@@ -2310,6 +2354,12 @@ class Optimizers:
     def load_state_dict(self, states):
         for opt, state in zip([opt for opt in (self.muon, self.adam) if opt is not None], states):
             opt.load_state_dict(state)
+
+    def reshard(self, states_by_rank):
+        """This rank's state, for load_state_dict, from every rank's state_dict() of a run on another
+        number of ranks."""
+        return [opt.reshard([states[i] for states in states_by_rank])
+                for i, opt in enumerate(opt for opt in (self.muon, self.adam) if opt is not None)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -3116,6 +3166,17 @@ def checkpoint_differences(state, cfg):
     return differ
 
 
+def rank_mean_grad(grads_by_rank, name, device):
+    """A parameter's gradient to resume with, from what each rank of the saved run had accumulated
+    (Adam's tables between its steps): their mean, on every rank of this run. The optimizers average
+    across ranks, so the step applies the same sum whatever the number of ranks; on the same number
+    of ranks (one entry: this rank's own) it is resumed as saved."""
+    grads = [g[name] for g in grads_by_rank if name in g]
+    if not grads:
+        return None
+    return (grads[0] if len(grads) == 1 else sum(grads) / len(grads)).to(device)
+
+
 def rng_state():
     return dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if torch.cuda.is_available() else None)
 
@@ -3414,29 +3475,30 @@ class Trainer:
                 f"{len(sizes) - 1} rank(s) {sum(sizes[1:]) / 2**20:,.1f})")
 
     def resume(self, path):
-        """Load a checkpoint written by the same config, source and world size (or, with
-        --resume_any, another config or source); return (step, train_ms) to continue from."""
+        """Load a checkpoint written by the same config and source (or, with --resume_any, another
+        config or source) on any number of ranks; return (step, train_ms) to continue from."""
         cfg, b = self.cfg, self.backend
         state = load_checkpoint(path)
-        if state["world_size"] != b.world_size:
-            raise SystemExit(f"error: --resume={path}: written by {state['world_size']} ranks, this run has "
-                             f"{b.world_size}; resume with the same number of processes")
         differ = checkpoint_differences(state, cfg)
         if differ and not cfg.resume_any:
             raise SystemExit(f"error: --resume={path}: the checkpoint comes from another run: {'; '.join(differ)} "
                              "(--resume_any=true resumes anyway)")
         if state["step"] >= self.schedule.total:
             raise SystemExit(f"error: --resume={path}: that run already finished (step {state['step']})")
-        mine = load_checkpoint(checkpoint_path(os.path.dirname(path), state["step"], b.rank), keys=("optimizers",))
+        written_by = state["world_size"]
+        ranks = [b.rank] if written_by == b.world_size else range(written_by)
+        parts = [load_checkpoint(checkpoint_path(os.path.dirname(path), state["step"], r), keys=("optimizers",)) for r in ranks]
         self.model.load_state_dict(state["model"])
         self.model.tied = state["tied"]
-        self.optimizers.load_state_dict(mine["optimizers"])
+        self.optimizers.load_state_dict(parts[0]["optimizers"] if written_by == b.world_size else
+                                        self.optimizers.reshard([part["optimizers"] for part in parts]))
         for name, p in self.model.named_parameters():
-            p.grad = mine["grads"][name].to(p.device) if name in mine["grads"] else None
-        set_rng_state(mine["rng"])
-        self.train_loader.seek(state["loader"])
+            p.grad = rank_mean_grad([part["grads"] for part in parts], name, b.device)
+        set_rng_state(parts[min(b.rank, len(parts) - 1)]["rng"])
+        self.train_loader.seek(state["loader"])  # a position in the global order of parts: any world size
+        resharded = f", resharded to {b.world_size}" if written_by != b.world_size else ""
         self.log.line(f"resumed from {path} at step {state['step']}/{self.schedule.total}, train_time {state['train_ms']:.0f}ms, "
-                      f"written by {state['world_size']} process(es)")
+                      f"written by {written_by} process(es){resharded}")
         if differ:
             self.log.line(f"resumed despite: {'; '.join(differ)}")
         return state["step"], state["train_ms"]
@@ -3449,8 +3511,10 @@ class Trainer:
         folder, b = checkpoint_dir(self.cfg), self.backend
         for step in saved_steps(folder):
             try:
-                for path, keys in ((checkpoint_path(folder, step), CHECKPOINT_KEYS), (checkpoint_path(folder, step, b.rank), ("optimizers",))):
-                    read_checkpoint(path, keys, mmap=True)
+                written_by = read_checkpoint(checkpoint_path(folder, step), CHECKPOINT_KEYS, mmap=True)["world_size"]
+                ranks = [b.rank] if written_by == b.world_size else range(written_by)
+                for r in ranks:
+                    read_checkpoint(checkpoint_path(folder, step, r), ("optimizers",), mmap=True)
                 problem = None
             except CheckpointError as e:
                 problem = str(e)

@@ -15,6 +15,7 @@ import torch
 
 import sample
 import train_gpt as tg
+import test_distributed
 from test_distributed import ROOT, TINY, data, env, failure, free_port, threads_alive  # noqa: F401 (data is a fixture)
 
 # 8 steps: stages start at 3 (a wider window, with YaRN) and 6 (the untie), Adam steps every 2. A
@@ -94,6 +95,52 @@ def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp
     assert state.keys() == again.keys()
     assert all(torch.equal(state[k], again[k]) if torch.is_tensor(again[k]) else state[k] == again[k] for k in state)
     assert cut["model"]["blocks.0.mlp.act_scale"] != 1  # step 3's scale, set from step 2's amax
+
+
+RESHARD_TOL = 1e-10  # float64 runs: only the order of the sums differs
+
+
+def float64_run(args, nproc, log_dir, run_id):
+    """A run in float64 (test_distributed's hook; the loss itself is computed in fp32): its val losses
+    by step and its log's text."""
+    out = test_distributed.run(args, nproc, log_dir, run_id)
+    assert out.returncode == 0, f"{run_id} on {nproc} rank(s):\n{failure(out)}"
+    with open(os.path.join(log_dir, f"{run_id}.jsonl")) as f:
+        val = {m["step"]: m["val_loss"] for m in map(json.loads, f) if m["kind"] == "val"}
+    return val, (log_dir / f"{run_id}.txt").read_text()
+
+
+def model_floats(path):
+    """The floating-point tensors of a checkpoint's model."""
+    return {k: v for k, v in tg.load_checkpoint(path)["model"].items() if torch.is_tensor(v) and v.is_floating_point()}
+
+
+def final_model(log_dir, run_id):
+    return model_floats(tg.latest_checkpoint(str(log_dir / run_id)))
+
+
+def test_a_checkpoint_resumes_on_another_number_of_ranks(tmp_path, data):
+    """Written by 2 ranks, resumed on 1 and on 4; by 1, resumed on 2; by 4, resumed on 2. At step 3
+    Adam holds step 2's gradients, accumulated per rank but not applied, and NorMuon's state is cut
+    into other shares on each number of ranks (its 12 attention matrices 6 or 3 per rank, its 3 gates
+    padded to 4 on 2 or 4 ranks). Each resumed run ends at the uninterrupted run's val loss."""
+    args = STEPS + data + ["--accum_world_size=4", "--save_every=3"]
+    whole, gaps = {}, []
+    for written_by in (1, 2, 4):
+        whole[written_by], _ = float64_run(args, written_by, tmp_path, f"w{written_by}")
+    for written_by, resumed_on in ((2, 1), (2, 4), (1, 2), (4, 2)):
+        saved = tg.checkpoint_path(str(tmp_path / f"w{written_by}"), KILL_AT)
+        loss, text = float64_run(args + [f"--resume={saved}"], resumed_on, tmp_path, f"w{written_by}_on{resumed_on}")
+        assert f"resumed from {saved} at step {KILL_AT}/8, " in text
+        assert f"written by {written_by} process(es), resharded to {resumed_on}\n" in text
+        assert [loss[step] for step in (4, 8)] == [whole[written_by][step] for step in (4, 8)]  # the loss is fp32
+        gaps.append(test_distributed.largest_gap(final_model(tmp_path, f"w{written_by}"),
+                                                 final_model(tmp_path, f"w{written_by}_on{resumed_on}")))
+    print("resharded final parameters, largest gaps:", ", ".join(f"{g:.1e}" for g in gaps))
+    assert max(gaps) < RESHARD_TOL
+    # not vacuous: the steps after the checkpoint move the loss and the parameters far more than that
+    assert abs(whole[2][8] - whole[2][4]) > 1e-3
+    assert test_distributed.largest_gap(final_model(tmp_path, "w2"), model_floats(tg.checkpoint_path(str(tmp_path / "w2"), KILL_AT))) > 1e-3
 
 
 def test_resume_refuses_another_config_unless_told(tmp_path, data):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 
 import numpy as np
 import pytest
@@ -285,6 +286,9 @@ def train_and_save():
     tg.cpu_compute_dtype = lambda choice: torch.float64
     try:
         tg.main()
+    except Exception:
+        traceback.print_exc()  # the run's own error first: a failed thread check below would replace it
+        raise
     finally:
         alive = threads_alive()
         if alive:
