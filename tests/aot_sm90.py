@@ -1,4 +1,5 @@
-"""Compile every Triton kernel of train_gpt.py for H100 (sm_90) without a GPU and report its figures.
+"""Compile every Triton kernel of train_gpt.py for H100 (sm_90), or any other architecture, without a GPU
+and report its figures.
 
 Each kernel is compiled at the record's shapes with the dtypes the model really feeds it, as recorded
 by a spy on the ops table during a training step (tests/op_spy.py), not with hand-picked ones.
@@ -122,14 +123,27 @@ def ptxas_report(ptx, workdir):
     raise RuntimeError("no ptxas accepted the PTX: " + "; ".join(errors))
 
 
-def compile_report(name, **overrides):
-    """Compile one kernel (overrides replace its arguments or launch options) and report its figures."""
+def build(name, target, overrides):
+    """Compile one kernel for `target` (overrides replace its arguments or launch options); its options too."""
     kernel, args, options, _ = KERNELS[name]
     args = {k: overrides.get(k, v) for k, v in args.items()}
     options = {k: overrides.get(k, v) for k, v in options.items()}
     signature, constexprs, attrs = specialize(kernel, args)
     src = triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=H100, options=options)
+    return triton.compile(src, target=target, options=options), kernel, options
+
+
+def shared_memory(capabilities, **overrides):
+    """kernel -> {capability: bytes of shared memory per block it needs when built for that
+    architecture}, e.g. capabilities (80, 86): A100 and RTX 3090."""
+    return {name: {c: build(name, triton.backends.compiler.GPUTarget("cuda", c, 32), overrides)[0].metadata.shared
+                   for c in capabilities}
+            for name in KERNELS}
+
+
+def compile_report(name, **overrides):
+    """Compile one kernel for H100 (overrides replace its arguments or launch options) and report its figures."""
+    compiled, kernel, options = build(name, H100, overrides)
     ptx = compiled.asm["ptx"]
     with tempfile.TemporaryDirectory() as workdir:
         report = ptxas_report(ptx, workdir)

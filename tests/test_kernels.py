@@ -23,7 +23,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 HALF = [torch.float16, torch.bfloat16]  # the kernels take 2-byte operands only
 POLAR_BC = (-22.48329292557795, 15.878769915207462)  # (b, c) of the first Polar Express step
-SMEM_LIMIT = 227 * 1024  # H100 shared memory per block
+# Shared memory per block (the opt-in maximum) by compute capability: A100 (8.0); RTX 3090 (8.6), RTX 4090
+# and L4 (8.9); H100/H200 (9.0); B200 (10.0); RTX 5090 (12.0). From CUDA's programming guide.
+SHARED_MEMORY_PER_BLOCK = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 100: 232_448, 120: 101_376}
+SMEM_LIMIT = SHARED_MEMORY_PER_BLOCK[90]  # H100
 MATMUL_KERNELS = ("sym_mm", "sym_axpby", "linear_relu2")
 
 
@@ -394,6 +397,23 @@ def test_sm90_build_has_no_spills_and_fits(sm90_reports, name):
     assert r["shared"] <= SMEM_LIMIT, f"{name}: {r['shared']} bytes of shared memory > {SMEM_LIMIT}"
     if name in MATMUL_KERNELS:
         assert r["wgmma"], f"{name}: no wgmma instruction in the sm_90 PTX"
+
+
+def test_every_kernel_fits_the_shared_memory_of_every_gpu_generation():
+    """The launch configs are the record's (tuned for H100) on every architecture: built for each, every
+    kernel fits its shared memory, so none needs other configs or the torch twin there. The biggest,
+    linear_relu2's 128x256x64 tiles, needs 98,304 bytes on sm_80-sm_89 and sm_120 (two operand
+    buffers there; 144 KiB on sm_90), within the 101,376 of the consumer cards."""
+    capabilities = sorted(SHARED_MEMORY_PER_BLOCK)
+    needs = run_aot(f"import json, aot_sm90; print(json.dumps(aot_sm90.shared_memory({capabilities})))")
+    assert len(needs) == 7  # every kernel, as test_sm90_builds_cover_every_kernel checks
+    for name, by_capability in needs.items():
+        for capability, limit in SHARED_MEMORY_PER_BLOCK.items():
+            assert by_capability[str(capability)] <= limit, f"{name} on sm_{capability}: {by_capability[str(capability)]} > {limit} bytes"
+    # and the check can fail: the same tiles fed fp32 need more than a consumer card has
+    fp32 = run_aot("import json, aot_sm90; print(json.dumps(aot_sm90.shared_memory([86], x_ptr='*fp32', w_ptr='*fp32', "
+                   "out_ptr='*fp32')))")
+    assert fp32["linear_relu2"]["86"] > SHARED_MEMORY_PER_BLOCK[86], fp32
 
 
 def test_sm90_probe_catches_fp32_operands():
