@@ -3727,9 +3727,10 @@ def memory_error_line(e):
     in_units = re.search(r"tried to allocate ([\d.]+ [KMGT]iB)", text, re.I)  # CUDA's
     size = f"{int(in_bytes[1]) / 2**30:.2f} GiB" if in_bytes else in_units[1] if in_units else None
     asked = f"{size} more could not be allocated" if size else "an allocation failed"
-    return (f"error: out of memory ({asked}). Less is needed per step with a larger --accum_world_size "
-            "(a multiple of this run's: each rank takes finer slices of the same batch, the numbers stay) "
-            "or a smaller --val_batch_tokens; --batch_tokens and --max_seq_len shrink it too but change the recipe")
+    return (f"error: out of memory ({asked}). Less is needed per step with --activation_checkpointing=true "
+            "(the same numbers, about a third more compute), a larger --accum_world_size (a multiple of this run's: "
+            "finer slices of the same batch, slightly other numbers) or a smaller --val_batch_tokens; "
+            "--batch_tokens and --max_seq_len shrink it too but change the recipe")
 
 
 def on_every_rank(backend, start):
