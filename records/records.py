@@ -586,7 +586,7 @@ HEAD = From("HEAD's value")  # the head preset's value (at cpu scale: CPU_HEAD's
 # number in the public speedrun's record table (modded-nanogpt's README) where it came in.
 LADDER = [
     ("baseline", 1, {}),  # llm.c's GPT-2: --baseline=true
-    ("muon", 3, {"muon": PRESET}),  # NorMuon (#41) with Polar Express (#38) since
+    ("muon", 3, {"muon": PRESET}),  # as it is now: #41's NorMuon, #38's Polar Express
     ("x0_mixing", 9, {"x0_mixing": PRESET}),  # embedding skip connections
     ("softcap", 9, {"softcap": PRESET}),
     ("skip", 11, {"skip_from": PRESET}),  # U-net skips; one skip since #45
