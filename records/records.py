@@ -7,6 +7,7 @@ so a run can be compared with the official records.
     python records/records.py ablate --runs N [--seed0 S] [--trainer CMD] -- ARGS_A -- ARGS_B [-- ...]
     python records/records.py new NAME LOGS... [--track T] [--target X] [--note TEXT]
     python records/records.py table
+    python records/records.py ladder [--preset P] [--seeds N] [--rungs R] [--out DIR] [--name=value ...]
 
 A record is a folder `<root>/<track>/<YYYY-MM-DD>_<name>/` with the run logs, a README.md and a
 record.json (what the logs cannot say: name, creation time, target, note). `table` rebuilds
@@ -14,9 +15,11 @@ record.json (what the logs cannot say: name, creation time, target, note). `tabl
 """
 import argparse
 import ast
+import dataclasses
 import datetime
 import difflib
 import glob
+import hashlib
 import json
 import math
 import os
@@ -561,6 +564,344 @@ def record_readme(name, track, date, target, note, logs, p, prev):
 
 
 # ------------------------------------------------------------------------------------------------
+# The ladder: from the baseline to HEAD, one technique (or one record's set) per rung
+# ------------------------------------------------------------------------------------------------
+
+
+class From:
+    """A rung's value for a field that is read from a preset instead of written out (PRESET, HEAD)."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __repr__(self):
+        return self.what
+
+
+PRESET = From("the ladder preset's value")  # the switch as the preset has it, which --baseline turned off
+HEAD = From("HEAD's value")  # the head preset's value (at cpu scale: CPU_HEAD's, where it has one)
+
+# (name, record, overrides), in record order: a rung runs --baseline=true plus the overrides of every
+# rung up to it, so each adds one technique, or one record's set, to the rung below. `record` is the
+# number in the public speedrun's record table (modded-nanogpt's README) where it came in.
+LADDER = [
+    ("baseline", 1, {}),  # llm.c's GPT-2: --baseline=true
+    ("muon", 3, {"muon": PRESET}),  # as it is now: #41's NorMuon, #38's Polar Express
+    ("x0_mixing", 9, {"x0_mixing": PRESET}),  # embedding skip connections
+    ("softcap", 9, {"softcap": PRESET}),
+    ("skip", 11, {"skip_from": PRESET}),  # U-net skips; one skip since #45
+    ("window_schedule", 13, {"window_schedule": PRESET}),
+    ("value_embeds", 14, {"value_embeds": PRESET}),
+    ("fp8_head", 19, {"fp8_head": PRESET}),
+    ("triton", 27, {"triton": PRESET}),
+    ("attn_gate", 28, {"attn_gate": PRESET}),
+    ("yarn", 31, {"yarn": PRESET}),
+    ("smear", 34, {"smear": PRESET}),
+    ("backout", 40, {"backout_layer": PRESET}),
+    ("batch_schedule", 46, {"batch_schedule": PRESET}),
+    ("attn_lambdas", 47, {"attn_lambdas": PRESET}),
+    ("key_offset", 49, {"key_offset": PRESET}),
+    ("scalar_freeze", 52, {"scalar_freeze_steps": PRESET}),
+    ("mtp", 53, {"mtp": PRESET}),
+    ("untie", 53, {"untie_frac": PRESET}),  # the preset (record #53) from here
+    ("logit_rescale", 54, {"softcap": HEAD, "softcap_offset": HEAD}),
+    ("untie_after_adam", 54, {"untie_after_adam": HEAD}),
+    ("embed_wd", 55, {"head_wd_mul": HEAD, "value_embed_wd_mul": HEAD}),
+    ("adam_betas", 57, {"adam_betas": HEAD, "value_embed_betas": HEAD, "smear_gate_betas": HEAD, "adam_eps": HEAD,
+                        "scalar_freeze_steps": HEAD}),
+    ("attn_lr", 61, {"attn_lr_mul": HEAD}),
+    ("bigram", 62, {"bigram_vocab": HEAD}),
+    ("five_value_embeds", 63, {"value_embeds": HEAD}),
+    ("rounded_stages", 65, {"rounded_stages": HEAD}),
+    ("ve_tuned", 70, {"ve_layout": HEAD, "ve_init_std": HEAD, "ve_gate": HEAD}),
+    ("lr_floor_seq_len", 72, {"lr_floor": HEAD, "first_seq_len": HEAD}),
+    ("sublayer_resid", 73, {"sublayer_resid": HEAD, "cooldown_frac": HEAD}),
+    ("lane", 77, {"post_lambdas": HEAD, "lane_layer": HEAD}),
+    ("muon_beta2", 78, {"muon_beta2": HEAD}),
+    ("qk_head_pairs", 80, {"qk_head_pairs": HEAD}),
+    ("bigram_signs", 83, {"bigram_signs": HEAD}),
+    ("fp8_mlp", 84, {"fp8_mlp": HEAD}),
+    ("prefix_loss", 88, {"prefix_loss": HEAD}),
+]
+LENGTH_FIELDS = ("num_steps", "extension_steps")  # HEAD's run length: every rung runs the ladder's length
+# HEAD's values that name layers or lengths of its 11-layer, 2048-token model, at the cpu preset's
+# 6 layers and 512 tokens (mapped as the cpu preset maps #53's layers); the others are HEAD's as is
+CPU_HEAD = dict(
+    ve_layout=".01234",  # HEAD .01.....234: none on the first layer, two after it, three on the last three
+    lane_layer=3,  # HEAD 7: the backout layer, as in HEAD
+    first_seq_len=224,  # HEAD 896 of 2048: the same share of 512
+    fp8_mlp=False,  # FP8 only pays on a GPU: off, as the cpu preset's fp8_head
+)
+HEAD_AT_SCALE = {"speedrun": {}, "cpu": CPU_HEAD}  # the presets a ladder runs on
+LADDER_FLAGS = ("preset", "baseline", "seed", "run_id", "log_dir")  # set by the ladder, per rung and run
+LADDER_SEEDS = 3  # default seeds per rung: the fewest whose spread says much
+LADDER_DEFAULTS = ["--save_final=false"]  # no checkpoint per run (passed-through flags may override)
+LADDER_OUT = os.path.join(REPO_ROOT, "logs", "ladder-{preset}")  # default --out
+DIVERGED_RE = re.compile(r"\b(nan|inf)\b")  # the trainer's `error: loss is nan at step S (...)`
+
+
+@dataclass
+class Rung:
+    name: str
+    record: int
+    switches: list  # its own overrides as trainer flags, resolved for the preset
+    flags: list  # the trainer flags of the rung: the preset, --baseline=true and every switch up to it
+    no_change: bool  # its switches are already so under this preset (FP8 and Triton on a CPU)
+
+
+def trainer_module():
+    """train_gpt.py as a module (it imports torch): the ladder builds each rung's Config with it."""
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    import train_gpt
+    return train_gpt
+
+
+def as_flags(tg, values):
+    """{field: value} as trainer flags."""
+    return [f"--{k}={tg.show_value(v)}" for k, v in values.items()]
+
+
+def ladder_rungs(tg, preset):
+    """LADDER for `preset`, its PRESET and HEAD values read from train_gpt's presets."""
+    own = dataclasses.asdict(tg.parse_args([f"--preset={preset}"]))
+    head = {**tg.PRESETS["head"], **HEAD_AT_SCALE[preset]}
+    values = dataclasses.asdict(tg.parse_args([f"--preset={preset}", "--baseline=true"]))
+    overrides, rungs = {}, []
+    for name, record, switches in LADDER:
+        resolved = {k: own[k] if v is PRESET else head[k] if v is HEAD else v for k, v in switches.items()}
+        no_change = all(values[k] == v for k, v in resolved.items()) and bool(resolved)
+        values.update(resolved)
+        overrides.update(resolved)
+        flags = [f"--preset={preset}", "--baseline=true"] + as_flags(tg, overrides)
+        rungs.append(Rung(name, record, as_flags(tg, resolved), flags, no_change))
+    return rungs
+
+
+def pick_rungs(names, spec):
+    """--rungs: comma-separated rung names and ranges FIRST..LAST (an end left out: the ladder's)."""
+    if not spec:
+        return list(names)
+    picked = set()
+    for item in spec.split(","):
+        first, dots, last = item.strip().partition("..")
+        ends = (first or names[0], last or names[-1]) if dots else (first, first)
+        for end in ends:
+            if end not in names:
+                raise RecordsError(f"--rungs={spec}: no rung {end!r}; the rungs, in order: {', '.join(names)}")
+        i, j = names.index(ends[0]), names.index(ends[1])
+        if i > j:
+            raise RecordsError(f"--rungs={spec}: {item} goes down the ladder; the rungs, in order: {', '.join(names)}")
+        picked.update(names[i:j + 1])
+    return [n for n in names if n in picked]
+
+
+def ladder_run_id(rung, train_flags, seed):
+    """The rung's name, a digest of everything the run is given but its seed, and the seed: a ladder
+    rerun with other flags (another length, another preset) finds none of these runs."""
+    digest = hashlib.sha1(shlex.join(rung.flags + train_flags).encode()).hexdigest()[:8]
+    return f"{rung.name}-{digest}-seed{seed}"
+
+
+def run_outcome(path):
+    """What a ladder run's log says: ("done", Log), ("failed", its error line), or None when it is to
+    (re)run: no log, or one cut off without an error (killed or interrupted)."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return "done", parse_log(path)
+    except LogError:
+        why = last_error_line(path)
+        return ("failed", why) if why and why.startswith("error:") else None
+
+
+def clear_run(log_dir, run_id):
+    """Remove what a half-written run left (its log, metrics and checkpoints) so it can start over."""
+    for path in (os.path.join(log_dir, run_id + ext) for ext in (".txt", ".jsonl")):
+        if os.path.exists(path):
+            os.remove(path)
+    shutil.rmtree(os.path.join(log_dir, run_id), ignore_errors=True)
+
+
+def reached_target(log, target):
+    """(train time in ms, step) of the first validation at or below the target, or None."""
+    hits = [s for s in log.steps if s["step"] > 0 and s.get("val_loss", math.inf) <= target]
+    return (hits[0]["train_time_ms"], hits[0]["step"]) if hits else None
+
+
+def run_status(outcome):
+    """pending (not run yet), done, diverged (a nan or inf loss) or crashed."""
+    if outcome is None:
+        return "pending"
+    if outcome[0] == "done":
+        return "done" if math.isfinite(outcome[1].final["val_loss"]) else "diverged"
+    return "diverged" if DIVERGED_RE.search(outcome[1]) else "crashed"
+
+
+def rung_result(rung, seeds, outcomes):
+    """One rung's runs, and the logs of those that finished (crashed and diverged runs are listed, not averaged)."""
+    runs, good = [], []
+    for seed in seeds:
+        outcome = outcomes[(rung.name, seed)]
+        run = {"seed": seed, "status": run_status(outcome)}
+        if outcome and outcome[0] == "done":
+            log = outcome[1]
+            run.update(log=log.path, val_loss=log.final["val_loss"], train_time_ms=log.final["train_time_ms"])
+            good += [log] if run["status"] == "done" else []
+        elif outcome:
+            run["why"] = outcome[1]
+        runs.append(run)
+    return {"name": rung.name, "record": rung.record, "switches": rung.switches, "flags": rung.flags,
+            "runs": runs, "logs": good}
+
+
+def add_statistics(rows, target):
+    """Mean +- std, time to target, and the difference and Welch p against the row below (the
+    nearest earlier row with finished runs)."""
+    below = None
+    for row in rows:
+        logs = row.pop("logs")
+        row["n"] = len(logs)
+        if not logs:
+            continue
+        loss, time = finals(logs)
+        row["val_loss_mean"], row["val_loss_std"] = mean_std(loss)
+        row["time_ms_mean"], row["time_ms_std"] = mean_std(time)
+        done = [r for r in row["runs"] if r["status"] == "done"]
+        for run, log in zip(done, logs):
+            run["target_time_ms"], run["target_step"] = reached_target(log, target) or (None, None)
+        hits = [r["target_time_ms"] for r in done if r["target_time_ms"] is not None]
+        row["target_reached"] = len(hits)
+        if hits:
+            row["target_time_ms_mean"], row["target_time_ms_std"] = mean_std(hits)
+        if below:
+            row["against"] = below["name"]
+            row["d_val_loss"] = row["val_loss_mean"] - below["val_loss_mean"]
+            row["p_val_loss"] = welch_p(below["loss"], loss)
+        below = {**row, "loss": loss}
+    return rows
+
+
+def rung_status(row):
+    """`ok`, or what happened to the runs that did not finish."""
+    parts = []
+    for status in ("diverged", "crashed", "pending"):
+        runs = [r for r in row["runs"] if r["status"] == status]
+        if runs:
+            why = "; ".join(f"seed {r['seed']}: {r['why']}" for r in runs if r.get("why"))
+            parts.append(f"{status} {len(runs)} of {len(row['runs'])}" + (f" ({why})" if why else ""))
+    return ", ".join(parts) or "ok"
+
+
+def ladder_table(rows, previous):
+    """The markdown table; `previous`: each row's name -> the name of the row above it."""
+    header = ["rung", "record", "switches", "n", "val loss", "d val loss", "p", "train time (s)",
+              "time to target (s)", "status"]
+    cells = []
+    for row in rows:
+        loss = time = to_target = "-"
+        if row["n"]:
+            loss = fmt_pm(row["val_loss_mean"], row["val_loss_std"])
+            time = fmt_pm(row["time_ms_mean"], row["time_ms_std"], 1000, 2)
+            to_target = f"not reached (0/{row['n']})"
+            if row["target_reached"]:
+                to_target = (f"{fmt_pm(row['target_time_ms_mean'], row['target_time_ms_std'], 1000, 1)} "
+                             f"({row['target_reached']}/{row['n']})")
+        delta = p = ""
+        if "d_val_loss" in row:
+            named = "" if previous.get(row["name"]) == row["against"] else f" vs {row['against']}"
+            delta, p = f"{row['d_val_loss']:+.4f}{named}", fmt_p(row["p_val_loss"])
+        cells.append([row["name"], f"#{row['record']}", " ".join(row["switches"]) or "--baseline=true", str(row["n"]),
+                      loss, delta, p, time, to_target, rung_status(row)])
+    return format_table(header, cells, markdown=True)
+
+
+def json_safe(value):
+    """nan and inf as null: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_ladder(out, header, rows, notes):
+    """<out>/ladder.md and <out>/ladder.json, each written whole or not at all; returns the markdown."""
+    previous = {b["name"]: a["name"] for a, b in zip(rows, rows[1:])}
+    text = "\n".join([f"# {header['title']}", "", ladder_table(rows, previous), "", *notes]) + "\n"
+    write_text(os.path.join(out, "ladder.md"), text)
+    write_text(os.path.join(out, "ladder.json"), json.dumps(json_safe({**header, "rungs": rows}), indent=2) + "\n")
+    return text
+
+
+def check_train_flags(flags):
+    """The flags passed through to every run: `--name=value` of a Config field the ladder does not set."""
+    for arg in flags:
+        name = arg[2:].partition("=")[0].replace("-", "_") if arg.startswith("--") else None
+        if name in LADDER_FLAGS:
+            raise RecordsError(f"{arg}: the ladder sets --{name} itself (see --preset, --seeds and --out)")
+        if name is None or "=" not in arg:
+            raise RecordsError(f"unexpected argument {arg!r}: train flags look like --name=value")
+    return flags
+
+
+def cmd_ladder(args):
+    tg = trainer_module()
+    preset = args.preset or ("speedrun" if tg.torch.cuda.is_available() else "cpu")
+    if args.seeds < 1:
+        raise RecordsError(f"--seeds={args.seeds}: expected at least 1 seed per rung")
+    train_flags = LADDER_DEFAULTS + check_train_flags(args.train_flags)
+    rungs = ladder_rungs(tg, preset)
+    picked = set(pick_rungs([r.name for r in rungs], args.rungs))
+    todo = [r for r in rungs if r.name in picked and not r.no_change]
+    for rung in todo:  # every flag checked before the first run starts
+        try:
+            tg.parse_args(rung.flags + train_flags)
+        except tg.ConfigError as e:
+            raise RecordsError(f"rung {rung.name}: {e}") from None
+    out = os.path.abspath(args.out or LADDER_OUT.format(preset=preset))
+    log_dir = os.path.join(out, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    seeds = range(args.seeds)
+    ids = {(r.name, seed): ladder_run_id(r, train_flags, seed) for r in rungs for seed in seeds}
+    outcomes = {key: run_outcome(os.path.join(log_dir, run_id + ".txt")) for key, run_id in ids.items()}
+    found, ran = sum(map(bool, outcomes.values())), 0
+    for seed in seeds:  # the outer loop, as ablate's: a slow drift of the machine hits every rung alike
+        for rung in todo:
+            key = (rung.name, seed)
+            if outcomes[key]:
+                continue
+            clear_run(log_dir, ids[key])
+            why = run_trainer(f"[ladder] {rung.name} seed {seed}", args.trainer, rung.flags + train_flags, seed,
+                              ids[key], log_dir)
+            ran += 1
+            outcomes[key] = run_outcome(os.path.join(log_dir, ids[key] + ".txt")) or ("failed", why or "no log")
+            ladder_report(out, preset, rungs, picked, seeds, outcomes, train_flags, args.target)  # kept current
+    print(ladder_report(out, preset, rungs, picked, seeds, outcomes, train_flags, args.target), end="")
+    print(f"ran {ran} runs, found {found} from before; wrote {os.path.join(out, 'ladder.md')} and ladder.json")
+    return 1 if any(run_status(outcomes[(r.name, s)]) in ("diverged", "crashed") for r in todo for s in seeds) else 0
+
+
+def ladder_report(out, preset, rungs, picked, seeds, outcomes, train_flags, target):
+    """Write the ladder's table from the runs' outcomes so far; returns its markdown."""
+    shown = [r for r in rungs if not r.no_change and (r.name in picked or any(outcomes[(r.name, s)] for s in seeds))]
+    logs = [o[1] for o in outcomes.values() if o and o[0] == "done"]
+    track = logs[0].track if logs else preset
+    target = TRACKS[track]["target"] if target is None else target
+    rows = add_statistics([rung_result(r, seeds, outcomes) for r in shown], target)
+    header = {"title": f"Ladder: --preset={preset}, track {track}, target {target}, {len(seeds)} seeds per rung",
+              "preset": preset, "track": track, "target": target, "seeds": len(seeds), "train_flags": train_flags}
+    skipped = [r.name for r in rungs if r.no_change and r.name in picked]
+    notes = [f"Every run: the rung's flags (the rung's own switches and every one below it) then {shlex.join(train_flags)}; "
+             "val loss is the final validation's, time to target the train time of the first validation at or below it."]
+    if skipped:
+        notes.append(f"Not run, they change nothing under --preset={preset}: {', '.join(skipped)}.")
+    return write_ladder(out, header, rows, notes)
+
+
+# ------------------------------------------------------------------------------------------------
 # Commands
 # ------------------------------------------------------------------------------------------------
 
@@ -628,6 +969,18 @@ def failure_reason(log_path, status):
     return last_error_line(log_path) or f"exit status {status}"
 
 
+def run_trainer(what, trainer, flags, seed, run_id, log_dir):
+    """Run the trainer once from the repo root (announced on stderr as `what`); None when it
+    succeeded (its log is <log_dir>/<run_id>.txt), else why it failed."""
+    cmd = shlex.split(trainer) + flags + [f"--seed={seed}", f"--run_id={run_id}"]
+    cmd += [f"--log_dir={log_dir}"] if log_dir else []
+    print(f"{what}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    result = subprocess.run(cmd, cwd=REPO_ROOT)
+    if result.returncode != 0:
+        return failure_reason(os.path.join(REPO_ROOT, log_dir or "logs", run_id + ".txt"), result.returncode)
+    return None
+
+
 def run_ablation(arms, runs, seed0, trainer, log_dir):
     """Run every arm for seeds seed0.. and return each arm's parsed logs and, per arm, why runs failed
     (a failed run, e.g. a diverged one, is reported, never averaged).
@@ -638,15 +991,11 @@ def run_ablation(arms, runs, seed0, trainer, log_dir):
     for seed in range(seed0, seed0 + runs):
         for i, arm in enumerate(arms):
             run_id = f"ablate-{stamp}-arm{i}-seed{seed}"
-            cmd = shlex.split(trainer) + arm + [f"--seed={seed}", f"--run_id={run_id}"]
-            cmd += [f"--log_dir={log_dir}"] if log_dir else []
-            print(f"[ablate] arm {i} seed {seed}: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-            result = subprocess.run(cmd, cwd=REPO_ROOT)
-            path = os.path.join(REPO_ROOT, log_dir or "logs", run_id + ".txt")
-            if result.returncode != 0:
-                failed[i].append(f"seed {seed}: {failure_reason(path, result.returncode)}")
+            why = run_trainer(f"[ablate] arm {i} seed {seed}", trainer, arm, seed, run_id, log_dir)
+            if why:
+                failed[i].append(f"seed {seed}: {why}")
                 continue
-            logs[i].append(parse_log(path))
+            logs[i].append(parse_log(os.path.join(REPO_ROOT, log_dir or "logs", run_id + ".txt")))
     return logs, failed
 
 
@@ -767,6 +1116,19 @@ def build_parser():
     add_common(p)
     p.set_defaults(func=cmd_new)
 
+    p = sub.add_parser("ladder", help="run the rungs from the baseline to HEAD, N seeds each; table of what each adds",
+                       allow_abbrev=False,  # --seed=, --out_...: train flags, not abbreviations of the ladder's
+                       usage="records.py ladder [--preset P] [--seeds N] [--rungs R] [--out DIR] [--trainer CMD] "
+                             "[--target X] [--name=value ...]")
+    p.add_argument("--preset", choices=list(HEAD_AT_SCALE), help="default: speedrun where CUDA is, else cpu")
+    p.add_argument("--seeds", type=int, default=LADDER_SEEDS, help=f"seeds 0..N-1 per rung (default {LADDER_SEEDS})")
+    p.add_argument("--rungs", help="names and ranges FIRST..LAST, comma-separated (default: every rung)")
+    p.add_argument("--out", help="folder of the logs and the table (default: logs/ladder-<preset>); "
+                   "a rerun into it runs only what is missing")
+    p.add_argument("--trainer", default=DEFAULT_TRAINER, help="trainer command, run from the repo root")
+    p.add_argument("--target", type=float, help="target val loss (default: the track's)")
+    p.set_defaults(func=cmd_ladder)
+
     p = sub.add_parser("table", help="regenerate README.md's table and index.json from the folders")
     add_common(p, track=False)
     p.set_defaults(func=cmd_table)
@@ -785,10 +1147,12 @@ def main(argv=None):
             arms.append(rest[:cut])
             rest = rest[cut + 1:]
     parser = build_parser()
-    args = parser.parse_args(head)
+    args, extra = parser.parse_known_args(head)
+    if extra and args.command != "ladder":  # the ladder passes them to the trainer
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if arms and args.command != "ablate":
         parser.error(f"'--' only separates ablate's arms, not {args.command}'s arguments")
-    args.arms = arms
+    args.arms, args.train_flags = arms, extra
     try:
         return args.func(args)
     except RecordsError as e:

@@ -553,3 +553,201 @@ def test_ablate_reports_a_diverged_arm_as_failed_instead_of_averaging_it(tmp_pat
     assert [line.split()[0] for line in out[1:3]] == ["control", "ok"] and len(out) == 4
     assert out[3] == ("arm diverged: FAILED in 2 of 2 runs, left out of the table: seed 0: error: loss is nan at "
                       "step 3; seed 1: error: loss is nan at step 3")
+
+
+# ------------------------------------------------------------------------------------------------
+# The ladder
+# ------------------------------------------------------------------------------------------------
+
+
+def flag_values(flags):
+    """["--a=1", "--b=x"] -> {"a": "1", "b": "x"}"""
+    return dict(f[2:].split("=", 1) for f in flags)
+
+
+@pytest.mark.parametrize("preset", ["speedrun", "cpu"])
+def test_ladder_rungs_are_cumulative_real_fields_from_baseline_to_the_preset_to_head(preset, capsys):
+    import dataclasses
+
+    import train_gpt as tg
+
+    fields = {f.name for f in dataclasses.fields(tg.Config)}
+    names = [name for name, _, _ in rt.LADDER]
+    assert len(set(names)) == len(names) and all(rt.NAME_RE.match(n) for n in names)
+    records = [record for _, record, _ in rt.LADDER]
+    assert records == sorted(records) and records[0] == 1  # record order, from llm.c's baseline (#1)
+    for name, _, overrides in rt.LADDER:
+        assert set(overrides) <= fields, f"rung {name}: not Config fields: {set(overrides) - fields}"
+    rungs = rt.ladder_rungs(tg, preset)
+    configs = [dataclasses.asdict(tg.parse_args(r.flags)) for r in rungs]  # every rung's flags are valid
+    assert configs[0] == dataclasses.asdict(tg.parse_args([f"--preset={preset}", "--baseline=true"]))
+    for below, rung, (name, _, overrides), config, previous in zip(rungs, rungs[1:], rt.LADDER[1:], configs[1:], configs):
+        # each rung is the one below plus its own switches, and nothing else changes
+        assert flag_values(rung.flags) == {**flag_values(below.flags), **flag_values(rung.switches)}
+        assert set(flag_values(rung.switches)) == set(overrides)
+        assert {k for k in fields if config[k] != previous[k]} <= set(overrides), name
+    # the #53 rungs end at the preset (record #53) itself, the last rung at HEAD's switches
+    last_53 = max(i for i, (_, record, _) in enumerate(rt.LADDER) if record <= 53)
+    assert configs[last_53] == dataclasses.asdict(tg.parse_args([f"--preset={preset}"]))
+    head = {k: v for k, v in tg.PRESETS["head"].items() if k not in rt.LENGTH_FIELDS}
+    scaled = {"speedrun": {}, "cpu": {"ve_layout": ".01234", "lane_layer": 3, "first_seq_len": 224, "fp8_mlp": False}}
+    assert {k: configs[-1][k] for k in head} == {**head, **scaled[preset]}
+    if preset == "speedrun":
+        length = [f"--{k}={getattr(tg.Config, k)}" for k in rt.LENGTH_FIELDS]  # the speedrun's
+        top = dataclasses.asdict(tg.parse_args(["--preset=head", *length]))
+        assert {**configs[-1], "preset": "head"} == top
+    # under cpu only the GPU speed switches change nothing: the cpu preset keeps them off
+    no_change = {"speedrun": [], "cpu": ["fp8_head", "triton", "fp8_mlp"]}
+    assert [r.name for r in rungs if r.no_change] == no_change[preset]
+    # and each builds its model and optimizers (on the meta device: --dry_run's parameter table)
+    for rung in rungs:
+        assert tg.main(rung.flags + ["--dry_run=true"]) in (None, 0), rung.name
+    assert capsys.readouterr().out.count("\nparameters: ") == len(rungs)
+
+
+def test_pick_rungs_by_name_and_range():
+    names = ["a", "b", "c", "d"]
+    assert rt.pick_rungs(names, None) == names
+    assert rt.pick_rungs(names, "b..c") == ["b", "c"]
+    assert rt.pick_rungs(names, "..b,d") == ["a", "b", "d"]
+    assert rt.pick_rungs(names, "c..,a") == ["a", "c", "d"]
+    with pytest.raises(rt.RecordsError, match=r"--rungs=b,x: no rung 'x'; the rungs, in order: a, b, c, d"):
+        rt.pick_rungs(names, "b,x")
+    with pytest.raises(rt.RecordsError, match=r"--rungs=c..a: c..a goes down the ladder"):
+        rt.pick_rungs(names, "c..a")
+
+
+LADDER_TRAINER = '''"""Fake trainer for the ladder: the rung (its run id's first part) and seed decide what it does."""
+import json, os, sys
+
+args = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+rung, seed = args["run_id"].split("-")[0], int(args["seed"])
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "calls.txt"), "a") as f:
+    f.write(args["run_id"] + "\\n")
+path = os.path.join(args["log_dir"], args["run_id"] + ".txt")
+head = open(__file__).read() + "=" * 100 + "\\nversions\\n" + "=" * 100 + "\\n"
+config = {"preset": "cpu", "seed": seed, "run_id": args["run_id"]}
+head += "config: " + json.dumps(config) + "\\nstep:0/10 val_loss:10.8000 train_time:0ms step_avg:nanms\\n"
+if rung == "x0_mixing":
+    sys.exit(3)  # before any log
+if rung in ("muon", "softcap"):
+    why = "loss is nan at step 3 (train_loss)" if rung == "muon" else "cannot allocate 12 GiB"
+    open(path, "w").write(head + f"error: {why}\\n")
+    sys.exit(1)
+loss = {"baseline": 5.0, "skip": 4.8}[rung] + 0.2 * seed
+ms = 1000 + 100 * seed
+open(path, "w").write(head + f"step:5/10 val_loss:{loss + 0.5:.4f} train_time:{ms // 2}ms step_avg:1.00ms\\n"
+                      f"step:10/10 val_loss:{loss:.4f} train_time:{ms}ms step_avg:1.00ms\\n"
+                      f"final val_loss:{loss:.4f} train_time:{ms}ms tokens:100 peak_memory:1MiB\\n")
+'''
+
+
+def ladder_json(out):
+    return {r["name"]: r for r in json.loads((out / "ladder.json").read_text())["rungs"]}
+
+
+def test_ladder_reports_failed_rungs_and_resumes_only_what_is_missing(tmp_path, capsys):
+    """A fake trainer: baseline and skip finish (losses 5.0 + 0.2 seed and 4.8 + 0.2 seed), muon
+    diverges, x0_mixing crashes before writing a log, softcap crashes with an error line."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(LADDER_TRAINER)
+    calls = tmp_path / "calls.txt"
+    out = tmp_path / "ladder"
+    argv = ["ladder", "--preset=cpu", "--seeds=2", "--rungs=baseline..skip", "--target=5.1",
+            "--trainer", f"{sys.executable} {fake}", "--out", str(out)]
+    assert rt.main(argv) == 1
+    assert len(calls.read_text().split()) == 10
+    rows = ladder_json(out)
+    assert list(rows) == ["baseline", "muon", "x0_mixing", "softcap", "skip"]
+    assert [r["status"] for r in rows["muon"]["runs"]] == ["diverged", "diverged"]
+    assert [r["status"] for r in rows["x0_mixing"]["runs"]] == ["crashed", "crashed"]
+    assert rows["softcap"]["runs"][0]["why"] == "error: cannot allocate 12 GiB"
+    assert all(rows[n]["n"] == 0 and "val_loss_mean" not in rows[n] for n in ("muon", "x0_mixing", "softcap"))
+    base, skip = rows["baseline"], rows["skip"]
+    assert base["val_loss_mean"] == pytest.approx(5.1) and base["val_loss_std"] == pytest.approx(0.2 / math.sqrt(2))
+    assert base["time_ms_mean"] == pytest.approx(1050)
+    # skip against the nearest rung below that finished: Welch's t = -0.2 / sqrt(0.02 / 2 + 0.02 / 2) = -sqrt(2)
+    # with 2 degrees of freedom, whose two-sided p is 1 - |t| / sqrt(t^2 + 2) = 1 - 1 / sqrt(2)
+    assert skip["against"] == "baseline" and skip["d_val_loss"] == pytest.approx(-0.2)
+    assert skip["p_val_loss"] == pytest.approx(1 - 1 / math.sqrt(2), rel=1e-9)
+    # time to target 5.1: baseline's seed 0 (5.0) at its last validation, seed 1 (5.2) never; skip's both
+    assert base["target_reached"] == 1 and base["target_time_ms_mean"] == pytest.approx(1000)
+    assert [r["target_step"] for r in skip["runs"]] == [10, 10] and skip["target_time_ms_mean"] == pytest.approx(1050)
+    table = (out / "ladder.md").read_text()
+    assert table == capsys.readouterr().out.split("ran 10 runs")[0]
+    lines = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
+    assert "| -0.2000 vs baseline | 0.293 |" in lines["skip"] and "| 1.0 +- nan (1/2) |" in lines["baseline"]
+    assert lines["muon"].endswith("| diverged 2 of 2 (seed 0: error: loss is nan at step 3 (train_loss); "
+                                  "seed 1: error: loss is nan at step 3 (train_loss)) |")
+    assert lines["x0_mixing"].endswith("| crashed 2 of 2 (seed 0: exit status 3; seed 1: exit status 3) |")
+    assert "| #11 | --skip_from=1 | 2 |" in lines["skip"]
+
+    # again: only the runs that left no log (x0_mixing) run again; a run cut off (no final line, no
+    # error) runs again from scratch; finished, diverged and crashed-with-an-error runs are kept
+    log = next((out / "logs").glob("baseline-*-seed1.txt"))
+    log.write_text(log.read_text().split("final ")[0])
+    calls.write_text("")
+    assert rt.main(argv) == 1
+    assert sorted(c.split("-")[0] + c[-1] for c in calls.read_text().split()) == ["baseline1", "x0_mixing0", "x0_mixing1"]
+    assert ladder_json(out)["baseline"]["val_loss_mean"] == pytest.approx(5.1)
+    # other flags are other runs: none of these is found
+    calls.write_text("")
+    assert rt.main(argv + ["--rungs=skip", "--num_steps=20"]) == 0
+    assert len(calls.read_text().split()) == 2 and list(ladder_json(out)) == ["skip"]
+
+
+def test_ladder_refuses_bad_flags_before_running(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "ladder"), "--trainer", "false"]
+    assert rt.main(["ladder", "--preset=cpu", "--seed=3", *out]) == 1
+    assert capsys.readouterr().err == "error: --seed=3: the ladder sets --seed itself (see --preset, --seeds and --out)\n"
+    assert rt.main(["ladder", "--preset=cpu", "--rungs=muon", "--num_step=3", *out]) == 1
+    assert capsys.readouterr().err == "error: rung muon: unknown flag --num_step; did you mean --num_steps?\n"
+    assert rt.main(["ladder", "--preset=cpu", "--seeds=0", *out]) == 1
+    assert "--seeds=0: expected at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "ladder").exists()
+
+
+TINY_LADDER = ["--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128", "--long_window_layers=1",
+               "--window_block=64", "--long_windows=1,2,2", "--extension_window=2", "--final_window=2", "--max_seq_len=128",
+               "--val_tokens=512", "--val_batch_tokens=512", "--num_steps=2", "--batch_tokens=128,128,128",
+               "--val_every=0", "--log_every=0", "--progress=false",
+               f"--train_files={ROOT}/data/sample/sample_train_*.bin", f"--val_files={ROOT}/data/sample/sample_val_*.bin"]
+
+
+def final_line(path):
+    """(val loss, train time ms) from a log's final line, read here with a regex of its own."""
+    import re
+
+    m = re.search(r"^final val_loss:([\d.]+) train_time:(\d+)ms", path.read_text(), re.MULTILINE)
+    return float(m[1]), int(m[2])
+
+
+def test_tiny_ladder_runs_the_trainer_writes_the_table_and_resumes(tmp_path, capsys):
+    out = tmp_path / "ladder"
+    argv = ["ladder", "--preset=cpu", "--seeds=2", "--rungs=baseline,muon", "--out", str(out), *TINY_LADDER]
+    assert rt.main(argv) == 0
+    logs = sorted((out / "logs").glob("*.txt"))
+    assert [p.name.split("-")[0] + p.name[-5] for p in logs] == ["baseline0", "baseline1", "muon0", "muon1"]
+    config = json.loads(next(line for line in logs[2].read_text().split(SEP)[-1].splitlines() if line.startswith("config: "))[8:])
+    assert config["muon"] is True and config["smear"] is False and config["num_steps"] == 2 and config["save_final"] is False
+    rows = ladder_json(out)
+    finals = {name: [final_line(p) for p in logs if p.name.startswith(name)] for name in ("baseline", "muon")}
+    for name, runs in finals.items():
+        loss = [v for v, _ in runs]
+        assert rows[name]["val_loss_mean"] == pytest.approx(np.mean(loss), abs=1e-9)
+        assert rows[name]["val_loss_std"] == pytest.approx(np.std(loss, ddof=1), abs=1e-9)
+        assert rows[name]["time_ms_mean"] == pytest.approx(np.mean([ms for _, ms in runs]))
+    loss = {name: [v for v, _ in runs] for name, runs in finals.items()}
+    assert rows["muon"]["p_val_loss"] == pytest.approx(stats.ttest_ind(loss["baseline"], loss["muon"], equal_var=False).pvalue)
+    assert "| muon | #3 | --muon=true | 2 |" in (out / "ladder.md").read_text()
+
+    before = {p.name: p.stat().st_mtime_ns for p in logs}
+    capsys.readouterr()
+    assert rt.main(argv) == 0
+    assert "ran 0 runs, found 4 from before" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in logs} == before
+    logs[1].unlink()
+    assert rt.main(argv) == 0
+    assert "ran 1 runs, found 3 from before" in capsys.readouterr().out
+    after = {p.name: p.stat().st_mtime_ns for p in logs}
+    assert [name for name in after if after[name] != before[name]] == [logs[1].name]
