@@ -139,6 +139,7 @@ class Config:
     adamw_lr: float = 0.0036  # the plain AdamW of --muon=false (llm.c's GPT-2 small: 0.0006)
     adamw_betas: tuple = (0.9, 0.95)  # AdamW (beta1, beta2) (llm.c: 0.9, 0.95)
     adamw_wd: float = 0.0  # AdamW weight decay lr * wd of the matrices and tables (llm.c, nanoGPT: 0.1); biases, gains and scalars take none
+    grad_clip: float = 0.0  # AdamW: clip the global norm of the mean token loss's gradient to this (llm.c, nanoGPT: 1.0); 0 = off
     attn_lr_mul: float = 2.0  # #61 NorMuon lr factor of Q, K, V and O: 2 is the shape factor of #53's stacked (4d x d) matrix; HEAD 1
     head_wd_mul: float = 1.0  # #55 Adam weight-decay factor of the head and embedding (HEAD 150)
     value_embed_wd_mul: float = 1.0  # #55 Adam weight-decay factor of the value embeddings (HEAD 5)
@@ -325,6 +326,7 @@ GPT2_RECIPE = {
         init="gpt2",
         head_dim=GPT2_HEAD_DIM,
         no_attn_layers=(),
+        long_window_layers=(),  # every layer sees its whole row: no long and short windows
         attn_scale=GPT2_HEAD_DIM**-0.5,
         extension_steps=0,
         lr_schedule="cosine",
@@ -332,6 +334,7 @@ GPT2_RECIPE = {
         adamw_lr=6e-4,
         adamw_betas=(0.9, 0.95),
         adamw_wd=0.1,
+        grad_clip=1.0,
         adam_eps=1e-8,
         bf16_tables=False,
     ),
@@ -397,7 +400,7 @@ BOUNDS = {
                      "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
                      "softcap", "shell_lambda", "save_every", "keep_checkpoints", "first_seq_len", "prefix_loss",
                      "ve_init_std", "attn_lr_mul", "head_wd_mul", "value_embed_wd_mul", "bigram_vocab", "bigram_signs",
-                     "bigram_lr_mul", "bigram_wd_mul", "resid_lambda_lr_mul", "context", "lr_warmup_steps"), NOT_NEGATIVE),
+                     "bigram_lr_mul", "bigram_wd_mul", "resid_lambda_lr_mul", "context", "lr_warmup_steps", "grad_clip"), NOT_NEGATIVE),
     **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
     **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
                      "adam_betas", "scalar_betas", "adamw_betas", "untie_frac", "value_embed_betas",
@@ -497,6 +500,8 @@ def check_model_shape(cfg):
         raise ConfigError(f"--n_head={cfg.n_head}: expected an even number for --qk_head_pairs=true")
     if cfg.position_embedding and not cfg.context:
         raise ConfigError("--position_embedding=true: expected --context above 0 too (the table has a row per position in a row of the batch)")
+    if cfg.grad_clip and cfg.muon:
+        raise ConfigError(f"--grad_clip={cfg.grad_clip}: expected --muon=false too (the clip is AdamW's), or 0")
     if cfg.fp8_mlp and cfg.mlp_activation != "relu2":
         raise ConfigError(f"--fp8_mlp=true: expected --mlp_activation=relu2 (the FP8 MLP is ReLU^2's), not {cfg.mlp_activation}")
     if cfg.ve_gate == "x_ve" and cfg.gate_dims % 2:
@@ -2249,13 +2254,16 @@ class Adam(torch.optim.Optimizer):
         self.reducing[p] = (grad, work)
 
     @torch.no_grad()
-    def step(self, wait=True):
-        """Step every parameter with a gradient; wait=False leaves the all-gathers in flight until wait()."""
+    def step(self, wait=True, clip=0.0):
+        """Step every parameter with a gradient; wait=False leaves the all-gathers in flight until wait().
+        `clip`: first scale the averaged gradients to a global norm of at most this (0: as they are)."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and p not in self.reducing:
                     self._reduce(p)
         self.armed = False
+        if clip:
+            self.clip_grads(clip)
         for group in self.param_groups:
             lr, decay, (beta1, beta2) = self.rates(group)
             for p in group["params"]:
@@ -2282,6 +2290,21 @@ class Adam(torch.optim.Optimizer):
                     self.gathers.append((p, padded, dist.all_gather_into_tensor(full, rows, async_op=True)))
         if wait:
             self.wait()
+
+    def clip_grads(self, clip):
+        """Scale every averaged gradient by min(1, clip / their global norm), as llm.c and nanoGPT clip:
+        waits for the averages, counts each rank's rows of a split tensor once, and never reads the device."""
+        for grad, work in self.reducing.values():
+            if work is not None:
+                work.wait()
+        self.reducing = {p: (grad, None) for p, (grad, _) in self.reducing.items()}
+        squares = torch.stack([grad.float().square().sum() / (1 if self.split(p) else self.world_size)
+                               for p, (grad, _) in self.reducing.items()]).sum()
+        if self.world_size > 1:
+            dist.all_reduce(squares)
+        scale = (clip / squares.sqrt()).clamp(max=1.0)
+        for grad, _ in self.reducing.values():
+            grad.mul_(scale.to(grad.dtype))
 
     def rates(self, group):
         """A group's lr (before the bias correction), decay coefficient lr^2 * weight_decay (or AdamW's
@@ -2407,8 +2430,9 @@ class Optimizers:
         start averaging the big tables' gradients while that backward still runs."""
         self.adam.armed = self.adam_steps(step, last)
 
-    def step(self, step, lr_mult, momentum, last, freeze_scalars=False):
-        """Apply the step's schedule and step; Adam only every `adam_every` steps (and the last).
+    def step(self, step, lr_mult, momentum, last, freeze_scalars=False, clip=0.0):
+        """Apply the step's schedule and step; Adam only every `adam_every` steps (and the last), its
+        averaged gradients clipped to a global norm of `clip` if not 0.
         `freeze_scalars` drops the scalars' gradients, so Adam neither steps nor accumulates them.
         Order: NorMuon's reduce-scatters, Adam's update and all-gathers, then NorMuon's math while
         those travel; Adam's all-gathers are waited for last."""
@@ -2421,7 +2445,7 @@ class Optimizers:
             orthogonalize_grads(self.perp_muon, self.cfg.perp_grad_rescale)
             pending = self.muon.reduce_grads()
         if adam_steps:
-            self.adam.step(wait=False)  # perpGrad included
+            self.adam.step(wait=False, clip=clip)  # perpGrad included
         if self.muon is not None:
             self.muon.update_and_gather(pending)
             self.muon.zero_grad(set_to_none=True)
@@ -3485,7 +3509,10 @@ class Trainer:
         logged = dict(train_loss=total, **({"shell": shell_total} if cfg.shell_lambda else {}))
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             logged["grad_norm"] = gradient_norm(self.model.parameters())
-        self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last, freeze_scalars=sched.scalars_frozen(step))
+        # the clip is on the mean token loss's gradient; the one applied is the batch's sum / accum_world_size
+        clip = cfg.grad_clip * sched.batch_tokens(step) / cfg.accum_world_size
+        self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last, freeze_scalars=sched.scalars_frozen(step),
+                             clip=clip)
         if cfg.fp8_mlp:
             self.rescale_fp8_mlps(step + 1)
         return logged
