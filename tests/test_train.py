@@ -470,8 +470,8 @@ def test_flops_per_token_hand_count():
 def test_config_summary_names_the_preset_and_only_what_differs():
     cfg = tg.parse_args(["--preset=cpu", "--baseline", "--num_steps=4", "--batch_tokens=8,8,8", "--run_id=x"])
     assert tg.config_summary(cfg) == "config: --preset=cpu --baseline --num_steps=4 --batch_tokens=8,8,8 (the full config is in the log)"
-    cfg = tg.parse_args(["--preset=cpu", "--all_off", "--n_layer=3"])
-    assert tg.config_summary(cfg) == "config: --preset=cpu --all_off --n_layer=3 (the full config is in the log)"
+    cfg = tg.parse_args(["--preset=cpu", "--all_off", "--num_steps=7"])
+    assert tg.config_summary(cfg) == "config: --preset=cpu --all_off --num_steps=7 (the full config is in the log)"
     assert tg.config_summary(tg.parse_args([])) == "config: --preset=speedrun (the full config is in the log)"
 
 
