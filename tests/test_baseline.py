@@ -180,6 +180,23 @@ def test_adamw_decays_the_matrices_and_tables_only():
         torch.testing.assert_close(p.detach(), before[name] * factor, rtol=1e-6, atol=0, msg=name)
 
 
+def test_adamw_steps_as_torchs_adamw():
+    """Our Adam with lr_squared_decay=False is torch's AdamW (decay lr x weight_decay, decoupled): three
+    steps from the same weights and gradients agree (eps tiny: ours adds it before the bias correction)."""
+    torch.manual_seed(3)
+    ours = torch.nn.Parameter(torch.randn(8, 5))
+    ref = torch.nn.Parameter(ours.detach().clone())
+    opt = tg.Adam([dict(params=[ours])], lr=0.01, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.1, cautious=False,
+                  lr_squared_decay=False)
+    torch_opt = torch.optim.AdamW([ref], lr=0.01, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(8, 5)
+        ours.grad, ref.grad = grad.clone(), grad.clone()
+        opt.step()
+        torch_opt.step()
+    torch.testing.assert_close(ours.detach(), ref.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_adamw_clips_the_global_gradient_norm():
     """A gradient of global norm 5 clipped to 2 enters Adam's first moment as 0.1 x 2/5 of itself; one
     of norm 1 stays as it is."""
