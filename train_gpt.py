@@ -3,8 +3,8 @@
 One file, read top to bottom: configuration and presets, backend, kernels, model, optimizers,
 data, schedules, training loop, logging. Every technique is a named constant in `Config`,
 overridable as `--name=value`; `--preset=cpu` selects the small CPU track, `--preset=head` the
-public speedrun's latest recipe as far as its techniques are switches here, and `--baseline`
-switches every technique off at once.
+public speedrun's latest recipe as far as its techniques are switches here, `--baseline` the
+llm.c / nanoGPT GPT-2 recipe and `--all_off` every technique off at once.
 """
 import base64
 import dataclasses
@@ -84,6 +84,14 @@ class Config:
     mlp_hidden: int = 3072  # hidden width of the ReLU^2 MLP
     no_attn_layers: tuple = (6,)  # layers without attention (MLP only)
     long_window_layers: tuple = (3, 10)  # layers with the long window; the others get half of it
+    context: int = 0  # llm.c: the batch is read as rows of this many tokens (GPT-2: 1024), each attending causally within itself across document ends; 0 = documents, by the windows
+    position_embedding: bool = False  # GPT-2: learned absolute positions (a table of --context rows, counted from each row's start) added to the token embedding, in place of RoPE
+    norm: str = "rmsnorm"  # the blocks' and the final norm: rmsnorm (no weights) | layernorm (GPT-2's, with a gain, and a bias with --bias)
+    embed_norm: bool = True  # normalize the token embedding before the first block (GPT-2: false)
+    qk_norm: bool = True  # RMS-normalize each head's q and k (GPT-2: false)
+    mlp_activation: str = "relu2"  # relu2 | gelu (GPT-2's, tanh approximation)
+    bias: bool = False  # GPT-2's biases: on Q, K, V, the attention output, the MLP's up and down, and the LayerNorms
+    init: str = "record"  # record | gpt2 (llm.c: matrices and tables N(0, 0.02), the projections into the stream 0.02 / sqrt(2 n_layer), the padding rows 0)
     # attention windows, in blocks of `window_block` tokens, by thirds of training
     window_block: int = 128  # tokens per attention-window block
     long_windows: tuple = (3, 7, 11)  # long window in blocks, by thirds of training
@@ -105,8 +113,10 @@ class Config:
     val_batch_tokens: int = 2097152  # global validation tokens per forward pass (262,144 per rank of 8)
     rounded_stages: bool = False  # #65: thirds start at round(k/3 * num_steps), weights fade over whole steps, so does the cooldown
     first_seq_len: int = 0  # #72: max_seq_len during the first third (HEAD: 896); 0 = max_seq_len throughout
+    lr_schedule: str = "stages"  # stages (the record's: lr_mults by thirds, linear cooldown to lr_floor) | cosine (llm.c: linear warmup, then cosine to lr_floor at num_steps)
+    lr_warmup_steps: int = 0  # cosine: the lr rises linearly over this many steps (llm.c: 700 of its 18,865)
     # optimizers
-    muon: bool = True  # False: plain AdamW on every parameter (the baseline end of the ladder)
+    muon: bool = True  # False: AdamW on every parameter (--baseline, --all_off)
     muon_lr: float = 0.023  # NorMuon learning rate of the hidden matrices
     muon_wd: float = 1.2  # NorMuon cautious weight decay (scaled by lr times the effective lr)
     muon_momentum: float = 0.95  # NorMuon Nesterov momentum
@@ -126,15 +136,17 @@ class Config:
     scalar_betas: tuple = (0.9, 0.99)  # Adam (beta1, beta2) of the scalars and of the #55 gates
     scalar_freeze_steps: int = 40  # the scalars' Adam pauses this long after a batch or window change
     adam_every: int = 2  # Adam steps every this many steps; its gradients accumulate in between
-    adamw_lr: float = 0.0036  # the plain AdamW baseline
-    adamw_betas: tuple = (0.9, 0.95)  # AdamW (beta1, beta2) of the baseline
-    adamw_wd: float = 0.0  # AdamW weight decay of the baseline
+    adamw_lr: float = 0.0036  # the plain AdamW of --muon=false (llm.c's GPT-2 small: 0.0006)
+    adamw_betas: tuple = (0.9, 0.95)  # AdamW (beta1, beta2) (llm.c: 0.9, 0.95)
+    adamw_wd: float = 0.0  # AdamW weight decay lr * wd of the matrices and tables (llm.c, nanoGPT: 0.1); biases, gains and scalars take none
+    grad_clip: float = 0.0  # AdamW: clip the global norm of the mean token loss's gradient to this (llm.c, nanoGPT: 1.0); 0 = off
     attn_lr_mul: float = 2.0  # #61 NorMuon lr factor of Q, K, V and O: 2 is the shape factor of #53's stacked (4d x d) matrix; HEAD 1
     head_wd_mul: float = 1.0  # #55 Adam weight-decay factor of the head and embedding (HEAD 150)
     value_embed_wd_mul: float = 1.0  # #55 Adam weight-decay factor of the value embeddings (HEAD 5)
     value_embed_betas: tuple = (0.65, 0.95)  # #57 Adam (beta1, beta2) of the value embeddings (HEAD 0.75, 0.95)
     smear_gate_betas: tuple = (0.65, 0.95)  # #57 Adam (beta1, beta2) of the smear gate (HEAD 0.9, 0.99)
     qk_head_pairs: bool = False  # #80 NorMuon orthogonalizes Q and K per pair of heads, not as whole matrices
+    bf16_tables: bool = True  # CUDA stores the head, embedding tables and gates in bf16, as the record does; false: float32 (llm.c keeps float32 master weights)
     # techniques of the record recipe (each one switch)
     value_embeds: int = 3  # number of value-embedding tables, 0 = off
     smear: bool = True  # mix a gated share of the previous token's embedding into each token
@@ -271,9 +283,9 @@ PRESETS = {
     ),
 }
 
-# `--baseline`: every technique off at once (plain GPT with AdamW); one by one back on is the
-# ablation ladder from baseline to record.
-BASELINE = dict(
+# `--all_off`: every technique off at once (plain GPT with AdamW), what `--baseline` meant before issue 24:
+# the cpu and cpu-fp32 records named "baseline" (2026-11-22, 2026-12-02) ran it.
+ALL_OFF = dict(
     muon=False,
     value_embeds=0,
     smear=False,
@@ -294,6 +306,64 @@ BASELINE = dict(
     triton=False,
 )
 
+# `--baseline`: the GPT-2 recipe as llm.c trains GPT-2 small (scripts/run_gpt2_124M.sh, train_gpt2.cu) and
+# nanoGPT's model.py builds it, on top of every technique off (the fused Triton loss stays: llm.c fuses its own)
+GPT2_HEAD_DIM = 64
+GPT2_CONTEXT = 1024
+GPT2_SMALL_WIDTH, GPT2_SMALL_LAYERS = 768, 12  # GPT-2 small: 12 layers of width 768 (the speedrun's 11 become 12)
+GPT2_MLP_RATIO = 4
+LLMC_WARMUP_STEPS, LLMC_STEPS = 700, 18865  # llm.c's GPT-2 small run warms up over 700 of its 18,865 steps
+GPT2_RECIPE = {
+    **{name: value for name, value in ALL_OFF.items() if name != "triton"},
+    **dict(
+        context=GPT2_CONTEXT,
+        position_embedding=True,
+        norm="layernorm",
+        embed_norm=False,
+        qk_norm=False,
+        mlp_activation="gelu",
+        bias=True,
+        init="gpt2",
+        head_dim=GPT2_HEAD_DIM,
+        no_attn_layers=(),
+        long_window_layers=(),  # every layer sees its whole row: no long and short windows
+        attn_scale=GPT2_HEAD_DIM**-0.5,
+        extension_steps=0,
+        lr_schedule="cosine",
+        lr_floor=0.0,  # llm.c -q 0.0: the cosine ends at 0
+        adamw_lr=6e-4,
+        adamw_betas=(0.9, 0.95),
+        adamw_wd=0.1,
+        grad_clip=1.0,
+        adam_eps=1e-8,
+        bf16_tables=False,
+    ),
+}
+
+
+def gpt2_baseline(preset):
+    """`--baseline` over `preset`: GPT2_RECIPE, with every switch the head preset sets back at its default
+    (head's num_steps stays), at the preset's width and token budget: GPT-2's heads of 64 and 4x MLP (GPT-2
+    small's 12 layers at its width), one batch size throughout, the mean of the preset's thirds, so its
+    num_steps train the preset's tokens, and documents kept whole (max_seq_len = the batch) so the rows
+    read the token stream as llm.c's do; the warmup is the same share of the run as llm.c's."""
+    defaults = {f.name: f.default for f in fields(Config)}
+    values = {**defaults, **PRESETS[preset]}
+    d, batch = values["d_model"], sum(values["batch_tokens"]) // len(values["batch_tokens"])
+    return {
+        **{name: defaults[name] for name in PRESETS["head"] if name != "num_steps"},
+        **GPT2_RECIPE,
+        "n_layer": GPT2_SMALL_LAYERS if d == GPT2_SMALL_WIDTH else values["n_layer"],
+        "n_head": max(1, d // GPT2_HEAD_DIM),
+        "mlp_hidden": GPT2_MLP_RATIO * d,
+        "batch_tokens": (batch,) * len(values["batch_tokens"]),
+        "max_seq_len": batch,
+        "lr_warmup_steps": round(values["num_steps"] * LLMC_WARMUP_STEPS / LLMC_STEPS),
+    }
+
+
+RUNGS = {"baseline": gpt2_baseline, "all_off": lambda preset: ALL_OFF}  # the flags that set a whole recipe
+
 
 class ConfigError(ValueError):
     """A bad command line: main prints it as one `error:` line and exits 2, as argparse does."""
@@ -307,6 +377,10 @@ CHOICES = {
     "gate_mlp": ("none", "relu", "sigmoid"),
     "perp_grad": ("none", "matrices", "all"),
     "ve_gate": ("none", "x", "x_ve"),
+    "norm": ("rmsnorm", "layernorm"),
+    "mlp_activation": ("relu2", "gelu"),
+    "init": ("record", "gpt2"),
+    "lr_schedule": ("stages", "cosine"),
 }
 # tuples of a fixed length: one value per third of training, or (beta1, beta2); the others list layers
 TUPLE_LENGTHS = dict(batch_tokens=3, long_windows=3, lr_mults=3, adam_betas=2, scalar_betas=2, adamw_betas=2,
@@ -326,7 +400,7 @@ BOUNDS = {
                      "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
                      "softcap", "shell_lambda", "save_every", "keep_checkpoints", "first_seq_len", "prefix_loss",
                      "ve_init_std", "attn_lr_mul", "head_wd_mul", "value_embed_wd_mul", "bigram_vocab", "bigram_signs",
-                     "bigram_lr_mul", "bigram_wd_mul", "resid_lambda_lr_mul"), NOT_NEGATIVE),
+                     "bigram_lr_mul", "bigram_wd_mul", "resid_lambda_lr_mul", "context", "lr_warmup_steps", "grad_clip"), NOT_NEGATIVE),
     **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
     **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
                      "adam_betas", "scalar_betas", "adamw_betas", "untie_frac", "value_embed_betas",
@@ -424,6 +498,12 @@ def check_model_shape(cfg):
         raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected at most the width of x and of a value embedding for --ve_gate={cfg.ve_gate}")
     if cfg.qk_head_pairs and cfg.n_head % 2:
         raise ConfigError(f"--n_head={cfg.n_head}: expected an even number for --qk_head_pairs=true")
+    if cfg.position_embedding and not cfg.context:
+        raise ConfigError("--position_embedding=true: expected --context above 0 too (the table has a row per position in a row of the batch)")
+    if cfg.grad_clip and cfg.muon:
+        raise ConfigError(f"--grad_clip={cfg.grad_clip}: expected --muon=false too (the clip is AdamW's), or 0")
+    if cfg.fp8_mlp and cfg.mlp_activation != "relu2":
+        raise ConfigError(f"--fp8_mlp=true: expected --mlp_activation=relu2 (the FP8 MLP is ReLU^2's), not {cfg.mlp_activation}")
     if cfg.ve_gate == "x_ve" and cfg.gate_dims % 2:
         raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected an even number for --ve_gate=x_ve (half from x, half from ve)")
 
@@ -441,24 +521,27 @@ def config_docs():
     return groups
 
 
-def help_text(cfg, baseline):
-    """--help: usage, the presets and --baseline, then every flag with its value in `cfg`."""
+def help_text(cfg, rung):
+    """--help: usage, the presets, --baseline and --all_off, then every flag with its value in `cfg` (`rung`:
+    the name of the one of those two given, or empty)."""
     def changes(values):
         return textwrap.fill(" ".join(f"{k}={show_value(v)}" for k, v in values.items()) or "(the defaults)",
                              width=100, initial_indent="    ", subsequent_indent="    ")
 
     lines = [
-        "usage: python train_gpt.py [--preset=NAME] [--baseline] [--name=value ...]",
+        "usage: python train_gpt.py [--preset=NAME] [--baseline | --all_off] [--name=value ...]",
         "       torchrun --standalone --nproc_per_node=N train_gpt.py [...]",
         "",
         __doc__.split("\n")[0],
-        "Later flags win; --preset and --baseline apply first, whatever their position.",
+        "Later flags win; --preset, then --baseline or --all_off apply first, whatever their position.",
         "",
         "presets:",
         *[f"  --preset={name}\n{changes(values)}" for name, values in PRESETS.items()],
-        "  --baseline: every technique off (plain GPT with AdamW), on top of the preset\n" + changes(BASELINE),
+        f"  --baseline: the llm.c / nanoGPT GPT-2 recipe at the preset's width and token budget (here over --preset={cfg.preset})\n"
+        + changes(gpt2_baseline(cfg.preset)),
+        "  --all_off: every technique off (plain GPT with AdamW; --baseline before issue 24), on top of the preset\n" + changes(ALL_OFF),
         "",
-        f"flags, with their values under --preset={cfg.preset}{' --baseline' if baseline else ''}:",
+        f"flags, with their values under --preset={cfg.preset}{' --' + rung if rung else ''}:",
     ]
     for group, docs in config_docs():
         lines += ["", f"{group}:"]
@@ -469,11 +552,11 @@ def help_text(cfg, baseline):
 
 
 def parse_args(argv):
-    """Build the Config from `--preset=`, `--baseline` and `--name=value` overrides (in that order).
+    """Build the Config from `--preset=`, `--baseline` or `--all_off`, and `--name=value` overrides (in that order).
 
     Bad flags and values raise ConfigError; `--help` prints the help and exits 0."""
     defaults = {f.name: f.default for f in fields(Config)}
-    preset, baseline, overrides, typed, wants_help = "speedrun", False, {}, {}, False
+    preset, rungs, overrides, typed, wants_help = "speedrun", {}, {}, {}, False
     for arg in argv:
         if arg in ("-h", "--help"):
             wants_help = True
@@ -482,11 +565,11 @@ def parse_args(argv):
             raise ConfigError(f"unexpected argument {arg!r}: overrides look like --name=value (see --help)")
         name, eq, text = arg[2:].partition("=")
         name = name.replace("-", "_")
-        if name == "baseline":
-            baseline = parse_value(name, text, True) if eq else True
+        if name in RUNGS:
+            rungs[name] = parse_value(name, text, True) if eq else True
             continue
         if name not in defaults:
-            close = difflib.get_close_matches(name, list(defaults) + ["baseline"], n=1)
+            close = difflib.get_close_matches(name, list(defaults) + list(RUNGS), n=1)
             hint = f"; did you mean --{close[0]}?" if close else "; see --help"
             raise ConfigError(f"unknown flag --{name}{hint}")
         if not eq:
@@ -500,10 +583,14 @@ def parse_args(argv):
             typed[name] = text
             if name in CHOICES and overrides[name] not in CHOICES[name]:
                 raise ConfigError(f"--{name}={text}: expected one of {', '.join(CHOICES[name])}")
-    cfg = Config(**{**PRESETS[preset], **(BASELINE if baseline else {}), **overrides, "preset": preset})
+    chosen = [name for name, on in rungs.items() if on]
+    if len(chosen) > 1:
+        raise ConfigError("--baseline and --all_off: expected one of them (each sets a whole recipe)")
+    rung = chosen[0] if chosen else ""
+    cfg = Config(**{**PRESETS[preset], **(RUNGS[rung](preset) if rung else {}), **overrides, "preset": preset})
     if wants_help:
         try:
-            print(help_text(cfg, baseline), flush=True)
+            print(help_text(cfg, rung), flush=True)
         except BrokenPipeError:  # `--help | head`: the reader took what it wanted
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise SystemExit(0)
@@ -749,7 +836,7 @@ def setup_backend(cfg):
     ops = triton_ops if use_cuda and cfg.triton and triton_ops is not None else TorchOps
     attention = FlexAttention() if use_cuda else BlockedAttention(cfg.window_block)
     compute_dtype = COMPUTE_DTYPE if use_cuda else cpu_compute_dtype(cfg.cpu_dtype)
-    table_dtype = COMPUTE_DTYPE if use_cuda else None
+    table_dtype = COMPUTE_DTYPE if use_cuda and cfg.bf16_tables else None
     return Backend(device, rank, world_size, ops, attention, compute_dtype, table_dtype, tuple(fall_back(cfg, device)))
 
 
@@ -1246,6 +1333,9 @@ SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
 SUBLAYER_RESID_INIT = 1.1**0.5  # #73: a layer's two residual lambdas start at #53's one per-layer 1.1 together
 POST_LAMBDA_INIT = 1.0  # #73/#77: the sublayer output scales start neutral
 ATTN_SUBLAYER, MLP_SUBLAYER = 0, 1  # the columns of the [n_layer, 2] sublayer lambdas
+GPT2_STD = 0.02  # GPT-2's init: N(0, 0.02) for every matrix and table
+RESIDUAL_PROJECTIONS = ("attn.o", "mlp.down")  # GPT-2's init scales these (which write into the stream) by 1 / sqrt(2 n_layer)
+ACTIVATIONS = {"relu2": relu2, "gelu": functools.partial(F.gelu, approximate="tanh")}
 SHELL_RADIUS_SQ = 2.0  # the shell penalty's hinge is zero for ||x||^2 >= this * d - SHELL_EPS
 SHELL_EPS = 0.1
 
@@ -1298,6 +1388,23 @@ def normal(rows, cols, std):
 
 def uniform_matrix(rows, cols, bound):
     return param(torch.empty(rows, cols).uniform_(-bound, bound), f"uniform(+-{bound:.4g})")
+
+
+class Norm(nn.Module):
+    """A block's or the final norm: the record's RMSNorm without weights, or GPT-2's LayerNorm with a
+    learned gain (starting at 1) and, with --bias, a learned bias (starting at 0)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        layer = cfg.norm == "layernorm"
+        self.weight = tag(constant(1.0, (cfg.d_model,)), "scalar") if layer else None
+        self.bias = tag(zeros(cfg.d_model), "scalar") if layer and cfg.bias else None
+
+    def forward(self, x):
+        if self.weight is None:
+            return norm(x)
+        bias = None if self.bias is None else self.bias.type_as(x)
+        return F.layer_norm(x, (x.size(-1),), self.weight.type_as(x), bias).type_as(x)
 
 
 class Rotary(nn.Module):
@@ -1393,6 +1500,10 @@ class Attention(nn.Module):
         self.k = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul, pairs)
         self.v = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
         self.o = tag(zeros(d, inner), "matrix", lr_mul)
+        # GPT-2's biases of Q, K, V (one vector, as its c_attn has) and of the output
+        self.qkv_bias = tag(zeros(3 * inner), "scalar") if cfg.bias else None
+        self.o_bias = tag(zeros(d), "scalar") if cfg.bias else None
+        self.qk_norm, self.rope = cfg.qk_norm, not cfg.position_embedding
         # learned scales of the QKV and the output weights
         self.lambdas = tag(constants(QKV_LAMBDA_INIT, OUT_LAMBDA_INIT), "scalar") if cfg.attn_lambdas else None
         self.key_offset = cfg.key_offset and layer in cfg.long_window_layers
@@ -1434,10 +1545,14 @@ class Attention(nn.Module):
     def forward(self, x, ve, rotary, attend, mask, start=0):
         n, h, dh = x.size(0), self.n_head, self.head_dim
         qkv_scale, out_scale = (1.0, 1.0) if self.lambdas is None else self.lambdas
-        q = norm(F.linear(x, qkv_scale * self.q).view(n, h, dh))
-        k = norm(F.linear(x, qkv_scale * self.k).view(n, h, dh))
-        v = F.linear(x, qkv_scale * self.v).view(n, h, dh)
-        q, k = rotary(q, start), rotary(k, start)
+        bq, bk, bv = (None,) * 3 if self.qkv_bias is None else self.qkv_bias.chunk(3)
+        q = F.linear(x, qkv_scale * self.q, bq).view(n, h, dh)
+        k = F.linear(x, qkv_scale * self.k, bk).view(n, h, dh)
+        v = F.linear(x, qkv_scale * self.v, bv).view(n, h, dh)
+        if self.qk_norm:
+            q, k = norm(q), norm(k)
+        if self.rope:
+            q, k = rotary(q, start), rotary(k, start)
         if self.key_offset:
             # the still (non-rotating) dims of each key take the previous token's values, so one
             # layer can match "the token after the one like me": an induction head in one step;
@@ -1455,12 +1570,12 @@ class Attention(nn.Module):
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
-        return F.linear(y.reshape(n, h * dh), out_scale * self.o)
+        return F.linear(y.reshape(n, h * dh), out_scale * self.o, self.o_bias)
 
 
 class MLP(nn.Module):
-    """ReLU^2 MLP; the up projection and activation run as one fused op (in FP8 while training with
-    fp8_mlp, as torch ops: the fused kernel takes 16-bit operands)."""
+    """ReLU^2 (or GPT-2's GELU) MLP; ReLU^2's up projection and activation run as one fused op without
+    biases (in FP8 while training with fp8_mlp, as torch ops: the fused kernel takes 16-bit operands)."""
 
     def __init__(self, cfg, ops, dtype=COMPUTE_DTYPE):
         super().__init__()
@@ -1469,6 +1584,9 @@ class MLP(nn.Module):
         # both count as hidden x d for Muon's shape multiplier: the record stores down transposed
         self.up = tag(uniform_matrix(hidden, d, math.sqrt(3) * 0.5 / math.sqrt(d)), "matrix", shape_lr_mul(hidden, d))
         self.down = tag(zeros(d, hidden), "matrix", shape_lr_mul(hidden, d) * cfg.mlp_down_lr_mul)
+        self.activation = cfg.mlp_activation
+        self.up_bias = tag(zeros(hidden), "scalar") if cfg.bias else None
+        self.down_bias = tag(zeros(d), "scalar") if cfg.bias else None
         if self.fp8:
             # the down projection's delayed scales, state of the run (checkpointed, equal on every rank):
             # this step's ReLU^2 amax so far, the scales this step uses, the down weight's last amax
@@ -1482,7 +1600,11 @@ class MLP(nn.Module):
         x, up, down = x.to(self.dtype), self.up.to(self.dtype), self.down.to(self.dtype)
         if self.fp8 and self.training:
             return self.fp8_forward(x, up, down)
-        return F.linear(self.ops.linear_relu2(x, up), down)
+        if self.activation == "relu2" and self.up_bias is None:
+            return F.linear(self.ops.linear_relu2(x, up), down)
+        up_bias, down_bias = (None if b is None else b.to(self.dtype) for b in (self.up_bias, self.down_bias))
+        h = ACTIVATIONS[self.activation](F.linear(x, up, up_bias))
+        return F.linear(h, down, down_bias)
 
     def fp8_forward(self, x, up, down):
         """#84/#89: both projections in e4m3 with backward passes in the compute dtype. The up
@@ -1521,17 +1643,19 @@ class Block(nn.Module):
         self.long = layer in cfg.long_window_layers
         self.attn_out_gate = output_gate(cfg, cfg.gate_attn) if self.attn is not None else None
         self.mlp_out_gate = output_gate(cfg, cfg.gate_mlp)
+        self.attn_norm = Norm(cfg) if self.attn is not None else None
+        self.mlp_norm = Norm(cfg)
 
     def forward(self, x, ve, rotary, attend, masks, start=0, resid=None, post=None, inject=None, lane=None):
         """resid, post: this layer's [2] sublayer lambdas (attention, MLP) or None; inject: added with
         the attention output (#73), dropped by a layer without attention; lane: what the attention
         reads instead of x (#77)."""
         if self.attn is not None:
-            h = norm(x if lane is None else lane)
+            h = self.attn_norm(x if lane is None else lane)
             y = self.attn(h, ve, rotary, attend, masks[0] if self.long else masks[1], start)
             x = residual(x, y if self.attn_out_gate is None else self.attn_out_gate(h, y), resid, post, ATTN_SUBLAYER)
             x = x if inject is None else x + inject
-        h = norm(x)
+        h = self.mlp_norm(x)
         y = self.mlp(h)
         return residual(x, y if self.mlp_out_gate is None else self.mlp_out_gate(h, y), resid, post, MLP_SUBLAYER)
 
@@ -1637,6 +1761,8 @@ class GPT(nn.Module):
         )
         self.blocks = nn.ModuleList(Block(cfg, i, ops, dtype) for i in range(cfg.n_layer))
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale)
+        self.final_norm = Norm(cfg)
+        self.position_embed = tag(normal(cfg.context, d, GPT2_STD), "embed") if cfg.position_embedding else None
         if cfg.smear:
             self.smear_lambda = tag(zeros(), "scalar")
             self.smear_gate = tag(zeros(1, cfg.gate_dims), "smear_gate", cfg.smear_gate_lr_mul)
@@ -1658,10 +1784,27 @@ class GPT(nn.Module):
         self.bigram_embed = BigramEmbed(cfg) if cfg.bigram_vocab else None
         if cfg.prefix_loss:  # #88: all NO_PREFIX until load_prefix_table(), a buffer the compiled graphs read
             self.register_buffer("prefix_table", torch.full((self.vocab,), NO_PREFIX), persistent=False)
+        if cfg.init == "gpt2":
+            self.gpt2_init()
         if table_dtype is not None:  # after init, so the random draws are the same in any dtype
             for p in self.parameters():
                 if p.kind in TABLE_KINDS:
                     p.data = p.data.to(table_dtype)
+
+    @torch.no_grad()
+    def gpt2_init(self):
+        """GPT-2's init as llm.c draws it: every matrix and the tied table (Q, K, V, O, the MLP's, the head)
+        N(0, 0.02), the projections into the stream N(0, 0.02 / sqrt(2 n_layer)), and the tied
+        table's padding rows 0; biases stay 0, LayerNorm gains 1."""
+        for name, p in self.named_parameters():
+            if p.kind not in ("matrix", "head"):  # the position table is made N(0, 0.02) already
+                continue
+            std = GPT2_STD / math.sqrt(2 * self.cfg.n_layer) if name.endswith(RESIDUAL_PROJECTIONS) else GPT2_STD
+            fresh = normal(p.size(0), p.size(1), std)
+            p.copy_(fresh)
+            p.init = fresh.init
+        self.lm_head[self.cfg.vocab_size :] = 0
+        self.lm_head.init += f", rows from {self.cfg.vocab_size} (padding) 0"
 
     @torch.no_grad()
     def load_prefix_table(self):
@@ -1675,7 +1818,7 @@ class GPT(nn.Module):
         self.tied = False
 
     def embed_tokens(self, idx):
-        """Token embeddings [T, d] before the norm: what the shell penalty shapes."""
+        """Token embeddings [T, d] before the norm (and the positions): what the shell penalty shapes."""
         x = F.embedding(idx, self.lm_head if self.tied else self.embed)
         if self.cfg.smear:
             # x[t] += lambda * sigmoid(w . x[t, :gate_dims]) * x[t-1]: a learned bigram shortcut
@@ -1693,9 +1836,16 @@ class GPT(nn.Module):
 
     def _hidden(self, idx, windows, attention, start):
         cfg = self.cfg
-        docs = (idx == BOS_ID).cumsum(0)
+        x = self.embed_tokens(idx)
+        if cfg.context:  # llm.c's rows: each one a causal span of its own, positions from its start
+            pos = torch.arange(start, start + idx.numel(), device=idx.device)
+            docs = pos // cfg.context
+            if self.position_embed is not None:
+                x = x + F.embedding(pos % cfg.context, self.position_embed).type_as(x)
+        else:
+            docs = (idx == BOS_ID).cumsum(0)
         masks = [attention.mask(docs, w) for w in windows]
-        x = x0 = norm(self.embed_tokens(idx))
+        x = x0 = norm(x) if cfg.embed_norm else x
         bigram = self.bigram_embed(idx) if self.bigram_embed is not None else None
         skip = backout = lane = None
         for i, block in enumerate(self.blocks):
@@ -1720,7 +1870,7 @@ class GPT(nn.Module):
                 lane = x
         if backout is not None:
             x = x - self.backout_lambda * backout
-        return norm(x)
+        return self.final_norm(x)
 
     def run_block(self, block, *args):
         """block(*args); with activation checkpointing only its input is kept for the backward, which
@@ -2074,7 +2224,8 @@ def adam_update(param, grad, exp_avg, exp_avg_sq, hyper, beta1, beta2, eps, deca
 
 class Adam(torch.optim.Optimizer):
     """Adam with decoupled weight decay lr^2 * weight_decay (the record's, so decay falls with the
-    lr schedule twice), optionally cautious (only where update and weight share a sign).
+    lr schedule twice; with lr_squared_decay=False AdamW's lr * weight_decay), optionally cautious (only
+    where update and weight share a sign).
 
     Across ranks a tensor with at least one row per rank (the head, embedding and value-embedding
     tables) is split by rows: its gradient is reduce-scattered (zero-padded to whole shares only
@@ -2089,9 +2240,10 @@ class Adam(torch.optim.Optimizer):
     """
 
     def __init__(self, groups, lr, betas, eps, weight_decay, cautious, rank=0, world_size=1, compile=False,
-                 perp=(), perp_rescale=False):
+                 perp=(), perp_rescale=False, lr_squared_decay=True):
         super().__init__(groups, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.cautious, self.rank, self.world_size = cautious, rank, world_size
+        self.lr_squared_decay = lr_squared_decay  # False: AdamW's lr * weight_decay (torch, llm.c)
         self.perp, self.perp_rescale = {id(p) for p in perp}, perp_rescale
         self.update = torch.compile(adam_update, dynamic=False, fullgraph=True) if compile else adam_update
         self.reducing = {}  # param -> (the gradient (rows) this rank steps with, work in flight or None)
@@ -2146,13 +2298,16 @@ class Adam(torch.optim.Optimizer):
         self.reducing[p] = (grad, work)
 
     @torch.no_grad()
-    def step(self, wait=True):
-        """Step every parameter with a gradient; wait=False leaves the all-gathers in flight until wait()."""
+    def step(self, wait=True, clip=0.0):
+        """Step every parameter with a gradient; wait=False leaves the all-gathers in flight until wait().
+        `clip`: first scale the averaged gradients to a global norm of at most this (0: as they are)."""
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is not None and p not in self.reducing:
                     self._reduce(p)
         self.armed = False
+        if clip:
+            self.clip_grads(clip)
         for group in self.param_groups:
             lr, decay, (beta1, beta2) = self.rates(group)
             for p in group["params"]:
@@ -2180,10 +2335,26 @@ class Adam(torch.optim.Optimizer):
         if wait:
             self.wait()
 
-    @staticmethod
-    def rates(group):
-        """A group's lr (before the bias correction), decay coefficient lr^2 * weight_decay and betas."""
-        return group["lr"], group["lr"] ** 2 * group["weight_decay"], group["betas"]
+    def clip_grads(self, clip):
+        """Scale every averaged gradient by min(1, clip / their global norm), as llm.c and nanoGPT clip:
+        waits for the averages, counts each rank's rows of a split tensor once, and never reads the device."""
+        for grad, work in self.reducing.values():
+            if work is not None:
+                work.wait()
+        self.reducing = {p: (grad, None) for p, (grad, _) in self.reducing.items()}
+        squares = torch.stack([grad.float().square().sum() / (1 if self.split(p) else self.world_size)
+                               for p, (grad, _) in self.reducing.items()]).sum()
+        if self.world_size > 1:
+            dist.all_reduce(squares)
+        scale = (clip / squares.sqrt()).clamp(max=1.0)
+        for grad, _ in self.reducing.values():
+            grad.mul_(scale.to(grad.dtype))
+
+    def rates(self, group):
+        """A group's lr (before the bias correction), decay coefficient lr^2 * weight_decay (or AdamW's
+        lr * weight_decay) and betas."""
+        lr = group["lr"]
+        return lr, (lr * lr if self.lr_squared_decay else lr) * group["weight_decay"], group["betas"]
 
     def hyperparams(self):
         """Per parameter: (lr, decay coefficient, betas) at the groups' settings."""
@@ -2281,9 +2452,14 @@ class Optimizers:
             self.adam = Adam(groups, cfg.adam_lr, adam_betas, cfg.adam_eps, wd, cautious=True, **adam)
             self.adam_name, self.adam_every = "Adam", cfg.adam_every
         else:
+            # llm.c and nanoGPT decay every 2-d tensor (matrices, the head, the embedding tables), not the rest
             self.muon = None
-            groups = [dict(params=params, base_lr=cfg.adamw_lr)]
-            self.adam = Adam(groups, cfg.adamw_lr, cfg.adamw_betas, cfg.adam_eps, cfg.adamw_wd, cautious=False, **adam)
+            decayed = [p for p in params if p.dim() >= 2]
+            others = [p for p in params if p.dim() < 2]
+            groups = [dict(params=members, base_lr=cfg.adamw_lr, betas=cfg.adamw_betas, weight_decay=wd)
+                      for members, wd in ((decayed, cfg.adamw_wd), (others, 0.0)) if members]
+            self.adam = Adam(groups, cfg.adamw_lr, cfg.adamw_betas, cfg.adam_eps, cfg.adamw_wd, cautious=False,
+                             lr_squared_decay=False, **adam)
             self.adam_name, self.adam_every = "AdamW", 1
         for group in (self.muon.param_groups if self.muon else []):
             group["base_lr"] = cfg.muon_lr
@@ -2298,8 +2474,9 @@ class Optimizers:
         start averaging the big tables' gradients while that backward still runs."""
         self.adam.armed = self.adam_steps(step, last)
 
-    def step(self, step, lr_mult, momentum, last, freeze_scalars=False):
-        """Apply the step's schedule and step; Adam only every `adam_every` steps (and the last).
+    def step(self, step, lr_mult, momentum, last, freeze_scalars=False, clip=0.0):
+        """Apply the step's schedule and step; Adam only every `adam_every` steps (and the last), its
+        averaged gradients clipped to a global norm of `clip` if not 0.
         `freeze_scalars` drops the scalars' gradients, so Adam neither steps nor accumulates them.
         Order: NorMuon's reduce-scatters, Adam's update and all-gathers, then NorMuon's math while
         those travel; Adam's all-gathers are waited for last."""
@@ -2312,7 +2489,7 @@ class Optimizers:
             orthogonalize_grads(self.perp_muon, self.cfg.perp_grad_rescale)
             pending = self.muon.reduce_grads()
         if adam_steps:
-            self.adam.step(wait=False)  # perpGrad included
+            self.adam.step(wait=False, clip=clip)  # perpGrad included
         if self.muon is not None:
             self.muon.update_and_gather(pending)
             self.muon.zero_grad(set_to_none=True)
@@ -2669,20 +2846,34 @@ class Schedule:
         return (self.cfg.final_window if self.cfg.window_schedule else last_long), short
 
     def windows(self, blocks):
-        """(long, short) windows in blocks -> in tokens."""
+        """(long, short) windows in blocks -> in tokens; with --context, every query sees its whole row
+        before it, whatever the blocks."""
+        if self.cfg.context:
+            return (self.cfg.context - 1,) * len(blocks)
         return tuple(b * self.cfg.window_block for b in blocks)
 
     def lr_mult(self, step):
         """The stage's peak, then a linear cooldown from cooldown_start to the absolute floor
-        lr_floor at num_steps, which the extension keeps."""
+        lr_floor at num_steps, which the extension keeps; or llm.c's cosine schedule."""
         cfg = self.cfg
         if step >= cfg.num_steps:
             return cfg.lr_floor
+        if cfg.lr_schedule == "cosine":
+            return self.cosine_lr_mult(step)
         peak = cfg.lr_mults[self.stage(step)]
         if step < self.cooldown_start:
             return peak
         t = (step - self.cooldown_start) / (cfg.num_steps - self.cooldown_start)
         return peak * (1 - t) + cfg.lr_floor * t
+
+    def cosine_lr_mult(self, step):
+        """llm.c's: (step + 1) / lr_warmup_steps while warming up, then from 1 down a half cosine that
+        would reach lr_floor at num_steps (llm.c's final_learning_rate_frac)."""
+        cfg, warmup = self.cfg, self.cfg.lr_warmup_steps
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / (cfg.num_steps - warmup)
+        return cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * t))
 
     def scalars_frozen(self, step):
         """True within scalar_freeze_steps of a batch-size or window change: the scalars, tuned
@@ -2849,14 +3040,16 @@ def source_code():
 
 
 def config_summary(cfg):
-    """One console line: the preset and every value that differs from it (the log has the full JSON)."""
-    base, flags = dict(PRESETS[cfg.preset]), [f"--preset={cfg.preset}"]
-    if all(getattr(cfg, name) == value for name, value in BASELINE.items()):
-        base.update(BASELINE)
-        flags.append("--baseline")
-    reference = Config(**base, preset=cfg.preset, run_id=cfg.run_id)
-    flags += [f"--{f.name}={show_value(getattr(cfg, f.name))}" for f in fields(Config)
-              if getattr(cfg, f.name) != getattr(reference, f.name)]
+    """One console line: the preset, --baseline or --all_off where that leaves fewer values to list, and
+    every value that differs from them (the log has the full JSON)."""
+    def differing(rung):
+        reference = Config(**{**PRESETS[cfg.preset], **(RUNGS[rung](cfg.preset) if rung else {})},
+                           preset=cfg.preset, run_id=cfg.run_id)
+        return [f"--{f.name}={show_value(getattr(cfg, f.name))}" for f in fields(Config)
+                if getattr(cfg, f.name) != getattr(reference, f.name)]
+
+    rung = min(["", *RUNGS], key=lambda r: len(differing(r)))
+    flags = [f"--preset={cfg.preset}", *([f"--{rung}"] if rung else []), *differing(rung)]
     return f"config: {' '.join(flags)} (the full config is in the log)"
 
 
@@ -2919,7 +3112,10 @@ def parameter_table(model, optimizers):
         rows.append((name, shape, str(p.numel()), p.init, optimizer, f"{lr:.6g}", ",".join(f"{b:g}" for b in betas), f"{wd:g}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    return lines + [f"parameters: {sum(p.numel() for _, p in params)}"]
+    total = sum(p.numel() for _, p in params)
+    padding = sum(p[model.cfg.vocab_size :].numel() for _, p in params if p.dim() == 2 and p.size(0) == model.vocab)
+    unpadded = f" ({total - padding} without the padding rows past vocab_size, as nanoGPT counts GPT-2)" if padding else ""
+    return lines + [f"parameters: {total}{unpadded}"]
 
 
 class RunLog:
@@ -3374,7 +3570,10 @@ class Trainer:
         logged = dict(train_loss=total, **({"shell": shell_total} if cfg.shell_lambda else {}))
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             logged["grad_norm"] = gradient_norm(self.model.parameters())
-        self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last, freeze_scalars=sched.scalars_frozen(step))
+        # the clip is on the mean token loss's gradient; the one applied is the batch's sum / accum_world_size
+        clip = cfg.grad_clip * sched.batch_tokens(step) / cfg.accum_world_size
+        self.optimizers.step(step, sched.lr_mult(step), sched.momentum(step), last, freeze_scalars=sched.scalars_frozen(step),
+                             clip=clip)
         if cfg.fp8_mlp:
             self.rescale_fp8_mlps(step + 1)
         return logged

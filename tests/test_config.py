@@ -1,4 +1,4 @@
-"""Config: typed overrides, presets, --baseline, and clear errors for bad flags (the batch split over
+"""Config: typed overrides, presets, --baseline, --all_off, and clear errors for bad flags (the batch split over
 ranks: tests/test_distributed.py)."""
 import os
 import re
@@ -62,30 +62,48 @@ def test_cpu_preset():
     assert tg.parse_args(["--preset=cpu", "--n_layer=8"]).n_layer == 8
 
 
-def test_baseline_turns_every_technique_off():
-    cfg = tg.parse_args(["--baseline"])
-    for name, value in tg.BASELINE.items():
+def test_all_off_turns_every_technique_off():
+    cfg = tg.parse_args(["--all_off"])
+    for name, value in tg.ALL_OFF.items():
         assert getattr(cfg, name) == value, name
-    # the ones SPEC lists, spelled out independently of the BASELINE dict
+    # the ones SPEC lists, spelled out independently of the ALL_OFF dict
     assert cfg.muon is False and cfg.value_embeds == 0 and cfg.smear is False and cfg.x0_mixing is False
     assert cfg.skip_from < 0 and cfg.backout_layer < 0 and cfg.attn_gate is False and cfg.key_offset is False
     assert cfg.yarn is False and cfg.softcap == 0 and cfg.untie_frac >= 1 and cfg.mtp is False
     assert cfg.batch_schedule is False and cfg.window_schedule is False
     # and differs from the default on each of them
     d = defaults()
-    assert all(d[name] != value for name, value in tg.BASELINE.items())
-    # baseline combines with a preset; fields outside BASELINE keep the preset's values
-    cfg = tg.parse_args(["--preset=cpu", "--baseline"])
+    assert all(d[name] != value for name, value in tg.ALL_OFF.items())
+    # all_off combines with a preset; fields outside ALL_OFF keep the preset's values
+    cfg = tg.parse_args(["--preset=cpu", "--all_off"])
     assert cfg.n_layer == tg.PRESETS["cpu"]["n_layer"] and cfg.muon is False and cfg.smear is False
 
 
-def test_explicit_override_beats_baseline():
-    cfg = tg.parse_args(["--baseline", "--smear=true", "--value_embeds=2"])
+def test_baseline_is_gpt2_over_every_technique_off():
+    """--baseline: what --all_off turns off stays off (the fused Triton loss aside), plus GPT-2's pieces,
+    spelled out here: rows of 1024, learned positions, LayerNorm with biases, GELU, no embedding or QK
+    norm, GPT-2's init, AdamW (6e-4, 0.9, 0.95, decay 0.1, eps 1e-8) on llm.c's cosine schedule."""
+    cfg = tg.parse_args(["--baseline"])
+    assert all(getattr(cfg, name) == value for name, value in tg.ALL_OFF.items() if name != "triton")
+    assert cfg.triton is True
+    assert (cfg.context, cfg.position_embedding, cfg.norm, cfg.bias, cfg.mlp_activation) == (1024, True, "layernorm", True, "gelu")
+    assert (cfg.embed_norm, cfg.qk_norm, cfg.init, cfg.attn_scale) == (False, False, "gpt2", 0.125)
+    assert (cfg.adamw_lr, cfg.adamw_betas, cfg.adamw_wd, cfg.adam_eps) == (6e-4, (0.9, 0.95), 0.1, 1e-8)
+    assert (cfg.lr_schedule, cfg.lr_floor, cfg.extension_steps, cfg.bf16_tables) == ("cosine", 0.0, 0, False)
+    # over the cpu preset: its width and depth, heads of 64
+    cfg = tg.parse_args(["--preset=cpu", "--baseline"])
+    assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.head_dim, cfg.mlp_hidden) == (6, 256, 4, 64, 1024)
+
+
+def test_explicit_override_beats_a_rung():
+    cfg = tg.parse_args(["--all_off", "--smear=true", "--value_embeds=2"])
     assert cfg.smear is True and cfg.value_embeds == 2
     assert cfg.muon is False  # the rest stays off
     # also when the override comes first
-    cfg = tg.parse_args(["--muon=true", "--baseline"])
+    cfg = tg.parse_args(["--muon=true", "--all_off"])
     assert cfg.muon is True and cfg.x0_mixing is False
+    cfg = tg.parse_args(["--norm=rmsnorm", "--baseline"])
+    assert cfg.norm == "rmsnorm" and cfg.mlp_activation == "gelu"
 
 
 def error_message(argv):
@@ -124,6 +142,7 @@ def test_other_argument_errors():
 def test_baseline_takes_an_optional_bool():
     assert tg.parse_args(["--baseline=true"]).muon is False
     assert tg.parse_args(["--baseline=false"]).muon is True
+    assert tg.parse_args(["--all_off=true"]).muon is False and tg.parse_args(["--all_off=false"]).muon is True
     assert "--baseline=maybe" in error_message(["--baseline=maybe"])
 
 
@@ -205,7 +224,8 @@ def test_help_lists_every_flag_in_config_order_with_value_and_description(capsys
     flags_at = lines.index("flags, with their values under --preset=speedrun:")
     presets, body = lines[:flags_at], lines[flags_at + 1:]
     assert "presets:" in presets and "  --preset=cpu" in presets
-    assert any(line.startswith("  --baseline: every technique off") for line in presets)
+    assert any(line.startswith("  --baseline: the llm.c / nanoGPT GPT-2 recipe") for line in presets)
+    assert any(line.startswith("  --all_off: every technique off") for line in presets)
     assert [re.match(r"  --(\w+)=", line)[1] for line in body if line.startswith("  --")] == [f.name for f in fields(tg.Config)]
     groups = [line for line in body if line and not line.startswith(" ")]
     assert groups[:3] == ["run:", "model shape:", "attention windows, in blocks of `window_block` tokens, by thirds of training:"]

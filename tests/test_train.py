@@ -470,6 +470,8 @@ def test_flops_per_token_hand_count():
 def test_config_summary_names_the_preset_and_only_what_differs():
     cfg = tg.parse_args(["--preset=cpu", "--baseline", "--num_steps=4", "--batch_tokens=8,8,8", "--run_id=x"])
     assert tg.config_summary(cfg) == "config: --preset=cpu --baseline --num_steps=4 --batch_tokens=8,8,8 (the full config is in the log)"
+    cfg = tg.parse_args(["--preset=cpu", "--all_off", "--num_steps=7"])
+    assert tg.config_summary(cfg) == "config: --preset=cpu --all_off --num_steps=7 (the full config is in the log)"
     assert tg.config_summary(tg.parse_args([])) == "config: --preset=speedrun (the full config is in the log)"
 
 
@@ -494,7 +496,7 @@ def test_final_validation_widens_without_yarn(tmp_path, monkeypatch):
 def test_a_diverged_run_stops_with_one_error_line(tmp_path):
     """A learning rate of 1e30 overflows the weights within a step or two: the run stops at the next
     log line with the loss that went non-finite, exit status 1, and no final or "vs record" line."""
-    message = failing_run(tmp_path, ["--baseline", "--adamw_lr=1e30", "--log_every=1"], run_id="diverged")
+    message = failing_run(tmp_path, ["--all_off", "--adamw_lr=1e30", "--log_every=1"], run_id="diverged")
     assert re.fullmatch(r"error: loss is (nan|inf|-inf) at step [1-3] \(train_loss\)", message), message
     with open(os.path.join(tmp_path, "diverged.txt")) as f:
         run_lines = f.read().split(tg.SEPARATOR)[-1].splitlines()  # after the source and versions
@@ -505,7 +507,7 @@ def test_a_diverged_run_stops_with_one_error_line(tmp_path):
 def test_on_the_cpu_a_diverged_run_stops_at_once_without_log_lines(tmp_path):
     """Reading the loss is free on the CPU, so it is checked after every step, not only at log lines
     and validations (here: none before step 10)."""
-    message = failing_run(tmp_path, ["--baseline", "--adamw_lr=1e30", "--log_every=0", "--num_steps=10",
+    message = failing_run(tmp_path, ["--all_off", "--adamw_lr=1e30", "--log_every=0", "--num_steps=10",
                                      "--save_every=5"], run_id="quiet")
     assert re.fullmatch(r"error: loss is (nan|inf|-inf) at step [1-3] \(train_loss\)", message), message
     assert not os.path.exists(os.path.join(tmp_path, "quiet"))  # no checkpoint of a diverged model
@@ -529,8 +531,8 @@ def dry_run(tmp_path, flags):
 
 def table_rows(lines):
     """The parameter table's rows as {name: (shape, count, init, optimizer, lr, betas, wd)}, and N
-    from the last line, which must be `parameters: N`."""
-    total = re.fullmatch(r"parameters: (\d+)", lines[-1])
+    from the last line, which must be `parameters: N` (and the count without padding rows, if any)."""
+    total = re.fullmatch(r"parameters: (\d+)(?: \(\d+ without the padding rows past vocab_size, as nanoGPT counts GPT-2\))?", lines[-1])
     assert total, lines[-1]
     header = next(i for i, line in enumerate(lines) if line.startswith("parameter "))
     assert re.split(r" {2,}", lines[header]) == ["parameter", "shape", "count", "init", "optimizer", "lr", "betas",
@@ -595,9 +597,9 @@ def test_dry_run_cpu_prints_config_schedule_and_the_real_models_table(tmp_path):
     assert rows["skip_gate"][2:] == ("-1.5", "Adam", pytest.approx(0.04), (0.9, 0.99), 0.0)
 
 
-def test_dry_run_baseline_is_adamw_on_everything(tmp_path):
-    """`--baseline`: one plain AdamW group (lr 0.0036, betas 0.9, 0.95, no decay) holds every parameter."""
-    rows, _ = table_rows(dry_run(tmp_path, ["--preset=cpu", "--baseline"]))
+def test_dry_run_all_off_is_adamw_on_everything(tmp_path):
+    """`--all_off`: plain AdamW (lr 0.0036, betas 0.9, 0.95, no decay) holds every parameter."""
+    rows, _ = table_rows(dry_run(tmp_path, ["--preset=cpu", "--all_off"]))
     assert {row[3:] for row in rows.values()} == {("AdamW", 0.0036, (0.9, 0.95), 0.0)}
 
 
