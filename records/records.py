@@ -586,24 +586,35 @@ HEAD = From("HEAD's value")  # the head preset's value (at cpu scale: CPU_HEAD's
 # number in the public speedrun's record table (modded-nanogpt's README) where it came in.
 LADDER = [
     ("baseline", 1, {}),  # llm.c's GPT-2: --baseline=true
-    ("muon", 3, {"muon": PRESET}),  # as it is now: #41's NorMuon, #38's Polar Express
+    ("rotary_lr", 2, {"position_embedding": PRESET, "lr_schedule": PRESET, "lr_warmup_steps": PRESET,
+                      "adamw_lr": PRESET, "adamw_wd": PRESET}),  # rotary positions, a tuned lr and schedule
+    ("muon", 3, {"muon": PRESET, "grad_clip": PRESET, "norm": PRESET, "bias": PRESET}),  # as it is now: #41's NorMuon,
+    # #38's Polar Express; #3's code also had RMSNorm without biases
+    ("modern_arch", 5, {"mlp_activation": PRESET, "qk_norm": PRESET, "init": PRESET, "embed_norm": PRESET,
+                        "n_head": PRESET, "head_dim": PRESET}),  # ReLU^2, QK-norm, zero-init projections, wider heads
     ("x0_mixing", 9, {"x0_mixing": PRESET}),  # embedding skip connections
     ("softcap", 9, {"softcap": PRESET}),
+    ("bf16", 10, {"bf16_tables": PRESET}),
     ("skip", 11, {"skip_from": PRESET}),  # U-net skips; one skip since #45
+    ("documents", 12, {"context": PRESET}),  # FlexAttention over whole documents instead of 1024-token rows
     ("window_schedule", 13, {"window_schedule": PRESET}),
     ("value_embeds", 14, {"value_embeds": PRESET}),
     ("fp8_head", 19, {"fp8_head": PRESET}),
+    ("lr_floor", 19, {"lr_floor": PRESET}),  # the lr decays to a floor, not to 0
+    ("long_short", 20, {"long_window_layers": PRESET, "attn_scale": PRESET}),  # long-short windows, attention scale
     ("triton", 27, {"triton": PRESET}),
     ("attn_gate", 28, {"attn_gate": PRESET}),
+    ("max_doc_len", 29, {"max_seq_len": PRESET}),  # documents cut at 2048 tokens
     ("yarn", 31, {"yarn": PRESET}),
     ("smear", 34, {"smear": PRESET}),
+    ("drop_attn", 35, {"no_attn_layers": PRESET}),
     ("backout", 40, {"backout_layer": PRESET}),
-    ("batch_schedule", 46, {"batch_schedule": PRESET}),
+    ("batch_schedule", 46, {"batch_schedule": PRESET, "batch_tokens": PRESET}),
     ("attn_lambdas", 47, {"attn_lambdas": PRESET}),
-    ("key_offset", 49, {"key_offset": PRESET}),
+    ("key_offset", 49, {"key_offset": PRESET, "n_layer": PRESET}),  # and 11 layers from #49's code on
     ("scalar_freeze", 52, {"scalar_freeze_steps": PRESET}),
     ("mtp", 53, {"mtp": PRESET}),
-    ("untie", 53, {"untie_frac": PRESET}),  # the preset (record #53) from here
+    ("untie", 53, {"untie_frac": PRESET, "extension_steps": PRESET}),  # the preset (record #53) from here
     ("logit_rescale", 54, {"softcap": HEAD, "softcap_offset": HEAD}),
     ("untie_after_adam", 54, {"untie_after_adam": HEAD}),
     ("embed_wd", 55, {"head_wd_mul": HEAD, "value_embed_wd_mul": HEAD}),
