@@ -1894,7 +1894,7 @@ class GPT(nn.Module):
                 last_input = x
                 x, inputs = self.mudd.into_last(x, first, backout, ve, bigram, lane, gate.get(("attn", i)))
             else:
-                inputs = self.block_inputs(i, ve, x0, bigram, lane, gate)
+                inputs = self.block_inputs(i, block, ve, x0, bigram, lane, gate)
             x = self.run_block(block, x, rotary=self.rotary, attend=attention, masks=masks, start=start, **inputs)
             if i == cfg.skip_from:
                 skip = x
@@ -1909,12 +1909,13 @@ class GPT(nn.Module):
             x = x - self.backout_lambda * backout
         return norm(x)
 
-    def block_inputs(self, i, ve, x0, bigram, lane, gate):
-        """Block i's keywords besides the stream and the attention's (see Block.forward)."""
+    def block_inputs(self, i, block, ve, x0, bigram, lane, gate):
+        """Block i's keywords besides the stream and the attention's (see Block.forward); no terms to
+        join an attention output where there is none."""
         cfg = self.cfg
         return dict(ve=ve, resid=self.resid_lambdas[i] if cfg.sublayer_resid else None,
                     post=self.post_lambdas[i] if cfg.post_lambdas else None,
-                    inject=self.injection(i, x0, bigram, gate) if cfg.sublayer_resid else None,
+                    inject=self.injection(i, x0, bigram, gate) if cfg.sublayer_resid and block.attn is not None else None,
                     lane=lane if i > cfg.lane_layer >= 0 else None, heads=HeadInputs(gate=gate.get(("attn", i))))
 
     def run_block(self, block, *args, **kwargs):

@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import head_params_ref as hr
+import op_spy
 import train_gpt as T
 
 BOS = 50256
 # HEAD's layer layout at a tiny width: 11 layers, no attention on 6, skip 3 -> 6, backout and lane 7,
 # value embeddings .01.....234, the bigram table, the sublayer form, no #53 attention gate
 HEAD_TINY = ["--preset=cpu", "--n_layer=11", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
-             "--vocab_size=1000", "--no_attn_layers=6", "--long_window_layers=3,10", "--skip_from=3", "--skip_to=6",
+             "--no_attn_layers=6", "--long_window_layers=3,10", "--skip_from=3", "--skip_to=6",
              "--backout_layer=7", "--lane_layer=7", "--value_embeds=5", "--ve_layout=.01.....234", "--ve_gate=x_ve",
              "--ve_init_std=0.01", "--bigram_vocab=97", "--bigram_signs=16", "--sublayer_resid=true",
              "--post_lambdas=true", "--attn_gate=false", "--mudd_gate_layer=4", "--mudd_gate_attn=3,10",
@@ -26,7 +27,7 @@ OURS = {"attn", "x0", "bigram", "skip"}  # the gate's consumers built here (XSA 
 def tiny_model(*flags, seed=0, jitter=0.3):
     cfg = T.parse_args(HEAD_TINY + list(flags))
     torch.manual_seed(seed)
-    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block), torch.float32)
+    model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block), torch.get_default_dtype())
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p + jitter * torch.randn_like(p))  # away from the init: every coefficient and table alive
@@ -124,13 +125,21 @@ def heads_hidden(model, idx, windows, mudd, gated):
     return T.norm(x + m[0] * cache[0] + m[1] * cache[7] + m[2] * cache[9] + m[3] * ve[1] + m[4] * cache[3])
 
 
+@pytest.fixture
+def float64():
+    """float64 throughout: the random model amplifies float32's rounding past any tight tolerance."""
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
 @pytest.mark.parametrize("mudd, gated", [(True, True), (True, False), (False, True)])
-def test_forward_matches_heads(mudd, gated):
+def test_forward_matches_heads(float64, mudd, gated):
     model = tiny_model(f"--mudd={mudd}", f"--mudd_gate={gated}")
     idx = tokens()
     with torch.no_grad():
         got = model.hidden(idx, WINDOWS)
-        torch.testing.assert_close(got, heads_hidden(model, idx, WINDOWS, mudd, gated))
+        torch.testing.assert_close(got, heads_hidden(model, idx, WINDOWS, mudd, gated), rtol=1e-10, atol=1e-10)
         # the coefficients matter: MUDD's and the gate's output weights zeroed, the forward moves
         for part in (model.mudd, model.mudd_gate):
             if part is not None:
@@ -208,7 +217,7 @@ def test_head_preset_has_heads_mudd_parameters():
             "mudd_gate.w2": "mudd_gate_w2", "mudd_gate.b2": "mudd_gate_b2", "mudd_gate.scale": "_mudd_gate_scale"}
     assert {name for name in params if name.startswith("mudd")} == set(ours)
     layout = [heads_layout(half, hr.N_HEAD) for half in (0, 1)]
-    assert model.mudd_gate.halves == layout
+    assert list(model.mudd_gate.halves) == layout
     rows = max(sum(w for *_, w in half) for half in layout)
     assert rows == hr.SHAPES["mudd_gate_w2"][0][1] - sum(
         hr.gate_width(k) for k, _ in hr.MUDD_GATE_POST if k not in OURS)
@@ -284,3 +293,20 @@ def test_switches_off_cost_nothing():
     assert not any(name.startswith("mudd") for name in names)
     assert {"x0_lambdas", "bigram_embed.lambdas", "backout_lambda"} <= names
     assert model.mudd is None and model.mudd_gate is None
+
+
+@pytest.mark.parametrize("version", op_spy.SUPPORTED_TORCH, ids=lambda v: "torch%d.%d" % v)
+def test_cuda_dtypes_keep_the_stream_and_attention_in_bf16(version):
+    """Under CUDA's autocast rules with CUDA's storage: MUDD's and the gate's weights stored in bf16 as
+    HEAD stores them (the gate's scale float32), every block's input stream and every attention input
+    bf16 with both on, and a training step finite."""
+    flags = ["--sublayer_resid=true", "--post_lambdas=true", "--bigram_vocab=97", "--mudd=true", "--mudd_gate=true",
+             "--mudd_gate_layer=2", "--mudd_gate_attn=1,5", "--attn_gate=false"]
+    built = []
+    calls = op_spy.record_op_inputs(flags, cuda_rules=version, table_dtype=torch.bfloat16, built=built)
+    model, _ = built
+    assert {dtype for name, args in calls if name in ("block", "attention") for dtype, _ in args} == {torch.bfloat16}
+    for name, p in model.named_parameters():
+        if name.startswith("mudd"):
+            want = torch.float32 if name == "mudd_gate.scale" else torch.bfloat16
+            assert p.dtype == want and torch.isfinite(p.float()).all(), name
