@@ -1887,7 +1887,7 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             if bigram is not None and not (cfg.sublayer_resid and i):  # #73: layer 0's goes in first, as before
                 x = x + self.mix_lambda("bigram", i, gate) * bigram
-            first = x if i == 0 else first
+            first = x if i == 0 else first  # the first layer's input, a MUDD source (#81)
             table = self.ve_tables[i]
             ve = None if table is None else F.embedding(idx, self.value_embeds[table])
             if i == cfg.n_layer - 1 and self.mudd is not None:  # #81
