@@ -305,8 +305,6 @@ BASELINE = dict(
     window_schedule=False,
     fp8_head=False,
     triton=False,
-    mudd=False,
-    mudd_gate=False,
 )
 
 
