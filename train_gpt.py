@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -187,6 +188,12 @@ class Config:
     lane_layer: int = -1  # #77: the attention of every later layer reads this layer's output, not the stream (HEAD 7); -1 = off
     resid_lambda_lr_mul: float = 5.0  # #73: Adam learning-rate factor of the per-sublayer residual lambdas
     lambda_betas: tuple = (0.9, 0.95)  # #73: Adam (beta1, beta2) of the sublayer lambdas, and of the x0 and bigram lambdas under sublayer_resid
+    mudd: bool = False  # #81: per-token dense connections (MUDD) into the last layer and after it, in place of backout and of the last layer's lambdas
+    mudd_gate: bool = False  # #85: per-token MUDD gates in place of the x0 and bigram lambdas and the skip's x0 gate, and as mudd_gate_attn's attention gates
+    mudd_gate_layer: int = 4  # #85: the MUDD gate's second half reads this layer's input (the first half reads x0)
+    mudd_gate_attn: tuple = (3, 10)  # #85: layers whose heads the MUDD gate scales
+    mudd_lr_mul: float = 0.25  # #81: Adam learning-rate factor of the MUDD weights
+    mudd_gate_lr_mul: float = 0.1  # #85: Adam learning-rate factor of the MUDD gate
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -235,20 +242,23 @@ PRESETS = {
         momentum_cooldown_steps=10,
         fp8_head=False,
         triton=False,
+        mudd_gate_layer=2,  # #85 HEAD's 4 (the layer after the skip's source)
+        mudd_gate_attn=(2, 5),  # #85 HEAD's 3, 10 (the long-window layers)
     ),
     # the public HEAD (repo-root train_gpt.py, records up to #89 merged), number for number where a
     # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
     # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
-    # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init;
-    # #81/#85 MUDD (which in HEAD also drives the skip, the attention gates on layers 3 and 10, the bigram's
-    # mixing and replaces backout) and DC; #82/#85 XSA. The bigram mixes with per-layer lambdas
-    # (#62/#73), not HEAD's MUDD gates. Every validation runs without FP8, as HEAD's.
+    # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init; DC
+    # attention on layer 10 (#85); #82/#85 XSA (the MUDD gate holds no columns for XSA or DC yet, so its
+    # [2, 41, 64] output weights are [2, 17, 64] here). Every validation runs without FP8, as HEAD's.
     # #73/#77's sublayer form is HEAD's on layers 0-9: x <- r x + p attn(norm(in)) + x0 and bigram terms,
     # x <- r x + p mlp(norm(x)), in = layer 7's output after layer 7 (the lane), layer 3's output added
-    # in place of layer 6's attention (skip_from/skip_to, #53's). What MUDD replaced in HEAD: on layer 10
-    # the four lambdas are per-token MUDD coefficients (its [11, 2] rows stay, unused); the x0 and bigram
-    # terms' lambdas are per-token MUDD-gate outputs (HEAD has no x0 or bigram lambdas); the skip's
-    # 2 sigmoid(w . x0) gate is a MUDD-gate output; backout is a post-loop MUDD mix.
+    # in place of layer 6's attention (skip_from/skip_to, #53's). #81/#85 as HEAD: on layer 10 the four
+    # lambdas, the x0-like and bigram terms and the value-embedding gates are per-token MUDD coefficients
+    # (its [11, 2] rows and its ve gate stay, unused), and MUDD mixes layer 0's input, layer 7's
+    # output and its own input into its values and stream; the x0 and bigram terms' lambdas (layers
+    # 0-9), the skip's factor and the only attention gates (layers 3 and 10) are MUDD-gate outputs;
+    # backout is MUDD's mix after the last layer.
     "head": dict(
         num_steps=1270,
         extension_steps=15,
@@ -280,6 +290,9 @@ PRESETS = {
         sublayer_resid=True,  # #73
         post_lambdas=True,  # #77
         lane_layer=7,  # #77
+        mudd=True,  # #81
+        mudd_gate=True,  # #85
+        attn_gate=False,  # #85: the MUDD gate's on layers 3 and 10 are HEAD's only attention gates
     ),
 }
 
@@ -400,7 +413,8 @@ BOUNDS = {
                      "adam_lr", "adam_wd", "value_embed_lr_mul", "scalar_lr_mul", "adamw_lr", "adamw_wd",
                      "softcap", "shell_lambda", "save_every", "keep_checkpoints", "first_seq_len", "prefix_loss",
                      "ve_init_std", "attn_lr_mul", "head_wd_mul", "value_embed_wd_mul", "bigram_vocab", "bigram_signs",
-                     "bigram_lr_mul", "bigram_wd_mul", "resid_lambda_lr_mul", "context", "lr_warmup_steps", "grad_clip"), NOT_NEGATIVE),
+                     "bigram_lr_mul", "bigram_wd_mul", "resid_lambda_lr_mul", "context", "lr_warmup_steps", "grad_clip",
+                     "mudd_lr_mul", "mudd_gate_lr_mul"), NOT_NEGATIVE),
     **dict.fromkeys(("rope_base", "attn_scale", "adam_eps", "softcap_temp"), POSITIVE),
     **dict.fromkeys(("cooldown_frac", "lr_floor", "muon_momentum", "muon_momentum_start", "muon_beta2",
                      "adam_betas", "scalar_betas", "adamw_betas", "untie_frac", "value_embed_betas",
@@ -506,6 +520,34 @@ def check_model_shape(cfg):
         raise ConfigError(f"--fp8_mlp=true: expected --mlp_activation=relu2 (the FP8 MLP is ReLU^2's), not {cfg.mlp_activation}")
     if cfg.ve_gate == "x_ve" and cfg.gate_dims % 2:
         raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected an even number for --ve_gate=x_ve (half from x, half from ve)")
+    check_mudd(cfg, layers)
+
+
+def check_mudd(cfg, layers):
+    """#81/#85: what MUDD and its gate read and replace must exist."""
+    for name in ("mudd", "mudd_gate"):
+        if getattr(cfg, name) and not cfg.sublayer_resid:
+            raise ConfigError(f"--{name}=true: expected --sublayer_resid=true (its coefficients join the sublayer form's terms)")
+    if cfg.mudd:
+        for name in ("skip_from", "backout_layer"):
+            if getattr(cfg, name) < 0:
+                raise ConfigError(f"--{name}=-1: expected {layers} with --mudd=true (its output is a MUDD source)")
+        if cfg.n_layer - 1 in cfg.no_attn_layers:
+            raise ConfigError(f"--no_attn_layers={show_value(cfg.no_attn_layers)}: expected the last layer to have attention "
+                              "with --mudd=true (MUDD adds to its values)")
+        if cfg.n_head % 2 or cfg.n_head * cfg.head_dim != cfg.d_model:
+            raise ConfigError(f"--n_head={cfg.n_head}: expected an even number of heads of --head_dim={cfg.head_dim} "
+                              f"filling --d_model={cfg.d_model} with --mudd=true (streams are mixed into the values, "
+                              "a gate per half of the heads)")
+    if cfg.mudd_gate:
+        if not 0 <= cfg.mudd_gate_layer < cfg.n_layer:
+            raise ConfigError(f"--mudd_gate_layer={cfg.mudd_gate_layer}: expected {layers}")
+        attn = [i for i in range(cfg.n_layer) if i not in cfg.no_attn_layers]
+        if not set(cfg.mudd_gate_attn) <= set(attn) or len(set(cfg.mudd_gate_attn)) != len(cfg.mudd_gate_attn):
+            raise ConfigError(f"--mudd_gate_attn={show_value(cfg.mudd_gate_attn)}: expected each value a layer with "
+                              f"attention ({show_value(attn)}), each once")
+        if cfg.skip_x0_gate:
+            raise ConfigError("--skip_x0_gate=true: expected false with --mudd_gate=true (the MUDD gate scales the skip)")
 
 
 def config_docs():
@@ -1326,7 +1368,8 @@ COMPUTE_DTYPE = torch.bfloat16  # matmuls run in bf16 on CUDA (on a CPU: the bac
 YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which YaRN fully/never rescales
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
-TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "adam_gate", "bigram")  # stored in Backend.table_dtype
+TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "adam_gate", "bigram",
+               "mudd", "mudd_bias", "mudd_gate", "mudd_gate_bias")  # stored in Backend.table_dtype
 QKV_LAMBDA_INIT, OUT_LAMBDA_INIT = 0.5, 1.0  # the per-layer attention lambdas start here
 GATE_RANGE = 2.0  # #55's value-embedding and skip gates are GATE_RANGE * sigmoid(.): 1 at their zero init
 SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
@@ -1336,6 +1379,7 @@ ATTN_SUBLAYER, MLP_SUBLAYER = 0, 1  # the columns of the [n_layer, 2] sublayer l
 GPT2_STD = 0.02  # GPT-2's init: N(0, 0.02) for every matrix and table
 RESIDUAL_PROJECTIONS = ("attn.o", "mlp.down")  # GPT-2's init scales these (which write into the stream) by 1 / sqrt(2 n_layer)
 ACTIVATIONS = {"relu2": relu2, "gelu": functools.partial(F.gelu, approximate="tanh")}
+BACKOUT_INIT = 0.5  # backout subtracts this share of its layer's output at the start
 SHELL_RADIUS_SQ = 2.0  # the shell penalty's hinge is zero for ||x||^2 >= this * d - SHELL_EPS
 SHELL_EPS = 0.1
 
@@ -1349,8 +1393,8 @@ def norm(x):
 def tag(param, kind, lr_mul=1.0, muon_blocks=1):
     """Label a parameter for the optimizer builder. NorMuon: matrix | gate (normalized per row),
     orthogonalized as `muon_blocks` blocks of rows; Adam: head | embed | value_embed | smear_gate |
-    x0 | scalar | adam_gate | skip_x0_gate | bigram | resid_lambda | lambda (see Optimizers for each
-    one's lr, betas and decay)."""
+    x0 | scalar | adam_gate | skip_x0_gate | bigram | resid_lambda | lambda | mudd | mudd_bias |
+    mudd_gate | mudd_gate_bias | mudd_gate_scale (see Optimizers for each one's lr, betas and decay)."""
     param.kind = kind
     param.lr_mul = lr_mul
     param.muon_blocks = muon_blocks
@@ -1485,6 +1529,13 @@ def output_gate(cfg, act):
     return OutputGate(cfg.d_model, act) if act != "none" else None
 
 
+class HeadInputs(NamedTuple):
+    """Per-token inputs a layer's attention takes from outside the layer (#81/#85's MUDD): `v`
+    [T, H, D] added to the values, `gate` [T, H] scaling each head's output; None: not given."""
+    v: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+
+
 class Attention(nn.Module):
     """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset,
     a per-head output gate and an optional extra softmax slot (sink logit and/or key-value bias)."""
@@ -1542,7 +1593,7 @@ class Attention(nn.Module):
             e = e + scale * (q.float() * self.key_bias).sum(-1)
         return e
 
-    def forward(self, x, ve, rotary, attend, mask, start=0):
+    def forward(self, x, ve, rotary, attend, mask, start=0, heads=HeadInputs()):
         n, h, dh = x.size(0), self.n_head, self.head_dim
         qkv_scale, out_scale = (1.0, 1.0) if self.lambdas is None else self.lambdas
         bq, bk, bv = (None,) * 3 if self.qkv_bias is None else self.qkv_bias.chunk(3)
@@ -1562,6 +1613,8 @@ class Attention(nn.Module):
             k = torch.where(still, torch.cat([k[:1], k[:-1]]), k)
         if ve is not None:
             v = v + self.gated_ve(x, ve)
+        if heads.v is not None:
+            v = v + heads.v
         # one dtype into attention, the compute dtype, whatever autocast and the tables' dtype made
         # of q, k (rms_norm) and v (+ a float32 value embedding)
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
@@ -1570,6 +1623,8 @@ class Attention(nn.Module):
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
+        if heads.gate is not None:
+            y = y * heads.gate.type_as(y)[..., None]
         return F.linear(y.reshape(n, h * dh), out_scale * self.o, self.o_bias)
 
 
@@ -1646,13 +1701,14 @@ class Block(nn.Module):
         self.attn_norm = Norm(cfg) if self.attn is not None else None
         self.mlp_norm = Norm(cfg)
 
-    def forward(self, x, ve, rotary, attend, masks, start=0, resid=None, post=None, inject=None, lane=None):
+    def forward(self, x, ve, rotary, attend, masks, start=0, resid=None, post=None, inject=None, lane=None,
+                heads=HeadInputs()):
         """resid, post: this layer's [2] sublayer lambdas (attention, MLP) or None; inject: added with
         the attention output (#73), dropped by a layer without attention; lane: what the attention
-        reads instead of x (#77)."""
+        reads instead of x (#77); heads: the attention's per-token inputs from MUDD (#81/#85)."""
         if self.attn is not None:
             h = self.attn_norm(x if lane is None else lane)
-            y = self.attn(h, ve, rotary, attend, masks[0] if self.long else masks[1], start)
+            y = self.attn(h, ve, rotary, attend, masks[0] if self.long else masks[1], start, heads)
             x = residual(x, y if self.attn_out_gate is None else self.attn_out_gate(h, y), resid, post, ATTN_SUBLAYER)
             x = x if inject is None else x + inject
         h = self.mlp_norm(x)
@@ -1703,7 +1759,9 @@ class BigramEmbed(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.weight = tag(zeros(cfg.bigram_vocab, d), "bigram", cfg.bigram_lr_mul)
-        self.lambdas = tag(constant(cfg.bigram_lambda_init, (cfg.n_layer,)), "lambda" if cfg.sublayer_resid else "scalar")
+        # #85: under the MUDD gate its per-token coefficients take the lambdas' place
+        self.lambdas = (None if cfg.mudd_gate else
+                        tag(constant(cfg.bigram_lambda_init, (cfg.n_layer,)), "lambda" if cfg.sublayer_resid else "scalar"))
         self.register_buffer("signs", torch.randn(cfg.bigram_signs, d).sign() if cfg.bigram_signs else None)
 
     def forward(self, idx):
@@ -1711,6 +1769,122 @@ class BigramEmbed(nn.Module):
         if self.signs is None:
             return x
         return x * self.signs[bigram_sign_rows(idx, self.signs.size(0))].to(x.dtype)
+
+
+MUDD_DIM = 64  # #81/#85: hidden width of the MUDD and MUDD-gate MLPs
+MUDD_SCALE = 0.1  # #81: MUDD's coefficients are this times its MLP's output (whose bias is stored divided by it)
+MUDD_GATE_SCALE_INIT = 0.1  # #85: the MUDD gate's are a learned scale times its MLP's; the scale starts here
+MUDD_GATE_ATTN_INIT, MUDD_GATE_SKIP_INIT = 0.25, 0.5  # #85: the gate's attention gates and skip factor start here
+# #81, in HEAD's order: the last layer's coefficients (the sources mixed into its values, then into its
+# stream: the first layer's input, backout_layer's output, its own input; its value embedding's gate for
+# the first and the second half of the heads; its sublayer lambdas and the x0-like and bigram terms'),
+# and those of the mix after it (the sources, table 0's value embedding and skip_from's output)
+MUDD_INTO_LAST = ("v_first", "v_backout", "v_self", "first", "backout", "self", "ve_lo", "ve_hi",
+                  "resid_attn", "post_attn", "inject_first", "inject_bigram", "resid_mlp", "post_mlp")
+MUDD_AFTER_LAST = ("first", "backout", "last_input", "ve", "skip")
+
+
+class MuddMLP(nn.Module):
+    """Two small MLPs (d -> MUDD_DIM -> gelu -> outputs) that turn a token's state into per-token
+    coefficients (MUDD, Xiao et al. 2025): how much of an earlier stream, or of a term, each token
+    takes is computed from the token itself. The output weights start at zero, so the coefficients
+    start at their biases: `starts`, a row per MLP, as the lambdas and gates they replace start."""
+
+    def __init__(self, d, starts, scale, kind):
+        super().__init__()
+        bound = 1 / math.sqrt(d)  # nn.Linear's default (kaiming_uniform, a = sqrt(5)), as HEAD's
+        self.w1 = tag(param(torch.empty(2, MUDD_DIM, d).uniform_(-bound, bound), f"uniform(+-{bound:.4g})"), kind)
+        self.w2 = tag(zeros(2, len(starts[0]), MUDD_DIM), kind)
+        # stored divided by the scale, as HEAD's: Adam's steps on them are the scale's size
+        self.b2 = tag(param(torch.tensor(starts) / scale, f"the replaced terms' starts / {scale:g}"), kind + "_bias")
+
+    def coefs(self, x, which, n, scale):
+        """[T, n]: the first n coefficients of MLP `which` for the tokens x [T, d]."""
+        h = F.gelu(F.linear(x, self.w1[which]))
+        return (F.linear(h, self.w2[which, :n]) + self.b2[which, :n]) * scale
+
+
+def mudd_starts(cfg):
+    """#81: each coefficient's start, as what it replaces starts (the value-embedding gates at their
+    2 sigmoid's most); the connections start at 0, but backout's, which starts as backout does."""
+    into = dict(ve_lo=GATE_RANGE, ve_hi=GATE_RANGE, resid_attn=SUBLAYER_RESID_INIT, post_attn=POST_LAMBDA_INIT,
+                inject_bigram=cfg.bigram_lambda_init, resid_mlp=SUBLAYER_RESID_INIT, post_mlp=POST_LAMBDA_INIT)
+    after = dict(backout=-BACKOUT_INIT)
+    return [[into.get(name, 0.0) for name in MUDD_INTO_LAST],
+            [after.get(name, 0.0) for name in MUDD_AFTER_LAST] + [0.0] * (len(MUDD_INTO_LAST) - len(MUDD_AFTER_LAST))]
+
+
+class Mudd(MuddMLP):
+    """#81 MUDD connections as HEAD trims them to the end of the model: per-token coefficients from
+    the stream mix earlier layers' streams into the last layer (its values and its stream), set that
+    layer's sublayer lambdas, x0-like and bigram terms and value-embedding gates, and after it mix the
+    sources into the final stream. The mix after the last layer takes backout's place: the backout
+    layer's coefficient starts at -BACKOUT_INIT."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg.d_model, mudd_starts(cfg), MUDD_SCALE, "mudd")
+        self.n_head = cfg.n_head
+
+    def into_last(self, x, first, backout, ve, bigram, lane, attn_gate):
+        """The last layer's stream and Block keywords from its input x [T, d] (first: the first
+        layer's input; backout: backout_layer's output): the stream recombined with them, the
+        sublayer lambdas and the terms joining the attention output per token, the value embedding
+        ve gated per half of the heads and a mix of the sources added to the values. The attention
+        reads the lane, or else x before the recombination."""
+        mu = dict(zip(MUDD_INTO_LAST, self.coefs(x, 0, len(MUDD_INTO_LAST), MUDD_SCALE).split(1, dim=-1)))
+        v = (mu["v_first"] * first + mu["v_backout"] * backout + mu["v_self"] * x).view(x.size(0), self.n_head, -1)
+        if ve is not None:
+            gate = torch.cat([mu["ve_lo"], mu["ve_hi"]], dim=-1).repeat_interleave(self.n_head // 2, dim=-1)
+            v = gate[..., None] * ve.view(v.shape) + v
+        inject = mu["inject_first"] * first
+        inject = inject if bigram is None else inject + mu["inject_bigram"] * bigram
+        stream = (1 + mu["self"]) * x + mu["first"] * first + mu["backout"] * backout
+        return stream, dict(ve=None, resid=(mu["resid_attn"], mu["resid_mlp"]), post=(mu["post_attn"], mu["post_mlp"]),
+                            inject=inject, lane=x if lane is None else lane, heads=HeadInputs(v, attn_gate))
+
+    def after_last(self, x, first, backout, last_input, ve, skip):
+        """The final stream: the last layer's output x plus per-token shares of the sources, of
+        value-embedding table 0 (ve; None without tables) and of skip_from's output."""
+        mu = dict(zip(MUDD_AFTER_LAST, self.coefs(x, 1, len(MUDD_AFTER_LAST), MUDD_SCALE).split(1, dim=-1)))
+        x = x + mu["first"] * first + mu["backout"] * backout + mu["last_input"] * last_input
+        return (x if ve is None else x + mu["ve"] * ve) + mu["skip"] * skip
+
+
+def mudd_gate_slots(cfg):
+    """#85: the MUDD gate's outputs as (kind, layer, width) in HEAD's order: the attention gates of
+    mudd_gate_attn (one per head), each layer's x0 and bigram coefficients (the last layer's are
+    MUDD's when it is on), the skip's factor. A pair of lists: those for the layers before
+    mudd_gate_layer, read from x0, then the rest, read from that layer's input."""
+    slots = [("attn", i, cfg.n_head) for i in sorted(cfg.mudd_gate_attn)]
+    for i in range(cfg.n_layer - 1 if cfg.mudd else cfg.n_layer):
+        attn = i not in cfg.no_attn_layers  # a layer without attention takes no x0 or bigram term, but layer 0's bigram
+        slots += [("x0", i, 1)] * (cfg.x0_mixing and attn) + [("bigram", i, 1)] * (cfg.bigram_vocab > 0 and (attn or i == 0))
+    slots += [("skip", cfg.skip_to, 1)] * (cfg.skip_from >= 0)
+    return [s for s in slots if s[1] < cfg.mudd_gate_layer], [s for s in slots if s[1] >= cfg.mudd_gate_layer]
+
+
+class MuddGate(MuddMLP):
+    """#85 the MUDD gate: per-token coefficients in place of the x0 and bigram lambdas and the skip's
+    gate, and per-head attention gates on a few layers, from x0 for the early layers and from the
+    stream at mudd_gate_layer for the later ones; all scaled by one learned scale."""
+
+    def __init__(self, cfg):
+        halves = mudd_gate_slots(cfg)
+        start = dict(attn=MUDD_GATE_ATTN_INIT, x0=0.0, bigram=cfg.bigram_lambda_init, skip=MUDD_GATE_SKIP_INIT)
+        rows = [[start[kind] for kind, _, width in half for _ in range(width)] for half in halves]
+        width = max(map(len, rows))
+        super().__init__(cfg.d_model, [row + [0.0] * (width - len(row)) for row in rows], MUDD_GATE_SCALE_INIT, "mudd_gate")
+        self.halves = halves
+        self.scale = tag(constant(MUDD_GATE_SCALE_INIT), "mudd_gate_scale")
+
+    def forward(self, x, half):
+        """{(kind, layer): [T, width]} of half 0 (x: x0) or 1 (x: mudd_gate_layer's input)."""
+        slots = self.halves[half]
+        if not slots:
+            return {}
+        widths = [width for _, _, width in slots]
+        out = self.coefs(x, half, sum(widths), self.scale).split(widths, dim=-1)
+        return {(kind, layer): c for (kind, layer, _), c in zip(slots, out)}
 
 
 GPT2_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2.tiktoken")  # GPT-2's tokens as bytes
@@ -1769,7 +1943,8 @@ class GPT(nn.Module):
         if cfg.x0_mixing:
             if not cfg.sublayer_resid:
                 self.resid_lambdas = tag(constant(1.1, (cfg.n_layer,)), "scalar")
-            self.x0_lambdas = tag(zeros(cfg.n_layer), "lambda" if cfg.sublayer_resid else "x0")
+            if not cfg.mudd_gate:  # #85: the MUDD gate's per-token coefficients take their place
+                self.x0_lambdas = tag(zeros(cfg.n_layer), "lambda" if cfg.sublayer_resid else "x0")
         if cfg.sublayer_resid:
             self.resid_lambdas = tag(constant(SUBLAYER_RESID_INIT, (cfg.n_layer, 2)), "resid_lambda")
         if cfg.post_lambdas:
@@ -1778,10 +1953,12 @@ class GPT(nn.Module):
             self.skip_gate = tag(constant(-1.5), "scalar")
             if cfg.skip_x0_gate:
                 self.skip_x0_gate = tag(zeros(1, cfg.gate_dims), "skip_x0_gate", SKIP_X0_GATE_LR_MUL)
-        if cfg.backout_layer >= 0:
-            self.backout_lambda = tag(constant(0.5), "scalar")
+        if cfg.backout_layer >= 0 and not cfg.mudd:  # #81: MUDD's mix after the last layer takes its place
+            self.backout_lambda = tag(constant(BACKOUT_INIT), "scalar")
         # made last, so switching it on leaves every other parameter's random init as it was
         self.bigram_embed = BigramEmbed(cfg) if cfg.bigram_vocab else None
+        self.mudd = Mudd(cfg) if cfg.mudd else None  # #81
+        self.mudd_gate = MuddGate(cfg) if cfg.mudd_gate else None  # #85
         if cfg.prefix_loss:  # #88: all NO_PREFIX until load_prefix_table(), a buffer the compiled graphs read
             self.register_buffer("prefix_table", torch.full((self.vocab,), NO_PREFIX), persistent=False)
         if cfg.init == "gpt2":
@@ -1847,50 +2024,76 @@ class GPT(nn.Module):
         masks = [attention.mask(docs, w) for w in windows]
         x = x0 = norm(x) if cfg.embed_norm else x
         bigram = self.bigram_embed(idx) if self.bigram_embed is not None else None
+        gate = self.mudd_gate(x0, 0) if self.mudd_gate is not None else {}  # #85: {(kind, layer): coefficients}
         skip = backout = lane = None
         for i, block in enumerate(self.blocks):
+            if i == cfg.mudd_gate_layer and self.mudd_gate is not None:
+                gate = {**gate, **self.mudd_gate(x, 1)}
             if i == cfg.skip_to and skip is not None:
-                x = x + self.skip_scale(x0) * skip
+                x = x + self.skip_scale(x0, gate) * skip
             if cfg.x0_mixing and not cfg.sublayer_resid:
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             if bigram is not None and not (cfg.sublayer_resid and i):  # #73: layer 0's goes in first, as before
-                x = x + self.bigram_embed.lambdas[i] * bigram
+                x = x + self.mix_lambda("bigram", i, gate) * bigram
+            first = x if i == 0 else first  # the first layer's input, a MUDD source (#81)
             table = self.ve_tables[i]
             ve = None if table is None else F.embedding(idx, self.value_embeds[table])
-            x = self.run_block(block, x, ve, self.rotary, attention, masks, start,
-                               self.resid_lambdas[i] if cfg.sublayer_resid else None,
-                               self.post_lambdas[i] if cfg.post_lambdas else None,
-                               self.injection(i, x0, bigram) if cfg.sublayer_resid else None,
-                               lane if i > cfg.lane_layer >= 0 else None)
+            if i == cfg.n_layer - 1 and self.mudd is not None:  # #81
+                last_input = x
+                x, inputs = self.mudd.into_last(x, first, backout, ve, bigram, lane, gate.get(("attn", i)))
+            else:
+                inputs = self.block_inputs(i, block, ve, x0, bigram, lane, gate)
+            x = self.run_block(block, x, rotary=self.rotary, attend=attention, masks=masks, start=start, **inputs)
             if i == cfg.skip_from:
                 skip = x
             if i == cfg.backout_layer:
                 backout = x
             if i == cfg.lane_layer:
                 lane = x
-        if backout is not None:
+        if self.mudd is not None:  # #81
+            ve = F.embedding(idx, self.value_embeds[0]) if cfg.value_embeds else None
+            x = self.mudd.after_last(x, first, backout, last_input, ve, skip)
+        elif backout is not None:
             x = x - self.backout_lambda * backout
         return self.final_norm(x)
 
-    def run_block(self, block, *args):
-        """block(*args); with activation checkpointing only its input is kept for the backward, which
-        runs the block again to get the rest (for GPUs that cannot hold a whole step's activations)."""
-        if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
-        return block(*args)
+    def block_inputs(self, i, block, ve, x0, bigram, lane, gate):
+        """Block i's keywords besides the stream and the attention's (see Block.forward); no terms to
+        join an attention output where there is none."""
+        cfg = self.cfg
+        return dict(ve=ve, resid=self.resid_lambdas[i] if cfg.sublayer_resid else None,
+                    post=self.post_lambdas[i] if cfg.post_lambdas else None,
+                    inject=self.injection(i, x0, bigram, gate) if cfg.sublayer_resid and block.attn is not None else None,
+                    lane=lane if i > cfg.lane_layer >= 0 else None, heads=HeadInputs(gate=gate.get(("attn", i))))
 
-    def injection(self, i, x0, bigram):
+    def run_block(self, block, *args, **kwargs):
+        """block(*args, **kwargs); with activation checkpointing only its input is kept for the backward,
+        which runs the block again to get the rest (for GPUs that cannot hold a whole step's activations)."""
+        if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
+        return block(*args, **kwargs)
+
+    def mix_lambda(self, kind, i, gate):
+        """Layer i's x0 or bigram coefficient: the MUDD gate's, per token (#85), or the learned lambda."""
+        if self.mudd_gate is not None:
+            return gate[(kind, i)]
+        return self.x0_lambdas[i] if kind == "x0" else self.bigram_embed.lambdas[i]
+
+    def injection(self, i, x0, bigram, gate):
         """What layer i adds with its attention output under sublayer_resid (#73): a_i x0, plus b_i
         times the bigram embedding from layer 1 on (layer 0's comes in before the first block)."""
-        inject = self.x0_lambdas[i] * x0 if self.cfg.x0_mixing else None
+        inject = self.mix_lambda("x0", i, gate) * x0 if self.cfg.x0_mixing else None
         if bigram is None or i == 0:
             return inject
-        term = self.bigram_embed.lambdas[i] * bigram
+        term = self.mix_lambda("bigram", i, gate) * bigram
         return term if inject is None else inject + term
 
-    def skip_scale(self, x0):
-        """sigmoid(skip_gate), times 2 sigmoid(w . x0[:gate_dims]) per token with skip_x0_gate (#55)."""
+    def skip_scale(self, x0, gate):
+        """sigmoid(skip_gate), times the MUDD gate's factor (#85) or 2 sigmoid(w . x0[:gate_dims])
+        (#55, skip_x0_gate) per token."""
         scale = torch.sigmoid(self.skip_gate)
+        if self.mudd_gate is not None:
+            return scale * gate[("skip", self.cfg.skip_to)]
         if not self.cfg.skip_x0_gate:
             return scale
         return scale * GATE_RANGE * torch.sigmoid(F.linear(x0[:, : self.cfg.gate_dims], self.skip_x0_gate.type_as(x0)))
@@ -2443,6 +2646,11 @@ class Optimizers:
                 "bigram": (cfg.adam_lr * cfg.bigram_lr_mul, cfg.bigram_betas, wd * cfg.bigram_wd_mul),
                 "resid_lambda": (cfg.adam_lr * cfg.resid_lambda_lr_mul, cfg.lambda_betas, 0.0),
                 "lambda": (cfg.adam_lr, cfg.lambda_betas, 0.0),
+                "mudd": (cfg.adam_lr * cfg.mudd_lr_mul, cfg.scalar_betas, wd),
+                "mudd_bias": (cfg.adam_lr * cfg.mudd_lr_mul, cfg.scalar_betas, 0.0),
+                "mudd_gate": (cfg.adam_lr * cfg.mudd_gate_lr_mul, cfg.scalar_betas, wd),
+                "mudd_gate_bias": (cfg.adam_lr * cfg.mudd_gate_lr_mul, cfg.scalar_betas, 0.0),
+                "mudd_gate_scale": (cfg.adam_lr * cfg.mudd_gate_lr_mul, cfg.scalar_betas, 0.0),
             }
             groups = []
             for kind, (lr, betas, decay) in kinds.items():
@@ -2971,8 +3179,8 @@ def versions_and_hardware():
 
 def matmul_params(cfg):
     """Weights each token is multiplied by in one forward pass: every attention layer's Q, K, V, O
-    and per-head gate, every MLP's up and down, the optional output gates, the smear gate and the
-    head (padded vocabulary). Embedding lookups and scalars do no matmul."""
+    and per-head gate, every MLP's up and down, the optional output gates, the smear gate, the
+    head (padded vocabulary) and the MUDD MLPs, each used once. Embedding lookups and scalars do no matmul."""
     d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
     attn_layers = sum(layer not in cfg.no_attn_layers for layer in range(cfg.n_layer))
     gate_dims = d if cfg.head_gate else cfg.gate_dims
@@ -2984,7 +3192,9 @@ def matmul_params(cfg):
     ve_gates = sum(t is not None and layer not in cfg.no_attn_layers for layer, t in enumerate(value_embed_tables(cfg)))
     ve_gate = cfg.n_head * cfg.gate_dims if cfg.ve_gate != "none" else 0
     skip_gate = cfg.gate_dims if cfg.skip_x0_gate and cfg.skip_from >= 0 else 0
-    return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear + ve_gates * ve_gate + skip_gate
+    mudd = MUDD_DIM * (2 * d + len(MUDD_INTO_LAST) + len(MUDD_AFTER_LAST)) if cfg.mudd else 0
+    mudd_gate = MUDD_DIM * (2 * d + sum(w for half in mudd_gate_slots(cfg) for *_, w in half)) if cfg.mudd_gate else 0
+    return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear + ve_gates * ve_gate + skip_gate + mudd + mudd_gate
 
 
 def attention_flops(cfg, windows, max_seq_len=None):
@@ -3114,8 +3324,8 @@ def parameter_table(model, optimizers):
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     total = sum(p.numel() for _, p in params)
     padding = sum(p[model.cfg.vocab_size :].numel() for _, p in params if p.dim() == 2 and p.size(0) == model.vocab)
-    unpadded = f" ({total - padding} without the padding rows past vocab_size, as nanoGPT counts GPT-2)" if padding else ""
-    return lines + [f"parameters: {total}{unpadded}"]
+    unpadded = [f"without the padding rows past vocab_size, as nanoGPT counts GPT-2: {total - padding}"] if padding else []
+    return lines + unpadded + [f"parameters: {total}"]
 
 
 class RunLog:

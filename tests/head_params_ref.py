@@ -3,9 +3,9 @@ records up to #89): NorMuonAndAdam's defaults, TrainingManager's param_table, an
 inits of GPT.__init__, written in HEAD's own terms (its labels and its banked storage) for the tests
 to hold train_gpt's switches against.
 
-Nothing here is imported from train_gpt. Only the parts that the optimizer-side switches touch are
-transcribed; the MUDD and bigram parameters are listed with their optimizer settings but their
-shapes belong to the helpers that build them.
+Nothing here is imported from train_gpt. Only the parts that the switches touch are transcribed;
+the bigram parameters are listed with their optimizer settings but their shapes belong to the
+helpers that build them.
 """
 import math
 
@@ -76,7 +76,50 @@ SHAPES = {
     # [layer, sublayer]: column 0 the attention, 1 the MLP (#77's form; layer 10's rows unused, MUDD's there)
     "resid_lambdas": ((N_LAYER, 2), None, ("constant", 1.1**0.5)),
     "post_lambdas": ((N_LAYER, 2), None, ("constant", 1.0)),
+    # #81 init_mudd: two MLPs (the last layer's, the one after the loop) D_MODEL -> 64 -> 14 rows; w1
+    # slice by slice with kaiming_uniform_(a=sqrt(5)): uniform(+-sqrt(1/3) * sqrt(3 / D_MODEL))
+    "mudd_w1": ((2, 64, D_MODEL), None, ("uniform", 1 / math.sqrt(D_MODEL))),
+    "mudd_w2": ((2, 14, 64), None, ("zeros",)),
+    "mudd_b2": ((2, 14), None, "MUDD_STARTS / MUDD_SCALE"),
+    # #85 init_mudd_gate: the same shape of MLP pair, 41 rows (the longer of its two halves)
+    "mudd_gate_w1": ((2, 64, D_MODEL), None, ("uniform", 1 / math.sqrt(D_MODEL))),
+    "mudd_gate_w2": ((2, 41, 64), None, ("zeros",)),
+    "mudd_gate_b2": ((2, 41), None, "MUDD_GATE_STARTS by slot / MUDD_GATE_SCALE"),
+    "_mudd_gate_scale": ((), None, ("constant", 0.1)),
 }
+
+# #81 forward_mudd: coefficients = (gelu(x w1[k]^T) w2[k, :n]^T + b2[k, :n]) * MUDD_SCALE, n = 14 at the
+# start of layer 10 (k = 0) and 5 after the loop (k = 1). Their starts (b2 * MUDD_SCALE) by (k, row), the
+# rest 0: layer 10's value-embedding gates (rows 6, 7), residual and post lambdas of attention (8, 9) and
+# MLP (12, 13), bigram lambda (11); after the loop, -0.5 on layer 7's output (row 1: backout's place)
+MUDD_SCALE = 0.1
+MUDD_STARTS = {(0, 6): 2.0, (0, 7): 2.0, (0, 8): 1.1**0.5, (0, 9): 1.0, (0, 11): 0.05, (0, 12): 1.1**0.5,
+               (0, 13): 1.0, (1, 1): -0.5}
+# what each row multiplies. Layer 10 (its input x = h9): rows 0-2 into V, from h0 (layer 0's input, the
+# bigram term included), h7 (layer 7's output), x; rows 3-5 recombine the stream as (1 + m5) x + m3 h0
+# + m4 h7; the value-embedding gate is m6 for the first half of the heads, m7 for the second (no
+# sigmoid); then x <- m8 x + m9 attn + m10 h0 + m11 bigram, x <- m12 x + m13 mlp. After the loop:
+# x <- x + m0 h0 + m1 h7 + m2 h9 + m3 ve(table 0) + m4 h3.
+MUDD_LAYER10_ROWS = 14
+MUDD_AFTER_ROWS = 5
+
+# #85 forward_mudd_gate: the same MLP form times the learned _mudd_gate_scale. Its columns, in order,
+# per half (kind, layer); a "head" kind takes N_HEAD columns, the others one. The first half reads x0,
+# the second the stream entering layer MUDD_GATE_LAYER.
+MUDD_GATE_LAYER = 4
+MUDD_GATE_PRE = [("xsa", 1), ("xsa", 3), ("attn", 3)] + [(k, i) for i in (0, 1, 2, 3) for k in ("x0", "bigram")]
+MUDD_GATE_POST = ([("xsa", 4), ("xsa", 7), ("attn", 10)] + [(k, i) for i in (4, 5, 7, 8, 9) for k in ("x0", "bigram")]
+                  + [("skip", 6), ("dc_w1", 10), ("dc_w2", 10)])
+HEADWISE = {"xsa", "attn", "dc_w1", "dc_w2"}
+MUDD_GATE_SCALE = 0.1
+# starts (b2 * scale) by kind: attention gates multiply the head outputs as they are (no sigmoid); the
+# skip is sigmoid(skip_lambda) * its column; x0 and bigram columns multiply x0 and the bigram embedding
+MUDD_GATE_STARTS = {"xsa": 0.0, "attn": 0.25, "x0": 0.0, "bigram": 0.05, "skip": 0.5, "dc_w1": 1.0, "dc_w2": 0.0}
+ATTN_GATE_LAYERS = (3, 10)  # HEAD's only attention gates: the MUDD gate's
+
+
+def gate_width(kind, n_head=N_HEAD):
+    return n_head if kind in HEADWISE else 1
 
 # which value-embedding table (and which of ve_gate_bank's gates) each layer uses: `.01.....234`
 VE_LAYOUT = [None, 0, 1, None, None, None, None, None, 2, 3, 4]

@@ -113,13 +113,14 @@ def graphs():
 
 
 # HEAD's switches on the same small shape (a value-embedding table on layers 0 and 2, a small bigram
-# table), with its schedule rules
+# table, MUDD into the last layer, the MUDD gate's second half at layer 1), with its schedule rules
 HEAD_SHAPED = SPEEDRUN_SHAPED + [
     "--softcap=23", "--softcap_offset=5", "--ve_layout=0.0", "--ve_init_std=0.01", "--ve_gate=x_ve", "--qk_head_pairs=true",
     "--bigram_vocab=512", "--bigram_signs=64", "--rounded_stages=true", "--first_seq_len=128", "--untie_after_adam=true",
     "--prefix_loss=0.25", "--muon_beta2=0.9", "--attn_lr_mul=1", "--adam_eps=1e-10", "--head_wd_mul=150",
     "--scalar_freeze_steps=0", "--adam_betas=0.5,0.95", "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99",
     "--fp8_mlp=true", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=0",
+    "--mudd=true", "--mudd_gate=true", "--mudd_gate_layer=1", "--mudd_gate_attn=0,2", "--attn_gate=false",
 ]
 
 
@@ -206,6 +207,8 @@ def test_compiled_head_shaped_training_compiles_only_in_the_warmup(tmp_path):
     warmup = len(per_step) - trainer.schedule.total
     assert per_step[warmup:] == [0] * trainer.schedule.total and sum(per_step[:warmup]) >= stage_graphs(trainer.schedule)
     assert graphs() > start and 5 < val_loss < 11
+    # MUDD's and its gate's output weights start at zero: moved, the compiled backward reached them
+    assert trainer.model.mudd.w2.abs().sum() > 0 and trainer.model.mudd_gate.w2.abs().sum() > 0
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, torch.float32), (True, False, torch.bfloat16),

@@ -30,10 +30,10 @@ def test_speedrun_baseline_is_gpt2_small_with_nanogpts_count(capsys):
     assert (cfg.n_layer, cfg.n_head, cfg.head_dim, cfg.d_model, cfg.mlp_hidden, cfg.context) == (12, 12, 64, 768, 3072, 1024)
     assert cfg.no_attn_layers == () and cfg.untie_frac == 1.0 and cfg.muon is False
     tg.main(["--baseline=true", "--dry_run=true"])
-    last = capsys.readouterr().out.splitlines()[-1]
+    last = capsys.readouterr().out.splitlines()[-2:]
     padded, unpadded = gpt2_parameters(50304, 1024, 768, 12), gpt2_parameters(50257, 1024, 768, 12)
     assert unpadded == 124439808  # nanoGPT: "124.44M" for GPT-2 small, the position table included
-    assert last == f"parameters: {padded} ({unpadded} without the padding rows past vocab_size, as nanoGPT counts GPT-2)"
+    assert last == [f"without the padding rows past vocab_size, as nanoGPT counts GPT-2: {unpadded}", f"parameters: {padded}"]
 
 
 def test_baseline_trains_the_presets_tokens_at_one_batch_size():

@@ -743,13 +743,13 @@ HEAD_SWITCHES = ["--softcap=23", "--softcap_offset=5", "--value_embeds=5", "--ve
                  "--ve_init_std=0.01", "--ve_gate=x_ve", "--adam_betas=0.5,0.95", "--adam_eps=1e-10",
                  "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99", "--head_wd_mul=150",
                  "--value_embed_wd_mul=5", "--muon_beta2=0.9", "--attn_lr_mul=1", "--qk_head_pairs=true",
-                 "--scalar_freeze_steps=0", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=7"]
+                 "--scalar_freeze_steps=0", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=7",
+                 "--mudd=true", "--mudd_gate=true", "--attn_gate=false"]
 
 
 def head_label(name):
     """Our parameter name -> (HEAD's label, index of the matrix within its bank's per-layer pair), or None
-    where the HEAD has no counterpart under these switches (x0 and backout lambdas, the attention gate,
-    whose HEAD form MUDD builds)."""
+    where the HEAD has no counterpart under these switches."""
     leaf = name.split(".")[-1]
     if name in ("lm_head", "embed", "smear_gate", "resid_lambdas", "post_lambdas"):
         return name, 0
@@ -765,6 +765,8 @@ def head_label(name):
         return "mlp_bank", int(leaf == "down")  # c_fc even, c_proj odd
     if leaf in ("lambdas", "smear_lambda", "skip_gate"):
         return "scalars", 0
+    if name.startswith(("mudd.", "mudd_gate.")):  # #81/#85
+        return {"mudd_gate.scale": "_mudd_gate_scale"}.get(name, name.replace(".", "_")), 0
     return None
 
 
@@ -799,7 +801,8 @@ def test_head_switches_give_heads_optimizer_settings(head_model):
         assert tuple(betas) == want_betas, name
         checked.add(label)
     assert checked == {"lm_head", "embed", "smear_gate", "value_embeds", "ve_gate_bank", "qk_bank", "vo_bank",
-                       "mlp_bank", "scalars", "resid_lambdas", "post_lambdas"}
+                       "mlp_bank", "scalars", "resid_lambdas", "post_lambdas", "mudd_w1", "mudd_w2", "mudd_b2",
+                       "mudd_gate_w1", "mudd_gate_w2", "mudd_gate_b2", "_mudd_gate_scale"}
     assert all(group["eps"] == hr.ADAM_EPS for group in opt.adam.param_groups)
 
 

@@ -489,7 +489,7 @@ def test_skip_x0_gate_formula():
     with torch.no_grad():
         model.skip_x0_gate.copy_(torch.randn(model.skip_x0_gate.shape, generator=gen))
         want = torch.sigmoid(torch.tensor(-1.5)) * 2 * torch.sigmoid(x0[:, :12] @ model.skip_x0_gate.T)
-        torch.testing.assert_close(model.skip_scale(x0), want)
+        torch.testing.assert_close(model.skip_scale(x0, {}), want)
 
 
 def test_gates_adam_settings():

@@ -531,9 +531,10 @@ def dry_run(tmp_path, flags):
 
 def table_rows(lines):
     """The parameter table's rows as {name: (shape, count, init, optimizer, lr, betas, wd)}, and N
-    from the last line, which must be `parameters: N` (and the count without padding rows, if any)."""
-    total = re.fullmatch(r"parameters: (\d+)(?: \(\d+ without the padding rows past vocab_size, as nanoGPT counts GPT-2\))?", lines[-1])
+    from the last line, which must be `parameters: N` (digits only; the line before it may give nanoGPT's count)."""
+    total = re.fullmatch(r"parameters: (\d+)", lines[-1])
     assert total, lines[-1]
+    lines = lines[:-2] + lines[-1:] if lines[-2].startswith("without the padding rows") else lines
     header = next(i for i, line in enumerate(lines) if line.startswith("parameter "))
     assert re.split(r" {2,}", lines[header]) == ["parameter", "shape", "count", "init", "optimizer", "lr", "betas",
                                                  "weight_decay"]
@@ -605,14 +606,16 @@ def test_dry_run_all_off_is_adamw_on_everything(tmp_path):
 
 def test_dry_run_head_lists_the_sublayer_lambdas(tmp_path):
     """--preset=head: #73/#77's [11, 2] residual (sqrt(1.1), Adam lr 0.008 x 5) and post (1, lr 0.008)
-    lambdas with betas (0.9, 0.95) and no decay, HEAD's param_table; the x0 and bigram lambdas in #73's group."""
+    lambdas with betas (0.9, 0.95) and no decay, HEAD's param_table; no x0, bigram or backout lambdas:
+    the MUDD gate's and MUDD's coefficients (#81/#85: Adam lr 0.008 x 0.25 and x 0.1, betas 0.9, 0.99)."""
     rows, _ = table_rows(dry_run(tmp_path, ["--preset=head"]))
     shape, count, init, *settings = rows["resid_lambdas"]
     assert (shape, count, float(init)) == ((11, 2), 22, pytest.approx(math.sqrt(1.1), rel=1e-5))
     assert settings == ["Adam", pytest.approx(0.04), (0.9, 0.95), 0.0]
     assert rows["post_lambdas"] == ((11, 2), 22, "1", "Adam", pytest.approx(0.008), (0.9, 0.95), 0.0)
-    for name in ("x0_lambdas", "bigram_embed.lambdas"):
-        assert rows[name][:2] == ((11,), 11) and rows[name][3:] == ("Adam", pytest.approx(0.008), (0.9, 0.95), 0.0)
+    assert not {"x0_lambdas", "bigram_embed.lambdas", "backout_lambda"} & set(rows)
+    assert rows["mudd.w2"] == ((2, 14, 64), 2 * 14 * 64, "zeros", "Adam", pytest.approx(0.002), (0.9, 0.99), 0.005)
+    assert rows["mudd_gate.b2"][3:] == ("Adam", pytest.approx(0.0008), (0.9, 0.99), 0.0)
 
 
 def test_dry_run_speedrun_needs_no_gpu_and_matches_the_record(tmp_path):
