@@ -175,6 +175,7 @@ class Config:
     lane_layer: int = -1  # #77: the attention of every later layer reads this layer's output, not the stream (HEAD 7); -1 = off
     resid_lambda_lr_mul: float = 5.0  # #73: Adam learning-rate factor of the per-sublayer residual lambdas
     lambda_betas: tuple = (0.9, 0.95)  # #73: Adam (beta1, beta2) of the sublayer lambdas, and of the x0 and bigram lambdas under sublayer_resid
+    paired_head_layers: tuple = ()  # #58: layers whose heads attend in pairs, each query scoring its partner head's keys too, over a 2T sequence (HEAD 0,2,5,9)
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -227,7 +228,7 @@ PRESETS = {
     # the public HEAD (repo-root train_gpt.py, records up to #89 merged), number for number where a
     # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
     # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
-    # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init;
+    # #57 bf16 weights with a mantissa buffer; #64/#67 attention init;
     # #81/#85 MUDD (which in HEAD also drives the skip, the attention gates on layers 3 and 10, the bigram's
     # mixing and replaces backout) and DC; #82/#85 XSA. The bigram mixes with per-layer lambdas
     # (#62/#73), not HEAD's MUDD gates. Every validation runs without FP8, as HEAD's.
@@ -268,6 +269,7 @@ PRESETS = {
         sublayer_resid=True,  # #73
         post_lambdas=True,  # #77
         lane_layer=7,  # #77
+        paired_head_layers=(0, 2, 5, 9),  # #58
     ),
 }
 
@@ -354,6 +356,11 @@ def parse_scalar(kind, text):
     return value
 
 
+def element_type(default):
+    """The type of a tuple field's values: its default's, or int for an empty default (a list of layers)."""
+    return type(default[0]) if default else int
+
+
 def parse_value(name, text, default):
     """Parse `text` to the type of the field's default (a tuple: of its elements); errors name the flag."""
     try:
@@ -362,9 +369,9 @@ def parse_value(name, text, default):
         parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
         if name in TUPLE_LENGTHS and len(parts) != TUPLE_LENGTHS[name]:
             raise ValueError(f"expected {TUPLE_LENGTHS[name]} values, got {len(parts)}")
-        return tuple(parse_scalar(type(default[0]), p) for p in parts)
+        return tuple(parse_scalar(element_type(default), p) for p in parts)
     except ValueError as e:
-        kind = f"comma-separated {type(default[0]).__name__}s" if isinstance(default, tuple) else type(default).__name__
+        kind = f"comma-separated {element_type(default).__name__}s" if isinstance(default, tuple) else type(default).__name__
         raise ConfigError(f"--{name}={text}: cannot read as {kind} ({e})") from None
 
 
@@ -395,7 +402,7 @@ def check_config(cfg, typed=None):
 def check_model_shape(cfg):
     """Refuse layer indices and widths the model cannot be built with (or would silently ignore)."""
     layers = f"a layer index from 0 to {cfg.n_layer - 1} (--n_layer={cfg.n_layer})"
-    for name in ("no_attn_layers", "long_window_layers"):
+    for name in ("no_attn_layers", "long_window_layers", "paired_head_layers"):
         value = getattr(cfg, name)
         if not all(0 <= v < cfg.n_layer for v in value) or len(set(value)) != len(value):
             raise ConfigError(f"--{name}={show_value(value)}: expected each value {layers}, each once")
@@ -424,6 +431,15 @@ def check_model_shape(cfg):
         raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected at most the width of x and of a value embedding for --ve_gate={cfg.ve_gate}")
     if cfg.qk_head_pairs and cfg.n_head % 2:
         raise ConfigError(f"--n_head={cfg.n_head}: expected an even number for --qk_head_pairs=true")
+    paired = show_value(cfg.paired_head_layers)
+    if set(cfg.paired_head_layers) & set(cfg.no_attn_layers):
+        raise ConfigError(f"--paired_head_layers={paired}: expected layers with attention (not in --no_attn_layers="
+                          f"{show_value(cfg.no_attn_layers)})")
+    if cfg.paired_head_layers and cfg.n_head % 2:
+        raise ConfigError(f"--n_head={cfg.n_head}: expected an even number for --paired_head_layers={paired}")
+    if cfg.paired_head_layers and cfg.sink_metric:
+        raise ConfigError(f"--sink_metric=true: expected --paired_head_layers empty (the metric reads one head's keys "
+                          f"per query, a paired layer's queries read two heads'), not {paired}")
     if cfg.ve_gate == "x_ve" and cfg.gate_dims % 2:
         raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected an even number for --ve_gate=x_ve (half from x, half from ve)")
 
@@ -1337,14 +1353,28 @@ class Rotary(nn.Module):
     def set_extra_state(self, state):
         self.window, self.attn_scale = state["window"], state["attn_scale"]
 
-    def forward(self, x, start=0):
+    def forward(self, x, start=0, paired=False):
         """x [T, H, D] at positions start, ..., start + T - 1: rotate dims i and i + D/2 together
-        by angle t * freqs[i] at position t."""
-        t = torch.arange(start, start + x.size(0), device=x.device, dtype=torch.float32)
-        angle = t[:, None] * self.freqs
-        cos, sin = angle.cos()[:, None], angle.sin()[:, None]
+        by angle t * freqs[i] at position t. Paired heads (#58) turn as in their 2T sequence, at
+        position 2t for even heads and 2t + 1 for odd ones, HEAD's stagger."""
+        t = torch.arange(start, start + x.size(0), device=x.device, dtype=torch.float32)[:, None]
+        if paired:
+            t = 2 * t + torch.arange(x.size(1), device=x.device) % 2
+        angle = t[..., None] * self.freqs
+        cos, sin = angle.cos(), angle.sin()
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+def paired_heads(attend, q, k, v, mask, scale, need_lse):
+    """#58: `attend` over q, k, v [T, H, D] read as [2T, H/2, D], so each query scores two keys per
+    position in one softmax: its own head's and its partner's. The reading is HEAD's (a view of the
+    same memory): position 2t holds heads 0 .. H/2 - 1 of token t, position 2t + 1 the others, so head j
+    pairs with head j + H/2, and sees its partner's key of token t only from position 2t + 1. `mask` is
+    over the 2T positions (GPT.paired_masks). Returns y [T, H, D] and the log-sum-exp [T, H] if asked."""
+    n, h, d = q.shape
+    y, lse = attend(*(t.reshape(2 * n, h // 2, d) for t in (q, k, v)), mask, scale, need_lse)
+    return y.reshape(n, h, d), (None if lse is None else lse.reshape(n, h))
 
 
 def add_slot(y, lse, e, value):
@@ -1380,7 +1410,8 @@ def output_gate(cfg, act):
 
 class Attention(nn.Module):
     """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset,
-    a per-head output gate and an optional extra softmax slot (sink logit and/or key-value bias)."""
+    a per-head output gate, an optional extra softmax slot (sink logit and/or key-value bias) and
+    optionally paired heads (#58)."""
 
     def __init__(self, cfg, layer, dtype=COMPUTE_DTYPE):
         super().__init__()
@@ -1395,7 +1426,9 @@ class Attention(nn.Module):
         self.o = tag(zeros(d, inner), "matrix", lr_mul)
         # learned scales of the QKV and the output weights
         self.lambdas = tag(constants(QKV_LAMBDA_INIT, OUT_LAMBDA_INIT), "scalar") if cfg.attn_lambdas else None
-        self.key_offset = cfg.key_offset and layer in cfg.long_window_layers
+        self.paired = layer in cfg.paired_head_layers  # #58
+        # HEAD shifts no keys on a paired layer
+        self.key_offset = cfg.key_offset and layer in cfg.long_window_layers and not self.paired
         # the per-head gate reads the first gate_dims channels, or all of them with head_gate
         self.gate_dims = d if cfg.head_gate else cfg.gate_dims
         has_gate = cfg.attn_gate or cfg.head_gate
@@ -1437,7 +1470,7 @@ class Attention(nn.Module):
         q = norm(F.linear(x, qkv_scale * self.q).view(n, h, dh))
         k = norm(F.linear(x, qkv_scale * self.k).view(n, h, dh))
         v = F.linear(x, qkv_scale * self.v).view(n, h, dh)
-        q, k = rotary(q, start), rotary(k, start)
+        q, k = rotary(q, start, self.paired), rotary(k, start, self.paired)
         if self.key_offset:
             # the still (non-rotating) dims of each key take the previous token's values, so one
             # layer can match "the token after the one like me": an induction head in one step;
@@ -1450,6 +1483,7 @@ class Attention(nn.Module):
         # one dtype into attention, the compute dtype, whatever autocast and the tables' dtype made
         # of q, k (rms_norm) and v (+ a float32 value embedding)
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
+        attend = functools.partial(paired_heads, attend) if self.paired else attend
         y, lse = attend(q, k, v, mask, rotary.attn_scale, self.has_slot)
         if self.has_slot:
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
@@ -1695,6 +1729,7 @@ class GPT(nn.Module):
         cfg = self.cfg
         docs = (idx == BOS_ID).cumsum(0)
         masks = [attention.mask(docs, w) for w in windows]
+        paired_masks = self.paired_masks(attention, docs, windows) if cfg.paired_head_layers else None
         x = x0 = norm(self.embed_tokens(idx))
         bigram = self.bigram_embed(idx) if self.bigram_embed is not None else None
         skip = backout = lane = None
@@ -1707,7 +1742,8 @@ class GPT(nn.Module):
                 x = x + self.bigram_embed.lambdas[i] * bigram
             table = self.ve_tables[i]
             ve = None if table is None else F.embedding(idx, self.value_embeds[table])
-            x = self.run_block(block, x, ve, self.rotary, attention, masks, start,
+            x = self.run_block(block, x, ve, self.rotary, attention,
+                               paired_masks if i in cfg.paired_head_layers else masks, start,
                                self.resid_lambdas[i] if cfg.sublayer_resid else None,
                                self.post_lambdas[i] if cfg.post_lambdas else None,
                                self.injection(i, x0, bigram) if cfg.sublayer_resid else None,
@@ -1721,6 +1757,14 @@ class GPT(nn.Module):
         if backout is not None:
             x = x - self.backout_lambda * backout
         return norm(x)
+
+    def paired_masks(self, attention, docs, windows):
+        """#58: the (long, short) masks over the paired layers' 2T sequence, each token's document
+        twice; None for a window no paired layer uses. HEAD keeps the window's count of positions, so a
+        paired layer reaches half as many tokens back."""
+        used = {layer in self.cfg.long_window_layers for layer in self.cfg.paired_head_layers}
+        docs = docs.repeat_interleave(2)
+        return [attention.mask(docs, w) if long in used else None for long, w in zip((True, False), windows)]
 
     def run_block(self, block, *args):
         """block(*args); with activation checkpointing only its input is kept for the backward, which
@@ -2751,10 +2795,12 @@ def attention_flops(cfg, windows, max_seq_len=None):
 
     Each query is counted against a full window of keys (itself and the w before it, as FA3's
     window (w, 0)), capped at the step's max_seq_len (None: cfg.max_seq_len; no piece of a document
-    is longer): the causal mask's skipped pairs count, as in the usual 6N + 12 L d T estimate.
+    is longer): the causal mask's skipped pairs count, as in the usual 6N + 12 L d T estimate. A paired
+    layer (#58) has twice the queries and half the heads over pieces twice as long: the same count.
     Forward: 2 FLOPs per multiply-add, for q.k and p.v; backward twice the forward."""
-    long_keys, short_keys = (min(w + 1, max_seq_len or cfg.max_seq_len) for w in windows)
-    keys = sum(long_keys if layer in cfg.long_window_layers else short_keys
+    longest = max_seq_len or cfg.max_seq_len
+    keys = sum(min(windows[0 if layer in cfg.long_window_layers else 1] + 1,
+                   longest * (2 if layer in cfg.paired_head_layers else 1))
                for layer in range(cfg.n_layer) if layer not in cfg.no_attn_layers)
     return 3 * 2 * 2 * cfg.n_head * cfg.head_dim * keys
 
