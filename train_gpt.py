@@ -1729,7 +1729,7 @@ class GPT(nn.Module):
         cfg = self.cfg
         docs = (idx == BOS_ID).cumsum(0)
         masks = [attention.mask(docs, w) for w in windows]
-        paired_masks = self.paired_masks(attention, docs, windows) if cfg.paired_head_layers else None
+        paired_masks = self.paired_masks(attention, idx, windows) if cfg.paired_head_layers else None
         x = x0 = norm(self.embed_tokens(idx))
         bigram = self.bigram_embed(idx) if self.bigram_embed is not None else None
         skip = backout = lane = None
@@ -1758,12 +1758,14 @@ class GPT(nn.Module):
             x = x - self.backout_lambda * backout
         return norm(x)
 
-    def paired_masks(self, attention, docs, windows):
+    def paired_masks(self, attention, idx, windows):
         """#58: the (long, short) masks over the paired layers' 2T sequence, each token's document
         twice; None for a window no paired layer uses. HEAD keeps the window's count of positions, so a
-        paired layer reaches half as many tokens back."""
+        paired layer reaches half as many tokens back. The document ids are a running sum, as for the
+        T sequence: inductor's CPU flex attention reads no ids made by indexing (repeat_interleave)."""
         used = {layer in self.cfg.long_window_layers for layer in self.cfg.paired_head_layers}
-        docs = docs.repeat_interleave(2)
+        starts = idx == BOS_ID
+        docs = torch.stack([starts, torch.zeros_like(starts)], dim=1).flatten().cumsum(0)
         return [attention.mask(docs, w) if long in used else None for long, w in zip((True, False), windows)]
 
     def run_block(self, block, *args):

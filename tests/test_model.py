@@ -1013,7 +1013,7 @@ def test_gpt_paired_layers_use_the_pair_masks_and_flex_equals_blocked(monkeypatc
     assert (hb - hu).abs().max() > 1e-2
     docs = (idx == BOS).cumsum(0)
     short_only = tg.GPT(tg.parse_args(PAIRED + ["--paired_head_layers=0"]), tg.TorchOps, None, torch.float32)
-    long_mask, short_mask = short_only.paired_masks(tg.BlockedAttention(32), docs, windows)
+    long_mask, short_mask = short_only.paired_masks(tg.BlockedAttention(32), idx, windows)
     want_allowed, _ = tg.BlockedAttention(32).mask(docs.repeat_interleave(2), windows[1])
     assert long_mask is None and torch.equal(short_mask[0], want_allowed)
 
