@@ -115,28 +115,33 @@ class KVCache:
 
     def mask(self, docs, window):
         """[step's tokens, context so far]: the keys each query sees, those of its document at most
-        `window` tokens back (FlexAttention's rule), by the context's documents, not `docs`."""
-        q = torch.arange(self.start, self.end, device=self.docs.device)
-        k = torch.arange(self.end, device=self.docs.device)
+        `window` tokens back (FlexAttention's rule), by the context's documents, not `docs`. For a
+        paired layer (#58) `docs` holds each token twice, and so do the rows and columns here."""
+        pair = docs.numel() // (self.end - self.start)
+        ids = self.docs.repeat_interleave(pair)
+        q = torch.arange(pair * self.start, pair * self.end, device=ids.device)
+        k = torch.arange(pair * self.end, device=ids.device)
         back = q[:, None] - k
-        return (self.docs[q][:, None] == self.docs[k]) & (back >= 0) & (back <= window)
+        return (ids[q][:, None] == ids[k]) & (back >= 0) & (back <= window)
 
     def __call__(self, q, k, v, mask, scale, need_lse):
         """The step's queries q [n, H, D] against the cached keys and values and the new tokens'
-        own (the last rows of k and v [n, H, D]); layers call in order, one call each per step."""
+        own (the last rows of k and v [n, H, D]); layers call in order, one call each per step. A
+        paired layer (#58) calls with two rows per token, [2n, H/2, D], and caches two per token."""
+        pair = q.size(0) // (self.end - self.start)
         if self.layer == len(self.keys):  # the first pass: make this layer's room
-            room = (self.model.cfg.max_seq_len, *k.shape[1:])
+            room = (pair * self.model.cfg.max_seq_len, *k.shape[1:])
             self.keys.append(k.new_empty(room))
             self.values.append(v.new_empty(room))
         keys, values = self.keys[self.layer], self.values[self.layer]
         self.layer += 1
-        cached = self.length - self.start
-        keys[self.length : self.end] = k[cached:]
-        values[self.length : self.end] = v[cached:]
-        s = torch.einsum("qhd,khd->hqk", q, keys[: self.end]).float() * scale
+        cached, length, end = (pair * n for n in (self.length - self.start, self.length, self.end))
+        keys[length:end] = k[cached:]
+        values[length:end] = v[cached:]
+        s = torch.einsum("qhd,khd->hqk", q, keys[:end]).float() * scale
         s = s.masked_fill(~mask, float("-inf"))
         lse = s.logsumexp(-1)
-        y = torch.einsum("hqk,khd->qhd", (s - lse[..., None]).exp().to(v.dtype), values[: self.end])
+        y = torch.einsum("hqk,khd->qhd", (s - lse[..., None]).exp().to(v.dtype), values[:end])
         return y, (lse.T if need_lse else None)
 
 

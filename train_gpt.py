@@ -194,6 +194,7 @@ class Config:
     mudd_gate_attn: tuple = (3, 10)  # #85: layers whose heads the MUDD gate scales
     mudd_lr_mul: float = 0.25  # #81: Adam learning-rate factor of the MUDD weights
     mudd_gate_lr_mul: float = 0.1  # #85: Adam learning-rate factor of the MUDD gate
+    paired_head_layers: tuple = ()  # #58: layers whose heads attend in pairs, each query scoring its partner head's keys too, over a 2T sequence (HEAD 0,2,5,9)
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -248,7 +249,7 @@ PRESETS = {
     # the public HEAD (repo-root train_gpt.py, records up to #89 merged), number for number where a
     # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
     # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
-    # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init; DC
+    # #57 bf16 weights with a mantissa buffer; #64/#67 attention init; DC
     # attention on layer 10 (#85); #82/#85 XSA (the MUDD gate holds no columns for XSA or DC yet, so its
     # [2, 41, 64] output weights are [2, 17, 64] here). Every validation runs without FP8, as HEAD's.
     # #73/#77's sublayer form is HEAD's on layers 0-9: x <- r x + p attn(norm(in)) + x0 and bigram terms,
@@ -293,6 +294,7 @@ PRESETS = {
         mudd=True,  # #81
         mudd_gate=True,  # #85
         attn_gate=False,  # #85: the MUDD gate's on layers 3 and 10 are HEAD's only attention gates
+        paired_head_layers=(0, 2, 5, 9),  # #58
     ),
 }
 
@@ -442,6 +444,11 @@ def parse_scalar(kind, text):
     return value
 
 
+def element_type(default):
+    """The type of a tuple field's values: its default's, or int for an empty default (a list of layers)."""
+    return type(default[0]) if default else int
+
+
 def parse_value(name, text, default):
     """Parse `text` to the type of the field's default (a tuple: of its elements); errors name the flag."""
     try:
@@ -450,9 +457,9 @@ def parse_value(name, text, default):
         parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
         if name in TUPLE_LENGTHS and len(parts) != TUPLE_LENGTHS[name]:
             raise ValueError(f"expected {TUPLE_LENGTHS[name]} values, got {len(parts)}")
-        return tuple(parse_scalar(type(default[0]), p) for p in parts)
+        return tuple(parse_scalar(element_type(default), p) for p in parts)
     except ValueError as e:
-        kind = f"comma-separated {type(default[0]).__name__}s" if isinstance(default, tuple) else type(default).__name__
+        kind = f"comma-separated {element_type(default).__name__}s" if isinstance(default, tuple) else type(default).__name__
         raise ConfigError(f"--{name}={text}: cannot read as {kind} ({e})") from None
 
 
@@ -483,7 +490,7 @@ def check_config(cfg, typed=None):
 def check_model_shape(cfg):
     """Refuse layer indices and widths the model cannot be built with (or would silently ignore)."""
     layers = f"a layer index from 0 to {cfg.n_layer - 1} (--n_layer={cfg.n_layer})"
-    for name in ("no_attn_layers", "long_window_layers"):
+    for name in ("no_attn_layers", "long_window_layers", "paired_head_layers"):
         value = getattr(cfg, name)
         if not all(0 <= v < cfg.n_layer for v in value) or len(set(value)) != len(value):
             raise ConfigError(f"--{name}={show_value(value)}: expected each value {layers}, each once")
@@ -518,6 +525,18 @@ def check_model_shape(cfg):
         raise ConfigError(f"--grad_clip={cfg.grad_clip}: expected --muon=false too (the clip is AdamW's), or 0")
     if cfg.fp8_mlp and cfg.mlp_activation != "relu2":
         raise ConfigError(f"--fp8_mlp=true: expected --mlp_activation=relu2 (the FP8 MLP is ReLU^2's), not {cfg.mlp_activation}")
+    paired = show_value(cfg.paired_head_layers)
+    if set(cfg.paired_head_layers) & set(cfg.no_attn_layers):
+        raise ConfigError(f"--paired_head_layers={paired}: expected layers with attention (not in --no_attn_layers="
+                          f"{show_value(cfg.no_attn_layers)})")
+    if cfg.paired_head_layers and cfg.n_head % 2:
+        raise ConfigError(f"--n_head={cfg.n_head}: expected an even number for --paired_head_layers={paired}")
+    if cfg.paired_head_layers and cfg.sink_metric:
+        raise ConfigError(f"--sink_metric=true: expected --paired_head_layers empty (the metric reads one head's keys "
+                          f"per query, a paired layer's queries read two heads'), not {paired}")
+    if cfg.paired_head_layers and (cfg.context or cfg.position_embedding):
+        raise ConfigError(f"--paired_head_layers={paired}: expected --context=0 and rotary positions (paired heads "
+                          "take positions 2t and 2t + 1 within documents)")
     if cfg.ve_gate == "x_ve" and cfg.gate_dims % 2:
         raise ConfigError(f"--gate_dims={cfg.gate_dims}: expected an even number for --ve_gate=x_ve (half from x, half from ve)")
     check_mudd(cfg, layers)
@@ -1488,14 +1507,28 @@ class Rotary(nn.Module):
     def set_extra_state(self, state):
         self.window, self.attn_scale = state["window"], state["attn_scale"]
 
-    def forward(self, x, start=0):
+    def forward(self, x, start=0, paired=False):
         """x [T, H, D] at positions start, ..., start + T - 1: rotate dims i and i + D/2 together
-        by angle t * freqs[i] at position t."""
-        t = torch.arange(start, start + x.size(0), device=x.device, dtype=torch.float32)
-        angle = t[:, None] * self.freqs
-        cos, sin = angle.cos()[:, None], angle.sin()[:, None]
+        by angle t * freqs[i] at position t. Paired heads (#58) turn as in their 2T sequence, at
+        position 2t for even heads and 2t + 1 for odd ones, HEAD's stagger."""
+        t = torch.arange(start, start + x.size(0), device=x.device, dtype=torch.float32)[:, None]
+        if paired:
+            t = 2 * t + torch.arange(x.size(1), device=x.device) % 2
+        angle = t[..., None] * self.freqs
+        cos, sin = angle.cos(), angle.sin()
         x1, x2 = x.float().chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+def paired_heads(attend, q, k, v, mask, scale, need_lse):
+    """#58: `attend` over q, k, v [T, H, D] read as [2T, H/2, D], so each query scores two keys per
+    position in one softmax: its own head's and its partner's. The reading is HEAD's (a view of the
+    same memory): position 2t holds heads 0 .. H/2 - 1 of token t, position 2t + 1 the others, so head j
+    pairs with head j + H/2, and sees its partner's key of token t only from position 2t + 1. `mask` is
+    over the 2T positions (GPT.paired_masks). Returns y [T, H, D] and the log-sum-exp [T, H] if asked."""
+    n, h, d = q.shape
+    y, lse = attend(*(t.reshape(2 * n, h // 2, d) for t in (q, k, v)), mask, scale, need_lse)
+    return y.reshape(n, h, d), (None if lse is None else lse.reshape(n, h))
 
 
 def add_slot(y, lse, e, value):
@@ -1538,7 +1571,8 @@ class HeadInputs(NamedTuple):
 
 class Attention(nn.Module):
     """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset,
-    a per-head output gate and an optional extra softmax slot (sink logit and/or key-value bias)."""
+    a per-head output gate, an optional extra softmax slot (sink logit and/or key-value bias) and
+    optionally paired heads (#58)."""
 
     def __init__(self, cfg, layer, dtype=COMPUTE_DTYPE):
         super().__init__()
@@ -1557,7 +1591,9 @@ class Attention(nn.Module):
         self.qk_norm, self.rope = cfg.qk_norm, not cfg.position_embedding
         # learned scales of the QKV and the output weights
         self.lambdas = tag(constants(QKV_LAMBDA_INIT, OUT_LAMBDA_INIT), "scalar") if cfg.attn_lambdas else None
-        self.key_offset = cfg.key_offset and layer in cfg.long_window_layers
+        self.paired = layer in cfg.paired_head_layers  # #58
+        # HEAD shifts no keys on a paired layer
+        self.key_offset = cfg.key_offset and layer in cfg.long_window_layers and not self.paired
         # the per-head gate reads the first gate_dims channels, or all of them with head_gate
         self.gate_dims = d if cfg.head_gate else cfg.gate_dims
         has_gate = cfg.attn_gate or cfg.head_gate
@@ -1603,7 +1639,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = norm(q), norm(k)
         if self.rope:
-            q, k = rotary(q, start), rotary(k, start)
+            q, k = rotary(q, start, self.paired), rotary(k, start, self.paired)
         if self.key_offset:
             # the still (non-rotating) dims of each key take the previous token's values, so one
             # layer can match "the token after the one like me": an induction head in one step;
@@ -1618,6 +1654,7 @@ class Attention(nn.Module):
         # one dtype into attention, the compute dtype, whatever autocast and the tables' dtype made
         # of q, k (rms_norm) and v (+ a float32 value embedding)
         q, k, v = q.to(self.dtype), k.to(self.dtype), v.to(self.dtype)
+        attend = functools.partial(paired_heads, attend) if self.paired else attend
         y, lse = attend(q, k, v, mask, rotary.attn_scale, self.has_slot)
         if self.has_slot:
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
@@ -2022,6 +2059,7 @@ class GPT(nn.Module):
         else:
             docs = (idx == BOS_ID).cumsum(0)
         masks = [attention.mask(docs, w) for w in windows]
+        paired_masks = self.paired_masks(attention, idx, windows) if cfg.paired_head_layers else None
         x = x0 = norm(x) if cfg.embed_norm else x
         bigram = self.bigram_embed(idx) if self.bigram_embed is not None else None
         gate = self.mudd_gate(x0, 0) if self.mudd_gate is not None else {}  # #85: {(kind, layer): coefficients}
@@ -2043,7 +2081,8 @@ class GPT(nn.Module):
                 x, inputs = self.mudd.into_last(x, first, backout, ve, bigram, lane, gate.get(("attn", i)))
             else:
                 inputs = self.block_inputs(i, block, ve, x0, bigram, lane, gate)
-            x = self.run_block(block, x, rotary=self.rotary, attend=attention, masks=masks, start=start, **inputs)
+            x = self.run_block(block, x, rotary=self.rotary, attend=attention, start=start,
+                               masks=paired_masks if i in cfg.paired_head_layers else masks, **inputs)
             if i == cfg.skip_from:
                 skip = x
             if i == cfg.backout_layer:
@@ -2065,6 +2104,16 @@ class GPT(nn.Module):
                     post=self.post_lambdas[i] if cfg.post_lambdas else None,
                     inject=self.injection(i, x0, bigram, gate) if cfg.sublayer_resid and block.attn is not None else None,
                     lane=lane if i > cfg.lane_layer >= 0 else None, heads=HeadInputs(gate=gate.get(("attn", i))))
+
+    def paired_masks(self, attention, idx, windows):
+        """#58: the (long, short) masks over the paired layers' 2T sequence, each token's document
+        twice; None for a window no paired layer uses. HEAD keeps the window's count of positions, so a
+        paired layer reaches half as many tokens back. The document ids are a running sum, as for the
+        T sequence: inductor's CPU flex attention reads no ids made by indexing (repeat_interleave)."""
+        used = {layer in self.cfg.long_window_layers for layer in self.cfg.paired_head_layers}
+        starts = idx == BOS_ID
+        docs = torch.stack([starts, torch.zeros_like(starts)], dim=1).flatten().cumsum(0)
+        return [attention.mask(docs, w) if long in used else None for long, w in zip((True, False), windows)]
 
     def run_block(self, block, *args, **kwargs):
         """block(*args, **kwargs); with activation checkpointing only its input is kept for the backward,
@@ -3202,10 +3251,12 @@ def attention_flops(cfg, windows, max_seq_len=None):
 
     Each query is counted against a full window of keys (itself and the w before it, as FA3's
     window (w, 0)), capped at the step's max_seq_len (None: cfg.max_seq_len; no piece of a document
-    is longer): the causal mask's skipped pairs count, as in the usual 6N + 12 L d T estimate.
+    is longer): the causal mask's skipped pairs count, as in the usual 6N + 12 L d T estimate. A paired
+    layer (#58) has twice the queries and half the heads over pieces twice as long: the same count.
     Forward: 2 FLOPs per multiply-add, for q.k and p.v; backward twice the forward."""
-    long_keys, short_keys = (min(w + 1, max_seq_len or cfg.max_seq_len) for w in windows)
-    keys = sum(long_keys if layer in cfg.long_window_layers else short_keys
+    longest = max_seq_len or cfg.max_seq_len
+    keys = sum(min(windows[0 if layer in cfg.long_window_layers else 1] + 1,
+                   longest * (2 if layer in cfg.paired_head_layers else 1))
                for layer in range(cfg.n_layer) if layer not in cfg.no_attn_layers)
     return 3 * 2 * 2 * cfg.n_head * cfg.head_dim * keys
 

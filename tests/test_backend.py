@@ -113,13 +113,14 @@ def graphs():
 
 
 # HEAD's switches on the same small shape (a value-embedding table on layers 0 and 2, a small bigram
-# table, MUDD into the last layer, the MUDD gate's second half at layer 1), with its schedule rules
+# table, MUDD into the last layer, the MUDD gate's second half at layer 1, paired heads on the
+# short-window layer 0 and the long-window layer 2), with its schedule rules
 HEAD_SHAPED = SPEEDRUN_SHAPED + [
     "--softcap=23", "--softcap_offset=5", "--ve_layout=0.0", "--ve_init_std=0.01", "--ve_gate=x_ve", "--qk_head_pairs=true",
     "--bigram_vocab=512", "--bigram_signs=64", "--rounded_stages=true", "--first_seq_len=128", "--untie_after_adam=true",
     "--prefix_loss=0.25", "--muon_beta2=0.9", "--attn_lr_mul=1", "--adam_eps=1e-10", "--head_wd_mul=150",
     "--scalar_freeze_steps=0", "--adam_betas=0.5,0.95", "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99",
-    "--fp8_mlp=true", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=0",
+    "--fp8_mlp=true", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=0", "--paired_head_layers=0,2",
     "--mudd=true", "--mudd_gate=true", "--mudd_gate_layer=1", "--mudd_gate_attn=0,2", "--attn_gate=false",
 ]
 
@@ -209,6 +210,37 @@ def test_compiled_head_shaped_training_compiles_only_in_the_warmup(tmp_path):
     assert graphs() > start and 5 < val_loss < 11
     # MUDD's and its gate's output weights start at zero: moved, the compiled backward reached them
     assert trainer.model.mudd.w2.abs().sum() > 0 and trainer.model.mudd_gate.w2.abs().sum() > 0
+
+
+FOUR_HEADS = ["--n_head=4", "--head_dim=16"]
+
+
+def test_compiled_flex_paired_heads_match_the_eager_blocked_attention():
+    """The GPU's path of paired heads (#58): the HEAD-shaped model with flex attention, its 2T
+    sequences' block masks built inside the graph, compiled fullgraph, gives the eager CPU attention's
+    hidden states; three documents over 320 tokens (640 positions, 5 tiles). Four heads, two pair
+    sequences: with one, the [1, 1, 2T, D] input is a view of the rotary's output, which inductor's CPU
+    flex template cannot read (torch 2.13: it unpacks the buffer's 3-d size)."""
+    cfg = tg.parse_args(HEAD_SHAPED + FOUR_HEADS)
+    assert cfg.paired_head_layers == (0, 2) and 2 in cfg.long_window_layers
+    torch.manual_seed(0)
+    model = tg.GPT(cfg, tg.TorchOps, tg.FlexAttention(), torch.float32).eval()  # eval: no FP8 MLP rounding
+    with torch.no_grad():  # the zero-initialized matrices and gates get values, so attention shows
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    idx = torch.randint(0, BOS, (320,), generator=torch.Generator().manual_seed(1))
+    idx[[0, 70, 200]] = BOS
+    windows = (256, 128)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        want = model.hidden(idx, windows, tg.BlockedAttention(128))
+        got = torch.compile(model.hidden, fullgraph=True, dynamic=False)(idx, windows)
+        unpaired = tg.GPT(tg.parse_args(HEAD_SHAPED + FOUR_HEADS + ["--paired_head_layers="]), tg.TorchOps,
+                          tg.BlockedAttention(128), torch.float32).eval()
+        unpaired.load_state_dict(model.state_dict())
+        assert (unpaired.hidden(idx, windows) - want).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, torch.float32), (True, False, torch.bfloat16),

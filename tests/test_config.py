@@ -1,5 +1,6 @@
 """Config: typed overrides, presets, --baseline, --all_off, and clear errors for bad flags (the batch split over
 ranks: tests/test_distributed.py)."""
+import json
 import os
 import re
 import subprocess
@@ -196,6 +197,13 @@ def test_values_are_checked_at_start(arg, expected):
     (["--bigram_vocab=1"], "--bigram_vocab=1: expected 0 (off) or at least 2"),
     (["--lane_layer=6"], "--lane_layer=6: expected a layer index from 0 to 5 (--n_layer=6), or -1 for off"),
     (["--lane_layer=-2"], "--lane_layer=-2: expected a layer index from 0 to 5 (--n_layer=6), or -1 for off"),
+    (["--paired_head_layers=0,6"], "--paired_head_layers=0,6: expected each value a layer index from 0 to 5 (--n_layer=6), each once"),
+    (["--paired_head_layers=1,1"], "--paired_head_layers=1,1: expected each value a layer index from 0 to 5"),
+    (["--paired_head_layers=x"], "--paired_head_layers=x: cannot read as comma-separated ints"),
+    (["--no_attn_layers=3", "--paired_head_layers=0,3"],
+     "--paired_head_layers=0,3: expected layers with attention (not in --no_attn_layers=3)"),
+    (["--paired_head_layers=0", "--n_head=3"], "--n_head=3: expected an even number for --paired_head_layers=0"),
+    (["--paired_head_layers=0", "--sink_metric=true"], "--sink_metric=true: expected --paired_head_layers empty"),
 ])
 def test_the_model_shape_is_checked_at_start(args, expected):
     assert expected in error_message(["--preset=cpu", *args])
@@ -203,6 +211,9 @@ def test_the_model_shape_is_checked_at_start(args, expected):
     tg.parse_args(["--preset=cpu", "--skip_from=-1", "--skip_to=-7", "--head_gate=true", "--gate_dims=300"])
     # a layout is ignored while the value embeddings are off (--baseline turns them off)
     tg.parse_args(["--preset=cpu", "--value_embeds=0", "--ve_layout=.0"])
+    # paired heads on a long-window layer (which then shifts no keys, as HEAD), and none at all
+    assert tg.parse_args(["--preset=cpu", "--paired_head_layers=0,2"]).paired_head_layers == (0, 2)
+    assert tg.parse_args(["--preset=head", "--paired_head_layers="]).paired_head_layers == ()
 
 
 def test_main_prints_one_error_line_and_exits_2(capsys):
@@ -271,10 +282,24 @@ def test_the_readmes_head_table_is_the_presets():
     `head` sets apart from `speedrun` has its row (rows of switches HEAD replaced stay off in both),
     so the table can neither drift nor miss a switch."""
     speedrun, head = tg.parse_args([]), tg.parse_args(["--preset=head"])
-    shown = lambda value: tg.show_value(value) if value != "" else "(#53's)"  # noqa: E731
+    shown = lambda value: {"": "(#53's)", (): "(none)"}.get(value, tg.show_value(value))  # noqa: E731
     rows = readme_head_table()
     assert len(rows) > 20
     for name, speedrun_cell, head_cell in rows:
         assert (speedrun_cell, head_cell) == (shown(getattr(speedrun, name)), shown(getattr(head, name))), name
     differ = {f.name for f in fields(tg.Config) if getattr(speedrun, f.name) != getattr(head, f.name)} - {"preset"}
     assert differ <= {name for name, _, _ in rows}, differ - {name for name, _, _ in rows}
+
+
+def test_head_dry_run_lists_the_paired_layers_and_no_parameter_for_them(capsys):
+    """#58 pairs heads without a parameter of its own: `--preset=head --dry_run=true` shows HEAD's
+    paired layers in its config, and its parameter table is the one without them, row for row."""
+    def dry(*flags):
+        tg.main(["--preset=head", "--dry_run=true", *flags])
+        return capsys.readouterr().out.splitlines()
+
+    paired, plain = dry(), dry("--paired_head_layers=")
+    assert json.loads(paired[1].removeprefix("config: "))["paired_head_layers"] == [0, 2, 5, 9]
+    assert paired[0] == "config: --preset=head --dry_run=true" and "--paired_head_layers= " in plain[0] + " "
+    table = lambda lines: lines[next(i for i, line in enumerate(lines) if line.startswith("parameter ")):]  # noqa: E731
+    assert table(paired) == table(plain) and re.fullmatch(r"parameters: \d+", paired[-1])

@@ -841,3 +841,197 @@ def test_blocked_attention_compiled_gradients_match_float64():
     compiled = grads(torch.compile(attention.__call__, fullgraph=True, dynamic=False), torch.float32)
     for name, got, want in zip("qkv", compiled, grads(attention, torch.float64)):
         assert (got - want).abs().max() < 1e-5 * want.abs().max(), name
+
+
+# ------------------------------------------------------------------------------------------------
+# Paired-head attention (#58): HEAD's 2T sequences against plain masked softmax attention
+# ------------------------------------------------------------------------------------------------
+
+
+def paired_reference(q, k, v, docs, window, scale):
+    """HEAD's paired attention written out, y [T, H, D] and lse [T, H] for q, k, v [T, H, D]: slot j's
+    sequence holds head j of token i at position 2i and head j + H/2 at 2i + 1 (what HEAD's view of
+    [T, H/2, 2D] as [2T, H/2, D] gives); position s sees position r of its document if 0 <= s - r <= window;
+    one plain softmax per slot, its rows handed back to the heads they came from."""
+    n, h, _ = q.shape
+    pos = torch.arange(2 * n)
+    doc = docs[pos // 2]
+    back = pos[:, None] - pos
+    visible = (doc[:, None] == doc) & (back >= 0) & (back <= window)
+    ys, lses = [None] * h, [None] * h
+    for j in range(h // 2):
+        heads = j + (pos % 2) * (h // 2)
+        qs, ks, vs = (t[pos // 2, heads] for t in (q, k, v))
+        s = (qs @ ks.T * scale).masked_fill(~visible, float("-inf"))
+        lse = s.logsumexp(-1)
+        y = torch.softmax(s, -1) @ vs
+        ys[j], ys[j + h // 2] = y[0::2], y[1::2]
+        lses[j], lses[j + h // 2] = lse[0::2], lse[1::2]
+    return torch.stack(ys, 1), torch.stack(lses, 1)
+
+
+PAIRED_BACKENDS = {"blocked": lambda: tg.BlockedAttention(32), "flex": tg.FlexAttention}
+
+
+def paired_attend(backend, q, k, v, docs, window, scale):
+    """tg.paired_heads through `backend`, its mask over the 2T sequence as GPT.paired_masks makes it."""
+    attention = PAIRED_BACKENDS[backend]()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # flex_attention warns that it runs uncompiled
+        mask = attention.mask(docs.repeat_interleave(2), window)
+        return tg.paired_heads(attention, q, k, v, mask, scale, True)
+
+
+@pytest.mark.parametrize("backend", list(PAIRED_BACKENDS))
+def test_paired_heads_by_hand(backend):
+    """One token, all scores equal: head j (position 0) sees only itself; head j + H/2 (position 1)
+    sees its partner's key and its own, half each. Heads j and j + 1 never mix."""
+    h = 4
+    q = k = torch.zeros(1, h, 8)
+    v = torch.randn(1, h, 8)
+    y, lse = paired_attend(backend, q, k, v, torch.zeros(1, dtype=torch.long), 5, 0.3)
+    torch.testing.assert_close(y[0, :2], v[0, :2])
+    torch.testing.assert_close(y[0, 2:], (v[0, :2] + v[0, 2:]) / 2)
+    torch.testing.assert_close(lse[0], torch.tensor([0.0, 0.0, math.log(2), math.log(2)]))
+
+
+@pytest.mark.parametrize("backend", list(PAIRED_BACKENDS))
+@pytest.mark.parametrize("window", [0, 1, 37, 64, 500])
+def test_paired_heads_match_masked_softmax_on_the_interleaved_sequence(backend, window):
+    """Six heads, three documents (70, 50 and 30 tokens, off the 32 and 128 grids): the output and the
+    log-sum-exp of each backend, and the blocked one's q, k, v gradients (flex attention has no CPU
+    backward), equal the float64 reference's."""
+    gen = torch.Generator().manual_seed(window)
+    n, h, d = 150, 6, 16
+    docs = (torch.arange(n) >= 70).long() + (torch.arange(n) >= 120).long()
+    inputs = [torch.randn(n, h, d, generator=gen) for _ in range(3)]
+    out_grad = torch.randn(n, h, d, generator=gen)
+    leaves = [t.clone().requires_grad_(backend == "blocked") for t in inputs]
+    y, lse = paired_attend(backend, *leaves, docs, window, 0.3)
+    ref_leaves = [t.double().requires_grad_() for t in inputs]
+    y_ref, lse_ref = paired_reference(*ref_leaves, docs, window, 0.3)
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), lse_ref, rtol=1e-5, atol=1e-5)
+    if backend == "flex":
+        return
+    (y * out_grad).sum().backward()
+    (y_ref * out_grad.double()).sum().backward()
+    for name, got, want in zip("qkv", leaves, ref_leaves):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_paired_rotary_turns_each_head_at_its_place_in_the_pair_sequence():
+    """HEAD's paired rotary: token t's even heads turn as position 2t, its odd heads as 2t + 1
+    (start counted the same way)."""
+    rot = tg.Rotary(32, 1024.0, 0.1)
+    x = torch.randn(12, 6, 32, generator=torch.Generator().manual_seed(1))
+    start = 5
+    got = rot(x, start, paired=True)
+    for t in range(12):
+        for head in range(6):
+            want = rot(x[t : t + 1, head : head + 1], 2 * (start + t) + head % 2)
+            torch.testing.assert_close(got[t, head], want[0, 0], rtol=1e-6, atol=1e-6)
+
+
+PAIRED = TINY + ["--n_head=4", "--head_dim=16", "--paired_head_layers=0,1"]
+
+
+def paired_layer_reference(attn, rot, x, docs, window):
+    """A paired layer's output by hand: QK-norm; RoPE (dims i and i + D/2 turned by position * freqs[i])
+    at position 2t for even heads, 2t + 1 for odd ones; no key offset; paired_reference; the per-head
+    gate; the output projection."""
+    n, h, d = x.size(0), attn.n_head, attn.head_dim
+    qkv_scale, out_scale = attn.lambdas
+    q, k, v = ((x @ (qkv_scale * w).T).view(n, h, d) for w in (attn.q, attn.k, attn.v))
+    q, k = (t / t.square().mean(-1, keepdim=True).add(torch.finfo(t.dtype).eps).sqrt() for t in (q, k))
+    angle = (2 * torch.arange(n)[:, None] + torch.arange(h) % 2)[..., None] * rot.freqs
+    turn = lambda t: torch.cat([t[..., : d // 2] * angle.cos() + t[..., d // 2 :] * angle.sin(),  # noqa: E731
+                                t[..., d // 2 :] * angle.cos() - t[..., : d // 2] * angle.sin()], -1)
+    y, _ = paired_reference(turn(q), turn(k), v, docs, window, rot.attn_scale)
+    y = y * torch.sigmoid(x[:, : attn.gate.size(1)] @ attn.gate.T)[..., None]
+    return y.reshape(n, h * d) @ (out_scale * attn.o).T
+
+
+@pytest.mark.parametrize("backend", list(PAIRED_BACKENDS))
+@pytest.mark.parametrize("layer", [0, 1])
+def test_paired_layer_matches_a_reference_layer(backend, layer):
+    """The Attention module on a paired layer (a short-window one, and a long-window one whose key
+    offset HEAD drops), through either backend: the output as the reference's, and with the blocked
+    attention (flex attention has no CPU backward) every weight's gradient too."""
+    cfg = tg.parse_args(PAIRED)
+    assert cfg.key_offset and layer in cfg.paired_head_layers
+    torch.manual_seed(layer)
+    attn = tg.Attention(cfg, layer, torch.float32)
+    assert attn.paired and not attn.key_offset
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.normal_(0, 0.3)
+        attn.lambdas.copy_(torch.tensor([0.7, 1.3]))
+    rot = tg.Rotary(cfg.head_dim, cfg.rope_base, cfg.attn_scale)
+    rot.set_window(48, True)
+    rot.set_window(96, True)  # YaRN-rescaled frequencies and scale, as the paired layers share them
+    n, window = 90, 40
+    docs = (torch.arange(n) >= 33).long()
+    x = torch.randn(n, cfg.d_model, generator=torch.Generator().manual_seed(7))
+    attention = PAIRED_BACKENDS[backend]()
+    with warnings.catch_warnings(), torch.set_grad_enabled(backend == "blocked"):
+        warnings.simplefilter("ignore")
+        out = attn(x, None, rot, attention, attention.mask(docs.repeat_interleave(2), window))
+    want = paired_layer_reference(attn, rot, x, docs, window)
+    torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-5)
+    if backend == "flex":
+        return
+    out_grad = torch.randn_like(out)
+    got_grads = torch.autograd.grad((out * out_grad).sum(), list(attn.parameters()))
+    want_grads = torch.autograd.grad((want * out_grad).sum(), list(attn.parameters()))
+    for (name, _), got, exp in zip(attn.named_parameters(), got_grads, want_grads):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_gpt_paired_layers_use_the_pair_masks_and_flex_equals_blocked(monkeypatch):
+    """The model with paired heads on a short (0) and a long (1) layer: flex and blocked attention give
+    the same hidden states, which differ from the unpaired model's; only the windows the paired layers
+    use get a mask over the 2T sequence, and with the switch off none is built."""
+    cfg = tg.parse_args(PAIRED)
+    torch.manual_seed(5)
+    blocked = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+    with torch.no_grad():
+        for p in blocked.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    flex = tg.GPT(cfg, tg.TorchOps, tg.FlexAttention(), torch.float32)
+    flex.load_state_dict(blocked.state_dict())
+    unpaired = tg.GPT(tg.parse_args(PAIRED + ["--paired_head_layers="]), tg.TorchOps, tg.BlockedAttention(32), torch.float32)
+    unpaired.load_state_dict(blocked.state_dict())
+    idx = torch.randint(0, BOS, (200,), generator=torch.Generator().manual_seed(2))
+    idx[[0, 77, 150]] = BOS
+    windows = (64, 32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hb, hf, hu = blocked.hidden(idx, windows), flex.hidden(idx, windows), unpaired.hidden(idx, windows)
+    torch.testing.assert_close(hf, hb, rtol=1e-4, atol=1e-4)
+    assert (hb - hu).abs().max() > 1e-2
+    docs = (idx == BOS).cumsum(0)
+    short_only = tg.GPT(tg.parse_args(PAIRED + ["--paired_head_layers=0"]), tg.TorchOps, None, torch.float32)
+    long_mask, short_mask = short_only.paired_masks(tg.BlockedAttention(32), idx, windows)
+    want_allowed, _ = tg.BlockedAttention(32).mask(docs.repeat_interleave(2), windows[1])
+    assert long_mask is None and torch.equal(short_mask[0], want_allowed)
+
+    def refuse(*args):
+        raise AssertionError("a pair mask built with the switch off")
+
+    monkeypatch.setattr(tg.GPT, "paired_masks", refuse)
+    with torch.no_grad():
+        unpaired.hidden(idx, windows)
+
+
+def test_paired_layers_count_the_same_attention_flops_under_a_doubled_cap():
+    """#58: 2T queries of H/2 heads, each over the window's positions: per token the keys of an unpaired
+    layer, except that a document piece has 2 max_seq_len positions, so the cap doubles. By hand for
+    the cpu shape (6 layers, long windows on 2 and 5, 4 heads of 64) at max_seq_len 64."""
+    off = tg.parse_args(["--preset=cpu"])
+    on = tg.parse_args(["--preset=cpu", "--paired_head_layers=0,2"])
+    per_key = 3 * 2 * 2 * 4 * 64
+    assert tg.attention_flops(on, (32, 16), 64) == tg.attention_flops(off, (32, 16), 64) == per_key * (2 * 33 + 4 * 17)
+    assert tg.attention_flops(off, (200, 100), 64) == per_key * 6 * 64
+    assert tg.attention_flops(on, (200, 100), 64) == per_key * (101 + 128 + 4 * 64)
