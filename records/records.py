@@ -620,6 +620,7 @@ LADDER = [
     ("embed_wd", 55, {"head_wd_mul": HEAD, "value_embed_wd_mul": HEAD}),
     ("adam_betas", 57, {"adam_betas": HEAD, "value_embed_betas": HEAD, "smear_gate_betas": HEAD, "adam_eps": HEAD,
                         "scalar_freeze_steps": HEAD}),
+    ("paired_heads", 58, {"paired_head_layers": HEAD}),
     ("attn_lr", 61, {"attn_lr_mul": HEAD}),
     ("bigram", 62, {"bigram_vocab": HEAD}),
     ("five_value_embeds", 63, {"value_embeds": HEAD}),
@@ -630,8 +631,10 @@ LADDER = [
     ("lane", 77, {"post_lambdas": HEAD, "lane_layer": HEAD}),
     ("muon_beta2", 78, {"muon_beta2": HEAD}),
     ("qk_head_pairs", 80, {"qk_head_pairs": HEAD}),
+    ("mudd", 81, {"mudd": HEAD}),
     ("bigram_signs", 83, {"bigram_signs": HEAD}),
     ("fp8_mlp", 84, {"fp8_mlp": HEAD}),
+    ("mudd_gate", 85, {"mudd_gate": HEAD, "attn_gate": HEAD, "mudd_gate_layer": HEAD, "mudd_gate_attn": HEAD}),
     ("prefix_loss", 88, {"prefix_loss": HEAD}),
 ]
 LENGTH_FIELDS = ("num_steps", "extension_steps")  # HEAD's run length: every rung runs the ladder's length
@@ -642,6 +645,9 @@ CPU_HEAD = dict(
     lane_layer=3,  # HEAD 7: the backout layer, as in HEAD
     first_seq_len=224,  # HEAD 896 of 2048: the same share of 512
     fp8_mlp=False,  # FP8 only pays on a GPU: off, as the cpu preset's fp8_head
+    paired_head_layers=(0, 3),  # HEAD 0,2,5,9: half its short-window attention layers; the cpu's are 0, 1, 3, 4
+    mudd_gate_layer=2,  # HEAD 4: the layer after the skip's source, as the cpu preset has it
+    mudd_gate_attn=(2, 5),  # HEAD 3,10: a middle layer and the last, as the cpu preset has it
 )
 HEAD_AT_SCALE = {"speedrun": {}, "cpu": CPU_HEAD}  # the presets a ladder runs on
 LADDER_FLAGS = ("preset", "baseline", "seed", "run_id", "log_dir")  # set by the ladder, per rung and run
@@ -676,7 +682,7 @@ def as_flags(tg, values):
 def ladder_rungs(tg, preset):
     """LADDER for `preset`, its PRESET and HEAD values read from train_gpt's presets."""
     own = dataclasses.asdict(tg.parse_args([f"--preset={preset}"]))
-    head = {**tg.PRESETS["head"], **HEAD_AT_SCALE[preset]}
+    head = {**dataclasses.asdict(tg.parse_args(["--preset=head"])), **HEAD_AT_SCALE[preset]}
     values = dataclasses.asdict(tg.parse_args([f"--preset={preset}", "--baseline=true"]))
     overrides, rungs = {}, []
     for name, record, switches in LADDER:

@@ -590,8 +590,10 @@ def test_ladder_rungs_are_cumulative_real_fields_from_baseline_to_the_preset_to_
     last_53 = max(i for i, (_, record, _) in enumerate(rt.LADDER) if record <= 53)
     assert configs[last_53] == dataclasses.asdict(tg.parse_args([f"--preset={preset}"]))
     head = {k: v for k, v in tg.PRESETS["head"].items() if k not in rt.LENGTH_FIELDS}
-    scaled = {"speedrun": {}, "cpu": {"ve_layout": ".01234", "lane_layer": 3, "first_seq_len": 224, "fp8_mlp": False}}
-    assert {k: configs[-1][k] for k in head} == {**head, **scaled[preset]}
+    scaled = {"speedrun": {}, "cpu": {"ve_layout": ".01234", "lane_layer": 3, "first_seq_len": 224, "fp8_mlp": False,
+                                      "paired_head_layers": (0, 3), "mudd_gate_layer": 2, "mudd_gate_attn": (2, 5)}}
+    want = {**head, **scaled[preset]}
+    assert {k: configs[-1][k] for k in want} == want
     if preset == "speedrun":
         length = [f"--{k}={getattr(tg.Config, k)}" for k in rt.LENGTH_FIELDS]  # the speedrun's
         top = dataclasses.asdict(tg.parse_args(["--preset=head", *length]))
