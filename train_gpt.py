@@ -175,6 +175,7 @@ class Config:
     lane_layer: int = -1  # #77: the attention of every later layer reads this layer's output, not the stream (HEAD 7); -1 = off
     resid_lambda_lr_mul: float = 5.0  # #73: Adam learning-rate factor of the per-sublayer residual lambdas
     lambda_betas: tuple = (0.9, 0.95)  # #73: Adam (beta1, beta2) of the sublayer lambdas, and of the x0 and bigram lambdas under sublayer_resid
+    xsa_layers: tuple = ()  # #82/#85: layers whose heads drop tanh(a_h) of their output's component along the token's own value (HEAD 1,3,4,7)
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -229,8 +230,9 @@ PRESETS = {
     # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
     # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init;
     # #81/#85 MUDD (which in HEAD also drives the skip, the attention gates on layers 3 and 10, the bigram's
-    # mixing and replaces backout) and DC; #82/#85 XSA. The bigram mixes with per-layer lambdas
-    # (#62/#73), not HEAD's MUDD gates. Every validation runs without FP8, as HEAD's.
+    # mixing and replaces backout) and DC. The bigram mixes with per-layer lambdas (#62/#73), not
+    # HEAD's MUDD gates; XSA's strengths are #82's learned per-head ones, not HEAD's per-token MUDD-gate
+    # outputs. Every validation runs without FP8, as HEAD's.
     # #73/#77's sublayer form is HEAD's on layers 0-9: x <- r x + p attn(norm(in)) + x0 and bigram terms,
     # x <- r x + p mlp(norm(x)), in = layer 7's output after layer 7 (the lane), layer 3's output added
     # in place of layer 6's attention (skip_from/skip_to, #53's). What MUDD replaced in HEAD: on layer 10
@@ -268,6 +270,7 @@ PRESETS = {
         sublayer_resid=True,  # #73
         post_lambdas=True,  # #77
         lane_layer=7,  # #77
+        xsa_layers=(1, 3, 4, 7),  # #82/#85
     ),
 }
 
@@ -355,16 +358,18 @@ def parse_scalar(kind, text):
 
 
 def parse_value(name, text, default):
-    """Parse `text` to the type of the field's default (a tuple: of its elements); errors name the flag."""
+    """Parse `text` to the type of the field's default (a tuple: of its elements, ints if it is empty: a
+    list of layers); errors name the flag."""
+    element = type(default[0]) if isinstance(default, tuple) and default else int
     try:
         if not isinstance(default, tuple):
             return parse_scalar(type(default), text)
         parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
         if name in TUPLE_LENGTHS and len(parts) != TUPLE_LENGTHS[name]:
             raise ValueError(f"expected {TUPLE_LENGTHS[name]} values, got {len(parts)}")
-        return tuple(parse_scalar(type(default[0]), p) for p in parts)
+        return tuple(parse_scalar(element, p) for p in parts)
     except ValueError as e:
-        kind = f"comma-separated {type(default[0]).__name__}s" if isinstance(default, tuple) else type(default).__name__
+        kind = f"comma-separated {element.__name__}s" if isinstance(default, tuple) else type(default).__name__
         raise ConfigError(f"--{name}={text}: cannot read as {kind} ({e})") from None
 
 
@@ -395,10 +400,14 @@ def check_config(cfg, typed=None):
 def check_model_shape(cfg):
     """Refuse layer indices and widths the model cannot be built with (or would silently ignore)."""
     layers = f"a layer index from 0 to {cfg.n_layer - 1} (--n_layer={cfg.n_layer})"
-    for name in ("no_attn_layers", "long_window_layers"):
+    for name in ("no_attn_layers", "long_window_layers", "xsa_layers"):
         value = getattr(cfg, name)
         if not all(0 <= v < cfg.n_layer for v in value) or len(set(value)) != len(value):
             raise ConfigError(f"--{name}={show_value(value)}: expected each value {layers}, each once")
+    for name in ("xsa_layers",):
+        if set(getattr(cfg, name)) & set(cfg.no_attn_layers):
+            raise ConfigError(f"--{name}={show_value(getattr(cfg, name))}: expected layers with attention "
+                              f"(not --no_attn_layers={show_value(cfg.no_attn_layers)})")
     for name in ("skip_from", "backout_layer", "lane_layer"):
         value = getattr(cfg, name)
         if not -1 <= value < cfg.n_layer:
@@ -1246,6 +1255,7 @@ SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
 SUBLAYER_RESID_INIT = 1.1**0.5  # #73: a layer's two residual lambdas start at #53's one per-layer 1.1 together
 POST_LAMBDA_INIT = 1.0  # #73/#77: the sublayer output scales start neutral
 ATTN_SUBLAYER, MLP_SUBLAYER = 0, 1  # the columns of the [n_layer, 2] sublayer lambdas
+XSA_EPS = 1e-8  # #82: a value's squared norm is floored here before dividing by it
 SHELL_RADIUS_SQ = 2.0  # the shell penalty's hinge is zero for ||x||^2 >= this * d - SHELL_EPS
 SHELL_EPS = 0.1
 
@@ -1360,6 +1370,15 @@ def add_slot(y, lse, e, value):
     return out.type_as(y)
 
 
+def exclude_self_value(y, v, alpha):
+    """#82 gated exclusive self attention (arXiv:2603.09078): y_h - tanh(alpha_h) (y_h . v_h / |v_h|^2) v_h
+    for y, v [T, H, D] and alpha [H] (or [T, H]). Attention copies much of a token's own value back
+    into its output, which the residual stream already carries; each head learns how much of that
+    component to drop (none at alpha = 0)."""
+    along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(XSA_EPS)
+    return y - torch.tanh(alpha).type_as(y)[..., None] * along * v
+
+
 class OutputGate(nn.Module):
     """y * act(W_g x): the sublayer input x decides, per channel, how much of its output y passes."""
 
@@ -1380,7 +1399,8 @@ def output_gate(cfg, act):
 
 class Attention(nn.Module):
     """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset,
-    a per-head output gate and an optional extra softmax slot (sink logit and/or key-value bias)."""
+    a per-head output gate, an optional extra softmax slot (sink logit and/or key-value bias) and the
+    gated exclusion of each token's own value (#82)."""
 
     def __init__(self, cfg, layer, dtype=COMPUTE_DTYPE):
         super().__init__()
@@ -1410,6 +1430,7 @@ class Attention(nn.Module):
         self.ve_gate_input = cfg.ve_gate
         has_ve_gate = value_embed_tables(cfg)[layer] is not None and cfg.ve_gate != "none"
         self.ve_gate = tag(zeros(cfg.n_head, cfg.gate_dims), "adam_gate") if has_ve_gate else None
+        self.xsa = tag(zeros(cfg.n_head), "lambda") if layer in cfg.xsa_layers else None  # #82: tanh(0), off at the start
 
     def gated_ve(self, x, ve):
         """The value embedding ve [T, inner] as [T, H, D], each head scaled by its gate (#55/#70):
@@ -1453,6 +1474,8 @@ class Attention(nn.Module):
         y, lse = attend(q, k, v, mask, rotary.attn_scale, self.has_slot)
         if self.has_slot:
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
+        if self.xsa is not None:
+            y = exclude_self_value(y, v, self.xsa)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
         return F.linear(y.reshape(n, h * dh), out_scale * self.o)

@@ -51,6 +51,15 @@ PARAM_TABLE = {
 }
 
 
+# #82/#85: HEAD's XSA layers (its xsa_layers). HEAD makes their strengths per token in the MUDD gate
+# (mudd_gate_* above); record #82 learned them as a parameter of their own, a zero [layer, head] bank
+# stepped by Adam as below (same tuple layout as PARAM_TABLE)
+XSA_LAYERS = [1, 3, 4, 7]
+RECORD_PARAM_TABLE = {
+    "xsa_alphas": ("adam", (0.9, 0.95), 1.0, 0.0),  # #82
+}
+
+
 def padded(n):
     return -(-n // WORLD) * WORLD
 
@@ -76,6 +85,7 @@ SHAPES = {
     # [layer, sublayer]: column 0 the attention, 1 the MLP (#77's form; layer 10's rows unused, MUDD's there)
     "resid_lambdas": ((N_LAYER, 2), None, ("constant", 1.1**0.5)),
     "post_lambdas": ((N_LAYER, 2), None, ("constant", 1.0)),
+    "xsa_alphas": ((N_LAYER, N_HEAD), None, ("zeros",)),  # #82's bank (HEAD: MUDD-gate outputs)
 }
 
 # which value-embedding table (and which of ve_gate_bank's gates) each layer uses: `.01.....234`
@@ -89,7 +99,7 @@ def ve_gate(ve_head, x_head, w):
 
 def adam_settings(label):
     """Adam's (lr, betas, eps, decay coefficient) at lr multiplier 1: the decay is lr^2 * wd * wd_mul."""
-    optim, betas, lr_mul, wd_mul = PARAM_TABLE[label]
+    optim, betas, lr_mul, wd_mul = {**PARAM_TABLE, **RECORD_PARAM_TABLE}[label]
     assert optim == "adam"
     lr = ADAM_LR * lr_mul
     return lr, betas, ADAM_EPS, lr * lr * ADAM_WD * wd_mul

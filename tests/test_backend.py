@@ -119,7 +119,7 @@ HEAD_SHAPED = SPEEDRUN_SHAPED + [
     "--bigram_vocab=512", "--bigram_signs=64", "--rounded_stages=true", "--first_seq_len=128", "--untie_after_adam=true",
     "--prefix_loss=0.25", "--muon_beta2=0.9", "--attn_lr_mul=1", "--adam_eps=1e-10", "--head_wd_mul=150",
     "--scalar_freeze_steps=0", "--adam_betas=0.5,0.95", "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99",
-    "--fp8_mlp=true", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=0",
+    "--fp8_mlp=true", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=0", "--xsa_layers=0",
 ]
 
 
@@ -206,6 +206,28 @@ def test_compiled_head_shaped_training_compiles_only_in_the_warmup(tmp_path):
     warmup = len(per_step) - trainer.schedule.total
     assert per_step[warmup:] == [0] * trainer.schedule.total and sum(per_step[:warmup]) >= stage_graphs(trainer.schedule)
     assert graphs() > start and 5 < val_loss < 11
+
+
+def test_compiled_flex_forward_head_shaped_is_the_cpu_attentions(tmp_path):
+    """HEAD's switches (XSA and DC among them) with the CUDA attention, compiled fullgraph by inductor: a
+    batch's loss is the eager CPU attention's (in eval, without FP8: bf16 round-off apart). DC's read
+    runs the same torch code under both (it is not an attention backend's: flex cannot mix heads'
+    probabilities)."""
+    trainer = compiled_trainer(tmp_path, tg.FlexAttention(), "flex_head", flags=HEAD_SHAPED)
+    model = trainer.model.eval()
+    with torch.no_grad():  # the XSA strengths, DC's w2 rows and the zero-initialized weights alive
+        for name, p in model.named_parameters():
+            if name.endswith((".xsa", ".out_proj")):
+                p.normal_(0, 0.5)
+            elif not p.any():
+                p.normal_(0, 0.02)
+    windows, weights, tokens = trainer.begin_step(0)
+    inputs, targets, _ = trainer.train_loader.next_batch(tokens, trainer.cfg.max_seq_len)
+    with torch.no_grad():
+        got = trainer.forward(inputs, targets, windows, weights)
+        model.attention = tg.BlockedAttention(trainer.cfg.window_block)
+        want = model(inputs, targets, windows, weights)
+    assert torch.isfinite(got) and (got - want).abs() / inputs.numel() < 1e-3, (got, want)
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, torch.float32), (True, False, torch.bfloat16),

@@ -110,11 +110,12 @@ def test_blocked_attention_bf16(packed):
     assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), want, atol=3e-2)
 
 
-def test_gpt_forward_same_with_flex_and_blocked():
-    """The whole model (docs from BOS, two windows, key offset, gates) gives the same hidden states and
-    loss with the CUDA attention (flex, forward only on CPU) as with the CPU one."""
+@pytest.mark.parametrize("flags", [[], ["--xsa_layers=0,2"]])
+def test_gpt_forward_same_with_flex_and_blocked(flags):
+    """The whole model (docs from BOS, two windows, key offset, gates; XSA) gives the same hidden
+    states and loss with the CUDA attention (flex, forward only on CPU) as with the CPU one."""
     cfg = tg.parse_args(TINY + ["--n_layer=4", "--long_window_layers=1,3", "--skip_from=1", "--skip_to=2",
-                                "--backout_layer=2"])
+                                "--backout_layer=2", *flags])
     torch.manual_seed(5)
     blocked = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
     with torch.no_grad():  # give the zero-initialized matrices and gates values so every path matters
@@ -841,3 +842,98 @@ def test_blocked_attention_compiled_gradients_match_float64():
     compiled = grads(torch.compile(attention.__call__, fullgraph=True, dynamic=False), torch.float32)
     for name, got, want in zip("qkv", compiled, grads(attention, torch.float64)):
         assert (got - want).abs().max() < 1e-5 * want.abs().max(), name
+
+
+# ------------------------------------------------------------------------------------------------
+# #82/#85 gated exclusive self attention (XSA)
+# ------------------------------------------------------------------------------------------------
+
+
+def xsa_reference(y, v, alpha):
+    """#82's form: each head's output minus tanh(alpha) times its projection on the unit value v / |v|."""
+    unit = v / v.norm(dim=-1, keepdim=True)
+    return y - torch.tanh(alpha)[..., None] * (y * unit).sum(-1, keepdim=True) * unit
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_xsa_matches_the_records_form_forward_and_gradient(per_token):
+    """alpha [H] (#82's static strengths) or [T, H] (per token, as HEAD's gate makes them): values and
+    the gradients of y, v and alpha match the unit-vector form in float64."""
+    gen = torch.Generator().manual_seed(0)
+    y, v = (torch.randn(40, 3, 16, dtype=torch.float64, generator=gen) for _ in range(2))
+    alpha = torch.randn((40, 3) if per_token else (3,), dtype=torch.float64, generator=gen)
+    weight = torch.randn(40, 3, 16, dtype=torch.float64, generator=gen)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (y, v, alpha)]
+        out = fn(*leaves)
+        (out * weight).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    got, got_grads = run(tg.exclude_self_value)
+    want, want_grads = run(xsa_reference)
+    torch.testing.assert_close(got, want)
+    for name, g, w in zip(("y", "v", "alpha"), got_grads, want_grads):
+        torch.testing.assert_close(g, w, msg=name)
+    # what it is for: the output's component along v keeps 1 - tanh(alpha) of y's
+    a = torch.tanh(alpha)
+    torch.testing.assert_close((got * v).sum(-1), (1 - a) * (y * v).sum(-1))
+
+
+def xsa_model(*flags):
+    cfg = tg.parse_args(TINY + ["--attn_gate=false", "--attn_lambdas=false", *flags])
+    torch.manual_seed(0)
+    return tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+
+
+def test_xsa_parameters_layers_and_optimizer_group():
+    """One zero strength per head on each listed layer (tanh(0) = 0: the layer starts as plain attention),
+    none elsewhere; Adam at adam_lr with the lambdas' betas and no decay, as #82 steps them."""
+    model = xsa_model("--xsa_layers=1")
+    assert model.blocks[0].attn.xsa is None and model.blocks[1].attn.xsa.shape == (2,)
+    assert not model.blocks[1].attn.xsa.any() and model.blocks[1].attn.xsa.init == "zeros"
+    cfg = model.cfg
+    opt = tg.Optimizers(model, cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
+    lr, decay, betas = opt.hyperparams(1.0, cfg.muon_momentum)[model.blocks[1].attn.xsa]
+    assert (lr, decay, tuple(betas)) == (cfg.adam_lr, 0.0, (0.9, 0.95))
+
+
+def test_xsa_layer_output_matches_a_reference_and_starts_as_plain_attention():
+    """The layer's output: the attention's y (spied where the backend returns it) with the records'
+    XSA applied, then the output projection; at alpha = 0, the model without XSA exactly."""
+    model, plain = xsa_model("--xsa_layers=1"), xsa_model()
+    idx = torch.randint(0, 1000, (96,), generator=torch.Generator().manual_seed(1))
+    idx[[0, 50]] = BOS
+    windows = (64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden(idx, windows), plain.hidden(idx, windows), rtol=0, atol=0)
+        attn = model.blocks[1].attn
+        attn.xsa.copy_(torch.tensor([0.7, -1.3]))
+        for p in (attn.o, model.blocks[1].mlp.down):
+            p.normal_(0, 0.05)
+    seen = {}
+
+    def spy(q, k, v, mask, scale, need_lse):
+        seen["v"], (seen["y"], lse) = v, model.attention(q, k, v, mask, scale, need_lse)
+        return seen["y"], lse
+
+    x = torch.randn(96, 64, generator=torch.Generator().manual_seed(2))
+    mask = model.attention.mask((idx == BOS).cumsum(0), windows[0])
+    with torch.no_grad():
+        got = attn(x, None, model.rotary, spy, mask)
+        want = F.linear(xsa_reference(seen["y"], seen["v"], attn.xsa).flatten(1), attn.o)
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, F.linear(seen["y"].flatten(1), attn.o), atol=1e-3)
+
+
+def test_xsa_strengths_get_gradients():
+    model = xsa_model("--xsa_layers=0,1")
+    idx = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    idx[0] = BOS
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.o.normal_(0, 0.05)
+            block.mlp.down.normal_(0, 0.05)
+    model(idx, torch.roll(idx, -1), (64, 32), torch.tensor([1.0])).backward()
+    assert all(block.attn.xsa.grad.abs().min() > 0 for block in model.blocks)
+

@@ -743,7 +743,8 @@ HEAD_SWITCHES = ["--softcap=23", "--softcap_offset=5", "--value_embeds=5", "--ve
                  "--ve_init_std=0.01", "--ve_gate=x_ve", "--adam_betas=0.5,0.95", "--adam_eps=1e-10",
                  "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99", "--head_wd_mul=150",
                  "--value_embed_wd_mul=5", "--muon_beta2=0.9", "--attn_lr_mul=1", "--qk_head_pairs=true",
-                 "--scalar_freeze_steps=0", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=7"]
+                 "--scalar_freeze_steps=0", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=7",
+                 f"--xsa_layers={','.join(map(str, hr.XSA_LAYERS))}"]
 
 
 def head_label(name):
@@ -765,6 +766,8 @@ def head_label(name):
         return "mlp_bank", int(leaf == "down")  # c_fc even, c_proj odd
     if leaf in ("lambdas", "smear_lambda", "skip_gate"):
         return "scalars", 0
+    if leaf == "xsa":
+        return "xsa_alphas", 0  # #82's form (HEAD's strengths are MUDD-gate outputs)
     return None
 
 
@@ -786,7 +789,7 @@ def test_head_switches_give_heads_optimizer_settings(head_model):
         if label is None:
             continue
         label, index = label
-        optim = hr.PARAM_TABLE[label][0]
+        optim = {**hr.PARAM_TABLE, **hr.RECORD_PARAM_TABLE}[label][0]
         lr, decay, betas = table[p]
         if optim == "adam":
             want_lr, want_betas, _, want_decay = hr.adam_settings(label)
@@ -799,7 +802,7 @@ def test_head_switches_give_heads_optimizer_settings(head_model):
         assert tuple(betas) == want_betas, name
         checked.add(label)
     assert checked == {"lm_head", "embed", "smear_gate", "value_embeds", "ve_gate_bank", "qk_bank", "vo_bank",
-                       "mlp_bank", "scalars", "resid_lambdas", "post_lambdas"}
+                       "mlp_bank", "scalars", "resid_lambdas", "post_lambdas", "xsa_alphas"}
     assert all(group["eps"] == hr.ADAM_EPS for group in opt.adam.param_groups)
 
 
@@ -824,6 +827,9 @@ def test_head_switches_give_heads_shapes(head_model):
     assert tuple(params["smear_gate"].shape) == hr.SHAPES["smear_gate"][0]
     for name in ("resid_lambdas", "post_lambdas"):
         assert tuple(params[name].shape) == hr.SHAPES[name][0], name
+    # #82: one strength per head on each XSA layer (its [layer, head] bank's rows, the layers HEAD uses)
+    xsa = {int(name.split(".")[1]): p for name, p in params.items() if name.endswith(".xsa")}
+    assert sorted(xsa) == hr.XSA_LAYERS and {p.shape for p in xsa.values()} == {hr.SHAPES["xsa_alphas"][0][1:]}
 
 
 def test_head_switches_give_heads_inits():
@@ -841,6 +847,7 @@ def test_head_switches_give_heads_inits():
     for name in ("resid_lambdas", "post_lambdas"):
         shape, _, (_, value) = hr.SHAPES[name]
         torch.testing.assert_close(getattr(model, name).detach(), torch.full(shape, value), msg=name)
+    assert all(not block.attn.xsa.any() for i, block in enumerate(model.blocks) if i in hr.XSA_LAYERS)
 
 
 def split_params(generator, blocks):

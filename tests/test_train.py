@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 import pytest
+import head_params_ref as hr
 import record_ref as rr
 import torch
 
@@ -611,6 +612,17 @@ def test_dry_run_head_lists_the_sublayer_lambdas(tmp_path):
     assert rows["post_lambdas"] == ((11, 2), 22, "1", "Adam", pytest.approx(0.008), (0.9, 0.95), 0.0)
     for name in ("x0_lambdas", "bigram_embed.lambdas"):
         assert rows[name][:2] == ((11,), 11) and rows[name][3:] == ("Adam", pytest.approx(0.008), (0.9, 0.95), 0.0)
+
+
+def test_dry_run_head_lists_xsa(tmp_path):
+    """--preset=head: one zero strength per head on each of HEAD's XSA layers (#82's [layer, head] bank,
+    Adam lr 0.008, betas (0.9, 0.95), no decay), none on the others."""
+    rows, _ = table_rows(dry_run(tmp_path, ["--preset=head"]))
+    lr, betas, _, _ = hr.adam_settings("xsa_alphas")
+    want = (hr.SHAPES["xsa_alphas"][0][1:], hr.N_HEAD, "zeros", "Adam", pytest.approx(lr), betas,
+            hr.ADAM_WD * hr.RECORD_PARAM_TABLE["xsa_alphas"][3])
+    xsa = {int(name.split(".")[1]): row for name, row in rows.items() if name.endswith(".xsa")}
+    assert sorted(xsa) == hr.XSA_LAYERS and all(row == want for row in xsa.values())
 
 
 def test_dry_run_speedrun_needs_no_gpu_and_matches_the_record(tmp_path):
