@@ -55,8 +55,15 @@ PARAM_TABLE = {
 # (mudd_gate_* above); record #82 learned them as a parameter of their own, a zero [layer, head] bank
 # stepped by Adam as below (same tuple layout as PARAM_TABLE)
 XSA_LAYERS = [1, 3, 4, 7]
+# #85: DC on layer 10, its attention over `window=112` keys (0 <= query - key < 112, in the document);
+# HEAD's MUDD gate makes its per-token (w1, w2), #85's first version a small MLP per layer, the dc banks
+DC_LAYERS = [10]
+DC_WINDOW = 112
+DC_HIDDEN = 2 * N_HEAD
 RECORD_PARAM_TABLE = {
     "xsa_alphas": ("adam", (0.9, 0.95), 1.0, 0.0),  # #82
+    "dc_w1_bank": ("adam", (0.9, 0.99), 0.25, 0.0),  # #85's first version
+    "dc_w2_bank": ("adam", (0.9, 0.99), 0.25, 0.0),
 }
 
 
@@ -86,6 +93,10 @@ SHAPES = {
     "resid_lambdas": ((N_LAYER, 2), None, ("constant", 1.1**0.5)),
     "post_lambdas": ((N_LAYER, 2), None, ("constant", 1.0)),
     "xsa_alphas": ((N_LAYER, N_HEAD), None, ("zeros",)),  # #82's bank (HEAD: MUDD-gate outputs)
+    # #85's first version, one [hidden, d] and one [2 heads, hidden] per attention layer (layer 10's used)
+    "dc_w1_bank": ((ATTN_LAYERS, DC_HIDDEN, D_MODEL), None, ("normal", math.sqrt(2.0 / (D_MODEL + DC_HIDDEN)))),
+    "dc_w2_bank": ((ATTN_LAYERS, 2 * N_HEAD, DC_HIDDEN), None,
+                   ("the w1 rows normal", math.sqrt(1.0 / DC_HIDDEN) * 2.0 / (N_HEAD + 2.0) * 0.01, "the w2 rows zeros")),
 }
 
 # which value-embedding table (and which of ve_gate_bank's gates) each layer uses: `.01.....234`

@@ -120,6 +120,7 @@ HEAD_SHAPED = SPEEDRUN_SHAPED + [
     "--prefix_loss=0.25", "--muon_beta2=0.9", "--attn_lr_mul=1", "--adam_eps=1e-10", "--head_wd_mul=150",
     "--scalar_freeze_steps=0", "--adam_betas=0.5,0.95", "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99",
     "--fp8_mlp=true", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=0", "--xsa_layers=0",
+    "--dc_layers=2",
 ]
 
 

@@ -744,7 +744,7 @@ HEAD_SWITCHES = ["--softcap=23", "--softcap_offset=5", "--value_embeds=5", "--ve
                  "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99", "--head_wd_mul=150",
                  "--value_embed_wd_mul=5", "--muon_beta2=0.9", "--attn_lr_mul=1", "--qk_head_pairs=true",
                  "--scalar_freeze_steps=0", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=7",
-                 f"--xsa_layers={','.join(map(str, hr.XSA_LAYERS))}"]
+                 f"--xsa_layers={','.join(map(str, hr.XSA_LAYERS))}", f"--dc_layers={','.join(map(str, hr.DC_LAYERS))}"]
 
 
 def head_label(name):
@@ -752,6 +752,8 @@ def head_label(name):
     where the HEAD has no counterpart under these switches (x0 and backout lambdas, the attention gate,
     whose HEAD form MUDD builds)."""
     leaf = name.split(".")[-1]
+    if ".composition." in name:  # #85's first form (HEAD's DC weights are MUDD-gate outputs)
+        return {"in_proj": "dc_w1_bank", "out_proj": "dc_w2_bank"}[leaf], 0
     if name in ("lm_head", "embed", "smear_gate", "resid_lambdas", "post_lambdas"):
         return name, 0
     if name.startswith("value_embeds."):
@@ -802,7 +804,7 @@ def test_head_switches_give_heads_optimizer_settings(head_model):
         assert tuple(betas) == want_betas, name
         checked.add(label)
     assert checked == {"lm_head", "embed", "smear_gate", "value_embeds", "ve_gate_bank", "qk_bank", "vo_bank",
-                       "mlp_bank", "scalars", "resid_lambdas", "post_lambdas", "xsa_alphas"}
+                       "mlp_bank", "scalars", "resid_lambdas", "post_lambdas", "xsa_alphas", "dc_w1_bank", "dc_w2_bank"}
     assert all(group["eps"] == hr.ADAM_EPS for group in opt.adam.param_groups)
 
 
@@ -830,6 +832,10 @@ def test_head_switches_give_heads_shapes(head_model):
     # #82: one strength per head on each XSA layer (its [layer, head] bank's rows, the layers HEAD uses)
     xsa = {int(name.split(".")[1]): p for name, p in params.items() if name.endswith(".xsa")}
     assert sorted(xsa) == hr.XSA_LAYERS and {p.shape for p in xsa.values()} == {hr.SHAPES["xsa_alphas"][0][1:]}
+    # #85: DC's weight MLP on HEAD's DC layers, one matrix of each of its first version's banks
+    for leaf, label in (("in_proj", "dc_w1_bank"), ("out_proj", "dc_w2_bank")):
+        dc = {int(name.split(".")[1]): p for name, p in params.items() if name.endswith(f".composition.{leaf}")}
+        assert sorted(dc) == hr.DC_LAYERS and {p.shape for p in dc.values()} == {hr.SHAPES[label][0][1:]}, label
 
 
 def test_head_switches_give_heads_inits():
@@ -848,6 +854,9 @@ def test_head_switches_give_heads_inits():
         shape, _, (_, value) = hr.SHAPES[name]
         torch.testing.assert_close(getattr(model, name).detach(), torch.full(shape, value), msg=name)
     assert all(not block.attn.xsa.any() for i, block in enumerate(model.blocks) if i in hr.XSA_LAYERS)
+    for i in hr.DC_LAYERS:  # the w1 rows random, the w2 rows zero: DC adds nothing at the start
+        dc = model.blocks[i].attn.composition
+        assert dc.out_proj[: cfg.n_head].abs().sum() > 0 and not dc.out_proj[cfg.n_head :].any()
 
 
 def split_params(generator, blocks):

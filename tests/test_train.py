@@ -614,10 +614,20 @@ def test_dry_run_head_lists_the_sublayer_lambdas(tmp_path):
         assert rows[name][:2] == ((11,), 11) and rows[name][3:] == ("Adam", pytest.approx(0.008), (0.9, 0.95), 0.0)
 
 
-def test_dry_run_head_lists_xsa(tmp_path):
+def test_dry_run_head_lists_xsa_and_dc(tmp_path):
     """--preset=head: one zero strength per head on each of HEAD's XSA layers (#82's [layer, head] bank,
-    Adam lr 0.008, betas (0.9, 0.95), no decay), none on the others."""
+    Adam lr 0.008, betas (0.9, 0.95), no decay), none on the others; DC's weight MLP on HEAD's DC layer
+    (#85's first form: its dc banks' rows for that layer, Adam lr 0.008 x 0.25, betas (0.9, 0.99), no decay)."""
     rows, _ = table_rows(dry_run(tmp_path, ["--preset=head"]))
+    for leaf, label in (("in_proj", "dc_w1_bank"), ("out_proj", "dc_w2_bank")):
+        lr, betas, _, _ = hr.adam_settings(label)
+        dc = {int(name.split(".")[1]): row for name, row in rows.items() if name.endswith(f".composition.{leaf}")}
+        shape = hr.SHAPES[label][0][1:]
+        assert sorted(dc) == hr.DC_LAYERS, label
+        assert all(row[:2] + row[3:] == (shape, math.prod(shape), "Adam", pytest.approx(lr), betas, 0.0)
+                   for row in dc.values()), label
+    init = rows[f"blocks.{hr.DC_LAYERS[0]}.attn.composition.in_proj"][2]
+    assert float(re.fullmatch(r"normal\(0, ([\d.e-]+)\)", init)[1]) == pytest.approx(hr.SHAPES["dc_w1_bank"][2][1], rel=1e-4)
     lr, betas, _, _ = hr.adam_settings("xsa_alphas")
     want = (hr.SHAPES["xsa_alphas"][0][1:], hr.N_HEAD, "zeros", "Adam", pytest.approx(lr), betas,
             hr.ADAM_WD * hr.RECORD_PARAM_TABLE["xsa_alphas"][3])
