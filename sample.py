@@ -105,6 +105,8 @@ class KVCache:
         max_seq_len), which continues the context cached so far: softcapped_logits' last row."""
         model, cfg = self.model, self.model.cfg
         idx = torch.tensor(context, device=self.head.device)
+        if cfg.dc_layers:  # DC (#85) mixes every head's attention over its window: keys and values are not enough
+            return softcapped_logits(model, idx, self.windows, last_only=True)[0]
         self.start, self.end = max(0, self.length - RERUN), len(context)
         self.docs = (idx == tg.BOS_ID).cumsum(0)  # the model counts from the step's first token
         self.layer = 0

@@ -195,6 +195,8 @@ class Config:
     mudd_lr_mul: float = 0.25  # #81: Adam learning-rate factor of the MUDD weights
     mudd_gate_lr_mul: float = 0.1  # #85: Adam learning-rate factor of the MUDD gate
     paired_head_layers: tuple = ()  # #58: layers whose heads attend in pairs, each query scoring its partner head's keys too, over a 2T sequence (HEAD 0,2,5,9)
+    xsa_layers: tuple = ()  # #82/#85: layers whose heads drop tanh(a_h) of their output's component along the token's own value (HEAD 1,3,4,7)
+    dc_layers: tuple = ()  # #85: layers whose heads also read the values through a per-token mix of every head's attention over its last 112 keys (HEAD 10)
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -249,9 +251,11 @@ PRESETS = {
     # the public HEAD (repo-root train_gpt.py, records up to #89 merged), number for number where a
     # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
     # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
-    # #57 bf16 weights with a mantissa buffer; #64/#67 attention init; DC
-    # attention on layer 10 (#85); #82/#85 XSA (the MUDD gate holds no columns for XSA or DC yet, so its
-    # [2, 41, 64] output weights are [2, 17, 64] here). Every validation runs without FP8, as HEAD's.
+    # #57 bf16 weights with a mantissa buffer; #64/#67 attention init. XSA's strengths are #82's learned
+    # per-head ones and DC's weights come from #85's first form (a small MLP per layer), not HEAD's
+    # per-token MUDD-gate outputs (the MUDD gate holds no columns for them yet, so its [2, 41, 64] output
+    # weights are [2, 17, 64] here); DC's read is a torch twin of HEAD's Triton kernel. Every validation
+    # runs without FP8, as HEAD's.
     # #73/#77's sublayer form is HEAD's on layers 0-9: x <- r x + p attn(norm(in)) + x0 and bigram terms,
     # x <- r x + p mlp(norm(x)), in = layer 7's output after layer 7 (the lane), layer 3's output added
     # in place of layer 6's attention (skip_from/skip_to, #53's). #81/#85 as HEAD: on layer 10 the four
@@ -295,6 +299,8 @@ PRESETS = {
         mudd_gate=True,  # #85
         attn_gate=False,  # #85: the MUDD gate's on layers 3 and 10 are HEAD's only attention gates
         paired_head_layers=(0, 2, 5, 9),  # #58
+        xsa_layers=(1, 3, 4, 7),  # #82/#85
+        dc_layers=(10,),  # #85
     ),
 }
 
@@ -490,10 +496,14 @@ def check_config(cfg, typed=None):
 def check_model_shape(cfg):
     """Refuse layer indices and widths the model cannot be built with (or would silently ignore)."""
     layers = f"a layer index from 0 to {cfg.n_layer - 1} (--n_layer={cfg.n_layer})"
-    for name in ("no_attn_layers", "long_window_layers", "paired_head_layers"):
+    for name in ("no_attn_layers", "long_window_layers", "paired_head_layers", "xsa_layers", "dc_layers"):
         value = getattr(cfg, name)
         if not all(0 <= v < cfg.n_layer for v in value) or len(set(value)) != len(value):
             raise ConfigError(f"--{name}={show_value(value)}: expected each value {layers}, each once")
+    for name in ("xsa_layers", "dc_layers"):
+        if set(getattr(cfg, name)) & set(cfg.no_attn_layers):
+            raise ConfigError(f"--{name}={show_value(getattr(cfg, name))}: expected layers with attention "
+                              f"(not --no_attn_layers={show_value(cfg.no_attn_layers)})")
     for name in ("skip_from", "backout_layer", "lane_layer"):
         value = getattr(cfg, name)
         if not -1 <= value < cfg.n_layer:
@@ -534,6 +544,10 @@ def check_model_shape(cfg):
     if cfg.paired_head_layers and cfg.sink_metric:
         raise ConfigError(f"--sink_metric=true: expected --paired_head_layers empty (the metric reads one head's keys "
                           f"per query, a paired layer's queries read two heads'), not {paired}")
+    shared = sorted(set(cfg.paired_head_layers) & (set(cfg.xsa_layers) | set(cfg.dc_layers)))
+    if shared:
+        raise ConfigError(f"--paired_head_layers={paired}: expected no layer that is also in --xsa_layers or --dc_layers "
+                          f"(HEAD runs XSA and DC on unpaired layers only), but {show_value(tuple(shared))} is")
     if cfg.paired_head_layers and (cfg.context or cfg.position_embedding):
         raise ConfigError(f"--paired_head_layers={paired}: expected --context=0 and rotary positions (paired heads "
                           "take positions 2t and 2t + 1 within documents)")
@@ -754,13 +768,14 @@ class BlockedAttention:
         rows = torch.arange(blocks, device=t.device)[:, None] * b + torch.arange(span + b, device=t.device)
         return F.pad(t, (0, 0, 0, 0, span, blocks * b - t.size(0)))[rows]
 
-    def scores(self, q, k, mask, scale):
+    @staticmethod
+    def scores(q, k, mask, scale):
         """Masked attention logits per block [blocks, H, block, span + block], fp32."""
         allowed, span = mask
         blocks, b, _ = allowed.shape
         n = q.size(0)
         q_blocks = F.pad(q, (0, 0, 0, 0, 0, blocks * b - n)).view(blocks, b, *q.shape[1:]).transpose(1, 2)
-        k_blocks = self.key_blocks(k, span, blocks, b).permute(0, 2, 3, 1)
+        k_blocks = BlockedAttention.key_blocks(k, span, blocks, b).permute(0, 2, 3, 1)
         s = (q_blocks @ k_blocks).float() * scale
         return s.masked_fill(~allowed[:, None], float("-inf"))
 
@@ -1015,6 +1030,22 @@ class TorchOps:
         on the same softcapped logits and logsumexp, except where p_i is NO_PREFIX.
         """
         return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, False, prefix_targets, prefix_weight)
+
+    @staticmethod
+    def composed_attention(q, k, v, w1, mask, scale):
+        """#85 DC's read: out_h[t] = sum_g w1[t, g] sum_j P_g[t, j] v_h[j] for q, k, v [T, H, D] and
+        w1 [T, H], P_g head g's softmax over the keys `mask` allows (a BlockedAttention mask), from
+        fp32 scores as HEAD's kernel has them; [T, H, D] in v's dtype. HEAD fuses it in a Triton
+        kernel (dc_triton_kernels.py); this torch form runs on every device (compiled on the GPU)."""
+        allowed, span = mask
+        blocks, b, _ = allowed.shape
+        n, h, dh = v.shape
+        with torch.autocast(q.device.type, enabled=False):
+            p = BlockedAttention.scores(q.float(), k.float(), mask, scale).softmax(-1)  # [blocks, H, b, keys]
+            w = F.pad(w1.float(), (0, 0, 0, blocks * b - n)).view(blocks, b, h).transpose(1, 2)
+            mixed = (p * w[..., None]).sum(1)  # [blocks, b, keys]: the heads' attention, mixed per query
+        values = BlockedAttention.key_blocks(v, span, blocks, b).flatten(2)  # [blocks, keys, H * D]
+        return (mixed.to(v.dtype) @ values).view(blocks * b, h, dh)[:n]
 
     @staticmethod
     def stablemax_mtp_ce(logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None):
@@ -1388,7 +1419,7 @@ YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which Ya
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
 TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "adam_gate", "bigram",
-               "mudd", "mudd_bias", "mudd_gate", "mudd_gate_bias")  # stored in Backend.table_dtype
+               "mudd", "mudd_bias", "mudd_gate", "mudd_gate_bias", "dc")  # stored in Backend.table_dtype
 QKV_LAMBDA_INIT, OUT_LAMBDA_INIT = 0.5, 1.0  # the per-layer attention lambdas start here
 GATE_RANGE = 2.0  # #55's value-embedding and skip gates are GATE_RANGE * sigmoid(.): 1 at their zero init
 SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
@@ -1399,6 +1430,12 @@ GPT2_STD = 0.02  # GPT-2's init: N(0, 0.02) for every matrix and table
 RESIDUAL_PROJECTIONS = ("attn.o", "mlp.down")  # GPT-2's init scales these (which write into the stream) by 1 / sqrt(2 n_layer)
 ACTIVATIONS = {"relu2": relu2, "gelu": functools.partial(F.gelu, approximate="tanh")}
 BACKOUT_INIT = 0.5  # backout subtracts this share of its layer's output at the start
+XSA_EPS = 1e-8  # #82: a value's squared norm is floored here before dividing by it
+DC_WINDOW = 112  # #85: DC's attention spans a query's last 112 keys in its document, itself included
+DC_BLOCK = 64  # queries per block of DC's scores (each block scores DC_BLOCK + 128 keys)
+DC_NORM_EPS = 1e-6  # #85: eps of w1's RMS norm across heads
+DC_LR_MUL = 0.25  # #85: Adam learning-rate factor of DC's weight MLP (betas: scalar_betas, no decay)
+DC_W1_INIT_SCALE = 0.01  # #85: the mixer's w1 rows start at this fraction of a 2 / (H + 2)-scaled Xavier std
 SHELL_RADIUS_SQ = 2.0  # the shell penalty's hinge is zero for ||x||^2 >= this * d - SHELL_EPS
 SHELL_EPS = 0.1
 
@@ -1413,7 +1450,7 @@ def tag(param, kind, lr_mul=1.0, muon_blocks=1):
     """Label a parameter for the optimizer builder. NorMuon: matrix | gate (normalized per row),
     orthogonalized as `muon_blocks` blocks of rows; Adam: head | embed | value_embed | smear_gate |
     x0 | scalar | adam_gate | skip_x0_gate | bigram | resid_lambda | lambda | mudd | mudd_bias |
-    mudd_gate | mudd_gate_bias | mudd_gate_scale (see Optimizers for each one's lr, betas and decay)."""
+    mudd_gate | mudd_gate_bias | mudd_gate_scale | dc (see Optimizers for each one's lr, betas and decay)."""
     param.kind = kind
     param.lr_mul = lr_mul
     param.muon_blocks = muon_blocks
@@ -1544,6 +1581,15 @@ def add_slot(y, lse, e, value):
     return out.type_as(y)
 
 
+def exclude_self_value(y, v, alpha):
+    """#82 gated exclusive self attention (arXiv:2603.09078): y_h - tanh(alpha_h) (y_h . v_h / |v_h|^2) v_h
+    for y, v [T, H, D] and alpha [H] (or [T, H]). Attention copies much of a token's own value back
+    into its output, which the residual stream already carries; each head learns how much of that
+    component to drop (none at alpha = 0)."""
+    along = (y * v).sum(-1, keepdim=True) / v.square().sum(-1, keepdim=True).clamp_min(XSA_EPS)
+    return y - torch.tanh(alpha).type_as(y)[..., None] * along * v
+
+
 class OutputGate(nn.Module):
     """y * act(W_g x): the sublayer input x decides, per channel, how much of its output y passes."""
 
@@ -1569,12 +1615,43 @@ class HeadInputs(NamedTuple):
     gate: torch.Tensor | None = None
 
 
+class HeadComposition(nn.Module):
+    """#85 lightweight dynamically composable attention (DCFormer, arXiv:2405.08553), post-only and
+    rank 1: every head h also reads its values through a per-token mix of all heads' attention over
+    the last DC_WINDOW keys, y_h += w2_h sum_g w1_g P_g v_h, so a head can borrow where the others
+    look. (w1, w2) [T, H] come from the attention's input by a small MLP (#85's first form; HEAD's
+    MUDD gate makes them), w1 RMS-normed across heads; w2 starts at zero: plain attention at first."""
+
+    def __init__(self, cfg, ops):
+        super().__init__()
+        h, d = cfg.n_head, cfg.d_model
+        hidden = 2 * h
+        self.ops = ops
+        self.in_proj = tag(normal(hidden, d, math.sqrt(2 / (d + hidden))), "dc")
+        std = math.sqrt(1 / hidden) * 2 / (h + 2) * DC_W1_INIT_SCALE
+        self.out_proj = tag(param(torch.cat([torch.randn(h, hidden) * std, torch.zeros(h, hidden)]),
+                              f"rows 0-{h - 1} (w1) normal(0, {std:.4g}), rows {h}-{2 * h - 1} (w2) zeros"), "dc")
+
+    @staticmethod
+    def mask(docs):
+        """The keys DC's attention sees, for documents `docs` [T]: DC_WINDOW, itself included."""
+        return BlockedAttention(DC_BLOCK).mask(docs, DC_WINDOW - 1)
+
+    def forward(self, y, x, q, k, v, mask, scale):
+        """y [T, H, D] plus each head's composed read, from the attention input x [T, d] and q, k, v."""
+        hidden = F.gelu(F.linear(x, self.in_proj.type_as(x)), approximate="tanh")
+        w1, w2 = F.linear(hidden, self.out_proj.type_as(x)).chunk(2, -1)
+        w1 = F.rms_norm(w1.float(), (w1.size(-1),), eps=DC_NORM_EPS)
+        return y + (w2[..., None] * self.ops.composed_attention(q, k, v, w1, mask, scale)).type_as(y)
+
+
 class Attention(nn.Module):
     """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset,
-    a per-head output gate, an optional extra softmax slot (sink logit and/or key-value bias) and
-    optionally paired heads (#58)."""
+    a per-head output gate, an optional extra softmax slot (sink logit and/or key-value bias),
+    optionally paired heads (#58), DC's composed read (#85) and the gated exclusion of each token's own
+    value (#82)."""
 
-    def __init__(self, cfg, layer, dtype=COMPUTE_DTYPE):
+    def __init__(self, cfg, layer, dtype=COMPUTE_DTYPE, ops=TorchOps):
         super().__init__()
         d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
         self.n_head, self.head_dim, self.dtype = cfg.n_head, cfg.head_dim, dtype
@@ -1608,6 +1685,8 @@ class Attention(nn.Module):
         self.ve_gate_input = cfg.ve_gate
         has_ve_gate = value_embed_tables(cfg)[layer] is not None and cfg.ve_gate != "none"
         self.ve_gate = tag(zeros(cfg.n_head, cfg.gate_dims), "adam_gate") if has_ve_gate else None
+        self.xsa = tag(zeros(cfg.n_head), "lambda") if layer in cfg.xsa_layers else None  # #82: tanh(0), off at the start
+        self.composition = HeadComposition(cfg, ops) if layer in cfg.dc_layers else None
 
     def gated_ve(self, x, ve):
         """The value embedding ve [T, inner] as [T, H, D], each head scaled by its gate (#55/#70):
@@ -1629,7 +1708,7 @@ class Attention(nn.Module):
             e = e + scale * (q.float() * self.key_bias).sum(-1)
         return e
 
-    def forward(self, x, ve, rotary, attend, mask, start=0, heads=HeadInputs()):
+    def forward(self, x, ve, rotary, attend, mask, start=0, heads=HeadInputs(), dc_mask=None):
         n, h, dh = x.size(0), self.n_head, self.head_dim
         qkv_scale, out_scale = (1.0, 1.0) if self.lambdas is None else self.lambdas
         bq, bk, bv = (None,) * 3 if self.qkv_bias is None else self.qkv_bias.chunk(3)
@@ -1658,6 +1737,10 @@ class Attention(nn.Module):
         y, lse = attend(q, k, v, mask, rotary.attn_scale, self.has_slot)
         if self.has_slot:
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
+        if self.composition is not None:
+            y = self.composition(y, x, q, k, v, dc_mask, rotary.attn_scale)
+        if self.xsa is not None:
+            y = exclude_self_value(y, v, self.xsa)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
         if heads.gate is not None:
@@ -1730,7 +1813,7 @@ def residual(x, y, resid, post, sublayer):
 class Block(nn.Module):
     def __init__(self, cfg, layer, ops, dtype=COMPUTE_DTYPE):
         super().__init__()
-        self.attn = None if layer in cfg.no_attn_layers else Attention(cfg, layer, dtype)
+        self.attn = None if layer in cfg.no_attn_layers else Attention(cfg, layer, dtype, ops)
         self.mlp = MLP(cfg, ops, dtype)
         self.long = layer in cfg.long_window_layers
         self.attn_out_gate = output_gate(cfg, cfg.gate_attn) if self.attn is not None else None
@@ -1745,7 +1828,8 @@ class Block(nn.Module):
         reads instead of x (#77); heads: the attention's per-token inputs from MUDD (#81/#85)."""
         if self.attn is not None:
             h = self.attn_norm(x if lane is None else lane)
-            y = self.attn(h, ve, rotary, attend, masks[0] if self.long else masks[1], start, heads)
+            y = self.attn(h, ve, rotary, attend, masks[0] if self.long else masks[1], start, heads,
+                          masks[2] if self.attn.composition is not None else None)
             x = residual(x, y if self.attn_out_gate is None else self.attn_out_gate(h, y), resid, post, ATTN_SUBLAYER)
             x = x if inject is None else x + inject
         h = self.mlp_norm(x)
@@ -2058,7 +2142,7 @@ class GPT(nn.Module):
                 x = x + F.embedding(pos % cfg.context, self.position_embed).type_as(x)
         else:
             docs = (idx == BOS_ID).cumsum(0)
-        masks = [attention.mask(docs, w) for w in windows]
+        masks = [attention.mask(docs, w) for w in windows] + ([HeadComposition.mask(docs)] if cfg.dc_layers else [])
         paired_masks = self.paired_masks(attention, idx, windows) if cfg.paired_head_layers else None
         x = x0 = norm(x) if cfg.embed_norm else x
         bigram = self.bigram_embed(idx) if self.bigram_embed is not None else None
@@ -2700,6 +2784,7 @@ class Optimizers:
                 "mudd_gate": (cfg.adam_lr * cfg.mudd_gate_lr_mul, cfg.scalar_betas, wd),
                 "mudd_gate_bias": (cfg.adam_lr * cfg.mudd_gate_lr_mul, cfg.scalar_betas, 0.0),
                 "mudd_gate_scale": (cfg.adam_lr * cfg.mudd_gate_lr_mul, cfg.scalar_betas, 0.0),
+                "dc": (cfg.adam_lr * DC_LR_MUL, cfg.scalar_betas, 0.0),
             }
             groups = []
             for kind, (lr, betas, decay) in kinds.items():

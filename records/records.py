@@ -632,9 +632,11 @@ LADDER = [
     ("muon_beta2", 78, {"muon_beta2": HEAD}),
     ("qk_head_pairs", 80, {"qk_head_pairs": HEAD}),
     ("mudd", 81, {"mudd": HEAD}),
+    ("xsa", 82, {"xsa_layers": HEAD}),
     ("bigram_signs", 83, {"bigram_signs": HEAD}),
     ("fp8_mlp", 84, {"fp8_mlp": HEAD}),
     ("mudd_gate", 85, {"mudd_gate": HEAD, "attn_gate": HEAD, "mudd_gate_layer": HEAD, "mudd_gate_attn": HEAD}),
+    ("dc", 85, {"dc_layers": HEAD}),
     ("prefix_loss", 88, {"prefix_loss": HEAD}),
 ]
 LENGTH_FIELDS = ("num_steps", "extension_steps")  # HEAD's run length: every rung runs the ladder's length
@@ -648,6 +650,8 @@ CPU_HEAD = dict(
     paired_head_layers=(0, 3),  # HEAD 0,2,5,9: half its short-window attention layers; the cpu's are 0, 1, 3, 4
     mudd_gate_layer=2,  # HEAD 4: the layer after the skip's source, as the cpu preset has it
     mudd_gate_attn=(2, 5),  # HEAD 3,10: a middle layer and the last, as the cpu preset has it
+    xsa_layers=(1, 2, 4),  # HEAD 1,3,4,7: early and middle layers, none of them paired
+    dc_layers=(5,),  # HEAD 10: the last layer
 )
 HEAD_AT_SCALE = {"speedrun": {}, "cpu": CPU_HEAD}  # the presets a ladder runs on
 LADDER_FLAGS = ("preset", "baseline", "seed", "run_id", "log_dir")  # set by the ladder, per rung and run

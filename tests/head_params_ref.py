@@ -51,6 +51,22 @@ PARAM_TABLE = {
 }
 
 
+# #82/#85: HEAD's XSA layers (its xsa_layers). HEAD makes their strengths per token in the MUDD gate
+# (mudd_gate_* above); record #82 learned them as a parameter of their own, a zero [layer, head] bank
+# stepped by Adam as below (same tuple layout as PARAM_TABLE)
+XSA_LAYERS = [1, 3, 4, 7]
+# #85: DC on layer 10, its attention over `window=112` keys (0 <= query - key < 112, in the document);
+# HEAD's MUDD gate makes its per-token (w1, w2), #85's first version a small MLP per layer, the dc banks
+DC_LAYERS = [10]
+DC_WINDOW = 112
+DC_HIDDEN = 2 * N_HEAD
+RECORD_PARAM_TABLE = {
+    "xsa_alphas": ("adam", (0.9, 0.95), 1.0, 0.0),  # #82
+    "dc_w1_bank": ("adam", (0.9, 0.99), 0.25, 0.0),  # #85's first version
+    "dc_w2_bank": ("adam", (0.9, 0.99), 0.25, 0.0),
+}
+
+
 def padded(n):
     return -(-n // WORLD) * WORLD
 
@@ -86,6 +102,11 @@ SHAPES = {
     "mudd_gate_w2": ((2, 41, 64), None, ("zeros",)),
     "mudd_gate_b2": ((2, 41), None, "MUDD_GATE_STARTS by slot / MUDD_GATE_SCALE"),
     "_mudd_gate_scale": ((), None, ("constant", 0.1)),
+    "xsa_alphas": ((N_LAYER, N_HEAD), None, ("zeros",)),  # #82's bank (HEAD: MUDD-gate outputs)
+    # #85's first version, one [hidden, d] and one [2 heads, hidden] per attention layer (layer 10's used)
+    "dc_w1_bank": ((ATTN_LAYERS, DC_HIDDEN, D_MODEL), None, ("normal", math.sqrt(2.0 / (D_MODEL + DC_HIDDEN)))),
+    "dc_w2_bank": ((ATTN_LAYERS, 2 * N_HEAD, DC_HIDDEN), None,
+                   ("the w1 rows normal", math.sqrt(1.0 / DC_HIDDEN) * 2.0 / (N_HEAD + 2.0) * 0.01, "the w2 rows zeros")),
 }
 
 # #81 forward_mudd: coefficients = (gelu(x w1[k]^T) w2[k, :n]^T + b2[k, :n]) * MUDD_SCALE, n = 14 at the
@@ -132,7 +153,7 @@ def ve_gate(ve_head, x_head, w):
 
 def adam_settings(label):
     """Adam's (lr, betas, eps, decay coefficient) at lr multiplier 1: the decay is lr^2 * wd * wd_mul."""
-    optim, betas, lr_mul, wd_mul = PARAM_TABLE[label]
+    optim, betas, lr_mul, wd_mul = {**PARAM_TABLE, **RECORD_PARAM_TABLE}[label]
     assert optim == "adam"
     lr = ADAM_LR * lr_mul
     return lr, betas, ADAM_EPS, lr * lr * ADAM_WD * wd_mul

@@ -114,14 +114,15 @@ def graphs():
 
 # HEAD's switches on the same small shape (a value-embedding table on layers 0 and 2, a small bigram
 # table, MUDD into the last layer, the MUDD gate's second half at layer 1, paired heads on the
-# short-window layer 0 and the long-window layer 2), with its schedule rules
+# short-window layer 0, XSA and DC on the long-window layer 2), with its schedule rules
 HEAD_SHAPED = SPEEDRUN_SHAPED + [
     "--softcap=23", "--softcap_offset=5", "--ve_layout=0.0", "--ve_init_std=0.01", "--ve_gate=x_ve", "--qk_head_pairs=true",
     "--bigram_vocab=512", "--bigram_signs=64", "--rounded_stages=true", "--first_seq_len=128", "--untie_after_adam=true",
     "--prefix_loss=0.25", "--muon_beta2=0.9", "--attn_lr_mul=1", "--adam_eps=1e-10", "--head_wd_mul=150",
     "--scalar_freeze_steps=0", "--adam_betas=0.5,0.95", "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99",
-    "--fp8_mlp=true", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=0", "--paired_head_layers=0,2",
+    "--fp8_mlp=true", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=0", "--paired_head_layers=0",
     "--mudd=true", "--mudd_gate=true", "--mudd_gate_layer=1", "--mudd_gate_attn=0,2", "--attn_gate=false",
+    "--xsa_layers=2", "--dc_layers=2",
 ]
 
 
@@ -241,6 +242,28 @@ def test_compiled_flex_paired_heads_match_the_eager_blocked_attention():
         unpaired.load_state_dict(model.state_dict())
         assert (unpaired.hidden(idx, windows) - want).abs().max() > 1e-2
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_flex_forward_head_shaped_is_the_cpu_attentions(tmp_path):
+    """HEAD's switches (XSA and DC among them) with the CUDA attention, compiled fullgraph by inductor: a
+    batch's loss is the eager CPU attention's (in eval, without FP8: bf16 round-off apart). DC's read
+    runs the same torch code under both (it is not an attention backend's: flex cannot mix heads'
+    probabilities)."""
+    trainer = compiled_trainer(tmp_path, tg.FlexAttention(), "flex_head", flags=HEAD_SHAPED)
+    model = trainer.model.eval()
+    with torch.no_grad():  # the XSA strengths, DC's w2 rows and the zero-initialized weights alive
+        for name, p in model.named_parameters():
+            if name.endswith((".xsa", ".out_proj")):
+                p.normal_(0, 0.5)
+            elif not p.any():
+                p.normal_(0, 0.02)
+    windows, weights, tokens = trainer.begin_step(0)
+    inputs, targets, _ = trainer.train_loader.next_batch(tokens, trainer.cfg.max_seq_len)
+    with torch.no_grad():
+        got = trainer.forward(inputs, targets, windows, weights)
+        model.attention = tg.BlockedAttention(trainer.cfg.window_block)
+        want = model(inputs, targets, windows, weights)
+    assert torch.isfinite(got) and (got - want).abs() / inputs.numel() < 1e-3, (got, want)
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, torch.float32), (True, False, torch.bfloat16),

@@ -188,6 +188,9 @@ def test_values_are_checked_at_start(arg, expected):
     (["--head_dim=30"], "--head_dim=30: expected a multiple of 4"),
     (["--gate_dims=300"], "--gate_dims=300: expected at most --d_model=256"),
     (["--value_embeds=7"], "--value_embeds=7: expected at most --n_layer=6"),
+    (["--xsa_layers=6"], "--xsa_layers=6: expected each value a layer index from 0 to 5 (--n_layer=6), each once"),
+    (["--no_attn_layers=2", "--xsa_layers=1,2"], "--xsa_layers=1,2: expected layers with attention (not --no_attn_layers=2)"),
+    (["--xsa_layers=1.5"], "--xsa_layers=1.5: cannot read as comma-separated ints (expected an integer)"),
     (["--ve_layout=.0.1"], "--ve_layout=.0.1: expected 6 characters (--n_layer), each '.' or a table 0 to 2 (--value_embeds=3), every table used"),
     (["--ve_layout=.0.13."], "--ve_layout=.0.13.: expected 6 characters"),
     (["--ve_layout=.0.11."], "--ve_layout=.0.11.: expected 6 characters"),
@@ -278,7 +281,7 @@ def readme_head_table():
 
 
 def test_the_readmes_head_table_is_the_presets():
-    """Every row's values are the presets' (an empty string is shown as #53's), and every value
+    """Every row's values are the presets' (an empty string is shown as #53's, no layers as none), and every value
     `head` sets apart from `speedrun` has its row (rows of switches HEAD replaced stay off in both),
     so the table can neither drift nor miss a switch."""
     speedrun, head = tg.parse_args([]), tg.parse_args(["--preset=head"])

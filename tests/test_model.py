@@ -4,6 +4,7 @@ import copy
 import math
 import warnings
 
+import head_params_ref as hr
 import numpy as np
 import pytest
 import torch
@@ -110,11 +111,12 @@ def test_blocked_attention_bf16(packed):
     assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), want, atol=3e-2)
 
 
-def test_gpt_forward_same_with_flex_and_blocked():
-    """The whole model (docs from BOS, two windows, key offset, gates) gives the same hidden states and
-    loss with the CUDA attention (flex, forward only on CPU) as with the CPU one."""
+@pytest.mark.parametrize("flags", [[], ["--xsa_layers=0,2", "--dc_layers=3"]])
+def test_gpt_forward_same_with_flex_and_blocked(flags):
+    """The whole model (docs from BOS, two windows, key offset, gates; XSA and DC) gives the same hidden
+    states and loss with the CUDA attention (flex, forward only on CPU) as with the CPU one."""
     cfg = tg.parse_args(TINY + ["--n_layer=4", "--long_window_layers=1,3", "--skip_from=1", "--skip_to=2",
-                                "--backout_layer=2"])
+                                "--backout_layer=2", *flags])
     torch.manual_seed(5)
     blocked = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
     with torch.no_grad():  # give the zero-initialized matrices and gates values so every path matters
@@ -1035,3 +1037,219 @@ def test_paired_layers_count_the_same_attention_flops_under_a_doubled_cap():
     assert tg.attention_flops(on, (32, 16), 64) == tg.attention_flops(off, (32, 16), 64) == per_key * (2 * 33 + 4 * 17)
     assert tg.attention_flops(off, (200, 100), 64) == per_key * 6 * 64
     assert tg.attention_flops(on, (200, 100), 64) == per_key * (101 + 128 + 4 * 64)
+
+
+# #82/#85 gated exclusive self attention (XSA)
+# ------------------------------------------------------------------------------------------------
+
+
+def xsa_reference(y, v, alpha):
+    """#82's form: each head's output minus tanh(alpha) times its projection on the unit value v / |v|."""
+    unit = v / v.norm(dim=-1, keepdim=True)
+    return y - torch.tanh(alpha)[..., None] * (y * unit).sum(-1, keepdim=True) * unit
+
+
+@pytest.mark.parametrize("per_token", [False, True])
+def test_xsa_matches_the_records_form_forward_and_gradient(per_token):
+    """alpha [H] (#82's static strengths) or [T, H] (per token, as HEAD's gate makes them): values and
+    the gradients of y, v and alpha match the unit-vector form in float64."""
+    gen = torch.Generator().manual_seed(0)
+    y, v = (torch.randn(40, 3, 16, dtype=torch.float64, generator=gen) for _ in range(2))
+    alpha = torch.randn((40, 3) if per_token else (3,), dtype=torch.float64, generator=gen)
+    weight = torch.randn(40, 3, 16, dtype=torch.float64, generator=gen)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (y, v, alpha)]
+        out = fn(*leaves)
+        (out * weight).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    got, got_grads = run(tg.exclude_self_value)
+    want, want_grads = run(xsa_reference)
+    torch.testing.assert_close(got, want)
+    for name, g, w in zip(("y", "v", "alpha"), got_grads, want_grads):
+        torch.testing.assert_close(g, w, msg=name)
+    # what it is for: the output's component along v keeps 1 - tanh(alpha) of y's
+    a = torch.tanh(alpha)
+    torch.testing.assert_close((got * v).sum(-1), (1 - a) * (y * v).sum(-1))
+
+
+def xsa_model(*flags):
+    cfg = tg.parse_args(TINY + ["--attn_gate=false", "--attn_lambdas=false", *flags])
+    torch.manual_seed(0)
+    return tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+
+
+def test_xsa_parameters_layers_and_optimizer_group():
+    """One zero strength per head on each listed layer (tanh(0) = 0: the layer starts as plain attention),
+    none elsewhere; Adam at adam_lr with the lambdas' betas and no decay, as #82 steps them."""
+    model = xsa_model("--xsa_layers=1")
+    assert model.blocks[0].attn.xsa is None and model.blocks[1].attn.xsa.shape == (2,)
+    assert not model.blocks[1].attn.xsa.any() and model.blocks[1].attn.xsa.init == "zeros"
+    cfg = model.cfg
+    opt = tg.Optimizers(model, cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
+    lr, decay, betas = opt.hyperparams(1.0, cfg.muon_momentum)[model.blocks[1].attn.xsa]
+    assert (lr, decay, tuple(betas)) == (cfg.adam_lr, 0.0, (0.9, 0.95))
+
+
+def test_xsa_layer_output_matches_a_reference_and_starts_as_plain_attention():
+    """The layer's output: the attention's y (spied where the backend returns it) with the records'
+    XSA applied, then the output projection; at alpha = 0, the model without XSA exactly."""
+    model, plain = xsa_model("--xsa_layers=1"), xsa_model()
+    idx = torch.randint(0, 1000, (96,), generator=torch.Generator().manual_seed(1))
+    idx[[0, 50]] = BOS
+    windows = (64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.hidden(idx, windows), plain.hidden(idx, windows), rtol=0, atol=0)
+        attn = model.blocks[1].attn
+        attn.xsa.copy_(torch.tensor([0.7, -1.3]))
+        for p in (attn.o, model.blocks[1].mlp.down):
+            p.normal_(0, 0.05)
+    seen = {}
+
+    def spy(q, k, v, mask, scale, need_lse):
+        seen["v"], (seen["y"], lse) = v, model.attention(q, k, v, mask, scale, need_lse)
+        return seen["y"], lse
+
+    x = torch.randn(96, 64, generator=torch.Generator().manual_seed(2))
+    mask = model.attention.mask((idx == BOS).cumsum(0), windows[0])
+    with torch.no_grad():
+        got = attn(x, None, model.rotary, spy, mask)
+        want = F.linear(xsa_reference(seen["y"], seen["v"], attn.xsa).flatten(1), attn.o)
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, F.linear(seen["y"].flatten(1), attn.o), atol=1e-3)
+
+
+def test_xsa_strengths_get_gradients():
+    model = xsa_model("--xsa_layers=0,1")
+    idx = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(3))
+    idx[0] = BOS
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.o.normal_(0, 0.05)
+            block.mlp.down.normal_(0, 0.05)
+    model(idx, torch.roll(idx, -1), (64, 32), torch.tensor([1.0])).backward()
+    assert all(block.attn.xsa.grad.abs().min() > 0 for block in model.blocks)
+
+
+# ------------------------------------------------------------------------------------------------
+# #85 lightweight dynamically composable attention (DC)
+# ------------------------------------------------------------------------------------------------
+
+
+def dc_read_reference(q, k, v, w1, docs, scale):
+    """Dense: each head's softmax over the keys of its document at most HEAD's window - 1 back (rel <
+    window), the heads' probabilities mixed by w1 [T, H] per query, applied to every head's values."""
+    back = torch.arange(len(docs))[:, None] - torch.arange(len(docs))
+    allowed = (docs[:, None] == docs) & (back >= 0) & (back < hr.DC_WINDOW)
+    s = torch.einsum("thd,shd->hts", q, k) * scale
+    p = s.masked_fill(~allowed, float("-inf")).softmax(-1)  # [H, T, T]
+    mixed = torch.einsum("hts,th->ts", p, w1)
+    return torch.einsum("ts,shd->thd", mixed, v)
+
+
+def test_dc_read_matches_a_dense_reference_forward_and_gradient():
+    """Three documents (one longer than the window), 3 heads: values and the gradients of q, k, v and w1
+    as the dense form gives them in float64, to fp32 round-off (the op scores and mixes in fp32, as HEAD's kernel)."""
+    gen = torch.Generator().manual_seed(0)
+    docs = torch.zeros(300, dtype=torch.long)
+    docs[40:], docs[250:] = 1, 2
+    q, k, v = (torch.randn(300, 3, 16, dtype=torch.float64, generator=gen) for _ in range(3))
+    w1 = torch.randn(300, 3, dtype=torch.float64, generator=gen)
+    weight = torch.randn(300, 3, 16, dtype=torch.float64, generator=gen)
+    mask = tg.HeadComposition.mask(docs)
+
+    def run(fn):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, w1)]
+        out = fn(*leaves)
+        (out * weight).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    got, got_grads = run(lambda *t: tg.TorchOps.composed_attention(*t, mask, 0.3))
+    want, want_grads = run(lambda *t: dc_read_reference(*t, docs, 0.3))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, g, w in zip(("q", "k", "v", "w1"), got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+    # the window: a key 112 back never counts, 111 back does
+    near, far = (torch.zeros(300, 3, 16, dtype=torch.float64) for _ in range(2))
+    near[249 - 111], far[249 - 112] = 1.0, 1.0  # keys of document 1 (40..249) as seen from 249
+    read = lambda values: tg.TorchOps.composed_attention(q, k, values, torch.ones(300, 3, dtype=torch.float64), mask, 0.3)  # noqa: E731
+    assert read(near)[249].abs().sum() > 0 and read(far)[249].abs().sum() == 0
+
+
+def dc_model(*flags):
+    cfg = tg.parse_args(TINY + ["--attn_gate=false", "--attn_lambdas=false", *flags])
+    torch.manual_seed(0)
+    return tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+
+
+def test_dc_parameters_inits_and_optimizer_group():
+    """#85's first form: w = out_proj gelu_tanh(in_proj x), in_proj [2H, d] N(0, 2 / (d + 2H)), out_proj [2H, 2H] with
+    the w1 rows N(0, (sqrt(1 / 2H) 2 / (H + 2) 0.01)^2) and the w2 rows zero; Adam lr 0.008 x 0.25,
+    betas (0.9, 0.99), no decay (#85's dc banks)."""
+    model = dc_model("--dc_layers=1", "--n_head=8", "--head_dim=8", "--d_model=512")
+    assert model.blocks[0].attn.composition is None
+    dc = model.blocks[1].attn.composition
+    h, d = 8, 512
+    assert dc.in_proj.shape == (2 * h, d) and dc.out_proj.shape == (2 * h, 2 * h)
+    assert dc.in_proj.std().item() == pytest.approx(math.sqrt(2 / (d + 2 * h)), rel=0.05)
+    assert dc.out_proj[:h].std().item() == pytest.approx(math.sqrt(1 / (2 * h)) * 2 / (h + 2) * 0.01, rel=0.3)
+    assert not dc.out_proj[h:].any()
+    cfg = model.cfg
+    opt = tg.Optimizers(model, cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
+    table = opt.hyperparams(1.0, cfg.muon_momentum)
+    lr, betas, _, decay = hr.adam_settings("dc_w1_bank")
+    for p in (dc.in_proj, dc.out_proj):
+        assert table[p][0] == pytest.approx(lr) and table[p][1] == decay == 0.0 and tuple(table[p][2]) == betas
+
+
+def test_dc_layer_matches_a_reference_and_starts_as_plain_attention():
+    """The attention output with DC: y (spied where the backend returns it) plus w2_h times the dense
+    read with w1 RMS-normed across heads, (w1, w2) = out_proj gelu_tanh(in_proj x); at init (w2 = 0), y exactly."""
+    model = dc_model("--dc_layers=1")
+    attn = model.blocks[1].attn
+    idx = torch.randint(0, 1000, (160,), generator=torch.Generator().manual_seed(1))
+    idx[[0, 70]] = BOS
+    docs = (idx == BOS).cumsum(0)
+    x = torch.randn(160, 64, generator=torch.Generator().manual_seed(2))
+    mask = model.attention.mask(docs, 64)
+    seen = {}
+
+    def spy(q, k, v, mask, scale, need_lse):
+        seen.update(q=q, k=k, v=v)
+        seen["y"], lse = model.attention(q, k, v, mask, scale, need_lse)
+        return seen["y"], lse
+
+    with torch.no_grad():
+        attn.o.normal_(0, 0.05)
+        dc_mask = tg.HeadComposition.mask(docs)
+        torch.testing.assert_close(attn(x, None, model.rotary, spy, mask, 0, dc_mask),
+                                   F.linear(seen["y"].flatten(1), attn.o), rtol=0, atol=0)
+        attn.composition.out_proj.normal_(0, 0.5)
+        got = attn(x, None, model.rotary, spy, mask, 0, dc_mask)
+        raw = F.gelu(x @ attn.composition.in_proj.T, approximate="tanh") @ attn.composition.out_proj.T
+        w1, w2 = raw[:, :2], raw[:, 2:]
+        w1 = w1 / w1.square().mean(-1, keepdim=True).add(1e-6).sqrt()
+        read = dc_read_reference(seen["q"], seen["k"], seen["v"], w1, docs, model.rotary.attn_scale)
+        want = F.linear((seen["y"] + w2[..., None] * read).flatten(1), attn.o)
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(got, F.linear(seen["y"].flatten(1), attn.o), atol=1e-3)
+
+
+def test_dc_weights_get_gradients():
+    """At init only the w2 rows learn (w2 = 0 blocks the rest, as in #85); once w2 moves, all do."""
+    model = dc_model("--dc_layers=1")
+    idx = torch.randint(0, 1000, (96,), generator=torch.Generator().manual_seed(3))
+    idx[[0, 30]] = BOS
+    dc = model.blocks[1].attn.composition
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.o.normal_(0, 0.05)
+            block.mlp.down.normal_(0, 0.05)
+    model(idx, torch.roll(idx, -1), (64, 32), torch.tensor([1.0])).backward()
+    assert not dc.in_proj.grad.any() and not dc.out_proj.grad[:2].any() and dc.out_proj.grad[2:].abs().sum() > 0
+    with torch.no_grad():
+        dc.out_proj.normal_(0, 0.5)
+    model.zero_grad()
+    model(idx, torch.roll(idx, -1), (64, 32), torch.tensor([1.0])).backward()
+    assert dc.in_proj.grad.abs().sum() > 0 and dc.out_proj.grad.abs().min() > 0

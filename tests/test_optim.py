@@ -744,13 +744,16 @@ HEAD_SWITCHES = ["--softcap=23", "--softcap_offset=5", "--value_embeds=5", "--ve
                  "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99", "--head_wd_mul=150",
                  "--value_embed_wd_mul=5", "--muon_beta2=0.9", "--attn_lr_mul=1", "--qk_head_pairs=true",
                  "--scalar_freeze_steps=0", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=7",
-                 "--mudd=true", "--mudd_gate=true", "--attn_gate=false"]
+                 "--mudd=true", "--mudd_gate=true", "--attn_gate=false",
+                 f"--xsa_layers={','.join(map(str, hr.XSA_LAYERS))}", f"--dc_layers={','.join(map(str, hr.DC_LAYERS))}"]
 
 
 def head_label(name):
     """Our parameter name -> (HEAD's label, index of the matrix within its bank's per-layer pair), or None
     where the HEAD has no counterpart under these switches."""
     leaf = name.split(".")[-1]
+    if ".composition." in name:  # #85's first form (HEAD's DC weights are MUDD-gate outputs)
+        return {"in_proj": "dc_w1_bank", "out_proj": "dc_w2_bank"}[leaf], 0
     if name in ("lm_head", "embed", "smear_gate", "resid_lambdas", "post_lambdas"):
         return name, 0
     if name.startswith("value_embeds."):
@@ -767,6 +770,8 @@ def head_label(name):
         return "scalars", 0
     if name.startswith(("mudd.", "mudd_gate.")):  # #81/#85
         return {"mudd_gate.scale": "_mudd_gate_scale"}.get(name, name.replace(".", "_")), 0
+    if leaf == "xsa":
+        return "xsa_alphas", 0  # #82's form (HEAD's strengths are MUDD-gate outputs)
     return None
 
 
@@ -788,7 +793,7 @@ def test_head_switches_give_heads_optimizer_settings(head_model):
         if label is None:
             continue
         label, index = label
-        optim = hr.PARAM_TABLE[label][0]
+        optim = {**hr.PARAM_TABLE, **hr.RECORD_PARAM_TABLE}[label][0]
         lr, decay, betas = table[p]
         if optim == "adam":
             want_lr, want_betas, _, want_decay = hr.adam_settings(label)
@@ -802,7 +807,8 @@ def test_head_switches_give_heads_optimizer_settings(head_model):
         checked.add(label)
     assert checked == {"lm_head", "embed", "smear_gate", "value_embeds", "ve_gate_bank", "qk_bank", "vo_bank",
                        "mlp_bank", "scalars", "resid_lambdas", "post_lambdas", "mudd_w1", "mudd_w2", "mudd_b2",
-                       "mudd_gate_w1", "mudd_gate_w2", "mudd_gate_b2", "_mudd_gate_scale"}
+                       "mudd_gate_w1", "mudd_gate_w2", "mudd_gate_b2", "_mudd_gate_scale", "xsa_alphas", "dc_w1_bank",
+                       "dc_w2_bank"}
     assert all(group["eps"] == hr.ADAM_EPS for group in opt.adam.param_groups)
 
 
@@ -827,6 +833,13 @@ def test_head_switches_give_heads_shapes(head_model):
     assert tuple(params["smear_gate"].shape) == hr.SHAPES["smear_gate"][0]
     for name in ("resid_lambdas", "post_lambdas"):
         assert tuple(params[name].shape) == hr.SHAPES[name][0], name
+    # #82: one strength per head on each XSA layer (its [layer, head] bank's rows, the layers HEAD uses)
+    xsa = {int(name.split(".")[1]): p for name, p in params.items() if name.endswith(".xsa")}
+    assert sorted(xsa) == hr.XSA_LAYERS and {p.shape for p in xsa.values()} == {hr.SHAPES["xsa_alphas"][0][1:]}
+    # #85: DC's weight MLP on HEAD's DC layers, one matrix of each of its first version's banks
+    for leaf, label in (("in_proj", "dc_w1_bank"), ("out_proj", "dc_w2_bank")):
+        dc = {int(name.split(".")[1]): p for name, p in params.items() if name.endswith(f".composition.{leaf}")}
+        assert sorted(dc) == hr.DC_LAYERS and {p.shape for p in dc.values()} == {hr.SHAPES[label][0][1:]}, label
 
 
 def test_head_switches_give_heads_inits():
@@ -844,6 +857,10 @@ def test_head_switches_give_heads_inits():
     for name in ("resid_lambdas", "post_lambdas"):
         shape, _, (_, value) = hr.SHAPES[name]
         torch.testing.assert_close(getattr(model, name).detach(), torch.full(shape, value), msg=name)
+    assert all(not block.attn.xsa.any() for i, block in enumerate(model.blocks) if i in hr.XSA_LAYERS)
+    for i in hr.DC_LAYERS:  # the w1 rows random, the w2 rows zero: DC adds nothing at the start
+        dc = model.blocks[i].attn.composition
+        assert dc.out_proj[: cfg.n_head].abs().sum() > 0 and not dc.out_proj[cfg.n_head :].any()
 
 
 def split_params(generator, blocks):

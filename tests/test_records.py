@@ -591,7 +591,8 @@ def test_ladder_rungs_are_cumulative_real_fields_from_baseline_to_the_preset_to_
     assert configs[last_53] == dataclasses.asdict(tg.parse_args([f"--preset={preset}"]))
     head = {k: v for k, v in tg.PRESETS["head"].items() if k not in rt.LENGTH_FIELDS}
     scaled = {"speedrun": {}, "cpu": {"ve_layout": ".01234", "lane_layer": 3, "first_seq_len": 224, "fp8_mlp": False,
-                                      "paired_head_layers": (0, 3), "mudd_gate_layer": 2, "mudd_gate_attn": (2, 5)}}
+                                      "paired_head_layers": (0, 3), "mudd_gate_layer": 2, "mudd_gate_attn": (2, 5),
+                                      "xsa_layers": (1, 2, 4), "dc_layers": (5,)}}
     want = {**head, **scaled[preset]}
     assert {k: configs[-1][k] for k in want} == want
     if preset == "speedrun":

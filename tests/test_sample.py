@@ -117,11 +117,14 @@ def random_model(*flags):
 
 
 @pytest.mark.parametrize("prompt_len, flags", [(1, ()), (10, ()),
-                                               (10, ("--n_head=4", "--head_dim=8", "--paired_head_layers=0,3"))])
+                                               (10, ("--n_head=4", "--head_dim=8", "--paired_head_layers=0,3")),
+                                               (10, ("--xsa_layers=0,3", "--dc_layers=1"))])
 def test_cached_logits_are_the_full_forwards(prompt_len, flags):
     """Token by token after a prompt (BOS alone, or two documents), through one more BOS and past
     the long window: the cache's logits are those of the whole sequence at once, also with paired
-    heads (#58) on a short- and a long-window layer (two cached rows per token there)."""
+    heads (#58) on a short- and a long-window layer (two cached rows per token there), and with XSA
+    and DC (#82, #85: with DC the cache runs the whole sequence, as its mix of every head's attention
+    needs more than keys and values)."""
     model = random_model(*flags)
     windows = (16, 8)
     rng = np.random.default_rng(0)

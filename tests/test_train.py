@@ -13,6 +13,7 @@ import threading
 
 import numpy as np
 import pytest
+import head_params_ref as hr
 import record_ref as rr
 import torch
 
@@ -616,6 +617,27 @@ def test_dry_run_head_lists_the_sublayer_lambdas(tmp_path):
     assert not {"x0_lambdas", "bigram_embed.lambdas", "backout_lambda"} & set(rows)
     assert rows["mudd.w2"] == ((2, 14, 64), 2 * 14 * 64, "zeros", "Adam", pytest.approx(0.002), (0.9, 0.99), 0.005)
     assert rows["mudd_gate.b2"][3:] == ("Adam", pytest.approx(0.0008), (0.9, 0.99), 0.0)
+
+
+def test_dry_run_head_lists_xsa_and_dc(tmp_path):
+    """--preset=head: one zero strength per head on each of HEAD's XSA layers (#82's [layer, head] bank,
+    Adam lr 0.008, betas (0.9, 0.95), no decay), none on the others; DC's weight MLP on HEAD's DC layer
+    (#85's first form: its dc banks' rows for that layer, Adam lr 0.008 x 0.25, betas (0.9, 0.99), no decay)."""
+    rows, _ = table_rows(dry_run(tmp_path, ["--preset=head"]))
+    for leaf, label in (("in_proj", "dc_w1_bank"), ("out_proj", "dc_w2_bank")):
+        lr, betas, _, _ = hr.adam_settings(label)
+        dc = {int(name.split(".")[1]): row for name, row in rows.items() if name.endswith(f".composition.{leaf}")}
+        shape = hr.SHAPES[label][0][1:]
+        assert sorted(dc) == hr.DC_LAYERS, label
+        assert all(row[:2] + row[3:] == (shape, math.prod(shape), "Adam", pytest.approx(lr), betas, 0.0)
+                   for row in dc.values()), label
+    init = rows[f"blocks.{hr.DC_LAYERS[0]}.attn.composition.in_proj"][2]
+    assert float(re.fullmatch(r"normal\(0, ([\d.e-]+)\)", init)[1]) == pytest.approx(hr.SHAPES["dc_w1_bank"][2][1], rel=1e-4)
+    lr, betas, _, _ = hr.adam_settings("xsa_alphas")
+    want = (hr.SHAPES["xsa_alphas"][0][1:], hr.N_HEAD, "zeros", "Adam", pytest.approx(lr), betas,
+            hr.ADAM_WD * hr.RECORD_PARAM_TABLE["xsa_alphas"][3])
+    xsa = {int(name.split(".")[1]): row for name, row in rows.items() if name.endswith(".xsa")}
+    assert sorted(xsa) == hr.XSA_LAYERS and all(row == want for row in xsa.values())
 
 
 def test_dry_run_speedrun_needs_no_gpu_and_matches_the_record(tmp_path):
