@@ -175,6 +175,7 @@ class Config:
     lane_layer: int = -1  # #77: the attention of every later layer reads this layer's output, not the stream (HEAD 7); -1 = off
     resid_lambda_lr_mul: float = 5.0  # #73: Adam learning-rate factor of the per-sublayer residual lambdas
     lambda_betas: tuple = (0.9, 0.95)  # #73: Adam (beta1, beta2) of the sublayer lambdas, and of the x0 and bigram lambdas under sublayer_resid
+    uniform_attn_init: bool = False  # #64/#67: Q, K, V and O all start uniform with std 0.5/sqrt(d_model) (HEAD); off: #53's std 1/sqrt(d_model) for Q, K, V and O zeros
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -227,7 +228,7 @@ PRESETS = {
     # the public HEAD (repo-root train_gpt.py, records up to #89 merged), number for number where a
     # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
     # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
-    # #57 bf16 weights with a mantissa buffer; #58 paired-head attention; #64/#67 attention init;
+    # #57 bf16 weights with a mantissa buffer; #58 paired-head attention;
     # #81/#85 MUDD (which in HEAD also drives the skip, the attention gates on layers 3 and 10, the bigram's
     # mixing and replaces backout) and DC; #82/#85 XSA. The bigram mixes with per-layer lambdas
     # (#62/#73), not HEAD's MUDD gates. Every validation runs without FP8, as HEAD's.
@@ -268,6 +269,7 @@ PRESETS = {
         sublayer_resid=True,  # #73
         post_lambdas=True,  # #77
         lane_layer=7,  # #77
+        uniform_attn_init=True,  # #64/#67
     ),
 }
 
@@ -1245,6 +1247,7 @@ GATE_RANGE = 2.0  # #55's value-embedding and skip gates are GATE_RANGE * sigmoi
 SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
 SUBLAYER_RESID_INIT = 1.1**0.5  # #73: a layer's two residual lambdas start at #53's one per-layer 1.1 together
 POST_LAMBDA_INIT = 1.0  # #73/#77: the sublayer output scales start neutral
+UNIFORM_ATTN_STD = 0.5  # #64/#67: Q, K, V and O start with std this / sqrt(d_model)
 ATTN_SUBLAYER, MLP_SUBLAYER = 0, 1  # the columns of the [n_layer, 2] sublayer lambdas
 SHELL_RADIUS_SQ = 2.0  # the shell penalty's hinge is zero for ||x||^2 >= this * d - SHELL_EPS
 SHELL_EPS = 0.1
@@ -1378,6 +1381,15 @@ def output_gate(cfg, act):
     return OutputGate(cfg.d_model, act) if act != "none" else None
 
 
+def attention_init(inner, d, uniform):
+    """Q, K, V [inner, d] and O [d, inner], drawn in that order. #53: Q, K and V uniform with std
+    1/sqrt(d), O zeros, so each attention adds nothing at first. #64/#67 (`uniform`, HEAD's): all four
+    uniform with std UNIFORM_ATTN_STD/sqrt(d), the attention contributing from the first step."""
+    bound = math.sqrt(3) * (UNIFORM_ATTN_STD if uniform else 1.0) / math.sqrt(d)  # uniform(-b, b): std b/sqrt(3)
+    q, k, v = (uniform_matrix(inner, d, bound) for _ in range(3))
+    return q, k, v, uniform_matrix(d, inner, bound) if uniform else zeros(d, inner)
+
+
 class Attention(nn.Module):
     """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset,
     a per-head output gate and an optional extra softmax slot (sink logit and/or key-value bias)."""
@@ -1386,13 +1398,13 @@ class Attention(nn.Module):
         super().__init__()
         d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
         self.n_head, self.head_dim, self.dtype = cfg.n_head, cfg.head_dim, dtype
-        bound = math.sqrt(3) / math.sqrt(d)
         lr_mul = cfg.attn_lr_mul
         pairs = cfg.n_head // 2 if cfg.qk_head_pairs else 1  # #80: one orthogonalization per pair of heads
-        self.q = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul, pairs)
-        self.k = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul, pairs)
-        self.v = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
-        self.o = tag(zeros(d, inner), "matrix", lr_mul)
+        q, k, v, o = attention_init(inner, d, cfg.uniform_attn_init)
+        self.q = tag(q, "matrix", lr_mul, pairs)
+        self.k = tag(k, "matrix", lr_mul, pairs)
+        self.v = tag(v, "matrix", lr_mul)
+        self.o = tag(o, "matrix", lr_mul)
         # learned scales of the QKV and the output weights
         self.lambdas = tag(constants(QKV_LAMBDA_INIT, OUT_LAMBDA_INIT), "scalar") if cfg.attn_lambdas else None
         self.key_offset = cfg.key_offset and layer in cfg.long_window_layers

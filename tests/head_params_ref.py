@@ -59,6 +59,9 @@ def padded(n):
 QK_GROUPS = ATTN_LAYERS * 2 * (N_HEAD // 2)
 VO_MATRICES = ATTN_LAYERS * 2
 INIT_BOUND = math.sqrt(3) * 0.5 / math.sqrt(D_MODEL)  # uniform(-b, b) has std 0.5 / sqrt(d)
+# init_attn: every real matrix of qk_bank and vo_bank (Q, K, V and O) uniform(-INIT_BOUND, INIT_BOUND),
+# O included (#64 made V and O nonzero; #67's scale 0.5 / sqrt(d) is what HEAD kept)
+ATTN_INIT = ("uniform", INIT_BOUND)
 
 # label: (storage shape, NorMuon's reshape or None, init); init is ("normal", std), ("uniform",
 # bound), ("zeros",), or a description where it differs by slice

@@ -611,6 +611,9 @@ def test_dry_run_head_lists_the_sublayer_lambdas(tmp_path):
     assert rows["post_lambdas"] == ((11, 2), 22, "1", "Adam", pytest.approx(0.008), (0.9, 0.95), 0.0)
     for name in ("x0_lambdas", "bigram_embed.lambdas"):
         assert rows[name][:2] == ((11,), 11) and rows[name][3:] == ("Adam", pytest.approx(0.008), (0.9, 0.95), 0.0)
+    # #64/#67: Q, K, V and O uniform with bound sqrt(3) * 0.5 / sqrt(768) = 1/32 (O not zero)
+    for name in ("q", "k", "v", "o"):
+        assert rows[f"blocks.0.attn.{name}"][2] == "uniform(+-0.03125)", name
 
 
 def test_dry_run_speedrun_needs_no_gpu_and_matches_the_record(tmp_path):
