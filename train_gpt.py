@@ -135,6 +135,7 @@ class Config:
     value_embed_betas: tuple = (0.65, 0.95)  # #57 Adam (beta1, beta2) of the value embeddings (HEAD 0.75, 0.95)
     smear_gate_betas: tuple = (0.65, 0.95)  # #57 Adam (beta1, beta2) of the smear gate (HEAD 0.9, 0.99)
     qk_head_pairs: bool = False  # #80 NorMuon orthogonalizes Q and K per pair of heads, not as whole matrices
+    bf16_weights: bool = False  # #57 NorMuon's matrices stored in bf16, the upper half of an fp32 master whose lower half (a uint16 mantissa) NorMuon keeps: fp32 updates, half the weight memory and gathers
     # techniques of the record recipe (each one switch)
     value_embeds: int = 3  # number of value-embedding tables, 0 = off
     smear: bool = True  # mix a gated share of the previous token's embedding into each token
@@ -228,9 +229,8 @@ PRESETS = {
     # the public HEAD (repo-root train_gpt.py, records up to #89 merged), number for number where a
     # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
     # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
-    # #57 bf16 weights with a mantissa buffer; #58 paired-head attention;
-    # #81/#85 MUDD (which in HEAD also drives the skip, the attention gates on layers 3 and 10, the bigram's
-    # mixing and replaces backout) and DC; #82/#85 XSA. The bigram mixes with per-layer lambdas
+    # #58 paired-head attention; #81/#85 MUDD (which in HEAD also drives the skip, the attention gates
+    # on layers 3 and 10, the bigram's mixing and replaces backout) and DC; #82/#85 XSA. The bigram mixes with per-layer lambdas
     # (#62/#73), not HEAD's MUDD gates. Every validation runs without FP8, as HEAD's.
     # #73/#77's sublayer form is HEAD's on layers 0-9: x <- r x + p attn(norm(in)) + x0 and bigram terms,
     # x <- r x + p mlp(norm(x)), in = layer 7's output after layer 7 (the lane), layer 3's output added
@@ -250,6 +250,7 @@ PRESETS = {
         scalar_freeze_steps=0,  # #57 dropped the pause
         muon_beta2=0.9,  # #78
         adam_eps=1e-10,  # #57
+        bf16_weights=True,  # #57
         softcap=23.0,  # #54
         softcap_offset=5.0,  # #54
         value_embeds=5,  # #63/#65
@@ -391,6 +392,9 @@ def check_config(cfg, typed=None):
     if cfg.resume == "auto" and not (cfg.run_id or cfg.checkpoint_dir):
         raise ConfigError("--resume=auto: expected --run_id (or --checkpoint_dir) too: it looks for the run's checkpoints "
                           "there, and without one every run gets a fresh id and so finds none")
+    if cfg.bf16_weights and not cfg.muon:
+        raise ConfigError("--bf16_weights=true: expected --muon=true too (the lower halves of the fp32 masters are "
+                          "NorMuon's state; AdamW would step the bf16 weights themselves), or --bf16_weights=false")
     check_model_shape(cfg)
 
 
@@ -757,8 +761,10 @@ def setup_backend(cfg):
 
 def meta_backend(cfg):
     """The backend of --dry_run: the meta device (shapes, no memory), one rank and no process group,
-    the torch ops and blocked attention; the model and its optimizer groups build as on any device."""
-    return Backend(torch.device("meta"), 0, 1, TorchOps, BlockedAttention(cfg.window_block))
+    the torch ops and blocked attention; the model and its optimizer groups build as on any device,
+    the tables in the dtype a CUDA run stores them in unless --device=cpu."""
+    table_dtype = None if cfg.device == "cpu" else COMPUTE_DTYPE
+    return Backend(torch.device("meta"), 0, 1, TorchOps, BlockedAttention(cfg.window_block), table_dtype=table_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1242,6 +1248,7 @@ YARN_ALPHA, YARN_BETA = 1.0, 32.0  # wavelengths per window below/above which Ya
 YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per window change
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
 TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "adam_gate", "bigram")  # stored in Backend.table_dtype
+MANTISSA_KINDS = ("matrix",)  # #57: stored in bf16 with bf16_weights, NorMuon keeping the lower halves
 QKV_LAMBDA_INIT, OUT_LAMBDA_INIT = 0.5, 1.0  # the per-layer attention lambdas start here
 GATE_RANGE = 2.0  # #55's value-embedding and skip gates are GATE_RANGE * sigmoid(.): 1 at their zero init
 SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
@@ -1374,7 +1381,7 @@ class OutputGate(nn.Module):
         self.act = GATE_ACTS[act]
 
     def forward(self, x, y):
-        return y * self.act(F.linear(x, self.weight))
+        return y * self.act(F.linear(x, self.weight.type_as(x)))  # type_as: bf16 with bf16_weights (#57)
 
 
 def output_gate(cfg, act):
@@ -1446,9 +1453,10 @@ class Attention(nn.Module):
     def forward(self, x, ve, rotary, attend, mask, start=0):
         n, h, dh = x.size(0), self.n_head, self.head_dim
         qkv_scale, out_scale = (1.0, 1.0) if self.lambdas is None else self.lambdas
-        q = norm(F.linear(x, qkv_scale * self.q).view(n, h, dh))
-        k = norm(F.linear(x, qkv_scale * self.k).view(n, h, dh))
-        v = F.linear(x, qkv_scale * self.v).view(n, h, dh)
+        # .float(): the weights scale in fp32 also when stored in bf16 (#57); then matmul dtype as always
+        q = norm(F.linear(x, qkv_scale * self.q.float()).view(n, h, dh))
+        k = norm(F.linear(x, qkv_scale * self.k.float()).view(n, h, dh))
+        v = F.linear(x, qkv_scale * self.v.float()).view(n, h, dh)
         q, k = rotary(q, start), rotary(k, start)
         if self.key_offset:
             # the still (non-rotating) dims of each key take the previous token's values, so one
@@ -1467,7 +1475,7 @@ class Attention(nn.Module):
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
-        return F.linear(y.reshape(n, h * dh), out_scale * self.o)
+        return F.linear(y.reshape(n, h * dh), out_scale * self.o.float())
 
 
 class MLP(nn.Module):
@@ -1674,6 +1682,10 @@ class GPT(nn.Module):
             for p in self.parameters():
                 if p.kind in TABLE_KINDS:
                     p.data = p.data.to(table_dtype)
+        if cfg.bf16_weights:  # #57: rounded to nearest, the fp32 masters start there (their mantissas 0)
+            for p in self.parameters():
+                if p.kind in MANTISSA_KINDS:
+                    p.data = p.data.to(torch.bfloat16)
 
     @torch.no_grad()
     def load_prefix_table(self):
@@ -1853,6 +1865,8 @@ POLAR_EXPRESS_COEFFS = (
 )
 POLAR_NORM_MARGIN = 1.02  # divide by a bit more than the Frobenius norm so no singular value exceeds 1
 NORMUON_EPS = 1e-10
+HALF_BITS = 16  # #57: a bf16 is the upper half of an fp32's 32 bits, the mantissa buffer the lower
+LOW_HALF = (1 << HALF_BITS) - 1
 
 
 def polar_express(g, ops, steps=len(POLAR_EXPRESS_COEFFS), dtype=COMPUTE_DTYPE):
@@ -1902,15 +1916,34 @@ def muon_view(p, t):
     return blocks.mT if muon_transposed(p) else blocks
 
 
-def normuon_update(grad, weights, momentum_buf, second_moment, lr_mul, hyper, beta2, reduce_dim, ops, polar_steps, dtype):
+def join_fp32(high, low):
+    """The fp32 numbers whose upper 16 bits are bf16 `high`'s and lower 16 bits uint16 `low`'s."""
+    return ((high.view(torch.int16).to(torch.int32) << HALF_BITS) | low.to(torch.int32)).view(torch.float32)
+
+
+def split_fp32(x, high, low):
+    """Write fp32 `x`'s upper 16 bits into bf16 `high` (x rounded toward zero) and its lower 16 into uint16 `low`."""
+    bits = x.view(torch.int32)
+    high.copy_((bits >> HALF_BITS).to(torch.int16).view(torch.bfloat16))
+    low.copy_((bits & LOW_HALF).to(torch.uint16))
+
+
+def normuon_update(grad, weights, momentum_buf, second_moment, lr_mul, hyper, beta2, reduce_dim, ops, polar_steps, dtype,
+                   mantissa=None):
     """One NorMuon step on a stack of matrices, in place on `weights` and the state.
-    `hyper` is a tensor [1 - momentum, momentum, lr, weight_decay * lr], so new values never recompile."""
+    `hyper` is a tensor [1 - momentum, momentum, lr, weight_decay * lr], so new values never recompile.
+    With a `mantissa` (#57), `weights` are bf16 and the step runs on the fp32 masters they and the
+    mantissa are the two halves of, then writes both halves back."""
+    master = weights if mantissa is None else join_fp32(weights, mantissa)
+    grad = grad.to(master.dtype)
     momentum_buf.lerp_(grad, hyper[0])
     nesterov = grad.lerp(momentum_buf, hyper[1])  # not in place: inductor's CPU codegen fails on that
     u = polar_express(nesterov, ops, polar_steps, dtype).to(grad.dtype)  # normalize in full precision
     u = normuon_normalize(u, second_moment, beta2, reduce_dim)
     step_lr, decay = normuon_rates(hyper[2], hyper[3], lr_mul)
-    weights.sub_(cautious_mask(u, weights, strict=False) * weights * decay + u * step_lr)
+    master.sub_(cautious_mask(u, master, strict=False) * master * decay + u * step_lr)
+    if mantissa is not None:
+        split_fp32(master, weights, mantissa)
 
 
 def normuon_rates(lr, lr_decay, lr_mul):
@@ -1944,16 +1977,20 @@ class NorMuon(torch.optim.Optimizer):
     all-gathered. Every group's reduce-scatter is launched before any work starts and each
     all-gather runs while the next group is computed, so communication overlaps the math.
     Each matrix steps lr * lr_mul and decays weight_decay * lr * (lr * lr_mul), as in the record.
+    With `mantissa` (#57), the groups of MANTISSA_KINDS hold bf16 weights: each rank keeps the lower
+    16 bits of its share's fp32 masters (state "mantissa", uint16), steps the masters in fp32 exactly
+    as fp32 weights would step (momentum and second moment in fp32), and gathers bf16.
     """
 
     def __init__(self, params, lr, weight_decay, momentum, beta2, ops, rank=0, world_size=1, polar_steps=5,
-                 dtype=COMPUTE_DTYPE, compile=False):
+                 dtype=COMPUTE_DTYPE, compile=False, mantissa=False):
         by_shape = {}
         for p in params:
             by_shape.setdefault((p.kind, tuple(muon_view(p, p).shape[1:])), []).append(p)
         groups = [dict(params=ps) for _, ps in sorted(by_shape.items())]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
         self.ops, self.rank, self.world_size, self.polar_steps = ops, rank, world_size, polar_steps
+        self.mantissa = mantissa
         self.dtype = dtype  # of the orthogonalization: the backend's compute dtype
         self.update = torch.compile(normuon_update, dynamic=False, fullgraph=True) if compile else normuon_update
         self.hyper = {}  # group index -> its hyperparameters on the device
@@ -2004,7 +2041,7 @@ class NorMuon(torch.optim.Optimizer):
             fill(hyper, self.group_hyper(group))
             reduce_dim = normuon_reduce_dim(grad.shape, params[0].kind)
             self.update(grad, weights, state["momentum"], state["second_moment"], state["lr_mul"], hyper,
-                        group["beta2"], reduce_dim, self.ops, self.polar_steps, self.dtype)
+                        group["beta2"], reduce_dim, self.ops, self.polar_steps, self.dtype, state.get("mantissa"))
             if self.world_size == 1:
                 gathers.append((matrices, weights, None))
                 continue
@@ -2029,15 +2066,29 @@ class NorMuon(torch.optim.Optimizer):
                 table[p] = (*normuon_rates(lr, lr_decay, p.lr_mul), (momentum, group["beta2"]))
         return table
 
+    def load_state_dict(self, state_dict):
+        """torch's, but every state tensor keeps the dtype it was saved in: torch casts floating state
+        to its parameter's dtype, which would round the fp32 momentum beside #57's bf16 weights."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            self.state[params[index]].update({key: value.to(params[index].device) for key, value in saved.items()})
+
     def _state(self, group, grad, lr_muls):
-        """The group's momentum, second moment and per-matrix lr multipliers (`lr_muls`: this rank's share's)."""
+        """The group's momentum, second moment, per-matrix lr multipliers (`lr_muls`: this rank's
+        share's) and, with #57's bf16 weights, the mantissas of this rank's share (0: the fp32 masters
+        start at the bf16 weights)."""
         state = self.state[group["params"][0]]
         if not state:
             reduce_dim = normuon_reduce_dim(grad.shape, group["params"][0].kind)
-            state["momentum"] = torch.zeros_like(grad)
+            mantissa = self.mantissa and group["params"][0].kind in MANTISSA_KINDS
+            dtype = torch.float32 if mantissa else grad.dtype
+            state["momentum"] = torch.zeros_like(grad, dtype=dtype)
             shape = list(grad.shape)
             shape[reduce_dim] = 1
-            state["second_moment"] = torch.zeros(shape, device=grad.device, dtype=grad.dtype)
+            state["second_moment"] = torch.zeros(shape, device=grad.device, dtype=dtype)
+            if mantissa:
+                state["mantissa"] = torch.zeros_like(grad, dtype=torch.uint16)
             # per-matrix lr multipliers, made once: a host-to-device copy every step would stall it
             lr_muls = lr_muls + [0.0] * (len(grad) - len(lr_muls))  # padding stays 0
             state["lr_mul"] = torch.tensor(lr_muls, device=grad.device, dtype=hyper_dtype(grad))[:, None, None]
@@ -2226,7 +2277,8 @@ class Optimizers:
                     perp_rescale=cfg.perp_grad_rescale)
         if cfg.muon:
             self.muon = NorMuon(matrices, cfg.muon_lr, cfg.muon_wd, cfg.muon_momentum, cfg.muon_beta2,
-                                backend.ops, rank, world, cfg.polar_steps, backend.compute_dtype, cfg.compile)
+                                backend.ops, rank, world, cfg.polar_steps, backend.compute_dtype, cfg.compile,
+                                cfg.bf16_weights)
             adam_betas, wd = cfg.adam_betas, cfg.adam_wd
             kinds = {  # kind: (lr, betas, weight decay)
                 "head": (cfg.adam_lr, adam_betas, wd * cfg.head_wd_mul),
@@ -2869,16 +2921,18 @@ def import_for(module, flag, package):
 
 
 def parameter_table(model, optimizers):
-    """Lines: a header, one row per trainable parameter (name, shape, count, init, optimizer, lr at
-    lr_mult 1, betas, weight decay) in columns two spaces apart, then `parameters: N`. Read from the
-    model and the optimizers as built, so it says what training does."""
+    """Lines: a header, one row per trainable parameter (name, shape, count, storage dtype, init,
+    optimizer, lr at lr_mult 1, betas, weight decay) in columns two spaces apart, then `parameters: N`.
+    Read from the model and the optimizers as built, so it says what training does."""
     settings = optimizers.settings()
-    rows = [("parameter", "shape", "count", "init", "optimizer", "lr", "betas", "weight_decay")]
+    rows = [("parameter", "shape", "count", "dtype", "init", "optimizer", "lr", "betas", "weight_decay")]
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     for name, p in params:
         optimizer, lr, betas, wd = settings[p]
         shape = "x".join(map(str, p.shape)) or "()"
-        rows.append((name, shape, str(p.numel()), p.init, optimizer, f"{lr:.6g}", ",".join(f"{b:g}" for b in betas), f"{wd:g}"))
+        dtype = str(p.dtype).removeprefix("torch.")
+        rows.append((name, shape, str(p.numel()), dtype, p.init, optimizer, f"{lr:.6g}", ",".join(f"{b:g}" for b in betas),
+                     f"{wd:g}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     return lines + [f"parameters: {sum(p.numel() for _, p in params)}"]
