@@ -1388,6 +1388,12 @@ def output_gate(cfg, act):
     return OutputGate(cfg.d_model, act) if act != "none" else None
 
 
+def at_least_fp32(w):
+    """w as fp32 if it is stored narrower (#57's bf16 weights), so the attention lambdas scale it in
+    fp32 as they scale fp32 (or fp64) weights; the matmul then casts to the compute dtype as always."""
+    return w.to(torch.promote_types(w.dtype, torch.float32))
+
+
 def attention_init(inner, d, uniform):
     """Q, K, V [inner, d] and O [d, inner], drawn in that order. #53: Q, K and V uniform with std
     1/sqrt(d), O zeros, so each attention adds nothing at first. #64/#67 (`uniform`, HEAD's): all four
@@ -1453,10 +1459,9 @@ class Attention(nn.Module):
     def forward(self, x, ve, rotary, attend, mask, start=0):
         n, h, dh = x.size(0), self.n_head, self.head_dim
         qkv_scale, out_scale = (1.0, 1.0) if self.lambdas is None else self.lambdas
-        # .float(): the weights scale in fp32 also when stored in bf16 (#57); then matmul dtype as always
-        q = norm(F.linear(x, qkv_scale * self.q.float()).view(n, h, dh))
-        k = norm(F.linear(x, qkv_scale * self.k.float()).view(n, h, dh))
-        v = F.linear(x, qkv_scale * self.v.float()).view(n, h, dh)
+        q = norm(F.linear(x, qkv_scale * at_least_fp32(self.q)).view(n, h, dh))
+        k = norm(F.linear(x, qkv_scale * at_least_fp32(self.k)).view(n, h, dh))
+        v = F.linear(x, qkv_scale * at_least_fp32(self.v)).view(n, h, dh)
         q, k = rotary(q, start), rotary(k, start)
         if self.key_offset:
             # the still (non-rotating) dims of each key take the previous token's values, so one
@@ -1475,7 +1480,7 @@ class Attention(nn.Module):
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
-        return F.linear(y.reshape(n, h * dh), out_scale * self.o.float())
+        return F.linear(y.reshape(n, h * dh), out_scale * at_least_fp32(self.o))
 
 
 class MLP(nn.Module):

@@ -745,7 +745,7 @@ HEAD_SWITCHES = ["--softcap=23", "--softcap_offset=5", "--value_embeds=5", "--ve
                  "--value_embed_betas=0.75,0.95", "--smear_gate_betas=0.9,0.99", "--head_wd_mul=150",
                  "--value_embed_wd_mul=5", "--muon_beta2=0.9", "--attn_lr_mul=1", "--qk_head_pairs=true",
                  "--scalar_freeze_steps=0", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=7",
-                 "--uniform_attn_init=true"]
+                 "--uniform_attn_init=true", "--bf16_weights=true"]
 
 
 def head_label(name):
@@ -826,6 +826,10 @@ def test_head_switches_give_heads_shapes(head_model):
     assert tuple(params["smear_gate"].shape) == hr.SHAPES["smear_gate"][0]
     for name in ("resid_lambdas", "post_lambdas"):
         assert tuple(params[name].shape) == hr.SHAPES[name][0], name
+    # #57: the banks' matrices are bf16, every other parameter as the backend stores it (fp32 here)
+    for name, p in params.items():
+        label = head_label(name)
+        assert p.dtype == (torch.bfloat16 if label and label[0] in hr.BF16_BANKS else torch.float32), name
 
 
 def test_head_switches_give_heads_inits():
