@@ -148,6 +148,7 @@ class Config:
     smear_gate_betas: tuple = (0.65, 0.95)  # #57 Adam (beta1, beta2) of the smear gate (HEAD 0.9, 0.99)
     qk_head_pairs: bool = False  # #80 NorMuon orthogonalizes Q and K per pair of heads, not as whole matrices
     bf16_tables: bool = True  # CUDA stores the head, embedding tables and gates in bf16, as the record does; false: float32 (llm.c keeps float32 master weights)
+    bf16_weights: bool = False  # #57 NorMuon's matrices stored in bf16, the upper half of an fp32 master whose lower half (a uint16 mantissa) NorMuon keeps: fp32 updates, half the weight memory and gathers
     # techniques of the record recipe (each one switch)
     value_embeds: int = 3  # number of value-embedding tables, 0 = off
     smear: bool = True  # mix a gated share of the previous token's embedding into each token
@@ -197,6 +198,7 @@ class Config:
     paired_head_layers: tuple = ()  # #58: layers whose heads attend in pairs, each query scoring its partner head's keys too, over a 2T sequence (HEAD 0,2,5,9)
     xsa_layers: tuple = ()  # #82/#85: layers whose heads drop tanh(a_h) of their output's component along the token's own value (HEAD 1,3,4,7)
     dc_layers: tuple = ()  # #85: layers whose heads also read the values through a per-token mix of every head's attention over its last 112 keys (HEAD 10)
+    uniform_attn_init: bool = False  # #64/#67: Q, K, V and O all start uniform with std 0.5/sqrt(d_model) (HEAD); off: #53's std 1/sqrt(d_model) for Q, K, V and O zeros
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
     gate_attn: str = "none"  # attention output gate act(W_g x), W_g d x d: none | relu | sigmoid
@@ -251,11 +253,10 @@ PRESETS = {
     # the public HEAD (repo-root train_gpt.py, records up to #89 merged), number for number where a
     # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
     # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
-    # #57 bf16 weights with a mantissa buffer; #64/#67 attention init. XSA's strengths are #82's learned
-    # per-head ones and DC's weights come from #85's first form (a small MLP per layer), not HEAD's
-    # per-token MUDD-gate outputs (the MUDD gate holds no columns for them yet, so its [2, 41, 64] output
-    # weights are [2, 17, 64] here); DC's read is a torch twin of HEAD's Triton kernel. Every validation
-    # runs without FP8, as HEAD's.
+    # #64/#67's HEAD init is a switch; XSA's strengths are #82's learned per-head ones and DC's weights
+    # come from #85's first form (a small MLP per layer), not HEAD's per-token MUDD-gate outputs (the MUDD
+    # gate holds no columns for them yet, so its [2, 41, 64] output weights are [2, 17, 64] here); DC's
+    # read is a torch twin of HEAD's Triton kernel. Every validation runs without FP8, as HEAD's.
     # #73/#77's sublayer form is HEAD's on layers 0-9: x <- r x + p attn(norm(in)) + x0 and bigram terms,
     # x <- r x + p mlp(norm(x)), in = layer 7's output after layer 7 (the lane), layer 3's output added
     # in place of layer 6's attention (skip_from/skip_to, #53's). #81/#85 as HEAD: on layer 10 the four
@@ -276,6 +277,7 @@ PRESETS = {
         scalar_freeze_steps=0,  # #57 dropped the pause
         muon_beta2=0.9,  # #78
         adam_eps=1e-10,  # #57
+        bf16_weights=True,  # #57
         softcap=23.0,  # #54
         softcap_offset=5.0,  # #54
         value_embeds=5,  # #63/#65
@@ -301,6 +303,7 @@ PRESETS = {
         paired_head_layers=(0, 2, 5, 9),  # #58
         xsa_layers=(1, 3, 4, 7),  # #82/#85
         dc_layers=(10,),  # #85
+        uniform_attn_init=True,  # #64/#67
     ),
 }
 
@@ -372,7 +375,7 @@ def gpt2_baseline(preset):
     values = {**defaults, **PRESETS[preset]}
     d, batch = values["d_model"], sum(values["batch_tokens"]) // len(values["batch_tokens"])
     return {
-        **{name: defaults[name] for name in PRESETS["head"] if name != "num_steps"},
+        **head_switches_off(),
         **GPT2_RECIPE,
         "n_layer": GPT2_SMALL_LAYERS if d == GPT2_SMALL_WIDTH else values["n_layer"],
         "n_head": max(1, d // GPT2_HEAD_DIM),
@@ -383,7 +386,14 @@ def gpt2_baseline(preset):
     }
 
 
-RUNGS = {"baseline": gpt2_baseline, "all_off": lambda preset: ALL_OFF}  # the flags that set a whole recipe
+def head_switches_off():
+    """Every value the head preset sets, back at its default (its num_steps stays): under --baseline and
+    --all_off, HEAD's techniques are off too."""
+    return {f.name: f.default for f in fields(Config) if f.name in PRESETS["head"] and f.name != "num_steps"}
+
+
+RUNGS = {"baseline": gpt2_baseline,  # the flags that set a whole recipe
+         "all_off": lambda preset: {**head_switches_off(), **ALL_OFF} if preset == "head" else ALL_OFF}
 
 
 class ConfigError(ValueError):
@@ -490,6 +500,9 @@ def check_config(cfg, typed=None):
     if cfg.resume == "auto" and not (cfg.run_id or cfg.checkpoint_dir):
         raise ConfigError("--resume=auto: expected --run_id (or --checkpoint_dir) too: it looks for the run's checkpoints "
                           "there, and without one every run gets a fresh id and so finds none")
+    if cfg.bf16_weights and not cfg.muon:
+        raise ConfigError("--bf16_weights=true: expected --muon=true too (the lower halves of the fp32 masters are "
+                          "NorMuon's state; AdamW would step the bf16 weights themselves), or --bf16_weights=false")
     check_model_shape(cfg)
 
 
@@ -918,8 +931,10 @@ def setup_backend(cfg):
 
 def meta_backend(cfg):
     """The backend of --dry_run: the meta device (shapes, no memory), one rank and no process group,
-    the torch ops and blocked attention; the model and its optimizer groups build as on any device."""
-    return Backend(torch.device("meta"), 0, 1, TorchOps, BlockedAttention(cfg.window_block))
+    the torch ops and blocked attention; the model and its optimizer groups build as on any device,
+    the tables in the dtype a CUDA run stores them in unless --device=cpu."""
+    table_dtype = None if cfg.device == "cpu" else COMPUTE_DTYPE
+    return Backend(torch.device("meta"), 0, 1, TorchOps, BlockedAttention(cfg.window_block), table_dtype=table_dtype)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1420,11 +1435,13 @@ YARN_SCALE_SLOPE = 0.2  # attention scale grows by (slope * ln(new/old) + 1) per
 GATE_ACTS = {"relu": F.relu, "sigmoid": torch.sigmoid}  # the activations an output gate may use
 TABLE_KINDS = ("head", "embed", "value_embed", "gate", "smear_gate", "adam_gate", "bigram",
                "mudd", "mudd_bias", "mudd_gate", "mudd_gate_bias", "dc")  # stored in Backend.table_dtype
+MANTISSA_KINDS = ("matrix",)  # #57: stored in bf16 with bf16_weights, NorMuon keeping the lower halves
 QKV_LAMBDA_INIT, OUT_LAMBDA_INIT = 0.5, 1.0  # the per-layer attention lambdas start here
 GATE_RANGE = 2.0  # #55's value-embedding and skip gates are GATE_RANGE * sigmoid(.): 1 at their zero init
 SKIP_X0_GATE_LR_MUL = 0.05  # #55 learning-rate factor of the skip's x0 gate
 SUBLAYER_RESID_INIT = 1.1**0.5  # #73: a layer's two residual lambdas start at #53's one per-layer 1.1 together
 POST_LAMBDA_INIT = 1.0  # #73/#77: the sublayer output scales start neutral
+UNIFORM_ATTN_STD = 0.5  # #64/#67: Q, K, V and O start with std this / sqrt(d_model)
 ATTN_SUBLAYER, MLP_SUBLAYER = 0, 1  # the columns of the [n_layer, 2] sublayer lambdas
 GPT2_STD = 0.02  # GPT-2's init: N(0, 0.02) for every matrix and table
 RESIDUAL_PROJECTIONS = ("attn.o", "mlp.down")  # GPT-2's init scales these (which write into the stream) by 1 / sqrt(2 n_layer)
@@ -1601,7 +1618,7 @@ class OutputGate(nn.Module):
         self.act = GATE_ACTS[act]
 
     def forward(self, x, y):
-        return y * self.act(F.linear(x, self.weight))
+        return y * self.act(F.linear(x, self.weight.type_as(x)))  # type_as: bf16 with bf16_weights (#57)
 
 
 def output_gate(cfg, act):
@@ -1645,6 +1662,21 @@ class HeadComposition(nn.Module):
         return y + (w2[..., None] * self.ops.composed_attention(q, k, v, w1, mask, scale)).type_as(y)
 
 
+def at_least_fp32(w):
+    """w as fp32 if it is stored narrower (#57's bf16 weights), so the attention lambdas scale it in
+    fp32 as they scale fp32 (or fp64) weights; the matmul then casts to the compute dtype as always."""
+    return w.to(torch.promote_types(w.dtype, torch.float32))
+
+
+def attention_init(inner, d, uniform):
+    """Q, K, V [inner, d] and O [d, inner], drawn in that order. #53: Q, K and V uniform with std
+    1/sqrt(d), O zeros, so each attention adds nothing at first. #64/#67 (`uniform`, HEAD's): all four
+    uniform with std UNIFORM_ATTN_STD/sqrt(d), the attention contributing from the first step."""
+    bound = math.sqrt(3) * (UNIFORM_ATTN_STD if uniform else 1.0) / math.sqrt(d)  # uniform(-b, b): std b/sqrt(3)
+    q, k, v = (uniform_matrix(inner, d, bound) for _ in range(3))
+    return q, k, v, uniform_matrix(d, inner, bound) if uniform else zeros(d, inner)
+
+
 class Attention(nn.Module):
     """Multi-head attention with QK-norm, half-RoPE, optional value embedding, partial key offset,
     a per-head output gate, an optional extra softmax slot (sink logit and/or key-value bias),
@@ -1655,13 +1687,13 @@ class Attention(nn.Module):
         super().__init__()
         d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
         self.n_head, self.head_dim, self.dtype = cfg.n_head, cfg.head_dim, dtype
-        bound = math.sqrt(3) / math.sqrt(d)
         lr_mul = cfg.attn_lr_mul
         pairs = cfg.n_head // 2 if cfg.qk_head_pairs else 1  # #80: one orthogonalization per pair of heads
-        self.q = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul, pairs)
-        self.k = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul, pairs)
-        self.v = tag(uniform_matrix(inner, d, bound), "matrix", lr_mul)
-        self.o = tag(zeros(d, inner), "matrix", lr_mul)
+        q, k, v, o = attention_init(inner, d, cfg.uniform_attn_init)
+        self.q = tag(q, "matrix", lr_mul, pairs)
+        self.k = tag(k, "matrix", lr_mul, pairs)
+        self.v = tag(v, "matrix", lr_mul)
+        self.o = tag(o, "matrix", lr_mul)
         # GPT-2's biases of Q, K, V (one vector, as its c_attn has) and of the output
         self.qkv_bias = tag(zeros(3 * inner), "scalar") if cfg.bias else None
         self.o_bias = tag(zeros(d), "scalar") if cfg.bias else None
@@ -1712,9 +1744,9 @@ class Attention(nn.Module):
         n, h, dh = x.size(0), self.n_head, self.head_dim
         qkv_scale, out_scale = (1.0, 1.0) if self.lambdas is None else self.lambdas
         bq, bk, bv = (None,) * 3 if self.qkv_bias is None else self.qkv_bias.chunk(3)
-        q = F.linear(x, qkv_scale * self.q, bq).view(n, h, dh)
-        k = F.linear(x, qkv_scale * self.k, bk).view(n, h, dh)
-        v = F.linear(x, qkv_scale * self.v, bv).view(n, h, dh)
+        q = F.linear(x, qkv_scale * at_least_fp32(self.q), bq).view(n, h, dh)
+        k = F.linear(x, qkv_scale * at_least_fp32(self.k), bk).view(n, h, dh)
+        v = F.linear(x, qkv_scale * at_least_fp32(self.v), bv).view(n, h, dh)
         if self.qk_norm:
             q, k = norm(q), norm(k)
         if self.rope:
@@ -1745,7 +1777,7 @@ class Attention(nn.Module):
             y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
         if heads.gate is not None:
             y = y * heads.gate.type_as(y)[..., None]
-        return F.linear(y.reshape(n, h * dh), out_scale * self.o, self.o_bias)
+        return F.linear(y.reshape(n, h * dh), out_scale * at_least_fp32(self.o), self.o_bias)
 
 
 class MLP(nn.Module):
@@ -2088,6 +2120,10 @@ class GPT(nn.Module):
             for p in self.parameters():
                 if p.kind in TABLE_KINDS:
                     p.data = p.data.to(table_dtype)
+        if cfg.bf16_weights:  # #57: rounded to nearest, the fp32 masters start there (their mantissas 0)
+            for p in self.parameters():
+                if p.kind in MANTISSA_KINDS:
+                    p.data = p.data.to(torch.bfloat16)
 
     @torch.no_grad()
     def gpt2_init(self):
@@ -2327,6 +2363,8 @@ POLAR_EXPRESS_COEFFS = (
 )
 POLAR_NORM_MARGIN = 1.02  # divide by a bit more than the Frobenius norm so no singular value exceeds 1
 NORMUON_EPS = 1e-10
+HALF_BITS = 16  # #57: a bf16 is the upper half of an fp32's 32 bits, the mantissa buffer the lower
+LOW_HALF = (1 << HALF_BITS) - 1
 
 
 def polar_express(g, ops, steps=len(POLAR_EXPRESS_COEFFS), dtype=COMPUTE_DTYPE):
@@ -2376,15 +2414,34 @@ def muon_view(p, t):
     return blocks.mT if muon_transposed(p) else blocks
 
 
-def normuon_update(grad, weights, momentum_buf, second_moment, lr_mul, hyper, beta2, reduce_dim, ops, polar_steps, dtype):
+def join_fp32(high, low):
+    """The fp32 numbers whose upper 16 bits are bf16 `high`'s and lower 16 bits uint16 `low`'s."""
+    return ((high.view(torch.int16).to(torch.int32) << HALF_BITS) | low.to(torch.int32)).view(torch.float32)
+
+
+def split_fp32(x, high, low):
+    """Write fp32 `x`'s upper 16 bits into bf16 `high` (x rounded toward zero) and its lower 16 into uint16 `low`."""
+    bits = x.view(torch.int32)
+    high.copy_((bits >> HALF_BITS).to(torch.int16).view(torch.bfloat16))
+    low.copy_((bits & LOW_HALF).to(torch.uint16))
+
+
+def normuon_update(grad, weights, momentum_buf, second_moment, lr_mul, hyper, beta2, reduce_dim, ops, polar_steps, dtype,
+                   mantissa=None):
     """One NorMuon step on a stack of matrices, in place on `weights` and the state.
-    `hyper` is a tensor [1 - momentum, momentum, lr, weight_decay * lr], so new values never recompile."""
+    `hyper` is a tensor [1 - momentum, momentum, lr, weight_decay * lr], so new values never recompile.
+    With a `mantissa` (#57), `weights` are bf16 and the step runs on the fp32 masters they and the
+    mantissa are the two halves of, then writes both halves back."""
+    master = weights if mantissa is None else join_fp32(weights, mantissa)
+    grad = grad.to(master.dtype)
     momentum_buf.lerp_(grad, hyper[0])
     nesterov = grad.lerp(momentum_buf, hyper[1])  # not in place: inductor's CPU codegen fails on that
     u = polar_express(nesterov, ops, polar_steps, dtype).to(grad.dtype)  # normalize in full precision
     u = normuon_normalize(u, second_moment, beta2, reduce_dim)
     step_lr, decay = normuon_rates(hyper[2], hyper[3], lr_mul)
-    weights.sub_(cautious_mask(u, weights, strict=False) * weights * decay + u * step_lr)
+    master.sub_(cautious_mask(u, master, strict=False) * master * decay + u * step_lr)
+    if mantissa is not None:
+        split_fp32(master, weights, mantissa)
 
 
 def normuon_rates(lr, lr_decay, lr_mul):
@@ -2431,16 +2488,20 @@ class NorMuon(torch.optim.Optimizer):
     all-gathered. Every group's reduce-scatter is launched before any work starts and each
     all-gather runs while the next group is computed, so communication overlaps the math.
     Each matrix steps lr * lr_mul and decays weight_decay * lr * (lr * lr_mul), as in the record.
+    With `mantissa` (#57), the groups of MANTISSA_KINDS hold bf16 weights: each rank keeps the lower
+    16 bits of its share's fp32 masters (state "mantissa", uint16), steps the masters in fp32 exactly
+    as fp32 weights would step (momentum and second moment in fp32), and gathers bf16.
     """
 
     def __init__(self, params, lr, weight_decay, momentum, beta2, ops, rank=0, world_size=1, polar_steps=5,
-                 dtype=COMPUTE_DTYPE, compile=False):
+                 dtype=COMPUTE_DTYPE, compile=False, mantissa=False):
         by_shape = {}
         for p in params:
             by_shape.setdefault((p.kind, tuple(muon_view(p, p).shape[1:])), []).append(p)
         groups = [dict(params=ps) for _, ps in sorted(by_shape.items())]
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, beta2=beta2))
         self.ops, self.rank, self.world_size, self.polar_steps = ops, rank, world_size, polar_steps
+        self.mantissa = mantissa
         self.dtype = dtype  # of the orthogonalization: the backend's compute dtype
         self.update = torch.compile(normuon_update, dynamic=False, fullgraph=True) if compile else normuon_update
         self.hyper = {}  # group index -> its hyperparameters on the device
@@ -2491,7 +2552,7 @@ class NorMuon(torch.optim.Optimizer):
             fill(hyper, self.group_hyper(group))
             reduce_dim = normuon_reduce_dim(grad.shape, params[0].kind)
             self.update(grad, weights, state["momentum"], state["second_moment"], state["lr_mul"], hyper,
-                        group["beta2"], reduce_dim, self.ops, self.polar_steps, self.dtype)
+                        group["beta2"], reduce_dim, self.ops, self.polar_steps, self.dtype, state.get("mantissa"))
             if self.world_size == 1:
                 gathers.append((matrices, weights, None))
                 continue
@@ -2516,15 +2577,29 @@ class NorMuon(torch.optim.Optimizer):
                 table[p] = (*normuon_rates(lr, lr_decay, p.lr_mul), (momentum, group["beta2"]))
         return table
 
+    def load_state_dict(self, state_dict):
+        """torch's, but every state tensor keeps the dtype it was saved in: torch casts floating state
+        to its parameter's dtype, which would round the fp32 momentum beside #57's bf16 weights."""
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, saved in state_dict["state"].items():
+            self.state[params[index]].update({key: value.to(params[index].device) for key, value in saved.items()})
+
     def _state(self, group, grad, lr_muls):
-        """The group's momentum, second moment and per-matrix lr multipliers (`lr_muls`: this rank's share's)."""
+        """The group's momentum, second moment, per-matrix lr multipliers (`lr_muls`: this rank's
+        share's) and, with #57's bf16 weights, the mantissas of this rank's share (0: the fp32 masters
+        start at the bf16 weights)."""
         state = self.state[group["params"][0]]
         if not state:
             reduce_dim = normuon_reduce_dim(grad.shape, group["params"][0].kind)
-            state["momentum"] = torch.zeros_like(grad)
+            mantissa = self.mantissa and group["params"][0].kind in MANTISSA_KINDS
+            dtype = torch.float32 if mantissa else grad.dtype
+            state["momentum"] = torch.zeros_like(grad, dtype=dtype)
             shape = list(grad.shape)
             shape[reduce_dim] = 1
-            state["second_moment"] = torch.zeros(shape, device=grad.device, dtype=grad.dtype)
+            state["second_moment"] = torch.zeros(shape, device=grad.device, dtype=dtype)
+            if mantissa:
+                state["mantissa"] = torch.zeros_like(grad, dtype=torch.uint16)
             # per-matrix lr multipliers, made once: a host-to-device copy every step would stall it
             lr_muls = lr_muls + [0.0] * (len(grad) - len(lr_muls))  # padding stays 0
             state["lr_mul"] = torch.tensor(lr_muls, device=grad.device, dtype=hyper_dtype(grad))[:, None, None]
@@ -2765,7 +2840,8 @@ class Optimizers:
                     perp_rescale=cfg.perp_grad_rescale)
         if cfg.muon:
             self.muon = NorMuon(matrices, cfg.muon_lr, cfg.muon_wd, cfg.muon_momentum, cfg.muon_beta2,
-                                backend.ops, rank, world, cfg.polar_steps, backend.compute_dtype, cfg.compile)
+                                backend.ops, rank, world, cfg.polar_steps, backend.compute_dtype, cfg.compile,
+                                cfg.bf16_weights)
             adam_betas, wd = cfg.adam_betas, cfg.adam_wd
             kinds = {  # kind: (lr, betas, weight decay)
                 "head": (cfg.adam_lr, adam_betas, wd * cfg.head_wd_mul),
@@ -3446,16 +3522,18 @@ def import_for(module, flag, package):
 
 
 def parameter_table(model, optimizers):
-    """Lines: a header, one row per trainable parameter (name, shape, count, init, optimizer, lr at
-    lr_mult 1, betas, weight decay) in columns two spaces apart, then `parameters: N`. Read from the
-    model and the optimizers as built, so it says what training does."""
+    """Lines: a header, one row per trainable parameter (name, shape, count, storage dtype, init,
+    optimizer, lr at lr_mult 1, betas, weight decay) in columns two spaces apart, then `parameters: N`.
+    Read from the model and the optimizers as built, so it says what training does."""
     settings = optimizers.settings()
-    rows = [("parameter", "shape", "count", "init", "optimizer", "lr", "betas", "weight_decay")]
+    rows = [("parameter", "shape", "count", "dtype", "init", "optimizer", "lr", "betas", "weight_decay")]
     params = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     for name, p in params:
         optimizer, lr, betas, wd = settings[p]
         shape = "x".join(map(str, p.shape)) or "()"
-        rows.append((name, shape, str(p.numel()), p.init, optimizer, f"{lr:.6g}", ",".join(f"{b:g}" for b in betas), f"{wd:g}"))
+        dtype = str(p.dtype).removeprefix("torch.")
+        rows.append((name, shape, str(p.numel()), dtype, p.init, optimizer, f"{lr:.6g}", ",".join(f"{b:g}" for b in betas),
+                     f"{wd:g}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     total = sum(p.numel() for _, p in params)

@@ -620,10 +620,12 @@ LADDER = [
     ("embed_wd", 55, {"head_wd_mul": HEAD, "value_embed_wd_mul": HEAD}),
     ("adam_betas", 57, {"adam_betas": HEAD, "value_embed_betas": HEAD, "smear_gate_betas": HEAD, "adam_eps": HEAD,
                         "scalar_freeze_steps": HEAD}),
+    ("bf16_weights", 57, {"bf16_weights": HEAD}),
     ("paired_heads", 58, {"paired_head_layers": HEAD}),
     ("attn_lr", 61, {"attn_lr_mul": HEAD}),
     ("bigram", 62, {"bigram_vocab": HEAD}),
     ("five_value_embeds", 63, {"value_embeds": HEAD}),
+    ("attn_init", 64, {"uniform_attn_init": HEAD}),  # #64/#67
     ("rounded_stages", 65, {"rounded_stages": HEAD}),
     ("ve_tuned", 70, {"ve_layout": HEAD, "ve_init_std": HEAD, "ve_gate": HEAD}),
     ("lr_floor_seq_len", 72, {"lr_floor": HEAD, "first_seq_len": HEAD}),

@@ -75,6 +75,12 @@ def padded(n):
 QK_GROUPS = ATTN_LAYERS * 2 * (N_HEAD // 2)
 VO_MATRICES = ATTN_LAYERS * 2
 INIT_BOUND = math.sqrt(3) * 0.5 / math.sqrt(D_MODEL)  # uniform(-b, b) has std 0.5 / sqrt(d)
+# init_attn: every real matrix of qk_bank and vo_bank (Q, K, V and O) uniform(-INIT_BOUND, INIT_BOUND),
+# O included (#64 made V and O nonzero; #67's scale 0.5 / sqrt(d) is what HEAD kept)
+ATTN_INIT = ("uniform", INIT_BOUND)
+# the banks NorMuon steps, stored in bf16 after init (`.bfloat16()`: rounded to nearest) beside a uint16
+# "mantissa" per element in NorMuon's state (zeros at first): the lower 16 bits of an fp32 master (#57)
+BF16_BANKS = ("qk_bank", "vo_bank", "mlp_bank")
 
 # label: (storage shape, NorMuon's reshape or None, init); init is ("normal", std), ("uniform",
 # bound), ("zeros",), or a description where it differs by slice

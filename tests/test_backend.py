@@ -123,6 +123,7 @@ HEAD_SHAPED = SPEEDRUN_SHAPED + [
     "--fp8_mlp=true", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=0", "--paired_head_layers=0",
     "--mudd=true", "--mudd_gate=true", "--mudd_gate_layer=1", "--mudd_gate_attn=0,2", "--attn_gate=false",
     "--xsa_layers=2", "--dc_layers=2",
+    "--uniform_attn_init=true", "--bf16_weights=true",
 ]
 
 
@@ -348,6 +349,37 @@ def test_cuda_storage_keeps_the_tables_and_the_stream_in_bf16(version):
     torch.manual_seed(0)
     bf16 = tg.GPT(tg.parse_args(op_spy.SMALL), tg.TorchOps, None, table_dtype=torch.bfloat16)
     assert torch.equal(bf16.lm_head, fp32.lm_head.bfloat16()) and torch.equal(bf16.blocks[0].mlp.up, fp32.blocks[0].mlp.up)
+
+
+@pytest.mark.parametrize("version", op_spy.SUPPORTED_TORCH, ids=lambda v: "torch%d.%d" % v)
+def test_bf16_weights_compute_what_cuda_autocast_computes_anyway(version):
+    """#57 under CUDA's autocast rules (bf16 tables): autocast casts fp32 matrices to bf16 by rounding to
+    nearest, and the bf16 matrices start as exactly that rounding (their fp32 masters' mantissas 0), so
+    the first loss and every matrix's gradient are bitwise the fp32 model's; then NorMuon steps: the
+    matrices stay bf16, their momentum and second moment fp32, their mantissas uint16 and nonzero."""
+    runs = {}
+    for bf16 in (False, True):
+        cfg, model, optimizers = op_spy.build([f"--bf16_weights={str(bf16).lower()}"], torch.bfloat16)
+        idx = torch.randint(0, cfg.vocab_size, (op_spy.TOKENS + 1,), generator=torch.Generator().manual_seed(0))
+        schedule = tg.Schedule(cfg)
+        with op_spy.CudaAutocastRules(version):
+            loss = model(idx[:-1], idx[1:], schedule.windows(schedule.window_blocks(0)), torch.tensor(schedule.mtp_weights(0)))
+        loss.backward()
+        grads = {name: p.grad.float() for name, p in model.named_parameters() if p.kind == "matrix"}
+        runs[bf16] = loss.detach(), grads, model, optimizers
+    assert torch.equal(runs[True][0], runs[False][0])
+    assert runs[True][1].keys() == runs[False][1].keys() and len(runs[True][1]) == 5 * 4 + 6 * 2
+    for name, grad in runs[True][1].items():
+        assert torch.equal(grad, runs[False][1][name]), name
+    _, _, model, optimizers = runs[True]
+    schedule = tg.Schedule(model.cfg)
+    optimizers.step(0, schedule.lr_mult(0), schedule.momentum(0), last=True)
+    assert {p.dtype for p in model.parameters() if p.kind == "matrix"} == {torch.bfloat16}
+    states = [state for state in optimizers.muon.state.values() if "mantissa" in state]
+    assert len(states) == 2 and len(optimizers.muon.state) == 3  # Q, K, V, O; the MLP's; the gates keep none
+    for state in states:
+        assert state["momentum"].dtype == state["second_moment"].dtype == torch.float32
+        assert state["mantissa"].dtype == torch.uint16 and state["mantissa"].view(torch.int16).any()
 
 
 def test_compiled_training_with_bf16_tables(tmp_path):

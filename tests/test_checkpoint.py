@@ -63,12 +63,14 @@ def final(log_dir, run_id):
     return val_loss, state["model"]
 
 
-@pytest.mark.parametrize("nproc", [1, 2])
-def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp_path, data, nproc):
+@pytest.mark.parametrize("nproc, bf16_weights", [(1, False), (2, False), (2, True)])
+def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp_path, data, nproc, bf16_weights):
     """With the untimed warmup on, as in the speedrun preset: its steps are undone before the
-    timed run, and a resumed run warms up again before it loads the checkpoint."""
+    timed run, and a resumed run warms up again before it loads the checkpoint. With #57's bf16
+    weights each rank's checkpoint part carries its share's mantissas (and fp32 NorMuon state)."""
     # with the FP8 MLP (#84/#89), whose delayed scales carry from step to step
-    args = STEPS + data + [f"--accum_world_size={nproc}", "--warmup_steps=1", "--fp8_mlp=true"]
+    args = STEPS + data + [f"--accum_world_size={nproc}", "--warmup_steps=1", "--fp8_mlp=true",
+                           f"--bf16_weights={str(bf16_weights).lower()}"]
     run(args, nproc, tmp_path, "whole")
     saved = tg.checkpoint_path(str(tmp_path / "cut"), KILL_AT)
     status = run_and_kill(args + ["--save_every=3"], nproc, tmp_path, "cut", saved)
@@ -95,6 +97,12 @@ def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp
     assert state.keys() == again.keys()
     assert all(torch.equal(state[k], again[k]) if torch.is_tensor(again[k]) else state[k] == again[k] for k in state)
     assert cut["model"]["blocks.0.mlp.act_scale"] != 1  # step 3's scale, set from step 2's amax
+    assert again["blocks.0.attn.q"].dtype == (torch.bfloat16 if bf16_weights else torch.float32)
+    if bf16_weights:  # each rank's part holds its own share's mantissas, not all zero
+        for rank in range(nproc):
+            muon = torch.load(tg.checkpoint_path(str(tmp_path / "cut"), KILL_AT, rank), weights_only=True)["optimizers"][0]
+            mantissas = [state["mantissa"] for state in muon["state"].values() if "mantissa" in state]
+            assert len(mantissas) == 2 and all(m.dtype == torch.uint16 and m.view(torch.int16).any() for m in mantissas), rank
 
 
 RESHARD_TOL = 1e-10  # float64 runs: only the order of the sums differs

@@ -1223,10 +1223,10 @@ def test_dc_layer_matches_a_reference_and_starts_as_plain_attention():
     with torch.no_grad():
         attn.o.normal_(0, 0.05)
         dc_mask = tg.HeadComposition.mask(docs)
-        torch.testing.assert_close(attn(x, None, model.rotary, spy, mask, 0, dc_mask),
+        torch.testing.assert_close(attn(x, None, model.rotary, spy, mask, 0, dc_mask=dc_mask),
                                    F.linear(seen["y"].flatten(1), attn.o), rtol=0, atol=0)
         attn.composition.out_proj.normal_(0, 0.5)
-        got = attn(x, None, model.rotary, spy, mask, 0, dc_mask)
+        got = attn(x, None, model.rotary, spy, mask, 0, dc_mask=dc_mask)
         raw = F.gelu(x @ attn.composition.in_proj.T, approximate="tanh") @ attn.composition.out_proj.T
         w1, w2 = raw[:, :2], raw[:, 2:]
         w1 = w1 / w1.square().mean(-1, keepdim=True).add(1e-6).sqrt()

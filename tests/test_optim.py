@@ -7,6 +7,7 @@ import os
 import re
 import zlib
 
+import numpy as np
 import pytest
 import head_params_ref as hr
 import record_ref as rr
@@ -745,7 +746,8 @@ HEAD_SWITCHES = ["--softcap=23", "--softcap_offset=5", "--value_embeds=5", "--ve
                  "--value_embed_wd_mul=5", "--muon_beta2=0.9", "--attn_lr_mul=1", "--qk_head_pairs=true",
                  "--scalar_freeze_steps=0", "--sublayer_resid=true", "--post_lambdas=true", "--lane_layer=7",
                  "--mudd=true", "--mudd_gate=true", "--attn_gate=false",
-                 f"--xsa_layers={','.join(map(str, hr.XSA_LAYERS))}", f"--dc_layers={','.join(map(str, hr.DC_LAYERS))}"]
+                 f"--xsa_layers={','.join(map(str, hr.XSA_LAYERS))}", f"--dc_layers={','.join(map(str, hr.DC_LAYERS))}",
+                 "--uniform_attn_init=true", "--bf16_weights=true"]
 
 
 def head_label(name):
@@ -840,6 +842,10 @@ def test_head_switches_give_heads_shapes(head_model):
     for leaf, label in (("in_proj", "dc_w1_bank"), ("out_proj", "dc_w2_bank")):
         dc = {int(name.split(".")[1]): p for name, p in params.items() if name.endswith(f".composition.{leaf}")}
         assert sorted(dc) == hr.DC_LAYERS and {p.shape for p in dc.values()} == {hr.SHAPES[label][0][1:]}, label
+    # #57: the banks' matrices are bf16, every other parameter as the backend stores it (fp32 here)
+    for name, p in params.items():
+        label = head_label(name)
+        assert p.dtype == (torch.bfloat16 if label and label[0] in hr.BF16_BANKS else torch.float32), name
 
 
 def test_head_switches_give_heads_inits():
@@ -861,6 +867,29 @@ def test_head_switches_give_heads_inits():
     for i in hr.DC_LAYERS:  # the w1 rows random, the w2 rows zero: DC adds nothing at the start
         dc = model.blocks[i].attn.composition
         assert dc.out_proj[: cfg.n_head].abs().sum() > 0 and not dc.out_proj[cfg.n_head :].any()
+
+
+@pytest.mark.parametrize("uniform", [False, True])
+def test_attention_init_statistics(uniform):
+    """#64/#67 on: Q, K, V and O are HEAD's uniform(+-INIT_BOUND) (head_params_ref), O not zero. Off:
+    #53's Q, K and V uniform with std 1/sqrt(768), so bound sqrt(3/768) = 1/16, and O zeros. At the
+    speedrun's width (768 x 768 each), where max, std and the share near 0 are well measured."""
+    cfg = tg.parse_args([f"--uniform_attn_init={str(uniform).lower()}"])
+    torch.manual_seed(0)
+    attn = tg.Attention(cfg, 0)
+    bound = hr.ATTN_INIT[1] if uniform else 1 / 16
+    for name in ("q", "k", "v", "o"):
+        w = getattr(attn, name).detach()
+        assert w.shape == ((768, 768)), name
+        if name == "o" and not uniform:
+            assert not w.any()
+            continue
+        assert bound * 0.999 < w.abs().max() <= bound, name
+        assert w.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.01), name
+        assert abs(w.mean().item()) < bound / 300, name
+        # uniform puts 1% of the values within bound / 100 of 0 (a normal of that std would put 1.4%)
+        assert (w.abs() < bound / 100).float().mean().item() == pytest.approx(0.01, abs=0.002), name
+    assert not torch.equal(attn.q, attn.k)  # drawn one after the other, not copies
 
 
 def split_params(generator, blocks):
@@ -938,6 +967,132 @@ def test_normuon_head_pairs_sharded_match_one_process(tmp_path, monkeypatch):
     for rank in range(3):
         for ours, theirs in zip(torch.load(tmp_path / f"pairs{rank}.pt"), want):
             torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, msg=f"rank {rank}")
+
+
+# ------------------------------------------------------------------------------------------------
+# #57: bf16 weights whose fp32 masters' lower halves NorMuon keeps (a uint16 mantissa per element)
+# ------------------------------------------------------------------------------------------------
+
+# (shape, head-pair blocks, lr_mul): two NorMuon groups, one wide (four matrices, one split in two
+# blocks: five, padded to 6 on 2 ranks, to 8 on 8) and one tall (two, handled transposed)
+BF16_SPECS = [((8, 16), 1, 1.0), ((8, 16), 2, 2.0), ((16, 8), 1, 1.5), ((8, 16), 1, 3.0), ((16, 8), 1, 1.0)]
+BF16_STEPS = 4
+
+
+def bf16_grad(step, index, rank, shape):
+    """Rank `rank`'s gradient: multiples of 1/64 below 1/4, whose sums over 8 ranks and their means are
+    exact in bf16 and in fp32, so an average taken in either dtype is the same number."""
+    g = torch.Generator().manual_seed(1000 * step + 10 * index + rank)
+    return torch.randint(-15, 16, shape, generator=g) / 64
+
+
+def bf16_layout(t, blocks):
+    """A matrix as NorMuon stacks it: its row blocks, a tall block transposed."""
+    t = t.unflatten(0, (blocks, -1))
+    return t.mT if t.size(-2) > t.size(-1) else t
+
+
+def bf16_weights_run(rank, world, bf16):
+    """BF16_STEPS NorMuon steps from starts that bf16 holds exactly; with `bf16` the weights are bf16
+    and NorMuon keeps their mantissas. Returns the weights and, per group, (its parameters' indices,
+    this rank's mantissas or None)."""
+    g = torch.Generator().manual_seed(7)
+    params = []
+    for shape, blocks, lr_mul in BF16_SPECS:
+        w = torch.randn(shape, generator=g).bfloat16()
+        params.append(tg.tag(torch.nn.Parameter(w if bf16 else w.float()), "matrix", lr_mul, blocks))
+    opt = tg.NorMuon(params, 0.1, 5.0, 0.9, 0.9, tg.TorchOps, rank, world, mantissa=bf16)
+    for step in range(BF16_STEPS):
+        for i, p in enumerate(params):
+            p.grad = bf16_grad(step, i, rank, p.shape).to(p.dtype)
+        opt.step()
+    index = {id(p): i for i, p in enumerate(params)}
+    groups = [([index[id(p)] for p in group["params"]], opt.state[group["params"][0]].get("mantissa"))
+              for group in opt.param_groups]
+    return [p.detach().clone() for p in params], groups
+
+
+def fp32_from_halves(high, low):
+    """The fp32 numbers whose upper 16 bits are bf16 `high`'s and lower 16 uint16 `low`'s, in numpy."""
+    hi = high.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
+    lo = low.contiguous().view(torch.int16).numpy().view(np.uint16).astype(np.uint32)
+    return torch.from_numpy(((hi << 16) | lo).view(np.float32))
+
+
+def check_bf16_masters(runs, world):
+    """runs[rank][bf16]: every rank's bf16 weights alike, and, joined with the ranks' mantissas in
+    shard order, bitwise the fp32 weights the fp32 run reached; the mantissas are not all 0."""
+    on, groups = runs[0][True]
+    off, _ = runs[0][False]
+    for rank in range(world):
+        assert all(torch.equal(a, b) for a, b in zip(runs[rank][True][0], on)), rank
+        assert all(torch.equal(a, b) for a, b in zip(runs[rank][False][0], off)), rank
+    assert all(w.dtype == torch.bfloat16 for w in on) and all(w.dtype == torch.float32 for w in off)
+    for g, (indices, _) in enumerate(groups):
+        high = torch.cat([bf16_layout(on[i], BF16_SPECS[i][1]) for i in indices])
+        want = torch.cat([bf16_layout(off[i], BF16_SPECS[i][1]) for i in indices])
+        low = torch.cat([runs[rank][True][1][g][1] for rank in range(world)])[: len(high)]
+        assert low.dtype == torch.uint16 and runs[0][False][1][g][1] is None
+        master = fp32_from_halves(high, low)
+        assert torch.equal(master.view(torch.int32), want.contiguous().view(torch.int32)), g
+        assert (low.view(torch.int16) != 0).float().mean() > 0.9, g  # the lower halves carry bits
+
+
+def test_bf16_weights_step_the_fp32_masters_exactly():
+    """One process: (bf16 weight, mantissa) after each of 4 steps is bitwise the fp32 run's weight."""
+    check_bf16_masters([{bf16: bf16_weights_run(0, 1, bf16) for bf16 in (False, True)}], 1)
+
+
+def bf16_rank(rank, world, store, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    runs = {bf16: bf16_weights_run(rank, world, bf16) for bf16 in (False, True)}
+    torch.save(runs, os.path.join(out, f"bf16_{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", [2, 8])
+def test_bf16_weights_sharded_step_the_fp32_masters_exactly(tmp_path, world):
+    """gloo ranks, each its own gradients (averaged in bf16 on the wire with the switch, in fp32
+    without): each rank keeps its share's mantissas, and weights and shares join to the fp32 run's."""
+    mp.spawn(bf16_rank, args=(world, str(tmp_path / "store"), str(tmp_path)), nprocs=world)
+    check_bf16_masters([torch.load(tmp_path / f"bf16_{rank}.pt") for rank in range(world)], world)
+
+
+def test_bf16_weights_state_survives_a_checkpoint(tmp_path):
+    """Saved and loaded as a checkpoint is (tg.save_atomic, tg.read_checkpoint): the mantissas stay
+    uint16 and the momentum fp32 (torch's load would round it to the bf16 weights' dtype), so 2 steps,
+    save, load into a fresh optimizer and 2 more land bitwise where 4 uninterrupted steps land."""
+    def build():
+        g = torch.Generator().manual_seed(7)
+        params = [tg.tag(torch.nn.Parameter(torch.randn(s, generator=g).bfloat16()), "matrix", m, b) for s, b, m in BF16_SPECS]
+        return params, tg.NorMuon(params, 0.1, 5.0, 0.9, 0.9, tg.TorchOps, mantissa=True)
+
+    def steps(params, opt, start, stop):
+        for step in range(start, stop):
+            for i, p in enumerate(params):
+                p.grad = bf16_grad(step, i, 0, p.shape).bfloat16()
+            opt.step()
+
+    params, opt = build()
+    steps(params, opt, 0, BF16_STEPS)
+    whole = [p.detach().clone() for p in params]
+    params, opt = build()
+    steps(params, opt, 0, BF16_STEPS // 2)
+    path = str(tmp_path / "state.pt")
+    tg.save_atomic(dict(weights=[p.detach() for p in params], optimizer=opt.state_dict()), path)
+    saved = tg.read_checkpoint(path, keys=("weights", "optimizer"))
+    params, opt = build()
+    with torch.no_grad():
+        for p, w in zip(params, saved["weights"]):
+            p.copy_(w)
+    opt.load_state_dict(saved["optimizer"])
+    assert len(opt.state) == 2  # the two groups' states
+    for state in opt.state.values():
+        assert state["mantissa"].dtype == torch.uint16 and state["momentum"].dtype == torch.float32
+        assert state["second_moment"].dtype == torch.float32
+    steps(params, opt, BF16_STEPS // 2, BF16_STEPS)
+    assert all(torch.equal(p.detach(), w) for p, w in zip(params, whole))
 
 
 def test_sublayer_lambdas_adam_groups():

@@ -530,18 +530,29 @@ def dry_run(tmp_path, flags):
     return done.stdout.splitlines()
 
 
+NANOGPT_COUNT = "without the padding rows past vocab_size, as nanoGPT counts GPT-2: "  # the line before the last
+TABLE_HEADER = ["parameter", "shape", "count", "dtype", "init", "optimizer", "lr", "betas", "weight_decay"]
+
+
+def table_cells(lines):
+    """The parameter table's rows split into their cells (after checking the header)."""
+    header = next(i for i, line in enumerate(lines) if line.startswith("parameter "))
+    assert re.split(r" {2,}", lines[header]) == TABLE_HEADER
+    return [re.split(r" {2,}", line) for line in lines[header + 1 : -1] if not line.startswith(NANOGPT_COUNT)]
+
+
+def table_dtypes(lines):
+    """{name: the dtype column} of the parameter table."""
+    return {cells[0]: cells[3] for cells in table_cells(lines)}
+
+
 def table_rows(lines):
     """The parameter table's rows as {name: (shape, count, init, optimizer, lr, betas, wd)}, and N
     from the last line, which must be `parameters: N` (digits only; the line before it may give nanoGPT's count)."""
     total = re.fullmatch(r"parameters: (\d+)", lines[-1])
     assert total, lines[-1]
-    lines = lines[:-2] + lines[-1:] if lines[-2].startswith("without the padding rows") else lines
-    header = next(i for i, line in enumerate(lines) if line.startswith("parameter "))
-    assert re.split(r" {2,}", lines[header]) == ["parameter", "shape", "count", "init", "optimizer", "lr", "betas",
-                                                 "weight_decay"]
     rows = {}
-    for line in lines[header + 1 : -1]:
-        name, shape, count, init, optimizer, lr, betas, wd = re.split(r" {2,}", line)
+    for name, shape, count, _, init, optimizer, lr, betas, wd in table_cells(lines):
         shape = () if shape == "()" else tuple(int(n) for n in shape.split("x"))
         betas = tuple(float(b) for b in betas.split(","))
         rows[name] = (shape, int(count), init, optimizer, float(lr), betas, float(wd))
@@ -575,6 +586,7 @@ def test_dry_run_cpu_prints_config_schedule_and_the_real_models_table(tmp_path):
     schedule = ["schedule: " + line for line in tg.Schedule(cfg).describe()]
     assert lines[2 : 2 + len(schedule)] == schedule and lines[2 + len(schedule)].startswith("parameter ")
     rows, total = table_rows(lines)
+    assert set(table_dtypes(lines).values()) == {"float32"}  # --device=cpu: no bf16 tables, no #57 weights
     torch.manual_seed(cfg.seed)
     model = tg.GPT(cfg, tg.TorchOps, None, torch.float32)
     optimizers = tg.Optimizers(model, cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
@@ -617,6 +629,9 @@ def test_dry_run_head_lists_the_sublayer_lambdas(tmp_path):
     assert not {"x0_lambdas", "bigram_embed.lambdas", "backout_lambda"} & set(rows)
     assert rows["mudd.w2"] == ((2, 14, 64), 2 * 14 * 64, "zeros", "Adam", pytest.approx(0.002), (0.9, 0.99), 0.005)
     assert rows["mudd_gate.b2"][3:] == ("Adam", pytest.approx(0.0008), (0.9, 0.99), 0.0)
+    # #64/#67: Q, K, V and O uniform with bound sqrt(3) * 0.5 / sqrt(768) = 1/32 (O not zero)
+    for name in ("q", "k", "v", "o"):
+        assert rows[f"blocks.0.attn.{name}"][2] == "uniform(+-0.03125)", name
 
 
 def test_dry_run_head_lists_xsa_and_dc(tmp_path):
@@ -638,6 +653,18 @@ def test_dry_run_head_lists_xsa_and_dc(tmp_path):
             hr.ADAM_WD * hr.RECORD_PARAM_TABLE["xsa_alphas"][3])
     xsa = {int(name.split(".")[1]): row for name, row in rows.items() if name.endswith(".xsa")}
     assert sorted(xsa) == hr.XSA_LAYERS and all(row == want for row in xsa.values())
+
+
+@pytest.mark.parametrize("preset", ["speedrun", "head"])
+def test_dry_run_shows_the_storage_dtypes(tmp_path, preset):
+    """The dtype column: the head, embeddings and gates in bf16 as a CUDA run stores them, the scalars
+    in fp32; Q, K, V, O and the MLP's matrices fp32 in speedrun, bf16 in head (#57's bf16 weights)."""
+    dtypes = table_dtypes(dry_run(tmp_path, [f"--preset={preset}"]))
+    matrices = [name for name in dtypes if re.fullmatch(r"blocks\.\d+\.(attn\.[qkvo]|mlp\.(up|down))", name)]
+    assert len(matrices) == 10 * 4 + 11 * 2
+    assert {dtypes[name] for name in matrices} == {"bfloat16" if preset == "head" else "float32"}
+    assert dtypes["lm_head"] == dtypes["value_embeds.0"] == dtypes["smear_gate"] == "bfloat16"
+    assert dtypes["skip_gate"] == dtypes["blocks.0.attn.lambdas"] == "float32"
 
 
 def test_dry_run_speedrun_needs_no_gpu_and_matches_the_record(tmp_path):
