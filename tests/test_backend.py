@@ -215,6 +215,8 @@ def test_compiled_head_shaped_training_compiles_only_in_the_warmup(tmp_path):
 
 
 FOUR_HEADS = ["--n_head=4", "--head_dim=16"]
+# paired heads on a short- and a long-window layer (XSA and DC, which HEAD keeps off paired layers, off)
+PAIRED_FLEX = HEAD_SHAPED + FOUR_HEADS + ["--paired_head_layers=0,2", "--xsa_layers=", "--dc_layers="]
 
 
 def test_compiled_flex_paired_heads_match_the_eager_blocked_attention():
@@ -223,7 +225,7 @@ def test_compiled_flex_paired_heads_match_the_eager_blocked_attention():
     hidden states; three documents over 320 tokens (640 positions, 5 tiles). Four heads, two pair
     sequences: with one, the [1, 1, 2T, D] input is a view of the rotary's output, which inductor's CPU
     flex template cannot read (torch 2.13: it unpacks the buffer's 3-d size)."""
-    cfg = tg.parse_args(HEAD_SHAPED + FOUR_HEADS)
+    cfg = tg.parse_args(PAIRED_FLEX)
     assert cfg.paired_head_layers == (0, 2) and 2 in cfg.long_window_layers
     torch.manual_seed(0)
     model = tg.GPT(cfg, tg.TorchOps, tg.FlexAttention(), torch.float32).eval()  # eval: no FP8 MLP rounding
@@ -238,7 +240,7 @@ def test_compiled_flex_paired_heads_match_the_eager_blocked_attention():
     with torch.no_grad():
         want = model.hidden(idx, windows, tg.BlockedAttention(128))
         got = torch.compile(model.hidden, fullgraph=True, dynamic=False)(idx, windows)
-        unpaired = tg.GPT(tg.parse_args(HEAD_SHAPED + FOUR_HEADS + ["--paired_head_layers="]), tg.TorchOps,
+        unpaired = tg.GPT(tg.parse_args(PAIRED_FLEX + ["--paired_head_layers="]), tg.TorchOps,
                           tg.BlockedAttention(128), torch.float32).eval()
         unpaired.load_state_dict(model.state_dict())
         assert (unpaired.hidden(idx, windows) - want).abs().max() > 1e-2
@@ -249,8 +251,8 @@ def test_compiled_flex_forward_head_shaped_is_the_cpu_attentions(tmp_path):
     """HEAD's switches (XSA and DC among them) with the CUDA attention, compiled fullgraph by inductor: a
     batch's loss is the eager CPU attention's (in eval, without FP8: bf16 round-off apart). DC's read
     runs the same torch code under both (it is not an attention backend's: flex cannot mix heads'
-    probabilities)."""
-    trainer = compiled_trainer(tmp_path, tg.FlexAttention(), "flex_head", flags=HEAD_SHAPED)
+    probabilities). Four heads: the paired layer's pair sequences need two (see the test above)."""
+    trainer = compiled_trainer(tmp_path, tg.FlexAttention(), "flex_head", flags=HEAD_SHAPED + FOUR_HEADS)
     model = trainer.model.eval()
     with torch.no_grad():  # the XSA strengths, DC's w2 rows and the zero-initialized weights alive
         for name, p in model.named_parameters():

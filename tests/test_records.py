@@ -744,7 +744,7 @@ def test_tiny_ladder_runs_the_trainer_writes_the_table_and_resumes(tmp_path, cap
         assert rows[name]["time_ms_mean"] == pytest.approx(np.mean([ms for _, ms in runs]))
     loss = {name: [v for v, _ in runs] for name, runs in finals.items()}
     assert rows["muon"]["p_val_loss"] == pytest.approx(stats.ttest_ind(loss["baseline"], loss["muon"], equal_var=False).pvalue)
-    assert "| muon | #3 | --muon=true | 2 |" in (out / "ladder.md").read_text()
+    assert "| muon | #3 | --muon=true --grad_clip=0.0 --norm=rmsnorm --bias=false | 2 |" in (out / "ladder.md").read_text()
 
     before = {p.name: p.stat().st_mtime_ns for p in logs}
     capsys.readouterr()
