@@ -3390,7 +3390,8 @@ def versions_and_hardware():
 def matmul_params(cfg):
     """Weights each token is multiplied by in one forward pass: every attention layer's Q, K, V, O
     and per-head gate, every MLP's up and down, the optional output gates, the smear gate, the
-    head (padded vocabulary) and the MUDD MLPs, each used once. Embedding lookups and scalars do no matmul."""
+    head (padded vocabulary), the MUDD MLPs and DC's weight MLPs (#85), each used once. Embedding
+    lookups and scalars do no matmul."""
     d, inner = cfg.d_model, cfg.n_head * cfg.head_dim
     attn_layers = sum(layer not in cfg.no_attn_layers for layer in range(cfg.n_layer))
     gate_dims = d if cfg.head_gate else cfg.gate_dims
@@ -3404,7 +3405,8 @@ def matmul_params(cfg):
     skip_gate = cfg.gate_dims if cfg.skip_x0_gate and cfg.skip_from >= 0 else 0
     mudd = MUDD_DIM * (2 * d + len(MUDD_INTO_LAST) + len(MUDD_AFTER_LAST)) if cfg.mudd else 0
     mudd_gate = MUDD_DIM * (2 * d + sum(w for half in mudd_gate_slots(cfg) for *_, w in half)) if cfg.mudd_gate else 0
-    return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear + ve_gates * ve_gate + skip_gate + mudd + mudd_gate
+    dc = len(cfg.dc_layers) * (2 * cfg.n_head * d + (2 * cfg.n_head) ** 2)  # HeadComposition: in_proj, out_proj
+    return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear + ve_gates * ve_gate + skip_gate + mudd + mudd_gate + dc
 
 
 def attention_flops(cfg, windows, max_seq_len=None):
@@ -3414,12 +3416,16 @@ def attention_flops(cfg, windows, max_seq_len=None):
     window (w, 0)), capped at the step's max_seq_len (None: cfg.max_seq_len; no piece of a document
     is longer): the causal mask's skipped pairs count, as in the usual 6N + 12 L d T estimate. A paired
     layer (#58) has twice the queries and half the heads over pieces twice as long: the same count.
+    A DC layer (#85) reads again over DC_WINDOW keys: every head's q.k, the heads' probabilities mixed
+    (one multiply-add per head and key) and the mix times each head's values.
     Forward: 2 FLOPs per multiply-add, for q.k and p.v; backward twice the forward."""
     longest = max_seq_len or cfg.max_seq_len
+    h, dh = cfg.n_head, cfg.head_dim
     keys = sum(min(windows[0 if layer in cfg.long_window_layers else 1] + 1,
                    longest * (2 if layer in cfg.paired_head_layers else 1))
                for layer in range(cfg.n_layer) if layer not in cfg.no_attn_layers)
-    return 3 * 2 * 2 * cfg.n_head * cfg.head_dim * keys
+    dc = len(cfg.dc_layers) * h * min(DC_WINDOW, longest) * (2 * dh + 1)  # multiply-adds
+    return 3 * 2 * (2 * h * dh * keys + dc)
 
 
 def flops_per_token(cfg, windows, max_seq_len=None):

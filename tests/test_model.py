@@ -1177,6 +1177,18 @@ def test_dc_read_matches_a_dense_reference_forward_and_gradient():
     assert read(near)[249].abs().sum() > 0 and read(far)[249].abs().sum() == 0
 
 
+def test_dc_layers_count_their_flops():
+    """#85 on the cpu shape (4 heads of 64, width 256), by hand: per DC layer and token, the weight MLP's
+    2H x d and 2H x 2H weights, and over min(112, max_seq_len) keys 4 x 64 multiply-adds for q.k, 4 for
+    the mix, 4 x 64 for the mixed probabilities times the values; 2 FLOPs each, backward twice the forward."""
+    off = tg.parse_args(["--preset=cpu"])
+    on = tg.parse_args(["--preset=cpu", "--dc_layers=1,5"])
+    assert tg.matmul_params(on) - tg.matmul_params(off) == 2 * (8 * 256 + 8 * 8)
+    for longest, keys in ((512, 112), (64, 64)):
+        extra = tg.attention_flops(on, (128, 64), longest) - tg.attention_flops(off, (128, 64), longest)
+        assert extra == 2 * 3 * 2 * keys * (4 * 64 + 4 + 4 * 64), longest
+
+
 def dc_model(*flags):
     cfg = tg.parse_args(TINY + ["--attn_gate=false", "--attn_lambdas=false", *flags])
     torch.manual_seed(0)
