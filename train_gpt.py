@@ -1148,7 +1148,7 @@ class _FP8Linear(torch.autograd.Function):
     @staticmethod
     def fp8_grads(ctx, grad):
         x_f8, w_f8, xs, ws = ctx.saved_tensors
-        gs = torch.full((), ctx.grad_scale, dtype=torch.float32, device=grad.device)
+        gs = scale_tensor(ctx.grad_scale, grad.device)
         g_f8 = _to_fp8(grad.reshape(-1, grad.shape[-1]), ctx.grad_scale, torch.float8_e5m2)
         # .T.contiguous().T gives the same matrix stored column-major, as the second operand must be
         grad_x = scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=gs, scale_b=ws, out_dtype=torch.bfloat16)
@@ -2193,7 +2193,8 @@ class GPT(nn.Module):
                 x = self.resid_lambdas[i] * x + self.x0_lambdas[i] * x0
             if bigram is not None and not (cfg.sublayer_resid and i):  # #73: layer 0's goes in first, as before
                 x = x + self.mix_lambda("bigram", i, gate) * bigram
-            first = x if i == 0 else first  # the first layer's input, a MUDD source (#81)
+            if i == 0:
+                first = x  # the first layer's input, a MUDD source (#81)
             table = self.ve_tables[i]
             ve = None if table is None else F.embedding(idx, self.value_embeds[table])
             if i == cfg.n_layer - 1 and self.mudd is not None:  # #81
@@ -2681,10 +2682,12 @@ class Adam(torch.optim.Optimizer):
         mine = dict(state={}, param_groups=states[0]["param_groups"])
         for index, state in states[0]["state"].items():
             p, joined = params[index], {}
+            was_split, is_split = self.split(p, len(states)), self.split(p)
             for key, value in state.items():
-                if torch.is_tensor(value) and self.split(p, len(states)):
-                    value = unshard_rows([s["state"][index][key] for s in states], p.size(0))
-                joined[key] = rows_of_rank(value, self.rank, self.world_size) if torch.is_tensor(value) and self.split(p) else value
+                if torch.is_tensor(value):
+                    full = unshard_rows([s["state"][index][key] for s in states], p.size(0)) if was_split else value
+                    value = rows_of_rank(full, self.rank, self.world_size) if is_split else full
+                joined[key] = value
             mine["state"][index] = joined
         return mine
 
@@ -3792,6 +3795,12 @@ def checkpoint_differences(state, cfg):
     return differ
 
 
+def ranks_to_read(written_by, backend):
+    """The rank files this rank resumes from: its own on the same number of ranks, every one of the
+    `written_by` ranks' to reshard them."""
+    return [backend.rank] if written_by == backend.world_size else range(written_by)
+
+
 def rank_mean_grad(grads_by_rank, name, device):
     """A parameter's gradient to resume with, from what each rank of the saved run had accumulated
     (Adam's tables between its steps): their mean, on every rank of this run. The optimizers average
@@ -4115,8 +4124,8 @@ class Trainer:
         if state["step"] >= self.schedule.total:
             raise SystemExit(f"error: --resume={path}: that run already finished (step {state['step']})")
         written_by = state["world_size"]
-        ranks = [b.rank] if written_by == b.world_size else range(written_by)
-        parts = [load_checkpoint(checkpoint_path(os.path.dirname(path), state["step"], r), keys=("optimizers",)) for r in ranks]
+        parts = [load_checkpoint(checkpoint_path(os.path.dirname(path), state["step"], r), keys=("optimizers",))
+                 for r in ranks_to_read(written_by, b)]
         self.model.load_state_dict(state["model"])
         self.model.tied = state["tied"]
         self.optimizers.load_state_dict(parts[0]["optimizers"] if written_by == b.world_size else
@@ -4141,8 +4150,7 @@ class Trainer:
         for step in saved_steps(folder):
             try:
                 written_by = read_checkpoint(checkpoint_path(folder, step), CHECKPOINT_KEYS, mmap=True)["world_size"]
-                ranks = [b.rank] if written_by == b.world_size else range(written_by)
-                for r in ranks:
+                for r in ranks_to_read(written_by, b):
                     read_checkpoint(checkpoint_path(folder, step, r), ("optimizers",), mmap=True)
                 problem = None
             except CheckpointError as e:

@@ -981,7 +981,8 @@ def last_error_line(log_path):
     """A failed run's last `error:` or `interrupted` line in its log, or None."""
     try:
         with open(log_path, encoding="utf-8", errors="replace") as f:
-            lines = [line.strip() for line in f if line.startswith(("error:", "interrupted "))]
+            run = f.read().split(SEPARATOR)[-1]  # after the source a trainer log embeds
+        lines = [line.strip() for line in run.splitlines() if line.startswith(("error:", "interrupted "))]
     except OSError:
         lines = []
     return lines[-1] if lines else None

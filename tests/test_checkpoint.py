@@ -78,7 +78,7 @@ def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp
     assert tg.latest_checkpoint(str(tmp_path / "cut")) != tg.checkpoint_path(str(tmp_path / "cut"), 8)
     run(args + [f"--resume={saved}"], nproc, tmp_path, "resumed")
     with open(tmp_path / "resumed.txt") as f:
-        text = f.read()
+        text = f.read().split(tg.SEPARATOR)[-1]  # after the embedded source
         assert f"resumed from {saved} at step {KILL_AT}/8, train_time " in text and f"ms, written by {nproc} process(es)\n" in text
     (loss_whole, whole), (loss_resumed, again) = final(tmp_path, "whole"), final(tmp_path, "resumed")
     assert loss_resumed == loss_whole
@@ -110,12 +110,12 @@ RESHARD_TOL = 1e-10  # float64 runs: only the order of the sums differs
 
 def float64_run(args, nproc, log_dir, run_id):
     """A run in float64 (test_distributed's hook; the loss itself is computed in fp32): its val losses
-    by step and its log's text."""
+    by step and its log's lines after the source it embeds."""
     out = test_distributed.run(args, nproc, log_dir, run_id)
     assert out.returncode == 0, f"{run_id} on {nproc} rank(s):\n{failure(out)}"
     with open(os.path.join(log_dir, f"{run_id}.jsonl")) as f:
         val = {m["step"]: m["val_loss"] for m in map(json.loads, f) if m["kind"] == "val"}
-    return val, (log_dir / f"{run_id}.txt").read_text()
+    return val, (log_dir / f"{run_id}.txt").read_text().split(tg.SEPARATOR)[-1]  # after the embedded source
 
 
 def model_floats(path):

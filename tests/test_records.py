@@ -690,7 +690,8 @@ def test_ladder_reports_failed_rungs_and_resumes_only_what_is_missing(tmp_path, 
     # again: only the runs that left no log (x0_mixing) run again; a run cut off (no final line, no
     # error) runs again from scratch; finished, diverged and crashed-with-an-error runs are kept
     log = next((out / "logs").glob("baseline-*-seed1.txt"))
-    log.write_text(log.read_text().split("final ")[0])
+    text = log.read_text()
+    log.write_text(text[: text.rindex("\nfinal ") + 1])  # the last final line, not one in the source it embeds
     calls.write_text("")
     assert rt.main(argv) == 1
     assert sorted(c.split("-")[0] + c[-1] for c in calls.read_text().split()) == ["baseline1", "x0_mixing0", "x0_mixing1"]
@@ -723,7 +724,8 @@ def final_line(path):
     """(val loss, train time ms) from a log's final line, read here with a regex of its own."""
     import re
 
-    m = re.search(r"^final val_loss:([\d.]+) train_time:(\d+)ms", path.read_text(), re.MULTILINE)
+    run = path.read_text().split(rt.SEPARATOR)[-1]  # after the source the log embeds
+    m = re.search(r"^final val_loss:([\d.]+) train_time:(\d+)ms", run, re.MULTILINE)
     return float(m[1]), int(m[2])
 
 

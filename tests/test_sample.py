@@ -118,13 +118,13 @@ def random_model(*flags):
 
 @pytest.mark.parametrize("prompt_len, flags", [(1, ()), (10, ()),
                                                (10, ("--n_head=4", "--head_dim=8", "--paired_head_layers=0,3")),
-                                               (10, ("--xsa_layers=0,3", "--dc_layers=1"))])
+                                               (10, ("--xsa_layers=0,3",)), (10, ("--xsa_layers=0,3", "--dc_layers=1"))])
 def test_cached_logits_are_the_full_forwards(prompt_len, flags):
     """Token by token after a prompt (BOS alone, or two documents), through one more BOS and past
     the long window: the cache's logits are those of the whole sequence at once, also with paired
-    heads (#58) on a short- and a long-window layer (two cached rows per token there), and with XSA
-    and DC (#82, #85: with DC the cache runs the whole sequence, as its mix of every head's attention
-    needs more than keys and values)."""
+    heads (#58) on a short- and a long-window layer (two cached rows per token there), with XSA (#82)
+    through the cache, and with DC (#85), where the cache falls back to running the whole sequence
+    (DC's mix of every head's attention needs more than keys and values): that case checks the fallback."""
     model = random_model(*flags)
     windows = (16, 8)
     rng = np.random.default_rng(0)
