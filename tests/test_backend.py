@@ -464,3 +464,63 @@ def test_compiled_gpt2_baseline_training(tmp_path):
     val_loss, _ = trainer.run()
     warmup = len(per_step) - trainer.schedule.total
     assert per_step[warmup:] == [0] * trainer.schedule.total and 5 < val_loss < 11.5
+
+
+@pytest.mark.parametrize("stablemax, prefix", [(False, True), (True, False)])
+def test_compiled_cpu_loss_matches_the_naive_loss(stablemax, prefix):
+    """--compile_elementwise's loss (the blocks of rows compiled by inductor) against a plain
+    log-softmax (or log-StableMax) written out here: the loss, its gradient, and the loss without one
+    (validation); 70 rows, so two whole blocks and a partial one."""
+    gen = torch.Generator().manual_seed(5)
+    n, vocab, cap, temp, offset, weights = 70, 300, 23.0, 7.5, 5.0, torch.tensor([1.0, 0.5])
+    z = (4 * torch.randn(n, vocab, generator=gen)).bfloat16()
+    targets = torch.randint(0, vocab, (n,), generator=gen)
+    prefixes = torch.randint(0, vocab, (n,), generator=gen)
+    prefixes[::3] = tg.NO_PREFIX
+    extra = (prefixes, torch.tensor([0.25])) if prefix else ()
+    ops = tg.compiled_torch_ops()
+    op = ops.stablemax_mtp_ce if stablemax else ops.softcap_mtp_ce
+
+    def naive(logits):
+        l = cap * torch.sigmoid((logits.float() + offset) / temp)
+        a = torch.sign(l) * torch.log1p(l.abs()) if stablemax else l
+        logp = a - torch.logsumexp(a, dim=-1, keepdim=True)
+        out = torch.zeros(n)
+        for k, w in enumerate(weights):
+            out[: n - k] -= w * logp[torch.arange(n - k), targets[k:]]
+        if prefix:
+            has = prefixes >= 0
+            out[has] -= 0.25 * logp[has.nonzero()[:, 0], prefixes[has]]
+        return out
+
+    got_z, want_z = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got, want = op(got_z, targets, weights, cap, temp, offset, *extra), naive(want_z)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+    (got * torch.arange(n)).sum().backward()
+    (want * torch.arange(n)).sum().backward()
+    assert got_z.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(got_z.grad.float(), want_z.grad.float(), rtol=2**-7, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(op(z, targets, weights, cap, temp, offset, *extra), want.detach(), rtol=1e-5, atol=1e-4)
+
+
+def test_the_cpu_backend_reuses_freed_memory():
+    """After setup_backend on a CPU, a large tensor freed and allocated again reuses its pages (no
+    page faults on the second touch), where by default (the reference: a process without it) each
+    new one faults in every page. In subprocesses: the setting is for the whole process."""
+    import subprocess
+    import sys
+
+    script = (
+        "import resource, sys, torch, train_gpt as tg\n"
+        "if sys.argv[1] == 'on': tg.setup_backend(tg.parse_args(['--preset=cpu']))\n"
+        "torch.ones(2**24).sum()\n"  # 64 MB, allocated, touched, freed
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "torch.ones(2**24).sum()\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], cwd=root, capture_output=True, text=True,
+                                       check=True).stdout) for mode in ("off", "on")}
+    pages = 2**26 // 4096
+    assert faults["off"] > pages // 2, faults  # the reference: a fresh mapping faults page by page
+    assert faults["on"] < pages // 20, faults
