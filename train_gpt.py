@@ -3991,8 +3991,8 @@ class Trainer:
         self.parts, self.accum, self.loss_factor = split_batch(cfg, backend.world_size)
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg, backend.ops, backend.attention, backend.compute_dtype, backend.table_dtype).to(backend.device)
-        if cfg.compile:
-            torch._dynamo.config.cache_size_limit = 64  # one graph per (stage, window, tied) is expected
+        if cfg.compile or cfg.compile_elementwise:
+            torch._dynamo.config.cache_size_limit = 64  # one graph per (stage, window, tied), per update's shape and betas
         self.forward = torch.compile(self.model, fullgraph=True, dynamic=False) if cfg.compile else self.model
         self.optimizers = Optimizers(self.model, cfg, backend)
         # every step's MTP weights on the device up front: making them inside a step would copy

@@ -18,6 +18,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test compiles as a fresh process would: torch.compile's caches (and its limit of graphs per
+    function) would otherwise fill with every earlier test's shapes."""
+    yield
+    if "torch._dynamo" in sys.modules:
+        sys.modules["torch._dynamo"].reset()
+
+
 PATTERN = "a b c d e f g h"  # the tiny checkpoint's training text is this, over and over
 PATTERN_REPEATS = 8  # per document: 64 tokens after its BOS
 TINY_STEPS = 15  # untie at step 10, YaRN at step 5 (long window 1 -> 2 blocks)
