@@ -18,6 +18,9 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+# Test models run the elementwise passes eager (--compile_elementwise=false in each file's flags, where
+# the cpu preset compiles them): compiling them anew in every test would add minutes to the suite.
+# tests/test_backend.py and tests/test_train.py check the compiled ones against eager.
 @pytest.fixture(autouse=True)
 def fresh_dynamo():
     """Each test compiles as a fresh process would: torch.compile's caches (and its limit of graphs per
@@ -50,8 +53,8 @@ def tiny_checkpoint(tmp_path_factory):
     tg.write_shard(folder / "tiny_train_000000.bin", np.array(doc * TINY_DOCS))
     tg.write_shard(folder / "tiny_val_000000.bin", np.array(doc * 10))
     cfg = tg.parse_args([
-        "--preset=cpu", "--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
-        "--long_window_layers=1", "--value_embeds=2", "--window_block=64", "--long_windows=1,2,2", "--extension_window=2",
+        "--preset=cpu", "--compile_elementwise=false", "--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32",
+        "--mlp_hidden=128", "--long_window_layers=1", "--value_embeds=2", "--window_block=64", "--long_windows=1,2,2", "--extension_window=2",
         "--final_window=2", "--max_seq_len=64", "--skip_from=0", "--skip_to=1", "--backout_layer=0",
         f"--num_steps={TINY_STEPS}", "--batch_tokens=128,128,128", "--val_every=0", "--log_every=0",
         "--val_tokens=256", "--val_batch_tokens=128", "--progress=false", "--run_id=tiny",

@@ -63,14 +63,16 @@ def final(log_dir, run_id):
     return val_loss, state["model"]
 
 
-@pytest.mark.parametrize("nproc, bf16_weights", [(1, False), (2, False), (2, True)])
-def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp_path, data, nproc, bf16_weights):
+@pytest.mark.parametrize("nproc, bf16_weights, compiled", [(1, False, True), (2, False, False), (2, True, False)])
+def test_killed_and_resumed_run_ends_bitwise_where_an_uninterrupted_run_ends(tmp_path, data, nproc, bf16_weights,
+                                                                           compiled):
     """With the untimed warmup on, as in the speedrun preset: its steps are undone before the
     timed run, and a resumed run warms up again before it loads the checkpoint. With #57's bf16
-    weights each rank's checkpoint part carries its share's mantissas (and fp32 NorMuon state)."""
+    weights each rank's checkpoint part carries its share's mantissas (and fp32 NorMuon state);
+    `compiled`: the cpu preset's compiled loss and optimizer updates."""
     # with the FP8 MLP (#84/#89), whose delayed scales carry from step to step
     args = STEPS + data + [f"--accum_world_size={nproc}", "--warmup_steps=1", "--fp8_mlp=true",
-                           f"--bf16_weights={str(bf16_weights).lower()}"]
+                           f"--bf16_weights={str(bf16_weights).lower()}", f"--compile_elementwise={str(compiled).lower()}"]
     run(args, nproc, tmp_path, "whole")
     saved = tg.checkpoint_path(str(tmp_path / "cut"), KILL_AT)
     status = run_and_kill(args + ["--save_every=3"], nproc, tmp_path, "cut", saved)

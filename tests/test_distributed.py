@@ -29,7 +29,7 @@ BOS = 50256
 # 3 layers: NorMuon's q/k/v/o group holds 12 matrices (on 8 ranks 2 each: ranks 6 and 7 own only
 # padding), the MLP group 6 (up, transposed, and down; on 4 ranks 2 each with 2 padding slots) and
 # the gate group 3 (fewer than 4 or 8 ranks; on 2 ranks the second owns one gate and one padding slot)
-TINY = ["--preset=cpu", "--n_layer=3", "--d_model=32", "--n_head=1", "--head_dim=32", "--mlp_hidden=128",
+TINY = ["--preset=cpu", "--compile_elementwise=false", "--n_layer=3", "--d_model=32", "--n_head=1", "--head_dim=32", "--mlp_hidden=128",
         "--long_window_layers=1", "--window_block=32", "--long_windows=1,2,2", "--extension_window=2",
         "--final_window=2", "--batch_tokens=256,256,256", "--max_seq_len=128", "--val_tokens=256",
         "--val_batch_tokens=256", "--skip_from=-1", "--backout_layer=-1", "--num_steps=3",

@@ -200,7 +200,7 @@ def test_mtp_weights_schedule():
 # Untying at 2/3: the embedding starts from the head's weight and Adam moments
 # ------------------------------------------------------------------------------------------------
 
-TINY = ["--preset=cpu", "--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
+TINY = ["--preset=cpu", "--compile_elementwise=false", "--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
         "--long_window_layers=1", "--value_embeds=2", "--window_block=32", "--long_windows=1,2,2", "--extension_window=2",
         "--final_window=2", "--batch_tokens=256,256,256", "--max_seq_len=128", "--val_tokens=512",
         "--val_batch_tokens=256", "--skip_from=-1", "--backout_layer=-1", "--progress=false"]

@@ -14,7 +14,7 @@ import train_gpt as T
 BOS = 50256
 # HEAD's layer layout at a tiny width: 11 layers, no attention on 6, skip 3 -> 6, backout and lane 7,
 # value embeddings .01.....234, the bigram table, the sublayer form, no #53 attention gate
-HEAD_TINY = ["--preset=cpu", "--n_layer=11", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
+HEAD_TINY = ["--preset=cpu", "--compile_elementwise=false", "--n_layer=11", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128",
              "--no_attn_layers=6", "--long_window_layers=3,10", "--skip_from=3", "--skip_to=6",
              "--backout_layer=7", "--lane_layer=7", "--value_embeds=5", "--ve_layout=.01.....234", "--ve_gate=x_ve",
              "--ve_init_std=0.01", "--bigram_vocab=97", "--bigram_signs=16", "--sublayer_resid=true",

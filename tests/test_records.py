@@ -713,7 +713,7 @@ def test_ladder_refuses_bad_flags_before_running(tmp_path, capsys):
     assert not (tmp_path / "ladder").exists()
 
 
-TINY_LADDER = ["--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128", "--long_window_layers=1",
+TINY_LADDER = ["--compile_elementwise=false", "--n_layer=2", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=128", "--long_window_layers=1",
                "--window_block=64", "--long_windows=1,2,2", "--extension_window=2", "--final_window=2", "--max_seq_len=128",
                "--val_tokens=512", "--val_batch_tokens=512", "--num_steps=2", "--batch_tokens=128,128,128",
                "--val_every=0", "--log_every=0", "--progress=false",

@@ -95,7 +95,7 @@ def test_context_keeps_bos_and_the_newest_tokens(loaded):
 # embeddings, the attention gate and lambdas, softcap, x0, skip, backout, a layer without attention),
 # the extra softmax slot, the output gates and the bigram embedding, in a model small enough to
 # build in a blink
-RANDOM_MODEL = ["--preset=cpu", "--n_layer=4", "--d_model=32", "--n_head=2", "--head_dim=16", "--mlp_hidden=64",
+RANDOM_MODEL = ["--preset=cpu", "--compile_elementwise=false", "--n_layer=4", "--d_model=32", "--n_head=2", "--head_dim=16", "--mlp_hidden=64",
                 "--no_attn_layers=2", "--long_window_layers=1,3", "--value_embeds=2", "--skip_from=0", "--skip_to=2",
                 "--backout_layer=1", "--gate_dims=8", "--sink_logit=true", "--kv_bias=true", "--gate_attn=relu",
                 "--gate_mlp=sigmoid", "--window_block=8", "--long_windows=1,2,2", "--final_window=2", "--extension_window=2",

@@ -13,7 +13,7 @@ import head_params_ref as hr
 import sample
 import train_gpt as T
 
-TINY = ["--preset=cpu", "--n_layer=2", "--d_model=32", "--n_head=2", "--head_dim=16", "--mlp_hidden=64",
+TINY = ["--preset=cpu", "--compile_elementwise=false", "--n_layer=2", "--d_model=32", "--n_head=2", "--head_dim=16", "--mlp_hidden=64",
         "--long_window_layers=1", "--skip_from=-1", "--backout_layer=-1", "--value_embeds=2", "--window_block=16"]
 # the seeds' techniques, HEAD's bigram embedding (#62/#83), FP8 MLP (#84/#89), prefix-token loss (#88)
 # and sublayer form (#73/#77), all at once
