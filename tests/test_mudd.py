@@ -1,7 +1,7 @@
 """#81 MUDD connections and #85 the MUDD gate: the model's forward against HEAD's, written here
 block by block from the attention and MLP modules (tests/head_params_ref.py holds HEAD's layout and
-starts), the coefficients against their eager formula, the parameters against HEAD's table, and the
-flags' errors."""
+starts), the coefficients against their eager formula, the gate's XSA and DC columns against those
+layers worked by hand, the parameters against HEAD's table, and the flags' errors."""
 import math
 
 import pytest
@@ -191,7 +191,9 @@ def test_gate_columns_drive_xsa_and_dc(float64):
     y (spied where the backend returns it) plus DC's read with the columns' (w1, w2), less XSA's
     tanh(column) share along v, times the layer's head gate, through the output projection; the columns
     worked out here as HEAD's gate makes them (the first half from x0, the second from layer 4's input)."""
-    model = tiny_model("--mudd=true", "--mudd_gate=true", *XSA_DC)
+    # a third of the usual jitter: at 0.3 the values reaching layer 10 grow past 1e8, where DC's fp32 read
+    # (HEAD's kernel's precision) is off from the float64 reference by more than any fixed tolerance
+    model = tiny_model("--mudd=true", "--mudd_gate=true", *XSA_DC, jitter=0.1)
     gate, layouts = model.mudd_gate, [heads_layout(half, model.cfg) for half in (0, 1)]
     with torch.no_grad():
         for half, layout in enumerate(layouts):
