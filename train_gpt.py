@@ -191,14 +191,14 @@ class Config:
     resid_lambda_lr_mul: float = 5.0  # #73: Adam learning-rate factor of the per-sublayer residual lambdas
     lambda_betas: tuple = (0.9, 0.95)  # #73: Adam (beta1, beta2) of the sublayer lambdas, and of the x0 and bigram lambdas under sublayer_resid
     mudd: bool = False  # #81: per-token dense connections (MUDD) into the last layer and after it, in place of backout and of the last layer's lambdas
-    mudd_gate: bool = False  # #85: per-token MUDD gates in place of the x0 and bigram lambdas and the skip's x0 gate, and as mudd_gate_attn's attention gates
+    mudd_gate: bool = False  # #85: per-token MUDD gates in place of the x0 and bigram lambdas and the skip's x0 gate, and as mudd_gate_attn's attention gates, XSA strengths and DC weights
     mudd_gate_layer: int = 4  # #85: the MUDD gate's second half reads this layer's input (the first half reads x0)
     mudd_gate_attn: tuple = (3, 10)  # #85: layers whose heads the MUDD gate scales
     mudd_lr_mul: float = 0.25  # #81: Adam learning-rate factor of the MUDD weights
     mudd_gate_lr_mul: float = 0.1  # #85: Adam learning-rate factor of the MUDD gate
     paired_head_layers: tuple = ()  # #58: layers whose heads attend in pairs, each query scoring its partner head's keys too, over a 2T sequence (HEAD 0,2,5,9)
-    xsa_layers: tuple = ()  # #82/#85: layers whose heads drop tanh(a_h) of their output's component along the token's own value (HEAD 1,3,4,7)
-    dc_layers: tuple = ()  # #85: layers whose heads also read the values through a per-token mix of every head's attention over its last 112 keys (HEAD 10)
+    xsa_layers: tuple = ()  # #82/#85: layers whose heads drop tanh(a_h) of their output's component along the token's own value (HEAD 1,3,4,7; a_h learned per head, per token by the MUDD gate)
+    dc_layers: tuple = ()  # #85: layers whose heads also read the values through a per-token mix of every head's attention over its last 112 keys (HEAD 10; mix weights from a small MLP, or the MUDD gate)
     uniform_attn_init: bool = False  # #64/#67: Q, K, V and O all start uniform with std 0.5/sqrt(d_model) (HEAD); off: #53's std 1/sqrt(d_model) for Q, K, V and O zeros
     # the seeds' techniques (SPEC section 4), each one switch, all off by default
     shell_lambda: float = 0.0  # shell-centering penalty on the token embeddings (0 = off; seed 0.008)
@@ -254,19 +254,18 @@ PRESETS = {
     ),
     # the public HEAD (repo-root train_gpt.py, records up to #89 merged), number for number where a
     # switch exists; its shape, windows, batch sizes, lr peaks, momentum and lrs equal #53's. NOT yet
-    # HEAD: these are not switches yet (so `head` is not HEAD's recipe; see the README's table):
-    # #64/#67's HEAD init is a switch; XSA's strengths are #82's learned per-head ones and DC's weights
-    # come from #85's first form (a small MLP per layer), not HEAD's per-token MUDD-gate outputs (the MUDD
-    # gate holds no columns for them yet, so its [2, 41, 64] output weights are [2, 17, 64] here); DC's
-    # read is a torch twin of HEAD's Triton kernel. Every validation runs without FP8, as HEAD's.
+    # HEAD: only how some ops run (see the README): DC's read and the FP8 MLP's kernels are torch twins
+    # of HEAD's Triton kernels, the bigram table's gradient is reduce-scattered whole. Every validation
+    # runs without FP8, as HEAD's.
     # #73/#77's sublayer form is HEAD's on layers 0-9: x <- r x + p attn(norm(in)) + x0 and bigram terms,
     # x <- r x + p mlp(norm(x)), in = layer 7's output after layer 7 (the lane), layer 3's output added
     # in place of layer 6's attention (skip_from/skip_to, #53's). #81/#85 as HEAD: on layer 10 the four
     # lambdas, the x0-like and bigram terms and the value-embedding gates are per-token MUDD coefficients
     # (its [11, 2] rows and its ve gate stay, unused), and MUDD mixes layer 0's input, layer 7's
     # output and its own input into its values and stream; the x0 and bigram terms' lambdas (layers
-    # 0-9), the skip's factor and the only attention gates (layers 3 and 10) are MUDD-gate outputs;
-    # backout is MUDD's mix after the last layer.
+    # 0-9), the skip's factor, the only attention gates (layers 3 and 10), the XSA strengths (layers 1,
+    # 3, 4, 7) and DC's weights (layer 10) are MUDD-gate outputs (its [2, 41, 64] output weights); backout is
+    # MUDD's mix after the last layer.
     "head": dict(
         num_steps=1270,
         extension_steps=15,
@@ -1675,38 +1674,50 @@ def output_gate(cfg, act):
 
 
 class HeadInputs(NamedTuple):
-    """Per-token inputs a layer's attention takes from outside the layer (#81/#85's MUDD): `v`
-    [T, H, D] added to the values, `gate` [T, H] scaling each head's output; None: not given."""
+    """Per-token inputs a layer's attention takes from outside the layer (#81/#85's MUDD and its gate):
+    `v` [T, H, D] added to the values, `gate` [T, H] scaling each head's output, `xsa` [T, H] XSA's
+    strengths and `dc` DC's (w1, w2), each [T, H], in place of the layer's own; None: not given."""
     v: torch.Tensor | None = None
     gate: torch.Tensor | None = None
+    xsa: torch.Tensor | None = None
+    dc: tuple | None = None
 
 
 class HeadComposition(nn.Module):
     """#85 lightweight dynamically composable attention (DCFormer, arXiv:2405.08553), post-only and
     rank 1: every head h also reads its values through a per-token mix of all heads' attention over
     the last DC_WINDOW keys, y_h += w2_h sum_g w1_g P_g v_h, so a head can borrow where the others
-    look. (w1, w2) [T, H] come from the attention's input by a small MLP (#85's first form; HEAD's
-    MUDD gate makes them), w1 RMS-normed across heads; w2 starts at zero: plain attention at first."""
+    look. (w1, w2) [T, H] come per token from the MUDD gate (HEAD's) or, without it, from the
+    attention's input by a small MLP of the layer's own (#85's first form); w1 RMS-normed across
+    heads; w2 starts at zero: plain attention at first."""
 
     def __init__(self, cfg, ops):
         super().__init__()
         h, d = cfg.n_head, cfg.d_model
         hidden = 2 * h
         self.ops = ops
-        self.in_proj = tag(normal(hidden, d, math.sqrt(2 / (d + hidden))), "dc")
-        std = math.sqrt(1 / hidden) * 2 / (h + 2) * DC_W1_INIT_SCALE
-        self.out_proj = tag(param(torch.cat([torch.randn(h, hidden) * std, torch.zeros(h, hidden)]),
-                              f"rows 0-{h - 1} (w1) normal(0, {std:.4g}), rows {h}-{2 * h - 1} (w2) zeros"), "dc")
+        if cfg.mudd_gate:  # the gate's columns make (w1, w2): no MLP of its own
+            self.in_proj = self.out_proj = None
+        else:
+            self.in_proj = tag(normal(hidden, d, math.sqrt(2 / (d + hidden))), "dc")
+            std = math.sqrt(1 / hidden) * 2 / (h + 2) * DC_W1_INIT_SCALE
+            self.out_proj = tag(param(torch.cat([torch.randn(h, hidden) * std, torch.zeros(h, hidden)]),
+                                  f"rows 0-{h - 1} (w1) normal(0, {std:.4g}), rows {h}-{2 * h - 1} (w2) zeros"), "dc")
 
     @staticmethod
     def mask(docs):
         """The keys DC's attention sees, for documents `docs` [T]: DC_WINDOW, itself included."""
         return BlockedAttention(DC_BLOCK).mask(docs, DC_WINDOW - 1)
 
-    def forward(self, y, x, q, k, v, mask, scale):
-        """y [T, H, D] plus each head's composed read, from the attention input x [T, d] and q, k, v."""
+    def weights(self, x):
+        """(w1, w2) [T, H] from the attention input x [T, d] by the layer's own MLP (#85's first form)."""
         hidden = F.gelu(F.linear(x, self.in_proj.type_as(x)), approximate="tanh")
-        w1, w2 = F.linear(hidden, self.out_proj.type_as(x)).chunk(2, -1)
+        return F.linear(hidden, self.out_proj.type_as(x)).chunk(2, -1)
+
+    def forward(self, y, x, q, k, v, mask, scale, weights=None):
+        """y [T, H, D] plus each head's composed read, from q, k, v and `weights` (w1, w2) [T, H], the MUDD
+        gate's, or, None, those of the layer's MLP from the attention input x [T, d]."""
+        w1, w2 = self.weights(x) if weights is None else weights
         w1 = F.rms_norm(w1.float(), (w1.size(-1),), eps=DC_NORM_EPS)
         return y + (w2[..., None] * self.ops.composed_attention(q, k, v, w1, mask, scale)).type_as(y)
 
@@ -1766,7 +1777,9 @@ class Attention(nn.Module):
         self.ve_gate_input = cfg.ve_gate
         has_ve_gate = value_embed_tables(cfg)[layer] is not None and cfg.ve_gate != "none"
         self.ve_gate = tag(zeros(cfg.n_head, cfg.gate_dims), "adam_gate") if has_ve_gate else None
-        self.xsa = tag(zeros(cfg.n_head), "lambda") if layer in cfg.xsa_layers else None  # #82: tanh(0), off at the start
+        self.xsa_layer = layer in cfg.xsa_layers  # #82
+        # #82's strength per head, tanh(0): off at the start; under the MUDD gate its columns give them per token (#85)
+        self.xsa = tag(zeros(cfg.n_head), "lambda") if self.xsa_layer and not cfg.mudd_gate else None
         self.composition = HeadComposition(cfg, ops) if layer in cfg.dc_layers else None
 
     def gated_ve(self, x, ve):
@@ -1819,9 +1832,9 @@ class Attention(nn.Module):
         if self.has_slot:
             y = add_slot(y, lse, self.slot_logit(q, rotary.attn_scale), self.value_bias)
         if self.composition is not None:
-            y = self.composition(y, x, q, k, v, dc_mask, rotary.attn_scale)
-        if self.xsa is not None:
-            y = exclude_self_value(y, v, self.xsa)
+            y = self.composition(y, x, q, k, v, dc_mask, rotary.attn_scale, heads.dc)
+        if self.xsa_layer:
+            y = exclude_self_value(y, v, self.xsa if heads.xsa is None else heads.xsa)
         if self.gate is not None:
             y = y * torch.sigmoid(F.linear(x[:, : self.gate_dims], self.gate))[..., None]
         if heads.gate is not None:
@@ -1977,6 +1990,7 @@ MUDD_DIM = 64  # #81/#85: hidden width of the MUDD and MUDD-gate MLPs
 MUDD_SCALE = 0.1  # #81: MUDD's coefficients are this times its MLP's output (whose bias is stored divided by it)
 MUDD_GATE_SCALE_INIT = 0.1  # #85: the MUDD gate's are a learned scale times its MLP's; the scale starts here
 MUDD_GATE_ATTN_INIT, MUDD_GATE_SKIP_INIT = 0.25, 0.5  # #85: the gate's attention gates and skip factor start here
+MUDD_GATE_DC_W1_INIT = 1.0  # #85: DC's w1 columns start equal (every head's attention mixed alike); XSA's and w2's at 0
 # #81, in HEAD's order: the last layer's coefficients (the sources mixed into its values, then into its
 # stream: the first layer's input, backout_layer's output, its own input; its value embedding's gate for
 # the first and the second half of the heads; its sublayer lambdas and the x0-like and bigram terms'),
@@ -2027,12 +2041,13 @@ class Mudd(MuddMLP):
         super().__init__(cfg.d_model, mudd_starts(cfg), MUDD_SCALE, "mudd")
         self.n_head = cfg.n_head
 
-    def into_last(self, x, first, backout, ve, bigram, lane, attn_gate):
+    def into_last(self, x, first, backout, ve, bigram, lane, heads):
         """The last layer's stream and Block keywords from its input x [T, d] (first: the first
         layer's input; backout: backout_layer's output): the stream recombined with them, the
         sublayer lambdas and the terms joining the attention output per token, the value embedding
-        ve gated per half of the heads and a mix of the sources added to the values. The attention
-        reads the lane, or else x before the recombination."""
+        ve gated per half of the heads and a mix of the sources added to the values (to `heads`, the
+        layer's inputs from the MUDD gate). The attention reads the lane, or else x before the
+        recombination."""
         mu = dict(zip(MUDD_INTO_LAST, self.coefs(x, 0, len(MUDD_INTO_LAST), MUDD_SCALE).split(1, dim=-1)))
         v = (mu["v_first"] * first + mu["v_backout"] * backout + mu["v_self"] * x).view(x.size(0), self.n_head, -1)
         if ve is not None:
@@ -2042,7 +2057,7 @@ class Mudd(MuddMLP):
         inject = inject if bigram is None else inject + mu["inject_bigram"] * bigram
         stream = (1 + mu["self"]) * x + mu["first"] * first + mu["backout"] * backout
         return stream, dict(ve=None, resid=(mu["resid_attn"], mu["resid_mlp"]), post=(mu["post_attn"], mu["post_mlp"]),
-                            inject=inject, lane=x if lane is None else lane, heads=HeadInputs(v, attn_gate))
+                            inject=inject, lane=x if lane is None else lane, heads=heads._replace(v=v))
 
     def after_last(self, x, first, backout, last_input, ve, skip):
         """The final stream: the last layer's output x plus per-token shares of the sources, of
@@ -2053,26 +2068,31 @@ class Mudd(MuddMLP):
 
 
 def mudd_gate_slots(cfg):
-    """#85: the MUDD gate's outputs as (kind, layer, width) in HEAD's order: the attention gates of
-    mudd_gate_attn (one per head), each layer's x0 and bigram coefficients (the last layer's are
-    MUDD's when it is on), the skip's factor. A pair of lists: those for the layers before
-    mudd_gate_layer, read from x0, then the rest, read from that layer's input."""
-    slots = [("attn", i, cfg.n_head) for i in sorted(cfg.mudd_gate_attn)]
+    """#85: the MUDD gate's outputs as (kind, layer, width) in HEAD's order: the XSA strengths of
+    xsa_layers and the attention gates of mudd_gate_attn (one per head), each layer's x0 and bigram
+    coefficients (the last layer's are MUDD's when it is on), the skip's factor, DC's w1 and w2 of
+    dc_layers (one per head each). A pair of lists: those for the layers before mudd_gate_layer, read
+    from x0, then the rest, read from that layer's input."""
+    h = cfg.n_head
+    slots = [("xsa", i, h) for i in sorted(cfg.xsa_layers)] + [("attn", i, h) for i in sorted(cfg.mudd_gate_attn)]
     for i in range(cfg.n_layer - 1 if cfg.mudd else cfg.n_layer):
         attn = i not in cfg.no_attn_layers  # a layer without attention takes no x0 or bigram term, but layer 0's bigram
         slots += [("x0", i, 1)] * (cfg.x0_mixing and attn) + [("bigram", i, 1)] * (cfg.bigram_vocab > 0 and (attn or i == 0))
     slots += [("skip", cfg.skip_to, 1)] * (cfg.skip_from >= 0)
+    slots += [(kind, i, h) for i in sorted(cfg.dc_layers) for kind in ("dc_w1", "dc_w2")]
     return [s for s in slots if s[1] < cfg.mudd_gate_layer], [s for s in slots if s[1] >= cfg.mudd_gate_layer]
 
 
 class MuddGate(MuddMLP):
     """#85 the MUDD gate: per-token coefficients in place of the x0 and bigram lambdas and the skip's
-    gate, and per-head attention gates on a few layers, from x0 for the early layers and from the
-    stream at mudd_gate_layer for the later ones; all scaled by one learned scale."""
+    gate, per-head attention gates on a few layers, and the XSA strengths and DC weights in place of
+    those layers' own, from x0 for the early layers and from the stream at mudd_gate_layer for the
+    later ones; all scaled by one learned scale."""
 
     def __init__(self, cfg):
         halves = mudd_gate_slots(cfg)
-        start = dict(attn=MUDD_GATE_ATTN_INIT, x0=0.0, bigram=cfg.bigram_lambda_init, skip=MUDD_GATE_SKIP_INIT)
+        start = dict(xsa=0.0, attn=MUDD_GATE_ATTN_INIT, x0=0.0, bigram=cfg.bigram_lambda_init, skip=MUDD_GATE_SKIP_INIT,
+                     dc_w1=MUDD_GATE_DC_W1_INIT, dc_w2=0.0)
         rows = [[start[kind] for kind, _, width in half for _ in range(width)] for half in halves]
         width = max(map(len, rows))
         super().__init__(cfg.d_model, [row + [0.0] * (width - len(row)) for row in rows], MUDD_GATE_SCALE_INIT, "mudd_gate")
@@ -2087,6 +2107,13 @@ class MuddGate(MuddMLP):
         widths = [width for _, _, width in slots]
         out = self.coefs(x, half, sum(widths), self.scale).split(widths, dim=-1)
         return {(kind, layer): c for (kind, layer, _), c in zip(slots, out)}
+
+
+def gate_heads(gate, layer):
+    """A layer's attention inputs among the MUDD gate's outputs `gate` (#85): its heads' output gates,
+    XSA strengths and DC's (w1, w2); all None without the gate (gate = {})."""
+    dc = (gate[("dc_w1", layer)], gate[("dc_w2", layer)]) if ("dc_w1", layer) in gate else None
+    return HeadInputs(gate=gate.get(("attn", layer)), xsa=gate.get(("xsa", layer)), dc=dc)
 
 
 GPT2_RANKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2.tiktoken")  # GPT-2's tokens as bytes
@@ -2248,7 +2275,7 @@ class GPT(nn.Module):
             ve = None if table is None else F.embedding(idx, self.value_embeds[table])
             if i == cfg.n_layer - 1 and self.mudd is not None:  # #81
                 last_input = x
-                x, inputs = self.mudd.into_last(x, first, backout, ve, bigram, lane, gate.get(("attn", i)))
+                x, inputs = self.mudd.into_last(x, first, backout, ve, bigram, lane, gate_heads(gate, i))
             else:
                 inputs = self.block_inputs(i, block, ve, x0, bigram, lane, gate)
             x = self.run_block(block, x, rotary=self.rotary, attend=attention, start=start,
@@ -2273,7 +2300,7 @@ class GPT(nn.Module):
         return dict(ve=ve, resid=self.resid_lambdas[i] if cfg.sublayer_resid else None,
                     post=self.post_lambdas[i] if cfg.post_lambdas else None,
                     inject=self.injection(i, x0, bigram, gate) if cfg.sublayer_resid and block.attn is not None else None,
-                    lane=lane if i > cfg.lane_layer >= 0 else None, heads=HeadInputs(gate=gate.get(("attn", i))))
+                    lane=lane if i > cfg.lane_layer >= 0 else None, heads=gate_heads(gate, i))
 
     def paired_masks(self, attention, idx, windows):
         """#58: the (long, short) masks over the paired layers' 2T sequence, each token's document
@@ -3458,7 +3485,8 @@ def matmul_params(cfg):
     skip_gate = cfg.gate_dims if cfg.skip_x0_gate and cfg.skip_from >= 0 else 0
     mudd = MUDD_DIM * (2 * d + len(MUDD_INTO_LAST) + len(MUDD_AFTER_LAST)) if cfg.mudd else 0
     mudd_gate = MUDD_DIM * (2 * d + sum(w for half in mudd_gate_slots(cfg) for *_, w in half)) if cfg.mudd_gate else 0
-    dc = len(cfg.dc_layers) * (2 * cfg.n_head * d + (2 * cfg.n_head) ** 2)  # HeadComposition: in_proj, out_proj
+    # HeadComposition's own in_proj, out_proj (under the MUDD gate its weights are the gate's columns)
+    dc = 0 if cfg.mudd_gate else len(cfg.dc_layers) * (2 * cfg.n_head * d + (2 * cfg.n_head) ** 2)
     return attn_layers * attn + cfg.n_layer * mlp + vocab * d + smear + ve_gates * ve_gate + skip_gate + mudd + mudd_gate + dc
 
 

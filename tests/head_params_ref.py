@@ -52,11 +52,12 @@ PARAM_TABLE = {
 
 
 # #82/#85: HEAD's XSA layers (its xsa_layers). HEAD makes their strengths per token in the MUDD gate
-# (mudd_gate_* above); record #82 learned them as a parameter of their own, a zero [layer, head] bank
-# stepped by Adam as below (same tuple layout as PARAM_TABLE)
+# (mudd_gate_* above) and has no parameter for them; record #82 learned them as a parameter of their own,
+# a zero [layer, head] bank stepped by Adam as below (same tuple layout as PARAM_TABLE; not HEAD's labels)
 XSA_LAYERS = [1, 3, 4, 7]
 # #85: DC on layer 10, its attention over `window=112` keys (0 <= query - key < 112, in the document);
-# HEAD's MUDD gate makes its per-token (w1, w2), #85's first version a small MLP per layer, the dc banks
+# HEAD's MUDD gate makes its per-token (w1, w2) (no parameter of its own), #85's first version a small
+# MLP per layer, the dc banks
 DC_LAYERS = [10]
 DC_WINDOW = 112
 DC_HIDDEN = 2 * N_HEAD
@@ -147,6 +148,27 @@ ATTN_GATE_LAYERS = (3, 10)  # HEAD's only attention gates: the MUDD gate's
 
 def gate_width(kind, n_head=N_HEAD):
     return n_head if kind in HEADWISE else 1
+
+
+# init_mudd_gate's b2 as HEAD fills it, by column at its own shape: (half, columns, start); the other
+# columns 0, every stored value start / MUDD_GATE_SCALE. The halves' columns: 26 before layer 4 (XSA of
+# layers 1 and 3: 0-11, the attention gate of 3: 12-17, x0 then bigram of layers 0-3: 18-25), 41 from it
+# (XSA of 4 and 7: 0-11, the attention gate of 10: 12-17, x0 then bigram of layers 4, 5, 7, 8, 9: 18-27,
+# the skip: 28, DC's w1 of layer 10: 29-34, its w2: 35-40, which dc_weights[10] reads as (29:35, 35:41))
+MUDD_GATE_COLUMNS = (26, 41)
+MUDD_GATE_B2_FILLS = [(0, slice(12, 18), 0.25), (0, slice(19, 26, 2), 0.05), (1, slice(12, 18), 0.25),
+                      (1, slice(19, 28, 2), 0.05), (1, slice(28, 29), 0.5), (1, slice(29, 35), 1.0)]
+# how the XSA and DC columns are read: alpha = tanh(column) per head (y -= alpha (y . v / |v|^2) v,
+# |v|^2 floored at 1e-8), w1 RMS-normed over the heads (eps 1e-6, in fp32), w2 as is, no sigmoid on any
+XSA_EPS, DC_W1_NORM_EPS = 1e-8, 1e-6
+
+
+def mudd_gate_b2_init():
+    """[2, 41]: init_mudd_gate's b2."""
+    b2 = torch.zeros(2, max(MUDD_GATE_COLUMNS))
+    for half, columns, start in MUDD_GATE_B2_FILLS:
+        b2[half, columns] = start / MUDD_GATE_SCALE
+    return b2
 
 # which value-embedding table (and which of ve_gate_bank's gates) each layer uses: `.01.....234`
 VE_LAYOUT = [None, 0, 1, None, None, None, None, None, 2, 3, 4]

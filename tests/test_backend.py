@@ -114,7 +114,7 @@ def graphs():
 
 # HEAD's switches on the same small shape (a value-embedding table on layers 0 and 2, a small bigram
 # table, MUDD into the last layer, the MUDD gate's second half at layer 1, paired heads on the
-# short-window layer 0, XSA and DC on the long-window layer 2), with its schedule rules
+# short-window layer 0, XSA and DC on the long-window layer 2, fed by the gate's columns), with its schedule rules
 HEAD_SHAPED = SPEEDRUN_SHAPED + [
     "--softcap=23", "--softcap_offset=5", "--ve_layout=0.0", "--ve_init_std=0.01", "--ve_gate=x_ve", "--qk_head_pairs=true",
     "--bigram_vocab=512", "--bigram_signs=64", "--rounded_stages=true", "--first_seq_len=128", "--untie_after_adam=true",
@@ -254,9 +254,9 @@ def test_compiled_flex_forward_head_shaped_is_the_cpu_attentions(tmp_path):
     probabilities). Four heads: the paired layer's pair sequences need two (see the test above)."""
     trainer = compiled_trainer(tmp_path, tg.FlexAttention(), "flex_head", flags=HEAD_SHAPED + FOUR_HEADS)
     model = trainer.model.eval()
-    with torch.no_grad():  # the XSA strengths, DC's w2 rows and the zero-initialized weights alive
+    with torch.no_grad():  # the MUDD gate's XSA and DC columns off their starts, the zero-initialized weights alive
         for name, p in model.named_parameters():
-            if name.endswith((".xsa", ".out_proj")):
+            if name == "mudd_gate.w2":
                 p.normal_(0, 0.5)
             elif not p.any():
                 p.normal_(0, 0.02)

@@ -1,11 +1,12 @@
 """#81 MUDD connections and #85 the MUDD gate: the model's forward against HEAD's, written here
 block by block from the attention and MLP modules (tests/head_params_ref.py holds HEAD's layout and
-starts), the coefficients against their eager formula, the parameters against HEAD's table, and the
-flags' errors."""
+starts), the coefficients against their eager formula, the gate's XSA and DC columns against those
+layers worked by hand, the parameters against HEAD's table, and the flags' errors."""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import head_params_ref as hr
 import op_spy
@@ -21,7 +22,8 @@ HEAD_TINY = ["--preset=cpu", "--compile_elementwise=false", "--n_layer=11", "--d
              "--post_lambdas=true", "--attn_gate=false", "--mudd_gate_layer=4", "--mudd_gate_attn=3,10",
              "--window_block=32"]
 WINDOWS = (64, 32)
-OURS = {"attn", "x0", "bigram", "skip"}  # the gate's consumers built here (XSA and DC are switches of their own)
+# HEAD's XSA and DC layers, whose strengths and weights the gate's columns make
+XSA_DC = [f"--xsa_layers={','.join(map(str, hr.XSA_LAYERS))}", f"--dc_layers={','.join(map(str, hr.DC_LAYERS))}"]
 
 
 def tiny_model(*flags, seed=0, jitter=0.3):
@@ -49,9 +51,12 @@ def mlp_coefs(mlp, x, which, n, scale):
     return (gelu(x @ mlp.w1[which].T) @ mlp.w2[which, :n].T + mlp.b2[which, :n]) * scale
 
 
-def heads_layout(half, n_head):
-    """HEAD's gate columns of one half, as (kind, layer, width), without the consumers not built here."""
-    return [(k, i, hr.gate_width(k, n_head)) for k, i in (hr.MUDD_GATE_PRE, hr.MUDD_GATE_POST)[half] if k in OURS]
+def heads_layout(half, cfg):
+    """HEAD's gate columns of one half, as (kind, layer, width), less the XSA and DC columns of the layers
+    that cfg does not list (HEAD_TINY lists none)."""
+    listed = {"xsa": cfg.xsa_layers, "dc_w1": cfg.dc_layers, "dc_w2": cfg.dc_layers}
+    return [(k, i, hr.gate_width(k, cfg.n_head)) for k, i in (hr.MUDD_GATE_PRE, hr.MUDD_GATE_POST)[half]
+            if i in listed.get(k, (i,))]
 
 
 def gate_columns(model, x, half, layout):
@@ -87,7 +92,7 @@ def heads_hidden(model, idx, windows, mudd, gated):
     bigram = model.bigram_embed(idx)
     ve = [None if t is None else model.value_embeds[t][idx] for t in model.ve_tables]
     r, p = model.resid_lambdas, model.post_lambdas
-    halves = [heads_layout(h, H) for h in (0, 1)] if mudd else model.mudd_gate.halves if gated else None
+    halves = [heads_layout(h, cfg) for h in (0, 1)] if mudd else model.mudd_gate.halves if gated else None
     g = gate_columns(model, x0, 0, halves[0]) if gated else {}
     x0_coef = (lambda i: g["x0", i]) if gated else (lambda i: model.x0_lambdas[i])
     bigram_coef = (lambda i: g["bigram", i]) if gated else (lambda i: model.bigram_embed.lambdas[i])
@@ -147,16 +152,97 @@ def test_forward_matches_heads(float64, mudd, gated):
         assert not torch.allclose(model.hidden(idx, WINDOWS), got, atol=1e-3)
 
 
+def xsa_by_hand(y, v, alpha):
+    """HEAD's gated XSA, as the unit-vector form: each head's y less tanh(alpha) of its part along v / |v|."""
+    unit = v / v.norm(dim=-1, keepdim=True)
+    return y - torch.tanh(alpha)[..., None] * (y * unit).sum(-1, keepdim=True) * unit
+
+
+def dc_by_hand(q, k, v, w1, w2, docs, scale):
+    """HEAD's DC term of each head h, dense: w2_h sum_g w1_g P_g v_h, w1 over its RMS across the heads and
+    P_g head g's softmax over the keys of its document less than DC_WINDOW back."""
+    t = torch.arange(len(docs))
+    back = t[:, None] - t
+    allowed = (docs[:, None] == docs) & (back >= 0) & (back < hr.DC_WINDOW)
+    p = (torch.einsum("qgd,kgd->gqk", q, k) * scale).masked_fill(~allowed, float("-inf")).softmax(-1)
+    w1 = w1 / (w1.square().mean(-1, keepdim=True) + hr.DC_W1_NORM_EPS).sqrt()
+    return w2[..., None] * torch.einsum("gqk,qg,khd->qhd", p, w1, v)
+
+
+class SpyAttention:
+    """The model's attention backend, keeping each call's q, k, v, scale and plain output y (one call per
+    attention layer, in order)."""
+
+    def __init__(self, attention):
+        self.attention, self.calls = attention, []
+
+    def mask(self, docs, window):
+        return self.attention.mask(docs, window)
+
+    def __call__(self, q, k, v, mask, scale, need_lse):
+        y, lse = self.attention(q, k, v, mask, scale, need_lse)
+        self.calls.append(dict(q=q, k=k, v=v, scale=scale, y=y))
+        return y, lse
+
+
+def test_gate_columns_drive_xsa_and_dc(float64):
+    """HEAD's XSA layers (1, 3, 4, 7) and DC layer (10) under the gate, the biases of their columns set
+    far from 0: each such layer's attention output, within the whole forward, is its heads' plain output
+    y (spied where the backend returns it) plus DC's read with the columns' (w1, w2), less XSA's
+    tanh(column) share along v, times the layer's head gate, through the output projection; the columns
+    worked out here as HEAD's gate makes them (the first half from x0, the second from layer 4's input)."""
+    # a third of the usual jitter: at 0.3 the values reaching layer 10 grow past 1e8, where DC's fp32 read
+    # (HEAD's kernel's precision) is off from the float64 reference by more than any fixed tolerance
+    model = tiny_model("--mudd=true", "--mudd_gate=true", *XSA_DC, jitter=0.1)
+    gate, layouts = model.mudd_gate, [heads_layout(half, model.cfg) for half in (0, 1)]
+    with torch.no_grad():
+        for half, layout in enumerate(layouts):
+            at = 0
+            for kind, _, width in layout:
+                if kind in ("xsa", "dc_w1", "dc_w2"):
+                    gate.b2[half, at : at + width] = torch.linspace(-9.0, 6.0, width)
+                at += width
+    idx = tokens(160)
+    spy, post_input, outputs = SpyAttention(model.attention), [], {}
+    hooks = [model.blocks[hr.MUDD_GATE_LAYER].register_forward_pre_hook(lambda _, args: post_input.append(args[0]))]
+    hooks += [block.attn.register_forward_hook(lambda _, args, out, i=i: outputs.update({i: out}))
+              for i, block in enumerate(model.blocks) if block.attn is not None]
+    with torch.no_grad():
+        model.hidden(idx, WINDOWS, spy)
+        for hook in hooks:
+            hook.remove()
+        cols = {**gate_columns(model, T.norm(model.embed_tokens(idx)), 0, layouts[0]),
+                **gate_columns(model, post_input[0], 1, layouts[1])}
+    docs = (idx == BOS).cumsum(0)
+    attn_layers = [i for i, block in enumerate(model.blocks) if block.attn is not None]
+
+    def project(attn, y, i):
+        """The head gate of layer i (if any), then the output projection."""
+        y = y * cols["attn", i][..., None] if ("attn", i) in cols else y
+        return F.linear(y.flatten(1), attn.lambdas[1] * attn.o)
+
+    with torch.no_grad():
+        for i in sorted(set(hr.XSA_LAYERS) | set(hr.DC_LAYERS)):
+            attn, seen = model.blocks[i].attn, spy.calls[attn_layers.index(i)]
+            y = seen["y"]
+            if i in hr.DC_LAYERS:
+                y = y + dc_by_hand(seen["q"], seen["k"], seen["v"], cols["dc_w1", i], cols["dc_w2", i], docs, seen["scale"])
+            if i in hr.XSA_LAYERS:
+                y = xsa_by_hand(y, seen["v"], cols["xsa", i])
+            torch.testing.assert_close(outputs[i], project(attn, y, i), rtol=1e-5, atol=1e-5, msg=f"layer {i}")
+            assert not torch.allclose(outputs[i], project(attn, seen["y"], i), atol=1e-3), i
+
+
 def test_coefficients_match_the_eager_formula():
     """Both MLPs of MUDD and of the gate, at random weights: (gelu(x w1^T) w2^T + b2) * scale, the gate's
-    split into its slots in HEAD's column order."""
-    model = tiny_model("--mudd=true", "--mudd_gate=true")
+    split into its slots in HEAD's column order (its XSA and DC columns included)."""
+    model = tiny_model("--mudd=true", "--mudd_gate=true", *XSA_DC)
     x = torch.randn(7, 64, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         for which, n in ((0, len(T.MUDD_INTO_LAST)), (1, len(T.MUDD_AFTER_LAST))):
             torch.testing.assert_close(model.mudd.coefs(x, which, n, T.MUDD_SCALE), mlp_coefs(model.mudd, x, which, n, 0.1))
         for half in (0, 1):
-            got, want = model.mudd_gate(x, half), gate_columns(model, x, half, heads_layout(half, 2))
+            got, want = model.mudd_gate(x, half), gate_columns(model, x, half, heads_layout(half, model.cfg))
             assert list(got) == list(want)
             for key in want:
                 torch.testing.assert_close(got[key], want[key], msg=str(key))
@@ -186,7 +272,7 @@ def test_mudd_starts_as_the_model_without_it():
 def test_starts_are_heads():
     """b2 times its scale at every slot: HEAD's MUDD_STARTS and, slot by slot, its gate starts;
     w1 as nn.Linear's default init, w2 zeros, the gate's scale 0.1."""
-    model = tiny_model("--mudd=true", "--mudd_gate=true", jitter=0.0)
+    model = tiny_model("--mudd=true", "--mudd_gate=true", *XSA_DC, jitter=0.0)
     want = torch.zeros(2, hr.MUDD_LAYER10_ROWS)
     for (k, row), value in hr.MUDD_STARTS.items():
         want[k, row] = value
@@ -194,7 +280,7 @@ def test_starts_are_heads():
     gate = model.mudd_gate
     assert gate.scale.item() == pytest.approx(hr.MUDD_GATE_SCALE)
     for half in (0, 1):
-        layout = heads_layout(half, 2)
+        layout = heads_layout(half, model.cfg)
         starts = [hr.MUDD_GATE_STARTS[k] for k, _, w in layout for _ in range(w)]
         got = gate.b2[half].detach() * hr.MUDD_GATE_SCALE
         torch.testing.assert_close(got[: len(starts)], torch.tensor(starts))
@@ -206,9 +292,10 @@ def test_starts_are_heads():
 
 
 def test_head_preset_has_heads_mudd_parameters():
-    """--preset=head: MUDD's and the gate's parameters shape for shape as HEAD's (the gate's rows:
-    HEAD's 41 less the XSA and DC columns, whose switches are not here), the gate's layout HEAD's, and
-    none of what they replace: x0, bigram and backout lambdas, the #53 attention gates."""
+    """--preset=head: MUDD's and the gate's parameters shape for shape as HEAD's (the gate's 41 rows:
+    its XSA and DC columns included), the gate's layout HEAD's column for column, and none of what they
+    replace: x0, bigram and backout lambdas, the #53 attention gates, #82's XSA strengths and #85's
+    first-form DC weight MLP."""
     cfg = T.parse_args(["--preset=head"])
     with torch.device("meta"):
         model = T.GPT(cfg, T.TorchOps, T.BlockedAttention(cfg.window_block))
@@ -216,20 +303,16 @@ def test_head_preset_has_heads_mudd_parameters():
     ours = {"mudd.w1": "mudd_w1", "mudd.w2": "mudd_w2", "mudd.b2": "mudd_b2", "mudd_gate.w1": "mudd_gate_w1",
             "mudd_gate.w2": "mudd_gate_w2", "mudd_gate.b2": "mudd_gate_b2", "mudd_gate.scale": "_mudd_gate_scale"}
     assert {name for name in params if name.startswith("mudd")} == set(ours)
-    layout = [heads_layout(half, hr.N_HEAD) for half in (0, 1)]
-    assert list(model.mudd_gate.halves) == layout
-    rows = max(sum(w for *_, w in half) for half in layout)
-    assert rows == hr.SHAPES["mudd_gate_w2"][0][1] - sum(
-        hr.gate_width(k) for k, _ in hr.MUDD_GATE_POST if k not in OURS)
+    layout = [[(k, i, hr.gate_width(k)) for k, i in half] for half in (hr.MUDD_GATE_PRE, hr.MUDD_GATE_POST)]
+    assert list(model.mudd_gate.halves) == layout == [heads_layout(half, cfg) for half in (0, 1)]
+    assert [sum(w for *_, w in half) for half in layout] == list(hr.MUDD_GATE_COLUMNS)
     for name, label in ours.items():
-        shape = list(hr.SHAPES[label][0])
-        if label in ("mudd_gate_w2", "mudd_gate_b2"):
-            shape[1] = rows
-        assert list(params[name].shape) == shape, name
+        assert tuple(params[name].shape) == hr.SHAPES[label][0], name
     gone = ("x0_lambdas", "bigram_embed.lambdas", "backout_lambda")
     assert not any(name in params for name in gone)
-    assert not any(name.endswith(".gate") for name in params)
+    assert not any(name.endswith((".gate", ".xsa")) or ".composition." in name for name in params)
     assert sorted(i for half in layout for k, i, _ in half if k == "attn") == list(hr.ATTN_GATE_LAYERS)
+    assert sorted(i for half in layout for k, i, _ in half if k == "xsa") == hr.XSA_LAYERS
 
 
 def test_optimizer_settings_are_heads():
@@ -246,9 +329,10 @@ def test_optimizer_settings_are_heads():
 
 
 def test_gradients_reach_what_is_used():
-    """Every MUDD and gate parameter gets a gradient; layer 10's own value-embedding gate, whose place
-    MUDD takes (HEAD keeps it unused in its bank), gets none, as do the gate rows past a half's slots."""
-    model = tiny_model("--mudd=true", "--mudd_gate=true")
+    """Every MUDD and gate parameter gets a gradient (every column's bias, the XSA and DC ones included);
+    layer 10's own value-embedding gate, whose place MUDD takes (HEAD keeps it unused in its bank), gets
+    none, as do the gate rows past a half's slots."""
+    model = tiny_model("--mudd=true", "--mudd_gate=true", *XSA_DC)
     idx = tokens(64)
     model(idx, torch.roll(idx, -1), WINDOWS, torch.tensor([1.0])).backward()
     for name, p in model.named_parameters():
@@ -261,10 +345,15 @@ def test_gradients_reach_what_is_used():
 
 def test_matmul_params_count_the_mudd_mlps():
     """Per token: each MLP's d x 64 and 64 x rows once: 64 (2 d + 14 + 5) for MUDD, and for the gate
-    64 (2 d + 2 + 8 + 2 + 10 + 1) at HEAD's tiny layout (two heads, attention gates on 3 and 10)."""
+    64 (2 d + 2 + 8 + 2 + 10 + 1) at HEAD's tiny layout (two heads, attention gates on 3 and 10); with
+    HEAD's XSA and DC layers 4 x 2 XSA and 2 x 2 DC columns more, and DC's own MLP (2H x d + 2H x 2H)
+    only without the gate."""
     base = T.matmul_params(T.parse_args(HEAD_TINY))
     assert T.matmul_params(T.parse_args(HEAD_TINY + ["--mudd=true"])) - base == 64 * (128 + 19)
     assert T.matmul_params(T.parse_args(HEAD_TINY + ["--mudd=true", "--mudd_gate=true"])) - base == 64 * (128 + 19) + 64 * (128 + 23)
+    assert T.matmul_params(T.parse_args(HEAD_TINY + XSA_DC)) - base == 4 * 64 + 4 * 4
+    gated = T.matmul_params(T.parse_args(HEAD_TINY + XSA_DC + ["--mudd=true", "--mudd_gate=true"]))
+    assert gated - base == 64 * (128 + 19) + 64 * (128 + 23 + 8 + 4)
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -299,9 +388,9 @@ def test_switches_off_cost_nothing():
 def test_cuda_dtypes_keep_the_stream_and_attention_in_bf16(version):
     """Under CUDA's autocast rules with CUDA's storage: MUDD's and the gate's weights stored in bf16 as
     HEAD stores them (the gate's scale float32), every block's input stream and every attention input
-    bf16 with both on, and a training step finite."""
+    bf16 with both on (XSA and DC fed by the gate's columns), and a training step finite."""
     flags = ["--sublayer_resid=true", "--post_lambdas=true", "--bigram_vocab=97", "--mudd=true", "--mudd_gate=true",
-             "--mudd_gate_layer=2", "--mudd_gate_attn=1,5", "--attn_gate=false"]
+             "--mudd_gate_layer=2", "--mudd_gate_attn=1,5", "--attn_gate=false", "--xsa_layers=1,4", "--dc_layers=5"]
     built = []
     calls = op_spy.record_op_inputs(flags, cuda_rules=version, table_dtype=torch.bfloat16, built=built)
     model, _ = built

@@ -752,12 +752,13 @@ HEAD_SWITCHES = ["--softcap=23", "--softcap_offset=5", "--value_embeds=5", "--ve
 
 def head_label(name):
     """Our parameter name -> (HEAD's label, index of the matrix within its bank's per-layer pair), or None
-    where the HEAD has no counterpart under these switches."""
+    where HEAD has no such parameter (#82's XSA strengths and #85's first-form DC MLP among them: HEAD's
+    MUDD gate makes both)."""
     leaf = name.split(".")[-1]
-    if ".composition." in name:  # #85's first form (HEAD's DC weights are MUDD-gate outputs)
-        return {"in_proj": "dc_w1_bank", "out_proj": "dc_w2_bank"}[leaf], 0
     if name in ("lm_head", "embed", "smear_gate", "resid_lambdas", "post_lambdas"):
         return name, 0
+    if name == "bigram_embed.weight":
+        return "bigram_embed", 0
     if name.startswith("value_embeds."):
         return "value_embeds", 0
     if leaf == "ve_gate":
@@ -772,30 +773,30 @@ def head_label(name):
         return "scalars", 0
     if name.startswith(("mudd.", "mudd_gate.")):  # #81/#85
         return {"mudd_gate.scale": "_mudd_gate_scale"}.get(name, name.replace(".", "_")), 0
-    if leaf == "xsa":
-        return "xsa_alphas", 0  # #82's form (HEAD's strengths are MUDD-gate outputs)
     return None
 
 
 @pytest.fixture(scope="module")
 def head_model():
-    """The speedrun-shaped model with HEAD's switches, on the meta device (shapes and settings only)."""
-    cfg = tg.parse_args(HEAD_SWITCHES + ["--compile=false"])
+    """`--preset=head`'s model (the speedrun's shape), on the meta device (shapes and settings only)."""
+    cfg = tg.parse_args(["--preset=head", "--compile=false"])
     with torch.device("meta"):
         model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block))
     return cfg, model, tg.Optimizers(model, cfg, tg.Backend(torch.device("cpu"), 0, 1, tg.TorchOps, None))
 
 
-def test_head_switches_give_heads_optimizer_settings(head_model):
+def test_head_preset_gives_heads_optimizer_settings(head_model):
+    """Every parameter of `--preset=head` has a label of HEAD's table and its optimizer settings, and
+    every label of HEAD's table has a parameter: nothing more (no XSA strength or DC weight MLP of a
+    layer's own, which the MUDD gate's columns replace), nothing less."""
     _, model, opt = head_model
     table = opt.hyperparams(1.0, hr.MUON_MOMENTUM)
     checked = set()
     for name, p in model.named_parameters():
         label = head_label(name)
-        if label is None:
-            continue
+        assert label is not None, name
         label, index = label
-        optim = {**hr.PARAM_TABLE, **hr.RECORD_PARAM_TABLE}[label][0]
+        optim = hr.PARAM_TABLE[label][0]
         lr, decay, betas = table[p]
         if optim == "adam":
             want_lr, want_betas, _, want_decay = hr.adam_settings(label)
@@ -807,16 +808,15 @@ def test_head_switches_give_heads_optimizer_settings(head_model):
         assert decay == pytest.approx(want_decay, rel=1e-12), name
         assert tuple(betas) == want_betas, name
         checked.add(label)
-    assert checked == {"lm_head", "embed", "smear_gate", "value_embeds", "ve_gate_bank", "qk_bank", "vo_bank",
-                       "mlp_bank", "scalars", "resid_lambdas", "post_lambdas", "mudd_w1", "mudd_w2", "mudd_b2",
-                       "mudd_gate_w1", "mudd_gate_w2", "mudd_gate_b2", "_mudd_gate_scale", "xsa_alphas", "dc_w1_bank",
-                       "dc_w2_bank"}
+    assert checked == set(hr.PARAM_TABLE)
     assert all(group["eps"] == hr.ADAM_EPS for group in opt.adam.param_groups)
 
 
-def test_head_switches_give_heads_shapes(head_model):
+def test_head_preset_gives_heads_shapes(head_model):
     """Each HEAD bank's matrices, one for one: Q and K as head-pair blocks (#80), V and O, the MLP's,
-    five value-embedding tables and their five gates (#70), the head (HEAD stores it transposed)."""
+    five value-embedding tables and their five gates (#70), the head (HEAD stores it transposed), and
+    MUDD's and the MUDD gate's MLPs as HEAD's, the gate's output weights [2, 41, 64] with its XSA and DC
+    columns (#81/#85)."""
     _, model, _ = head_model
     params = dict(model.named_parameters())
     qk = [m for name, p in params.items() if name.endswith((".q", ".k")) for m in tg.muon_view(p, p).unbind(0)]
@@ -835,17 +835,25 @@ def test_head_switches_give_heads_shapes(head_model):
     assert tuple(params["smear_gate"].shape) == hr.SHAPES["smear_gate"][0]
     for name in ("resid_lambdas", "post_lambdas"):
         assert tuple(params[name].shape) == hr.SHAPES[name][0], name
-    # #82: one strength per head on each XSA layer (its [layer, head] bank's rows, the layers HEAD uses)
-    xsa = {int(name.split(".")[1]): p for name, p in params.items() if name.endswith(".xsa")}
-    assert sorted(xsa) == hr.XSA_LAYERS and {p.shape for p in xsa.values()} == {hr.SHAPES["xsa_alphas"][0][1:]}
-    # #85: DC's weight MLP on HEAD's DC layers, one matrix of each of its first version's banks
-    for leaf, label in (("in_proj", "dc_w1_bank"), ("out_proj", "dc_w2_bank")):
-        dc = {int(name.split(".")[1]): p for name, p in params.items() if name.endswith(f".composition.{leaf}")}
-        assert sorted(dc) == hr.DC_LAYERS and {p.shape for p in dc.values()} == {hr.SHAPES[label][0][1:]}, label
+    mudd = {head_label(name)[0]: p for name, p in params.items() if name.startswith("mudd")}
+    assert set(mudd) == {"mudd_w1", "mudd_w2", "mudd_b2", "mudd_gate_w1", "mudd_gate_w2", "mudd_gate_b2", "_mudd_gate_scale"}
+    for label, p in mudd.items():
+        assert tuple(p.shape) == hr.SHAPES[label][0], label
+    assert hr.SHAPES["mudd_gate_w2"][0][1] == max(hr.MUDD_GATE_COLUMNS)
     # #57: the banks' matrices are bf16, every other parameter as the backend stores it (fp32 here)
     for name, p in params.items():
-        label = head_label(name)
-        assert p.dtype == (torch.bfloat16 if label and label[0] in hr.BF16_BANKS else torch.float32), name
+        assert p.dtype == (torch.bfloat16 if head_label(name)[0] in hr.BF16_BANKS else torch.float32), name
+
+
+def test_head_preset_gives_heads_mudd_gate_starts():
+    """init_mudd_gate at HEAD's shape, column for column: b2 HEAD's starts over the scale (XSA's and
+    DC's w2 columns 0, DC's w1 columns 1 / 0.1, the attention gates 0.25 / 0.1, ...), w2 zeros, the
+    scale 0.1: the gate as `--preset=head` builds it."""
+    gate = tg.MuddGate(tg.parse_args(["--preset=head"]))
+    torch.testing.assert_close(gate.b2.detach(), hr.mudd_gate_b2_init())
+    assert tuple(gate.w2.shape) == hr.SHAPES["mudd_gate_w2"][0] and not gate.w2.any()
+    assert gate.scale.item() == pytest.approx(hr.MUDD_GATE_SCALE)
+    assert [sum(w for *_, w in half) for half in gate.halves] == list(hr.MUDD_GATE_COLUMNS)
 
 
 def test_head_switches_give_heads_inits():
@@ -863,10 +871,6 @@ def test_head_switches_give_heads_inits():
     for name in ("resid_lambdas", "post_lambdas"):
         shape, _, (_, value) = hr.SHAPES[name]
         torch.testing.assert_close(getattr(model, name).detach(), torch.full(shape, value), msg=name)
-    assert all(not block.attn.xsa.any() for i, block in enumerate(model.blocks) if i in hr.XSA_LAYERS)
-    for i in hr.DC_LAYERS:  # the w1 rows random, the w2 rows zero: DC adds nothing at the start
-        dc = model.blocks[i].attn.composition
-        assert dc.out_proj[: cfg.n_head].abs().sum() > 0 and not dc.out_proj[cfg.n_head :].any()
 
 
 @pytest.mark.parametrize("uniform", [False, True])

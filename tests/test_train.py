@@ -636,10 +636,17 @@ def test_dry_run_head_lists_the_sublayer_lambdas(tmp_path):
 
 
 def test_dry_run_head_lists_xsa_and_dc(tmp_path):
-    """--preset=head: one zero strength per head on each of HEAD's XSA layers (#82's [layer, head] bank,
-    Adam lr 0.008, betas (0.9, 0.95), no decay), none on the others; DC's weight MLP on HEAD's DC layer
-    (#85's first form: its dc banks' rows for that layer, Adam lr 0.008 x 0.25, betas (0.9, 0.99), no decay)."""
+    """--preset=head: no XSA or DC parameter of a layer's own (HEAD's MUDD gate makes their strengths and
+    weights per token: its output weights [2, 41, 64] and biases [2, 41]). With --mudd_gate=false, one zero
+    strength per head on each of HEAD's XSA layers (#82's [layer, head] bank, Adam lr 0.008, betas (0.9,
+    0.95), no decay), none on the others; DC's weight MLP on HEAD's DC layer (#85's first form: its dc
+    banks' rows for that layer, Adam lr 0.008 x 0.25, betas (0.9, 0.99), no decay)."""
     rows, _ = table_rows(dry_run(tmp_path, ["--preset=head"]))
+    assert not [name for name in rows if name.endswith(".xsa") or ".composition." in name]
+    for name in ("mudd_gate.w2", "mudd_gate.b2"):
+        shape = hr.SHAPES[name.replace(".", "_")][0]
+        assert rows[name][:2] == (shape, math.prod(shape)), name
+    rows, _ = table_rows(dry_run(tmp_path, ["--preset=head", "--mudd_gate=false"]))
     for leaf, label in (("in_proj", "dc_w1_bank"), ("out_proj", "dc_w2_bank")):
         lr, betas, _, _ = hr.adam_settings(label)
         dc = {int(name.split(".")[1]): row for name, row in rows.items() if name.endswith(f".composition.{leaf}")}
