@@ -1,23 +1,26 @@
-"""One-command GPU check: the fused kernels against their torch twins, then the speedrun preset for a
-few steps of every schedule stage on the GPUs present, then the final validation. Each row is printed
-and written as soon as it is measured, to a JSON file and, line by line, to a text file beside it (a
-run cut short keeps what it measured).
+"""One-command GPU check: the fused kernels against their torch twins, then, for each preset (the
+speedrun preset, record #53, and the head preset, the public HEAD), a few steps of every schedule stage
+on the GPUs present and the final validation, beside that preset's record. Each row is printed and
+written as soon as it is measured, to a JSON file and, line by line, to a text file beside it (a run
+cut short keeps what it measured).
 
     python bench/gpu_check.py --quick                  # one GPU in a short lease: fits --budget (300 s)
     python bench/gpu_check.py                          # one GPU: each step accumulates 8 micro-batches
     torchrun --nproc_per_node=8 bench/gpu_check.py     # the record's 8 GPUs
 
---quick: the kernels, then only the first stage and the untie's (the largest batch, untied; the last
-stage without an untie), 3 timed steps each, then the final validation; it says what it skips, and
-skips any later part it expects to end past the budget (estimated from the parts measured so far).
-Compilation is reported apart from step time: a step that compiled a graph is not timed.
+--quick: the kernels, then per preset only the first stage and the untie's (the largest batch,
+untied; the last stage without an untie), 3 timed steps each, then the final validation; it says
+what it skips, and skips any later part it expects to end past the budget (estimated from the parts
+measured so far). Compilation is reported apart from step time: a step that compiled a graph is not
+timed.
 
-Options: --quick, --steps=N (timed steps per stage, default 6, 4 with --quick), --budget=S (seconds
-from the start; default none, 300 with --quick), --out=PATH (JSON, default logs/gpu_check.json; the
-text goes to PATH with .txt), --smoke (tiny shapes and model: checks this script itself on a CPU,
-with TRITON_INTERPRET=1 for the kernels), -h/--help. Any other --name=value is a train_gpt flag for
-the model run. Without FineWeb shards in data/fineweb10B the model runs on random tokens (timing and
-memory are the same; the losses then only show that training runs).
+Options: --quick, --presets=A,B (default speedrun,head; in that order), --steps=N (timed steps per
+stage, default 6, 4 with --quick), --budget=S (seconds from the start; default none, 300 with
+--quick), --out=PATH (JSON, default logs/gpu_check.json; the text goes to PATH with .txt), --smoke
+(tiny shapes and model: checks this script itself on a CPU, with TRITON_INTERPRET=1 for the kernels),
+-h/--help. Any other --name=value is a train_gpt flag for the model runs. Without FineWeb shards in
+data/fineweb10B the models run on random tokens (timing and memory are the same; the losses then
+only show that training runs).
 """
 import glob
 import json
@@ -34,8 +37,17 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as T  # noqa: E402
 
-# the record on 8 H100s, to print beside what this run measures
-RECORD = dict(train_time_s=119.7, ms_per_step_8gpu=62.3, peak_allocated_gib=29.9, steps=1920)
+
+
+def record(name, train_time_s, steps, peak_allocated_gib):
+    """A preset's record on 8 H100s, to print beside what this check measures (peak None: not published)."""
+    return dict(name=name, train_time_s=train_time_s, steps=steps, ms_per_step_8gpu=round(1000 * train_time_s / steps, 1),
+                peak_allocated_gib=peak_allocated_gib)
+
+
+# the records the presets reproduce: #53's log (1920 steps in 119.7 s, 29.9 GiB allocated); HEAD's time
+# is record #89's in the public README's table (1.23 minutes), its 1270 + 15 steps its repo-root code's
+RECORDS = dict(speedrun=record("record #53", 119.7, 1920, 29.9), head=record("HEAD (record #89)", 73.8, 1285, None))
 KERNEL_SHAPES = dict(tokens=16384, width=768, hidden=3072, vocab=50304, ce_rows=4096, stack=4, repeats=5)
 SMOKE_SHAPES = dict(tokens=256, width=64, hidden=256, vocab=1000, ce_rows=64, stack=2, repeats=1)
 SMOKE_FLAGS = ["--n_layer=3", "--d_model=64", "--n_head=2", "--head_dim=32", "--mlp_hidden=256", "--no_attn_layers=1",
@@ -43,6 +55,12 @@ SMOKE_FLAGS = ["--n_layer=3", "--d_model=64", "--n_head=2", "--head_dim=32", "--
                "--num_steps=6", "--extension_steps=2", "--batch_tokens=256,384,512", "--accum_world_size=1",
                "--long_windows=1,2,3", "--extension_window=4", "--final_window=5", "--max_seq_len=256",
                "--val_batch_tokens=512", "--compile=false", "--momentum_warmup_steps=2", "--momentum_cooldown_steps=2"]
+# the head preset on the smoke shape: its layer-indexed switches on the 3 layers (paired heads on the
+# short-window layer 0, XSA and DC on the long-window layer 2, the MUDD gate's second half at layer 1)
+# and its tables small
+HEAD_SMOKE_FLAGS = ["--ve_layout=0.0", "--bigram_vocab=512", "--bigram_signs=64", "--first_seq_len=128", "--lane_layer=0",
+                    "--paired_head_layers=0", "--mudd_gate_layer=1", "--mudd_gate_attn=0,2", "--xsa_layers=2",
+                    "--dc_layers=2"]
 TOLERANCE = dict(bf16=2e-2, loss=1e-4, fp8_out=0.06, fp8_grad=0.1)  # as in tests/test_kernels.py
 SYNTHETIC_SHARD_TOKENS = 2**25  # one random shard, linked as often as the schedule needs
 MEAN_DOC_TOKENS = 1000
@@ -73,7 +91,7 @@ class Report:
             f.write(line + "\n")
 
     def add(self, section, row, line):
-        """Append `row` to a list section (kernels, stages, skipped) or set a single one (final); every
+        """Append `row` to a list section (kernels, stages, skipped, final, ...) or set a single one; every
         rank keeps the rows, only the one enabled prints and writes them."""
         if isinstance(self.data.get(section), list):
             self.data[section].append(row)
@@ -145,6 +163,10 @@ def kernel_cases(device, s):
     logits = randn(s["ce_rows"], s["vocab"], scale=4.0)
     targets = torch.randint(0, s["vocab"], (s["ce_rows"],), generator=gen, device=device)
     mtp = torch.tensor([1.0, 0.5, 0.25], device=device)
+    # #88's prefix targets (a quarter of the rows without one) at HEAD's softcap, offset and weight
+    prefix = torch.randint(0, s["vocab"], (s["ce_rows"],), generator=gen, device=device)
+    prefix[torch.rand(s["ce_rows"], generator=gen, device=device) < 0.25] = T.NO_PREFIX
+    prefix_weight = torch.tensor([0.25], device=device)
     head_x = T.norm(randn(s["tokens"], s["width"]).float()).to(torch.bfloat16)
     head_w = randn(s["vocab"], s["width"], scale=0.005)
     bc = T.POLAR_EXPRESS_COEFFS[0][1:]
@@ -157,6 +179,9 @@ def kernel_cases(device, s):
         "softcap_mtp_ce": (lambda z: T.TritonOps.softcap_mtp_ce(z, targets, mtp, 30.0, 7.5),
                            lambda z: T.TorchOps.softcap_mtp_ce(z, targets, mtp, 30.0, 7.5), [logits],
                            torch.randn(s["ce_rows"], generator=gen, device=device), [TOLERANCE["loss"], tol]),
+        "softcap_mtp_ce_prefix": (lambda z: T.TritonOps.softcap_mtp_ce(z, targets, mtp, 23.0, 7.5, 5.0, prefix, prefix_weight),
+                                  lambda z: T.TorchOps.softcap_mtp_ce(z, targets, mtp, 23.0, 7.5, 5.0, prefix, prefix_weight),
+                                  [logits], torch.randn(s["ce_rows"], generator=gen, device=device), [TOLERANCE["loss"], tol]),
         "fp8_linear": (T.fp8_linear, lambda a, b: a @ b.T, [head_x, head_w],
                        randn(s["tokens"], s["vocab"], scale=1 / s["vocab"]),  # dloss/dz of the summed loss: ~ 1 / vocab
                        [TOLERANCE["fp8_out"], TOLERANCE["fp8_grad"], TOLERANCE["fp8_grad"]]),
@@ -277,57 +302,64 @@ def stage_plan(schedule, quick):
     return keep, [s for s in starts if s not in keep]
 
 
-def stage_table(report, argv, steps, workdir, quick=False, budget=float("inf"), started=None):
-    """A few steps at the start of the planned stages (stage_plan): compile time, ms per step, tokens/s
-    per GPU, peak memory, losses; then the final validation. After the first stage, a part expected
-    to end more than `budget` seconds after `started` is skipped, and said so."""
+def stage_table(report, preset, argv, steps, workdir, quick=False, budget=float("inf"), started=None, basis=None):
+    """For `preset`: a few steps at the start of the planned stages (stage_plan): compile time, ms per
+    step, tokens/s per GPU, peak memory, losses; then the final validation. A part expected to end more
+    than `budget` seconds after `started` is skipped, and said so; parts are estimated from this
+    preset's first stage, or before it has run from `basis` (an earlier preset's first stage row; None:
+    the first part always runs). Returns this preset's first stage row, or None if it was skipped."""
     started = time.perf_counter() if started is None else started
-    trainer = build_trainer(argv, workdir, "gpu_check")
+    trainer = build_trainer([f"--preset={preset}"] + argv, workdir, f"gpu_check_{preset}")
     schedule, backend = trainer.schedule, trainer.backend
     for note in backend.notes:  # what this device cannot run (train_gpt.fall_back)
-        report.add("fallbacks", note, "fallback: " + note)
+        report.add("fallbacks", dict(preset=preset, note=note), f"fallback ({preset}): {note}")
     plan, left_out = stage_plan(schedule, quick)
     # (name, tokens, steps) per part, for the estimates; a validation runs twice: compiling, then timed
-    parts = [(f"stage {schedule.stage(s)} from step {s}", schedule.batch_tokens(s), 1 + steps) for s in plan]
-    parts.append(("final validation", trainer.cfg.val_tokens, 2))
+    parts = [(f"{preset} stage {schedule.stage(s)} from step {s}", schedule.batch_tokens(s), 1 + steps) for s in plan]
+    parts.append((f"{preset} final validation", trainer.cfg.val_tokens, 2))
     report.note("plan: " + ", ".join(name for name, _, _ in parts))
     for start in left_out:
-        part = f"stage {schedule.stage(start)} from step {start}"
-        report.add("skipped", dict(part=part, reason="--quick"), f"skipped: {part} (--quick)")
-    rows = report.data["stages"]
+        part = f"{preset} stage {schedule.stage(start)} from step {start}"
+        report.add("skipped", dict(preset=preset, part=part, reason="--quick"), f"skipped: {part} (--quick)")
+    rows = []
 
     def elapsed():
         return time.perf_counter() - started
 
+    def estimate(i):
+        """Seconds part i is expected to take, from this preset's first stage or else the basis."""
+        _, tokens, n = parts[i]
+        return estimate_s(rows[0] if rows else basis, tokens, n)
+
     def fits(i):
-        """Whether part i is expected to end within the budget (the first always runs); if not, say so."""
-        if not rows:
+        """Whether part i is expected to end within the budget (with nothing to estimate from, it runs); if not, say so."""
+        if not rows and basis is None:
             return True
-        name, tokens, n = parts[i]
-        need, left = estimate_s(rows[0], tokens, n), budget - elapsed()
+        need, left = estimate(i), budget - elapsed()
         go = [need <= left]
         if dist.is_initialized():  # rank 0's decision, so that all ranks run the same parts
             dist.broadcast_object_list(go, src=0)
         if go[0]:
             return True
-        report.add("skipped", dict(part=name, reason="budget", estimate_s=need, budget_left_s=left),
-                   f"skipped: {name}: about {need:.0f} s, {max(left, 0):.0f} s of the {budget:.0f} s budget left")
+        report.add("skipped", dict(preset=preset, part=parts[i][0], reason="budget", estimate_s=need, budget_left_s=left),
+                   f"skipped: {parts[i][0]}: about {need:.0f} s, {max(left, 0):.0f} s of the {budget:.0f} s budget left")
         return False
 
     def forecast(i):
-        """The expected duration: the time so far and estimates for the parts after part i."""
-        rest = parts[i + 1:]
-        more = sum(estimate_s(rows[0], tokens, n) for _, tokens, n in rest)
+        """The expected duration: the time so far and estimates for this preset's parts after part i."""
+        rest = range(i + 1, len(parts))
+        more = sum(map(estimate, rest))
         of_budget = f" of the {budget:.0f} s budget" if budget < float("inf") else ""
         report.note(f"time: {elapsed():.0f} s so far; about {more:.0f} s more for "
-                    f"{', '.join(name for name, _, _ in rest)}: done at about {elapsed() + more:.0f} s{of_budget}")
+                    f"{', '.join(parts[j][0] for j in rest)}: done at about {elapsed() + more:.0f} s{of_budget}")
 
     for i, start in enumerate(plan):
         if not fits(i):
             continue
         report.note(f"at {elapsed():.0f} s: running {parts[i][0]}")
-        row = stage_row(trainer, start, *run_stage(trainer, start, 1, steps))
-        report.add("stages", row, f"stage {row['stage']} from step {start:5d}: batch {row['batch_tokens']:7d}, "
+        row = dict(preset=preset, **stage_row(trainer, start, *run_stage(trainer, start, 1, steps)))
+        rows.append(row)
+        report.add("stages", row, f"{preset} stage {row['stage']} from step {start:5d}: batch {row['batch_tokens']:7d}, "
                                   f"compile {row['compile_s']:7.1f} s ({row['graphs']} graphs), {row['ms_per_step']:8.1f} "
                                   f"ms/step, {row['tokens_per_s_per_gpu']:9.0f} tok/s/GPU, peak "
                                   f"{row['peak_memory_mib'] / 1024:.1f} GiB, loss {row['loss_first']:.3f} -> {row['loss_last']:.3f}")
@@ -343,10 +375,11 @@ def stage_table(report, argv, steps, workdir, quick=False, budget=float("inf"), 
 
     projected = sum(map(step_ms, range(schedule.total))) / 1000 if rows else float("nan")
     scaled = sorted({schedule.stage(step) for step in range(schedule.total)} - set(measured)) if rows else []
-    final = dict(projected_train_time_s=projected, scaled_stages=scaled, world_size=backend.world_size)
+    final = dict(preset=preset, steps=schedule.total, projected_train_time_s=projected, scaled_stages=scaled,
+                 world_size=backend.world_size)
     shown = "final validation skipped"
     if fits(len(parts) - 1):
-        report.note(f"at {elapsed():.0f} s: running the final validation")
+        report.note(f"at {elapsed():.0f} s: running the {preset} final validation")
         seconds = []
         for _ in range(2):
             t0 = time.perf_counter()
@@ -356,27 +389,36 @@ def stage_table(report, argv, steps, workdir, quick=False, budget=float("inf"), 
         final.update(val_loss_one_batch=val_loss, final_validation_s=seconds[1], final_validation_compile_s=compile_s)
         shown = f"final validation {seconds[1]:.1f} s, compile {compile_s:.1f} s"
     report.add("final", final,
-               f"projected train time for {schedule.total} steps on {backend.world_size} GPU(s): {projected:.1f} s"
+               f"projected {preset} train time for {schedule.total} steps on {backend.world_size} GPU(s): {projected:.1f} s"
                + (f" (stages {', '.join(map(str, scaled))} scaled from the measured ones by batch size)" if scaled else "")
-               + f" (record on 8: {RECORD['train_time_s']} s, {RECORD['ms_per_step_8gpu']} ms/step, "
-               f"peak {RECORD['peak_allocated_gib']} GiB); {shown}; {elapsed():.0f} s in all")
+               + f" ({record_text(RECORDS[preset])}); {shown}; {elapsed():.0f} s in all")
+    return rows[0] if rows else None
+
+
+def record_text(rec):
+    """A record's figures in words."""
+    peak = "not published" if rec["peak_allocated_gib"] is None else f"{rec['peak_allocated_gib']} GiB"
+    return (f"{rec['name']} on 8 H100s: {rec['train_time_s']} s for {rec['steps']} steps, {rec['ms_per_step_8gpu']} ms/step, "
+            f"peak {peak}")
 
 
 def print_table(report):
-    """The stages as one table, the record's figures and what was skipped under it (what the README
-    asks to report)."""
+    """Per preset, the stages as one table and its record's figures; then what was skipped and the
+    kernels' verdict (what the README asks to report)."""
     data, note = report.data, report.note
-    note("")
-    note("| stage | first step | batch | graphs | compile (s) | ms/step | tokens/s/GPU | peak (GiB) | loss first -> last |")
-    note("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in data["stages"]:
-        note(f"| {r['stage']} | {r['first_step']} | {r['batch_tokens']} | {r['graphs']} | {r['compile_s']:.1f} | "
-             f"{r['ms_per_step']:.1f} | {r['tokens_per_s_per_gpu']:.0f} | {r['peak_memory_mib'] / 1024:.1f} | "
-             f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
-    final, record = data.get("final", {}), data["record"]
-    note(f"projected train time on {final.get('world_size')} GPU(s): {final.get('projected_train_time_s', float('nan')):.1f} s; "
-         f"record on 8 H100s: {record['train_time_s']} s, {record['ms_per_step_8gpu']} ms/step, "
-         f"peak {record['peak_allocated_gib']} GiB")
+    finals = {row["preset"]: row for row in data["final"]}
+    for preset in data["presets"]:
+        note("")
+        note(f"{preset}:")
+        note("| stage | first step | batch | graphs | compile (s) | ms/step | tokens/s/GPU | peak (GiB) | loss first -> last |")
+        note("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+        for r in (r for r in data["stages"] if r["preset"] == preset):
+            note(f"| {r['stage']} | {r['first_step']} | {r['batch_tokens']} | {r['graphs']} | {r['compile_s']:.1f} | "
+                 f"{r['ms_per_step']:.1f} | {r['tokens_per_s_per_gpu']:.0f} | {r['peak_memory_mib'] / 1024:.1f} | "
+                 f"{r['loss_first']:.3f} -> {r['loss_last']:.3f} |")
+        final = finals.get(preset, {})
+        note(f"projected {preset} train time on {final.get('world_size')} GPU(s): "
+             f"{final.get('projected_train_time_s', float('nan')):.1f} s; {record_text(data['records'][preset])}")
     if data["skipped"]:
         note(f"skipped: {', '.join(row['part'] for row in data['skipped'])}")
     bad = [row["op"] for row in data["kernels"] if not row["ok"]]
@@ -408,11 +450,15 @@ def main(argv):
         print(__doc__.strip())
         return None
     started = time.perf_counter()
-    own, rest = split_options(argv, ("--quick", "--smoke", "--steps", "--budget", "--out"))
+    own, rest = split_options(argv, ("--quick", "--smoke", "--presets", "--steps", "--budget", "--out"))
     smoke, quick = "--smoke" in own, "--quick" in own
     steps = number(own, "--steps", 1 if smoke else QUICK_STEPS if quick else 6, int)
     budget = number(own, "--budget", QUICK_BUDGET_S if quick else float("inf"), float)
     out = own.get("--out") or os.path.join("logs", "gpu_check.json")
+    presets = own.get("--presets", ",".join(RECORDS)).split(",")
+    if not presets or any(p not in RECORDS for p in presets) or len(set(presets)) < len(presets):
+        raise SystemExit(f"error: --presets={own['--presets']}: expected presets among {', '.join(RECORDS)}, "
+                         "comma-separated, each once")
     if not smoke and not torch.cuda.is_available():
         raise SystemExit("error: no CUDA device: this check times the GPU path; on a CPU, --smoke (with "
                          "TRITON_INTERPRET=1) checks the script itself")
@@ -420,12 +466,16 @@ def main(argv):
         raise SystemExit("error: --smoke runs the Triton kernels on the CPU, which needs TRITON_INTERPRET=1 in "
                          "the environment (set before Python starts)")
     device = torch.device("cuda" if not smoke else "cpu")
-    report = Report(out, int(os.environ.get("RANK", 0)) == 0, record=RECORD, kernels=[], stages=[], skipped=[], fallbacks=[])
+    report = Report(out, int(os.environ.get("RANK", 0)) == 0, presets=presets, records={p: RECORDS[p] for p in presets},
+                    kernels=[], stages=[], skipped=[], fallbacks=[], final=[])
     if report.enabled:
         check_kernels(report, device, SMOKE_SHAPES if smoke else KERNEL_SHAPES)
-    model_argv = (["--device=cpu", "--fp8_head=true"] + SMOKE_FLAGS if smoke else []) + rest
-    with tempfile.TemporaryDirectory() as workdir:
-        stage_table(report, model_argv, steps, workdir, quick, budget, started)
+    basis = None
+    for preset in presets:
+        shape = SMOKE_FLAGS + (HEAD_SMOKE_FLAGS if preset == "head" else []) if smoke else []
+        model_argv = (["--device=cpu", "--fp8_head=true"] + shape if smoke else []) + rest
+        with tempfile.TemporaryDirectory() as workdir:
+            basis = stage_table(report, preset, model_argv, steps, workdir, quick, budget, started, basis) or basis
     print_table(report)
     return report.data
 

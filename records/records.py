@@ -579,7 +579,7 @@ class From:
 
 
 PRESET = From("the ladder preset's value")  # the switch as the preset has it, which --baseline turned off
-HEAD = From("HEAD's value")  # the head preset's value (at cpu scale: CPU_HEAD's, where it has one)
+HEAD = From("HEAD's value")  # the head preset's value (at cpu scale: the cpu_head preset's)
 
 # (name, record, overrides), in record order: a rung runs --baseline=true plus the overrides of every
 # rung up to it, so each adds one technique, or one record's set, to the rung below. `record` is the
@@ -641,21 +641,9 @@ LADDER = [
     ("dc", 85, {"dc_layers": HEAD}),
     ("prefix_loss", 88, {"prefix_loss": HEAD}),
 ]
-LENGTH_FIELDS = ("num_steps", "extension_steps")  # HEAD's run length: every rung runs the ladder's length
-# HEAD's values that name layers or lengths of its 11-layer, 2048-token model, at the cpu preset's
-# 6 layers and 512 tokens (mapped as the cpu preset maps #53's layers); the others are HEAD's as is
-CPU_HEAD = dict(
-    ve_layout=".01234",  # HEAD .01.....234: none on the first layer, two after it, three on the last three
-    lane_layer=3,  # HEAD 7: the backout layer, as in HEAD
-    first_seq_len=224,  # HEAD 896 of 2048: the same share of 512
-    fp8_mlp=False,  # FP8 only pays on a GPU: off, as the cpu preset's fp8_head
-    paired_head_layers=(0, 3),  # HEAD 0,2,5,9: half its short-window attention layers; the cpu's are 0, 1, 3, 4
-    mudd_gate_layer=2,  # HEAD 4: the layer after the skip's source, as the cpu preset has it
-    mudd_gate_attn=(2, 5),  # HEAD 3,10: a middle layer and the last, as the cpu preset has it
-    xsa_layers=(1, 2, 4),  # HEAD 1,3,4,7: early and middle layers, none of them paired
-    dc_layers=(5,),  # HEAD 10: the last layer
-)
-HEAD_AT_SCALE = {"speedrun": {}, "cpu": CPU_HEAD}  # the presets a ladder runs on
+# the preset whose values HEAD's rungs take, per ladder preset: at cpu scale, HEAD's layers and lengths
+# mapped to the cpu preset's shape (train_gpt's cpu_head preset says how)
+HEAD_AT_SCALE = {"speedrun": "head", "cpu": "cpu_head"}
 LADDER_FLAGS = ("preset", "baseline", "seed", "run_id", "log_dir")  # set by the ladder, per rung and run
 LADDER_SEEDS = 3  # default seeds per rung: the fewest whose spread says much
 LADDER_DEFAULTS = ["--save_final=false"]  # no checkpoint per run (passed-through flags may override)
@@ -688,7 +676,7 @@ def as_flags(tg, values):
 def ladder_rungs(tg, preset):
     """LADDER for `preset`, its PRESET and HEAD values read from train_gpt's presets."""
     own = dataclasses.asdict(tg.parse_args([f"--preset={preset}"]))
-    head = {**dataclasses.asdict(tg.parse_args(["--preset=head"])), **HEAD_AT_SCALE[preset]}
+    head = dataclasses.asdict(tg.parse_args([f"--preset={HEAD_AT_SCALE[preset]}"]))
     values = dataclasses.asdict(tg.parse_args([f"--preset={preset}", "--baseline=true"]))
     overrides, rungs = {}, []
     for name, record, switches in LADDER:

@@ -23,18 +23,33 @@ def test_gpu_check_smoke(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(out.read_text())
     kernels = {row["op"]: row for row in report["kernels"]}
-    assert set(kernels) == {"sym_mm", "sym_axpby", "linear_relu2", "softcap_mtp_ce", "fp8_linear"}
+    assert set(kernels) == {"sym_mm", "sym_axpby", "linear_relu2", "softcap_mtp_ce", "softcap_mtp_ce_prefix", "fp8_linear"}
     failed = {name: row["errors"] for name, row in kernels.items() if not row["ok"]}
     assert not failed, failed
-    # every stage start (the untie coincides with the last third's) with a timed step and finite losses
-    stages = report["stages"]
+    # both presets by default, each beside its own record
+    assert report["presets"] == ["speedrun", "head"]
+    assert report["records"]["speedrun"]["train_time_s"] == 119.7 and report["records"]["head"]["train_time_s"] == 73.8
+    assert report["records"]["head"]["steps"] == 1270 + 15 and report["records"]["head"]["ms_per_step_8gpu"] == 57.4
+    # every stage start (on speedrun the untie coincides with the last third's) with a timed step and finite losses
+    stages = [row for row in report["stages"] if row["preset"] == "speedrun"]
     assert [row["first_step"] for row in stages] == [0, 2, 4, 6] and [row["stage"] for row in stages] == [0, 1, 2, 3]
-    assert all(row["steps_timed"] == 1 and row["ms_per_step"] > 0 and row["peak_memory_mib"] > 0 for row in stages)
-    assert stages[0]["loss_first"] > 10 and all(row["loss_last"] < 20 for row in stages)
-    assert report["final"]["world_size"] == 1 and report["final"]["projected_train_time_s"] > 0
-    assert "stage 3 from step" in run.stdout and "projected train time" in run.stdout
-    table = [line for line in run.stdout.splitlines() if line.startswith("| ")]
-    assert len(table) == 2 + len(stages) and table[2].startswith("| 0 | 0 | 256 | ")
+    head_cfg = T.parse_args(["--preset=head"] + gpu_check.SMOKE_FLAGS + gpu_check.HEAD_SMOKE_FLAGS)
+    assert head_cfg.mudd and head_cfg.dc_layers and head_cfg.paired_head_layers and head_cfg.prefix_loss and head_cfg.fp8_mlp
+    head_schedule = T.Schedule(head_cfg)
+    head_stages = [row for row in report["stages"] if row["preset"] == "head"]
+    assert [row["first_step"] for row in head_stages] == sorted(set(head_schedule.stage_starts()) | {head_schedule.untie_step})
+    for row in stages + head_stages:
+        assert row["steps_timed"] == 1 and row["ms_per_step"] > 0 and row["peak_memory_mib"] > 0
+        assert row["loss_first"] > 10 and row["loss_last"] < 20
+    assert [(f["preset"], f["world_size"]) for f in report["final"]] == [("speedrun", 1), ("head", 1)]
+    assert all(f["projected_train_time_s"] > 0 and 10 < f["val_loss_one_batch"] < 12 for f in report["final"])
+    assert "speedrun stage 3 from step" in run.stdout and "projected head train time for " in run.stdout
+    lines = run.stdout.splitlines()
+    for preset, rows in (("speedrun", stages), ("head", head_stages)):
+        at = lines.index(f"{preset}:")
+        assert lines[at + 1].startswith("| stage | first step |") and lines[at + 3].startswith(f"| 0 | 0 | 256 | ")
+        assert lines[at + 3 + len(rows)].startswith(f"projected {preset} train time on 1 GPU(s): ")
+    assert "HEAD (record #89) on 8 H100s: 73.8 s for 1285 steps, 57.4 ms/step, peak not published" in run.stdout
     assert run.stdout.rstrip().endswith("kernels: all within tolerance")
 
 
@@ -44,7 +59,7 @@ QUICK_SMOKE = ["--smoke", "--quick", f"--train_files={ROOT}/data/sample/sample_t
                f"--val_files={ROOT}/data/sample/sample_val_*.bin", "--fp8_head=false"]
 
 
-def quick_check(tmp_path, monkeypatch, capsys, budget):
+def quick_check(tmp_path, monkeypatch, capsys, budget, presets="speedrun"):
     """gpu_check --smoke --quick in this process, a stub in place of the kernel checks (the smoke test
     runs them): (report, stdout lines, text file lines)."""
     out = tmp_path / "check.json"
@@ -53,7 +68,7 @@ def quick_check(tmp_path, monkeypatch, capsys, budget):
         report.add("kernels", dict(op="stub", ok=True), "kernel stub")
 
     monkeypatch.setattr(gpu_check, "check_kernels", kernels)
-    report = gpu_check.main(QUICK_SMOKE + [f"--budget={budget}", f"--out={out}"])
+    report = gpu_check.main(QUICK_SMOKE + [f"--presets={presets}", f"--budget={budget}", f"--out={out}"])
     assert json.loads(out.read_text()) == json.loads(json.dumps(report))
     return report, capsys.readouterr().out.splitlines(), (tmp_path / "check.txt").read_text().splitlines()
 
@@ -64,20 +79,20 @@ def test_gpu_check_quick_runs_the_kernels_then_two_stages_then_the_validation(tm
     after the first stage, and its text file holds what it printed."""
     report, lines, text = quick_check(tmp_path, monkeypatch, capsys, 100000)
     assert text == lines
-    starts = [line for line in lines if line.startswith(("kernel stub", "plan:", "skipped:", "stage ", "time:", "projected"))]
-    assert starts[:6] == ["kernel stub", "plan: stage 0 from step 0, stage 2 from step 4, final validation",
-                          "skipped: stage 1 from step 2 (--quick)", "skipped: stage 3 from step 6 (--quick)"] + starts[4:6]
-    assert starts[4].startswith("stage 0 from step     0: batch     256, compile ")
+    starts = [line for line in lines if line.startswith(("kernel stub", "plan:", "skipped:", "speedrun stage ", "time:", "projected"))]
+    assert starts[:6] == ["kernel stub", "plan: speedrun stage 0 from step 0, speedrun stage 2 from step 4, speedrun final validation",
+                          "skipped: speedrun stage 1 from step 2 (--quick)", "skipped: speedrun stage 3 from step 6 (--quick)"] + starts[4:6]
+    assert starts[4].startswith("speedrun stage 0 from step     0: batch     256, compile ")
     assert starts[5].startswith("time: ") and starts[5].endswith(" of the 100000 s budget")
-    assert starts[6].startswith("stage 2 from step     4: batch     512, compile ") and starts[7].startswith("time: ")
-    assert starts[8].startswith("projected train time for 8 steps on 1 GPU(s): ")
+    assert starts[6].startswith("speedrun stage 2 from step     4: batch     512, compile ") and starts[7].startswith("time: ")
+    assert starts[8].startswith("projected speedrun train time for 8 steps on 1 GPU(s): ")
     assert "(stages 1, 3 scaled from the measured ones by batch size)" in starts[8] and "final validation " in starts[8]
     stages = report["stages"]
     assert [(row["stage"], row["first_step"]) for row in stages] == [(0, 0), (2, 4)]
     assert all(row["steps_timed"] == 1 and row["graphs"] == 0 and row["ms_per_step"] > 0 for row in stages)
     assert [(row["part"], row["reason"]) for row in report["skipped"]] == [
-        ("stage 1 from step 2", "--quick"), ("stage 3 from step 6", "--quick")]
-    final = report["final"]
+        ("speedrun stage 1 from step 2", "--quick"), ("speedrun stage 3 from step 6", "--quick")]
+    (final,) = report["final"]
     assert final["scaled_stages"] == [1, 3] and 10 < final["val_loss_one_batch"] < 12
     # 2 steps per stage at 256, 384, 512 and 512 tokens: stages 1 and 3 take the measured stage of the
     # nearest batch, scaled (384 is as near 256 as 512: the earlier stage's, 0)
@@ -88,16 +103,29 @@ def test_gpu_check_quick_runs_the_kernels_then_two_stages_then_the_validation(tm
 
 def test_gpu_check_quick_skips_what_it_expects_past_the_budget(tmp_path, monkeypatch, capsys):
     """The first stage always runs; the parts after it, expected to end past a budget already spent,
-    are skipped and said to be, each with its estimate, then once more under the table."""
-    report, lines, text = quick_check(tmp_path, monkeypatch, capsys, 1e-6)
+    are skipped and said to be, each with its estimate, then once more under the table. The second
+    preset's parts are estimated from the first preset's first stage, so none of them runs."""
+    report, lines, text = quick_check(tmp_path, monkeypatch, capsys, 1e-6, presets="speedrun,head")
     assert text == lines
-    assert [row["first_step"] for row in report["stages"]] == [0] and "val_loss_one_batch" not in report["final"]
+    assert [(row["preset"], row["first_step"]) for row in report["stages"]] == [("speedrun", 0)]
+    assert all("val_loss_one_batch" not in final for final in report["final"])
+    assert [final["preset"] for final in report["final"]] == ["speedrun", "head"]
     skipped = [line for line in lines if line.startswith("skipped: ")]
-    assert [line.split(":")[1] for line in skipped[2:4]] == [" stage 2 from step 4", " final validation"]
-    assert all(line.endswith(" s, 0 s of the 0 s budget left") for line in skipped[2:4])
-    assert skipped[4] == "skipped: stage 1 from step 2, stage 3 from step 6, stage 2 from step 4, final validation"
-    assert [row["reason"] for row in report["skipped"]] == ["--quick", "--quick", "budget", "budget"]
-    assert lines.index(skipped[2]) > lines.index(next(line for line in lines if line.startswith("stage 0 from step")))
+    budget = [line for line in skipped if line.endswith(" s, 0 s of the 0 s budget left")]
+    assert [line.split(":")[1] for line in budget[:2]] == [" speedrun stage 2 from step 4", " speedrun final validation"]
+    assert lines.index(budget[0]) > lines.index(next(line for line in lines if line.startswith("speedrun stage 0 from step")))
+    head = [row for row in report["skipped"] if row["preset"] == "head"]
+    head_plan = next(line for line in lines if line.startswith("plan: head stage 0 from step 0, "))
+    assert [row["part"] for row in head if row["reason"] == "budget"] == head_plan.removeprefix("plan: ").split(", ")
+    assert [row["reason"] for row in report["skipped"] if row["preset"] == "speedrun"] == ["--quick", "--quick", "budget", "budget"]
+    assert skipped[-1] == "skipped: " + ", ".join(row["part"] for row in report["skipped"])
+
+
+def test_gpu_check_refuses_an_unknown_preset():
+    for value in ("speedrun,cpu", "head,head", ""):
+        with pytest.raises(SystemExit) as e:
+            gpu_check.main(["--smoke", f"--presets={value}"])
+        assert e.value.code == f"error: --presets={value}: expected presets among speedrun, head, comma-separated, each once"
 
 
 def test_gpu_check_report_writes_each_line_as_it_comes(tmp_path):

@@ -1,5 +1,6 @@
 """Config: typed overrides, presets, --baseline, --all_off, and clear errors for bad flags (the batch split over
 ranks: tests/test_distributed.py)."""
+import dataclasses
 import json
 import os
 import re
@@ -306,3 +307,18 @@ def test_head_dry_run_lists_the_paired_layers_and_no_parameter_for_them(capsys):
     assert paired[0] == "config: --preset=head --dry_run=true" and "--paired_head_layers= " in plain[0] + " "
     table = lambda lines: lines[next(i for i, line in enumerate(lines) if line.startswith("parameter ")):]  # noqa: E731
     assert table(paired) == table(plain) and re.fullmatch(r"parameters: \d+", paired[-1])
+
+
+def test_cpu_head_is_heads_techniques_at_the_cpu_presets_shape(capsys):
+    """--preset=cpu_head: the cpu preset's shape, data and length with every switch of the head preset,
+    those that name HEAD's layers or lengths mapped to 6 layers and 512 tokens (as listed here)."""
+    cpu, head, both = (dataclasses.asdict(tg.parse_args([f"--preset={p}"])) for p in ("cpu", "head", "cpu_head"))
+    mapped = {"ve_layout": ".01234", "lane_layer": 3, "first_seq_len": 224, "fp8_mlp": False, "paired_head_layers": (0, 3),
+              "xsa_layers": (1, 2, 4), "dc_layers": (5,), "mudd_gate_layer": 2, "mudd_gate_attn": (2, 5)}
+    assert {k: both[k] for k in mapped} == mapped
+    switches = set(tg.PRESETS["head"]) - set(mapped) - {"num_steps", "extension_steps"}
+    assert {k: both[k] for k in switches} == {k: head[k] for k in switches}
+    rest = set(cpu) - switches - set(mapped) - {"preset"}
+    assert {k: both[k] for k in rest} == {k: cpu[k] for k in rest}  # shape, batches, length, data: the cpu preset's
+    assert tg.main(["--preset=cpu_head", "--dry_run=true"]) in (None, 0)
+    assert capsys.readouterr().out.splitlines()[-1].startswith("parameters: ")

@@ -589,16 +589,18 @@ def test_ladder_rungs_are_cumulative_real_fields_from_baseline_to_the_preset_to_
     # the #53 rungs end at the preset (record #53) itself, the last rung at HEAD's switches
     last_53 = max(i for i, (_, record, _) in enumerate(rt.LADDER) if record <= 53)
     assert configs[last_53] == dataclasses.asdict(tg.parse_args([f"--preset={preset}"]))
-    head = {k: v for k, v in tg.PRESETS["head"].items() if k not in rt.LENGTH_FIELDS}
+    head = {k: v for k, v in tg.PRESETS["head"].items() if k not in tg.HEAD_LENGTH}
     scaled = {"speedrun": {}, "cpu": {"ve_layout": ".01234", "lane_layer": 3, "first_seq_len": 224, "fp8_mlp": False,
                                       "paired_head_layers": (0, 3), "mudd_gate_layer": 2, "mudd_gate_attn": (2, 5),
                                       "xsa_layers": (1, 2, 4), "dc_layers": (5,)}}
     want = {**head, **scaled[preset]}
     assert {k: configs[-1][k] for k in want} == want
     if preset == "speedrun":
-        length = [f"--{k}={getattr(tg.Config, k)}" for k in rt.LENGTH_FIELDS]  # the speedrun's
+        length = [f"--{k}={getattr(tg.Config, k)}" for k in tg.HEAD_LENGTH]  # the speedrun's
         top = dataclasses.asdict(tg.parse_args(["--preset=head", *length]))
         assert {**configs[-1], "preset": "head"} == top
+    else:  # the cpu ladder's top rung is the cpu_head preset
+        assert {**configs[-1], "preset": "cpu_head"} == dataclasses.asdict(tg.parse_args(["--preset=cpu_head"]))
     # under cpu the GPU speed switches change nothing (the cpu preset keeps them off), nor does dropping
     # an attention layer (its 6 layers all keep theirs); the GPT-2 baseline keeps the preset's Triton
     # kernels (its fused loss, as llm.c fuses its classifier)
