@@ -307,6 +307,23 @@ PRESETS = {
         uniform_attn_init=True,  # #64/#67
     ),
 }
+HEAD_LENGTH = ("num_steps", "extension_steps")  # HEAD's run length, which a scaled-down head keeps its preset's
+# `--preset=cpu_head`: the head preset's techniques on the cpu preset's 6 layers, 512 tokens and 150 steps.
+# HEAD's values that name layers or lengths of its 11-layer, 2048-token model are mapped as the cpu preset
+# maps #53's; the others are HEAD's as they are
+PRESETS["cpu_head"] = {
+    **PRESETS["cpu"],
+    **{name: value for name, value in PRESETS["head"].items() if name not in HEAD_LENGTH},
+    **dict(
+        ve_layout=".01234",  # HEAD .01.....234: none on the first layer, two after it, three on the last three
+        lane_layer=3,  # HEAD 7: the backout layer, as in HEAD
+        first_seq_len=224,  # HEAD 896 of 2048: the same share of 512
+        fp8_mlp=False,  # FP8 only pays on a GPU: off, as the cpu preset's fp8_head
+        paired_head_layers=(0, 3),  # HEAD 0,2,5,9: half its short-window attention layers; the cpu's are 0, 1, 3, 4
+        xsa_layers=(1, 2, 4),  # HEAD 1,3,4,7: early and middle layers, none of them paired
+        dc_layers=(5,),  # HEAD 10: the last layer
+    ),  # mudd_gate_layer and mudd_gate_attn: the cpu preset's (HEAD's 4 and 3,10 mapped)
+}
 
 # `--all_off`: every technique off at once (plain GPT with AdamW), what `--baseline` meant before issue 24:
 # the cpu and cpu-fp32 records named "baseline" (2026-11-22, 2026-12-02) ran it.
@@ -1718,7 +1735,7 @@ class HeadComposition(nn.Module):
         """y [T, H, D] plus each head's composed read, from q, k, v and `weights` (w1, w2) [T, H], the MUDD
         gate's, or, None, those of the layer's MLP from the attention input x [T, d]."""
         w1, w2 = self.weights(x) if weights is None else weights
-        w1 = F.rms_norm(w1.float(), (w1.size(-1),), eps=DC_NORM_EPS)
+        w1 = F.rms_norm(w1.float(), (w1.size(-1),), eps=DC_NORM_EPS).type_as(y)  # normed in fp32, used in y's dtype as HEAD's
         return y + (w2[..., None] * self.ops.composed_attention(q, k, v, w1, mask, scale)).type_as(y)
 
 

@@ -1248,6 +1248,27 @@ def test_dc_layer_matches_a_reference_and_starts_as_plain_attention():
         assert not torch.allclose(got, F.linear(seen["y"].flatten(1), attn.o), atol=1e-3)
 
 
+def test_dc_mixes_with_w1_rounded_to_the_attention_outputs_dtype():
+    """HEAD norms w1 in fp32 and hands it to its kernel in the attention output's dtype (bf16 on a GPU):
+    the read gets exactly that, the fp32 norm rounded once."""
+    got = {}
+
+    class Spy(tg.TorchOps):
+        @staticmethod
+        def composed_attention(q, k, v, w1, mask, scale):
+            got["w1"] = w1
+            return tg.TorchOps.composed_attention(q, k, v, w1, mask, scale)
+
+    attn = tg.HeadComposition(tg.parse_args(TINY + ["--n_head=4", "--head_dim=8", "--dc_layers=1"]), Spy)
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, y = (torch.randn(70, 4, 8, generator=gen).bfloat16() for _ in range(4))
+    w1, w2 = torch.randn(70, 4, generator=gen), torch.randn(70, 4, generator=gen)
+    docs = torch.zeros(70, dtype=torch.long)
+    attn(y, None, q, k, v, tg.HeadComposition.mask(docs), 0.1, (w1, w2))
+    normed = w1 / w1.square().mean(-1, keepdim=True).add(tg.DC_NORM_EPS).sqrt()
+    assert got["w1"].dtype == torch.bfloat16 and torch.equal(got["w1"], normed.bfloat16())
+
+
 def test_dc_weights_get_gradients():
     """At init only the w2 rows learn (w2 = 0 blocks the rest, as in #85); once w2 moves, all do."""
     model = dc_model("--dc_layers=1")
