@@ -641,6 +641,17 @@ LADDER = [
     ("dc", 85, {"dc_layers": HEAD}),
     ("prefix_loss", 88, {"prefix_loss": HEAD}),
 ]
+# Issue 24 item 4: the seeds' techniques (SPEC section 4), each on its own on top of the ladder's top rung
+# (HEAD's recipe), not of each other: (name, overrides). Their rows compare with the top rung.
+ON_TOP = [
+    ("shell", {"shell_lambda": 0.008}),  # shell-centering penalty on the embeddings
+    ("sublayer_gates", {"gate_attn": "relu", "gate_mlp": "relu"}),  # d x d output gates on both sublayers
+    ("head_gate", {"head_gate": True}),  # the attention's per-head gate reads all d channels
+    ("sink_logit", {"sink_logit": True}),  # an extra attention slot with a learned logit
+    ("kv_bias", {"kv_bias": True}),  # an extra slot whose key is learned (its value 0)
+    ("stablemax", {"stablemax": True, "softcap": 0.0}),  # StableMax training loss (a softcapped logit leaves it flat)
+    ("perp_grad", {"perp_grad": "matrices"}),  # gradients orthogonal to their matrices
+]
 # the preset whose values HEAD's rungs take, per ladder preset: at cpu scale, HEAD's layers and lengths
 # mapped to the cpu preset's shape (train_gpt's cpu_head preset says how)
 HEAD_AT_SCALE = {"speedrun": "head", "cpu": "cpu_head"}
@@ -654,10 +665,11 @@ DIVERGED_RE = re.compile(r"\b(nan|inf)\b")  # the trainer's `error: loss is nan 
 @dataclass
 class Rung:
     name: str
-    record: int
+    record: int | None  # None: not a record's (ON_TOP)
     switches: list  # its own overrides as trainer flags, resolved for the preset
     flags: list  # the trainer flags of the rung: the preset, --baseline=true and every switch up to it
     no_change: bool  # its switches are already so under this preset (FP8 and Triton on a CPU)
+    base: str | None = None  # the rung it is compared with when not the one below (ON_TOP's: the top rung)
 
 
 def trainer_module():
@@ -686,6 +698,10 @@ def ladder_rungs(tg, preset):
         overrides.update(resolved)
         flags = [f"--preset={preset}", "--baseline=true"] + as_flags(tg, overrides)
         rungs.append(Rung(name, record, as_flags(tg, resolved), flags, no_change))
+    top = rungs[-1]
+    for name, switches in ON_TOP:
+        own = as_flags(tg, switches)
+        rungs.append(Rung(name, None, own, top.flags + own, False, base=top.name))
     return rungs
 
 
@@ -762,14 +778,14 @@ def rung_result(rung, seeds, outcomes):
         elif outcome:
             run["why"] = outcome[1]
         runs.append(run)
-    return {"name": rung.name, "record": rung.record, "switches": rung.switches, "flags": rung.flags,
+    return {"name": rung.name, "record": rung.record, "base": rung.base, "switches": rung.switches, "flags": rung.flags,
             "runs": runs, "logs": good}
 
 
 def add_statistics(rows, target):
     """Mean +- std, time to target, and the difference and Welch p against the row below (the
-    nearest earlier row with finished runs)."""
-    below = None
+    nearest earlier row with finished runs), or against the row's base (ON_TOP's)."""
+    below, by_name = None, {}
     for row in rows:
         logs = row.pop("logs")
         row["n"] = len(logs)
@@ -785,11 +801,14 @@ def add_statistics(rows, target):
         row["target_reached"] = len(hits)
         if hits:
             row["target_time_ms_mean"], row["target_time_ms_std"] = mean_std(hits)
-        if below:
-            row["against"] = below["name"]
-            row["d_val_loss"] = row["val_loss_mean"] - below["val_loss_mean"]
-            row["p_val_loss"] = welch_p(below["loss"], loss)
-        below = {**row, "loss": loss}
+        against = by_name.get(row["base"]) if row["base"] else below
+        if against:
+            row["against"] = against["name"]
+            row["d_val_loss"] = row["val_loss_mean"] - against["val_loss_mean"]
+            row["p_val_loss"] = welch_p(against["loss"], loss)
+        by_name[row["name"]] = {**row, "loss": loss}
+        if not row["base"]:
+            below = by_name[row["name"]]
     return rows
 
 
@@ -822,7 +841,8 @@ def ladder_table(rows, previous):
         if "d_val_loss" in row:
             named = "" if previous.get(row["name"]) == row["against"] else f" vs {row['against']}"
             delta, p = f"{row['d_val_loss']:+.4f}{named}", fmt_p(row["p_val_loss"])
-        cells.append([row["name"], f"#{row['record']}", " ".join(row["switches"]) or "--baseline=true", str(row["n"]),
+        record = f"#{row['record']}" if row["record"] else f"on {row['base']}"
+        cells.append([row["name"], record, " ".join(row["switches"]) or "--baseline=true", str(row["n"]),
                       loss, delta, p, time, to_target, rung_status(row)])
     return format_table(header, cells, markdown=True)
 

@@ -594,13 +594,19 @@ def test_ladder_rungs_are_cumulative_real_fields_from_baseline_to_the_preset_to_
                                       "paired_head_layers": (0, 3), "mudd_gate_layer": 2, "mudd_gate_attn": (2, 5),
                                       "xsa_layers": (1, 2, 4), "dc_layers": (5,)}}
     want = {**head, **scaled[preset]}
-    assert {k: configs[-1][k] for k in want} == want
+    top = len(rt.LADDER) - 1
+    assert {k: configs[top][k] for k in want} == want
     if preset == "speedrun":
         length = [f"--{k}={getattr(tg.Config, k)}" for k in tg.HEAD_LENGTH]  # the speedrun's
-        top = dataclasses.asdict(tg.parse_args(["--preset=head", *length]))
-        assert {**configs[-1], "preset": "head"} == top
+        assert {**configs[top], "preset": "head"} == dataclasses.asdict(tg.parse_args(["--preset=head", *length]))
     else:  # the cpu ladder's top rung is the cpu_head preset
-        assert {**configs[-1], "preset": "cpu_head"} == dataclasses.asdict(tg.parse_args(["--preset=cpu_head"]))
+        assert {**configs[top], "preset": "cpu_head"} == dataclasses.asdict(tg.parse_args(["--preset=cpu_head"]))
+    # then the seeds' techniques, each alone on the top rung: its flags plus their own, compared with it
+    on_top = rungs[len(rt.LADDER):]
+    assert [r.name for r in on_top] == [name for name, _ in rt.ON_TOP] and all(r.base == rungs[top].name for r in on_top)
+    for rung, (_, overrides), config in zip(on_top, rt.ON_TOP, configs[len(rt.LADDER):]):
+        assert rung.flags[:len(rungs[top].flags)] == rungs[top].flags and set(flag_values(rung.switches)) == set(overrides)
+        assert {k for k in fields if config[k] != configs[top][k]} == set(overrides), rung.name
     # under cpu the GPU speed switches change nothing (the cpu preset keeps them off), nor does dropping
     # an attention layer (its 6 layers all keep theirs); the GPT-2 baseline keeps the preset's Triton
     # kernels (its fused loss, as llm.c fuses its classifier)
@@ -641,7 +647,7 @@ if rung in ("muon", "softcap"):
     why = "loss is nan at step 3 (train_loss)" if rung == "muon" else "cannot allocate 12 GiB"
     open(path, "w").write(head + f"error: {why}\\n")
     sys.exit(1)
-loss = {"baseline": 5.0, "skip": 4.8}[rung] + 0.2 * seed
+loss = {"baseline": 5.0, "skip": 4.8, "prefix_loss": 4.6, "shell": 4.3, "kv_bias": 4.7}[rung] + 0.2 * seed
 ms = 1000 + 100 * seed
 open(path, "w").write(head + f"step:5/10 val_loss:{loss + 0.5:.4f} train_time:{ms // 2}ms step_avg:1.00ms\\n"
                       f"step:10/10 val_loss:{loss:.4f} train_time:{ms}ms step_avg:1.00ms\\n"
@@ -702,6 +708,25 @@ def test_ladder_reports_failed_rungs_and_resumes_only_what_is_missing(tmp_path, 
     calls.write_text("")
     assert rt.main(argv + ["--rungs=skip", "--num_steps=20"]) == 0
     assert len(calls.read_text().split()) == 2 and list(ladder_json(out)) == ["skip"]
+
+
+def test_the_seeds_techniques_compare_with_the_top_rung(tmp_path, capsys):
+    """ON_TOP's rows (fake losses: skip 4.8, the top rung prefix_loss 4.6, shell 4.3, kv_bias 4.7, each
+    + 0.2 seed) take their difference and p against the top rung, not against the row above them."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(LADDER_TRAINER)
+    out = tmp_path / "ladder"
+    assert rt.main(["ladder", "--preset=cpu", "--seeds=2", "--rungs=skip,prefix_loss,shell,kv_bias",
+                    "--trainer", f"{sys.executable} {fake}", "--out", str(out)]) == 0
+    rows = ladder_json(out)
+    assert list(rows) == ["skip", "prefix_loss", "shell", "kv_bias"]
+    assert rows["prefix_loss"]["against"] == "skip" and rows["prefix_loss"]["d_val_loss"] == pytest.approx(-0.2)
+    assert rows["shell"]["against"] == "prefix_loss" and rows["shell"]["d_val_loss"] == pytest.approx(-0.3)
+    assert rows["kv_bias"]["against"] == "prefix_loss" and rows["kv_bias"]["d_val_loss"] == pytest.approx(0.1)
+    assert rows["kv_bias"]["p_val_loss"] == pytest.approx(stats.ttest_ind([4.6, 4.8], [4.7, 4.9], equal_var=False).pvalue)
+    lines = {line.split(" | ")[0][2:]: line for line in (out / "ladder.md").read_text().splitlines() if line.startswith("| ")}
+    assert "| on prefix_loss | --kv_bias=true | 2 |" in lines["kv_bias"] and "| +0.1000 vs prefix_loss |" in lines["kv_bias"]
+    assert "| on prefix_loss | --shell_lambda=0.008 | 2 |" in lines["shell"]
 
 
 def test_ladder_refuses_bad_flags_before_running(tmp_path, capsys):
