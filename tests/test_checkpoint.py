@@ -432,6 +432,21 @@ def worker_pid(torchrun, rank):
     return None
 
 
+def test_each_torchrun_attempt_meets_on_keys_of_its_own(monkeypatch):
+    """attempt_store on torchrun's store (here a server of the test's, as torchrun's agent holds it):
+    what a rank of restart 1 sets lands under attempt_1, where no rank of attempt 0 wrote. With ranks
+    on several nodes, whose agents count their restarts apart, the keys are left unscoped."""
+    agent = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(agent.port), RANK="1", WORLD_SIZE="2",
+                            TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="1").items():
+        monkeypatch.setenv(name, value)
+    for local_ranks, key in (("2", "attempt_1/rank_1"), ("1", "rank_1")):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+        tg.attempt_store(2).set("rank_1", f"address on {local_ranks} local rank(s)")
+        assert agent.check([key]) and agent.get(key) == f"address on {local_ranks} local rank(s)".encode()
+    assert sorted(agent.list_keys()) == ["attempt_1/rank_1", "rank_1"]
+
+
 def test_a_killed_rank_restarts_under_torchrun_and_ends_where_an_uninterrupted_run_ends(tmp_path, data):
     """README's elastic command, torchrun --standalone --max-restarts=1 with a fixed run id and
     --resume=auto: rank 1 SIGKILLed once step 3's checkpoint is complete. torchrun stops rank 0 and
