@@ -947,6 +947,20 @@ def keep_freed_memory():
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
+def attempt_store(world_size):
+    """The store the ranks meet on (MASTER_ADDR:MASTER_PORT), its keys scoped to this torchrun attempt.
+    torchrun keeps one store through all the attempts of --max-restarts (torch 2.13, static and c10d
+    rendezvous alike) and no longer scopes the workers' keys by attempt: a restarted rank could read
+    the gloo address a rank of the killed attempt left there and fail to connect (connection refused).
+    The local ranks restart together and share TORCHELASTIC_RESTART_COUNT (0 outside torchrun); on
+    several nodes each node's agent counts its own restarts (torch issue 108158), so there the keys
+    stay as torchrun leaves them."""
+    store, _, _ = next(dist.rendezvous("env://"))
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world_size)) < world_size:
+        return store
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def setup_backend(cfg):
     """Pick the device, start the process group (NCCL on CUDA, gloo on CPU), the attention, the ops,
     the matmul dtype and the tables' storage dtype."""
@@ -974,7 +988,8 @@ def setup_backend(cfg):
         # an active exception") when they drop the last work's tensors then
         from torch import _dynamo  # noqa: F401
 
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        dist.init_process_group("nccl" if use_cuda else "gloo", store=attempt_store(world_size), rank=rank,
+                                world_size=world_size, device_id=device if use_cuda else None)
     attention = FlexAttention() if use_cuda else BlockedAttention(cfg.window_block)
     compute_dtype = COMPUTE_DTYPE if use_cuda else cpu_compute_dtype(cfg.cpu_dtype)
     table_dtype = COMPUTE_DTYPE if use_cuda and cfg.bf16_tables else None

@@ -1,7 +1,7 @@
 """Checkpoints: a run killed after a checkpoint and resumed ends bitwise where an uninterrupted run
-ends (1 process and 2 gloo ranks); a checkpoint of another config or source is refused; SIGINT and
-SIGTERM stop at a step boundary with a checkpoint and exit 130 / 143; a log is never overwritten;
-a failed save never replaces a good file."""
+ends (1 process and 2 gloo ranks; a rank killed under torchrun --max-restarts); a checkpoint of
+another config or source is refused; SIGINT and SIGTERM stop at a step boundary with a checkpoint
+and exit 130 / 143; a log is never overwritten; a failed save never replaces a good file."""
 import contextlib
 import json
 import os
@@ -26,10 +26,12 @@ STEPS = [a for a in TINY if not a.startswith(("--num_steps", "--save_final"))] +
 KILL_AT = 3
 
 
-def command(args, nproc, log_dir, run_id):
+def command(args, nproc, log_dir, run_id, torchrun=()):
+    """The run's command line; with several processes under torchrun (`torchrun`: its rendezvous and
+    restart flags, by default a static rendezvous on a free port)."""
     cmd = [sys.executable]
     if nproc > 1:
-        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+        cmd += ["-m", "torch.distributed.run", f"--nproc_per_node={nproc}", *(torchrun or [f"--master_port={free_port()}"])]
     return cmd + [os.path.join(ROOT, "train_gpt.py"), *args, f"--log_dir={log_dir}", f"--run_id={run_id}"]
 
 
@@ -416,6 +418,59 @@ def test_resume_auto_passes_over_an_unreadable_checkpoint_and_refuses_a_finished
         tg.main(args + ["--resume=auto"])
     assert e.value.code == (f"error: --resume=auto: {tmp_path / 'crashed.txt'} says that run finished (its final line "
                             "is there); nothing to resume")
+
+
+def worker_pid(torchrun, rank):
+    """The pid of torchrun's worker of `rank` (its child whose environment holds RANK=rank), or None."""
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if parent == torchrun and f"RANK={rank}".encode() in f.read().split(b"\0"):
+                    return int(pid)
+    return None
+
+
+def test_each_torchrun_attempt_meets_on_keys_of_its_own(monkeypatch):
+    """attempt_store on torchrun's store (here a server of the test's, as torchrun's agent holds it):
+    what a rank of restart 1 sets lands under attempt_1, where no rank of attempt 0 wrote. With ranks
+    on several nodes, whose agents count their restarts apart, the keys are left unscoped."""
+    agent = torch.distributed.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(agent.port), RANK="1", WORLD_SIZE="2",
+                            TORCHELASTIC_USE_AGENT_STORE="True", TORCHELASTIC_RESTART_COUNT="1").items():
+        monkeypatch.setenv(name, value)
+    for local_ranks, key in (("2", "attempt_1/rank_1"), ("1", "rank_1")):
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_ranks)
+        tg.attempt_store(2).set("rank_1", f"address on {local_ranks} local rank(s)")
+        assert agent.check([key]) and agent.get(key) == f"address on {local_ranks} local rank(s)".encode()
+    assert sorted(agent.list_keys()) == ["attempt_1/rank_1", "rank_1"]
+
+
+def test_a_killed_rank_restarts_under_torchrun_and_ends_where_an_uninterrupted_run_ends(tmp_path, data):
+    """README's elastic command, torchrun --standalone --max-restarts=1 with a fixed run id and
+    --resume=auto: rank 1 SIGKILLed once step 3's checkpoint is complete. torchrun stops rank 0 and
+    starts both again; they meet on their own attempt's keys (see attempt_store), go on from the
+    newest complete checkpoint and end at the uninterrupted run's val loss, bitwise."""
+    args = STEPS + data + ["--accum_world_size=2"]
+    run(args, 2, tmp_path, "whole")
+    cmd = command(args + ["--save_every=3", "--resume=auto"], 2, tmp_path, "restarted",
+                  torchrun=["--standalone", "--max-restarts=1"])
+    with open(tmp_path / "torchrun.err", "w") as err:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=err)
+        saved, deadline = tg.checkpoint_path(str(tmp_path / "restarted"), KILL_AT), time.time() + 300
+        while not os.path.exists(saved) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        victim = worker_pid(proc.pid, 1)
+        assert victim is not None, "no rank 1 worker found"
+        os.kill(victim, signal.SIGKILL)
+        proc.wait(timeout=300)
+    stderr = (tmp_path / "torchrun.err").read_text()
+    assert proc.returncode == 0, stderr[-3000:]
+    lines = (tmp_path / "restarted.txt").read_text().split(tg.SEPARATOR)[-1].splitlines()  # after the embedded source
+    assert any(line.startswith("continued by a resumed run: ") for line in lines)
+    assert any(line.startswith(f"resumed from {tmp_path / 'restarted'}{os.sep}step_") for line in lines)
+    assert final(tmp_path, "restarted")[0] == final(tmp_path, "whole")[0]
 
 
 def start_ranks(args, nproc, log_dir, run_id):
