@@ -4088,11 +4088,11 @@ class Trainer:
         return sched.windows(blocks), self.mtp_weights[step], sched.batch_tokens(step) // self.parts
 
     def train_step(self, step):
-        """One optimizer step (with gradient accumulation). Returns this rank's means of what the
-        step minimized, by name: train_loss (the model's loss), next_token_loss (the plain next-token
-        cross-entropy in it, the training side's val_loss) and, when on, the shell penalty; on steps
-        that log a train line also grad_norm, the norm of this rank's gradient of the summed loss
-        before the step (Adam's tables with what they accumulated since its last step)."""
+        """One optimizer step (with gradient accumulation). Returns this rank's means over tokens, by
+        name: train_loss (what the step minimized, the model's loss), next_token_loss (the plain
+        next-token cross-entropy in it, val_loss's training twin) and, when on, the shell penalty; on
+        steps that log a train line also grad_norm, the norm of this rank's gradient of the summed
+        loss before the step (Adam's tables with what they accumulated since its last step)."""
         cfg, sched = self.cfg, self.schedule
         windows, weights, micro_tokens = self.begin_step(step)
         last = step == sched.total - 1
@@ -4104,7 +4104,7 @@ class Trainer:
             total += loss.detach() / (micro_tokens * self.accum)
             next_total += next_token / (micro_tokens * self.accum)
             if cfg.shell_lambda:
-                # outside the compiled forward (its loss is the one validation computes): it
+                # outside the compiled forward (shared with validation): it
                 # repeats the cheap embedding lookup, and keeps the penalty out of the val loss
                 shell = cfg.shell_lambda * shell_penalty(self.model.embed_tokens(inputs))
                 shell_total += shell.detach() / self.accum
