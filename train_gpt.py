@@ -2384,7 +2384,7 @@ class GPT(nn.Module):
         prefix = None if prefix_weight is None else self.prefix_table[targets]  # #88 (training passes the weight)
         losses = loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset, prefix, prefix_weight,
                          next_token=next_token)
-        return tuple(loss.sum() for loss in losses) if next_token else losses.sum()
+        return (losses[0].sum(), losses[1].sum()) if next_token else losses.sum()
 
     @torch.no_grad()
     def first_token_attention(self, idx, windows):
