@@ -185,9 +185,9 @@ def test_warmup_compiles_every_graph_the_run_uses_and_no_other(tmp_path, monkeyp
     calls = []  # per forward: what its graph depends on, and how many graphs it compiled
     forward, warmup, marks = trainer.forward, trainer.warmup, {}
 
-    def spy_forward(inputs, targets, windows, weights, prefix_weight=None):
+    def spy_forward(inputs, targets, windows, weights, prefix_weight=None, **kwargs):
         before = counters["stats"]["unique_graphs"]
-        loss = forward(inputs, targets, windows, weights, prefix_weight)
+        loss = forward(inputs, targets, windows, weights, prefix_weight, **kwargs)
         key = (inputs.numel(), windows, weights.numel(), rotary.attn_scale, model.tied, model.training, prefix_weight is None)
         calls.append((key, counters["stats"]["unique_graphs"] - before))
         return loss
