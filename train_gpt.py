@@ -1026,13 +1026,15 @@ NO_PREFIX = -1  # #88 prefix target of a row whose next token has no proper pref
 
 
 def loss_rows(z, coef, picks, cap, temp, offset, stablemax, grad_out):
-    """The loss of a block of rows of logits z [rows, V], and its gradient written into grad_out (None:
-    no gradient): loss_i = sum_k coef_ik (lse_i - a_i[picks_ik]), a the softcapped logits (log s of
-    them with StableMax)."""
+    """The loss of a block of rows of logits z [rows, V] and the rows' plain next-token loss, with the
+    gradient of the loss written into grad_out (None: no gradient): loss_i = sum_k coef_ik (lse_i -
+    a_i[picks_ik]) and next_i = lse_i - a_i[picks_i0], a the softcapped logits (log s of them with
+    StableMax)."""
     l = softcap(z.float(), cap, temp, offset)
     a = log_stable(l) if stablemax else l
     lse = torch.logsumexp(a, dim=-1, keepdim=True)
-    loss = ((lse - a.gather(1, picks)) * coef).sum(dim=1)
+    ce = lse - a.gather(1, picks)
+    loss = (ce * coef).sum(dim=1)
     if grad_out is not None:
         g = (a - lse).exp_().mul_(coef.sum(dim=1, keepdim=True)).scatter_add_(1, picks, -coef)
         if stablemax:
@@ -1041,13 +1043,14 @@ def loss_rows(z, coef, picks, cap, temp, offset, stablemax, grad_out):
             s = l / cap
             g.mul_(s * (1 - s)).mul_(cap / temp)
         grad_out.copy_(g)
-    return loss
+    return loss, ce[:, 0]
 
 
 class _SoftcapMTPLoss(torch.autograd.Function):
     """The torch twin of the fused loss kernel: a block of rows at a time (`rows_fn`, loss_rows or
     its compiled form), it computes the loss and its gradient together, so no fp32 copy of all the
-    logits is ever held.
+    logits is ever held. Returns (loss, next): next, the rows' plain next-token loss for the log, is
+    a by-product of the same pass and has no gradient.
 
     With `stablemax`, StableMax replaces softmax. StableMax_i = s(l_i) / sum_j s(l_j) is the softmax
     of a = log s(l), so the same loss runs on a, and the chain rule adds da/dl = 1 / (1 + |l|).
@@ -1065,25 +1068,32 @@ class _SoftcapMTPLoss(torch.autograd.Function):
             has = prefix_targets >= 0
             picks = torch.cat([picks, torch.where(has, prefix_targets, 0)[:, None]], dim=1)
             coef = torch.cat([coef, (prefix_weight * has).float()[:, None]], dim=1)
-        loss = torch.empty(n, device=logits.device)
+        loss, next_token = torch.empty(n, device=logits.device), torch.empty(n, device=logits.device)
         want_grad = ctx.needs_input_grad[0]
         grad = torch.empty_like(logits) if want_grad else None
         # a compiled graph would unroll the loop; inductor fuses the whole pass anyway
         block = n if torch.compiler.is_compiling() else CE_ROWS
         for lo in range(0, n, block):
             rows = slice(lo, lo + block)
-            loss[rows] = rows_fn(logits[rows], coef[rows], picks[rows], cap, temp, offset, stablemax,
-                                 grad[rows] if want_grad else None)
+            loss[rows], next_token[rows] = rows_fn(logits[rows], coef[rows], picks[rows], cap, temp, offset, stablemax,
+                                                   grad[rows] if want_grad else None)
         if want_grad:
             ctx.save_for_backward(grad)
-        return loss
+        ctx.mark_non_differentiable(next_token)
+        return loss, next_token
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _):
         (grad,) = ctx.saved_tensors
         # in place: a new [N, V] tensor would cost half as much again (a second backward through the
         # same graph then fails autograd's check that saved tensors are unchanged, as it should)
         return grad.mul_(grad_loss[:, None].to(grad.dtype)), *[None] * 9
+
+
+def loss_outputs(losses, next_token):
+    """A loss op's answer: its (loss, plain next-token loss) pair where the caller asked for both
+    (the train line shows the second), else the loss alone."""
+    return losses if next_token else losses[0]
 
 
 def relu2(h):
@@ -1113,7 +1123,8 @@ class TorchOps:
         return relu2(F.linear(x, w))
 
     @classmethod
-    def softcap_mtp_ce(cls, logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None):
+    def softcap_mtp_ce(cls, logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None,
+                       next_token=False):
         """Per-token multi-token cross-entropy of softcapped logits.
 
         logits [N, V] (raw z), targets [N] (next tokens), weights [K] (a tensor, so changing
@@ -1121,9 +1132,11 @@ class TorchOps:
         i + k < N, where l = cap * sigmoid((z + offset) / temp) (l = z when cap is 0).
         With prefix_targets [N] (#88), each row adds prefix_weight (a [1] tensor) * (lse_i - l_i[p_i])
         on the same softcapped logits and logsumexp, except where p_i is NO_PREFIX.
+        With next_token, returns (loss, next) where next_i = lse_i - l_i[t_i], the plain next-token
+        loss whatever the weights, from the same pass and without a gradient.
         """
-        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, False, prefix_targets, prefix_weight,
-                                     cls.loss_rows)
+        return loss_outputs(_SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, False, prefix_targets,
+                                                  prefix_weight, cls.loss_rows), next_token)
 
     @staticmethod
     def composed_attention(q, k, v, w1, mask, scale):
@@ -1142,11 +1155,13 @@ class TorchOps:
         return (mixed.to(v.dtype) @ values).view(blocks * b, h, dh)[:n]
 
     @classmethod
-    def stablemax_mtp_ce(cls, logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None):
+    def stablemax_mtp_ce(cls, logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None,
+                         next_token=False):
         """softcap_mtp_ce with LogStableMax in place of log-softmax: loss_i = sum_k w_k
-        (log sum_j s(l_ij) - log s(l_i[t_{i+k}])). No Triton kernel: torch on every device."""
-        return _SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, True, prefix_targets, prefix_weight,
-                                     cls.loss_rows)
+        (log sum_j s(l_ij) - log s(l_i[t_{i+k}])), next_i its k = 0 term unweighted. No Triton
+        kernel: torch on every device."""
+        return loss_outputs(_SoftcapMTPLoss.apply(logits, targets, weights, cap, temp, offset, True, prefix_targets,
+                                                  prefix_weight, cls.loss_rows), next_token)
 
 
 # Launch shapes, chosen so every kernel assembles for sm_90a without register spills
@@ -1338,10 +1353,11 @@ if triton is not None:
         return tl.where(valid, target, 0), tl.where(valid, tl.load(pw_ptr), 0.0)
 
     @triton.jit
-    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, w_ptr, p_ptr, pw_ptr, loss_ptr, lse_ptr, n_rows, vocab, s_z, cap, inv_temp, offset,
-                               NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
+    def _softcap_ce_fwd_kernel(z_ptr, t_ptr, w_ptr, p_ptr, pw_ptr, loss_ptr, next_ptr, lse_ptr, n_rows, vocab, s_z, cap,
+                               inv_temp, offset, NUM_WEIGHTS: tl.constexpr, SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr):
         """Loss of one row: an online logsumexp over vocabulary blocks, then the weighted target logits
-        (with the prefix target's, #88, unless p_ptr is None)."""
+        (with the prefix target's, #88, unless p_ptr is None); the unweighted next-token term goes to
+        next_ptr for the log."""
         row = tl.program_id(0)
         z_row = z_ptr + row.to(tl.int64) * s_z
         run_max = -float("inf")
@@ -1358,6 +1374,8 @@ if triton is not None:
         for k in tl.static_range(NUM_WEIGHTS):
             target, weight = _mtp_target(t_ptr, w_ptr, row, k, n_rows)
             picked = _softcap(tl.load(z_row + target).to(tl.float32), cap, inv_temp, offset, SOFTCAP)
+            if k == 0:  # the next token's own term, unweighted
+                tl.store(next_ptr + row, lse - picked)
             loss += weight * (lse - picked)
         if p_ptr is not None:
             target, weight = _prefix_target(p_ptr, pw_ptr, row)
@@ -1456,6 +1474,7 @@ if triton is not None:
         """Per-token softcapped multi-token CE; each direction is one pass over the vocabulary per row.
 
         Saves the logits (as given, bf16 on GPU) and the fp32 logsumexp per row, never fp32 logits.
+        Returns (loss, next) as _SoftcapMTPLoss does: next, the plain next-token loss, has no gradient.
         """
 
         @staticmethod
@@ -1467,15 +1486,16 @@ if triton is not None:
             prefix = (None, None) if prefix_targets is None else (prefix_targets.contiguous(), prefix_weight.float())
             n, vocab = z.shape
             loss = torch.empty(n, dtype=torch.float32, device=z.device)
-            lse = torch.empty(n, dtype=torch.float32, device=z.device)
+            next_token, lse = torch.empty_like(loss), torch.empty_like(loss)
             ctx.launch = dict(cap=float(cap), inv_temp=1.0 / temp if cap > 0 else 1.0, offset=float(offset), NUM_WEIGHTS=weights.numel(),
                               SOFTCAP=cap > 0, BLOCK_V=CE_BLOCK_V, num_warps=CE_WARPS)
-            _softcap_ce_fwd_kernel[(n,)](z, targets, weights, *prefix, loss, lse, n, vocab, z.stride(0), **ctx.launch)
+            _softcap_ce_fwd_kernel[(n,)](z, targets, weights, *prefix, loss, next_token, lse, n, vocab, z.stride(0), **ctx.launch)
             ctx.save_for_backward(z, targets, weights, lse, *prefix)
-            return loss
+            ctx.mark_non_differentiable(next_token)
+            return loss, next_token
 
         @staticmethod
-        def backward(ctx, grad):
+        def backward(ctx, grad, _):
             z, targets, weights, lse, *prefix = ctx.saved_tensors
             n, vocab = z.shape
             dz = torch.empty_like(z)
@@ -1501,8 +1521,10 @@ if triton is not None:
             return _LinearReLU2.apply(x, w)
 
         @staticmethod
-        def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None):
-            return _SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp, offset, prefix_targets, prefix_weight)
+        def softcap_mtp_ce(logits, targets, weights, cap, temp, offset=0.0, prefix_targets=None, prefix_weight=None,
+                           next_token=False):
+            return loss_outputs(_SoftcapMTPCrossEntropy.apply(logits, targets, weights, cap, temp, offset, prefix_targets,
+                                                              prefix_weight), next_token)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -2175,7 +2197,8 @@ def prefix_tokens(rows, vocab_size, path=GPT2_RANKS):
 class GPT(nn.Module):
     """The record model. forward(idx, targets, windows, mtp_weights, prefix_weight=None) returns the
     token losses' sum: the record trains on the sum, which sets the gradient scale Adam's eps is
-    measured against. With prefix_loss on, load_prefix_table() must run before a prefix weight is passed."""
+    measured against; with next_token=True, (that sum, the sum of the plain next-token losses, no
+    gradient). With prefix_loss on, load_prefix_table() must run before a prefix weight is passed."""
 
     def __init__(self, cfg, ops, attention, dtype=COMPUTE_DTYPE, table_dtype=None):
         super().__init__()
@@ -2385,13 +2408,15 @@ class GPT(nn.Module):
             return fp8_linear(x, self.lm_head)
         return F.linear(x, self.lm_head.to(self.dtype))
 
-    def forward(self, idx, targets, windows, mtp_weights, prefix_weight=None):
+    def forward(self, idx, targets, windows, mtp_weights, prefix_weight=None, next_token=False):
         z = self.logits(self.hidden(idx, windows))
         cfg = self.cfg
         # StableMax only trains: validation is always cross-entropy, so runs stay comparable
         loss_fn = self.ops.stablemax_mtp_ce if cfg.stablemax and self.training else self.ops.softcap_mtp_ce
         prefix = None if prefix_weight is None else self.prefix_table[targets]  # #88 (training passes the weight)
-        return loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset, prefix, prefix_weight).sum()
+        losses = loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset, prefix, prefix_weight,
+                         next_token=next_token)
+        return (losses[0].sum(), losses[1].sum()) if next_token else losses.sum()
 
     @torch.no_grad()
     def first_token_attention(self, idx, windows):
@@ -4095,20 +4120,23 @@ class Trainer:
         return sched.windows(blocks), self.mtp_weights[step], sched.batch_tokens(step) // self.parts
 
     def train_step(self, step):
-        """One optimizer step (with gradient accumulation). Returns this rank's means of what the
-        step minimized, by name: train_loss (the model's loss) and, when on, the shell penalty; on
+        """One optimizer step (with gradient accumulation). Returns this rank's means over tokens, by
+        name: train_loss (what the step minimized, the model's loss), next_token_loss (the plain
+        next-token cross-entropy in it, val_loss's training twin) and, when on, the shell penalty; on
         steps that log a train line also grad_norm, the norm of this rank's gradient of the summed
         loss before the step (Adam's tables with what they accumulated since its last step)."""
         cfg, sched = self.cfg, self.schedule
         windows, weights, micro_tokens = self.begin_step(step)
         last = step == sched.total - 1
-        total, shell_total = 0.0, 0.0
+        total, next_total, shell_total = 0.0, 0.0, 0.0
         for micro in range(self.accum):
             inputs, targets, _ = self.train_loader.next_batch(micro_tokens, sched.max_seq_len(step))
-            loss = self.forward(inputs, targets, windows, weights, self.prefix_weights[step])  # summed over tokens
+            # both summed over tokens; the next-token sum is a by-product of the loss's pass
+            loss, next_token = self.forward(inputs, targets, windows, weights, self.prefix_weights[step], next_token=True)
             total += loss.detach() / (micro_tokens * self.accum)
+            next_total += next_token / (micro_tokens * self.accum)
             if cfg.shell_lambda:
-                # outside the compiled forward (which returns one loss, shared with validation): it
+                # outside the compiled forward (shared with validation): it
                 # repeats the cheap embedding lookup, and keeps the penalty out of the val loss
                 shell = cfg.shell_lambda * shell_penalty(self.model.embed_tokens(inputs))
                 shell_total += shell.detach() / self.accum
@@ -4116,7 +4144,7 @@ class Trainer:
             if micro == self.accum - 1:
                 self.optimizers.arm(step, last)
             (loss * self.loss_factor).backward()
-        logged = dict(train_loss=total, **({"shell": shell_total} if cfg.shell_lambda else {}))
+        logged = dict(train_loss=total, next_token_loss=next_total, **({"shell": shell_total} if cfg.shell_lambda else {}))
         if cfg.log_every and (step + 1) % cfg.log_every == 0:
             logged["grad_norm"] = gradient_norm(self.model.parameters())
         # the clip is on the mean token loss's gradient; the one applied is the batch's sum / accum_world_size
@@ -4299,9 +4327,12 @@ class Trainer:
         for line in self.schedule.describe():
             self.log.line("schedule: " + line)
         if cfg.mtp or cfg.prefix_loss:
+            prefix = " and, while its weight is on, of the next token's prefix token (#88)" if cfg.prefix_loss else ""
+            stable = (" (with --stablemax, train_loss and next_token_loss are StableMax's, val_loss softmax's)"
+                      if cfg.stablemax else "")
             self.log.line("note: train_loss is the multi-token-prediction loss, a weighted sum of the cross-entropies "
-                          "of the next tokens (README)" + (" and, while its weight is on, of the next token's prefix "
-                          "token (#88)" if cfg.prefix_loss else "") + "; val_loss is the plain next-token cross-entropy")
+                          f"of the next tokens (README){prefix}; next_token_loss is the plain next-token cross-entropy "
+                          f"of the step's tokens, as val_loss is of the validation tokens{stable}")
 
     def step_flops(self, step):
         """Model FLOPs of a step: its batch at its windows and longest piece."""

@@ -57,8 +57,8 @@ def kernel_table(pointers):
         """The two loss kernels, with the #88 prefix target (pointers) or without (None)."""
         return (
             (T._softcap_ce_fwd_kernel,
-             dict(z_ptr=z, t_ptr=t, w_ptr=mtp, p_ptr=p, pw_ptr=pw, loss_ptr="*fp32", lse_ptr="*fp32", n_rows=TOKENS,
-                  vocab=VOCAB, s_z=VOCAB, **CE_SCALARS),
+             dict(z_ptr=z, t_ptr=t, w_ptr=mtp, p_ptr=p, pw_ptr=pw, loss_ptr="*fp32", next_ptr="*fp32", lse_ptr="*fp32",
+                  n_rows=TOKENS, vocab=VOCAB, s_z=VOCAB, **CE_SCALARS),
              dict(num_warps=T.CE_WARPS), False),
             (T._softcap_ce_bwd_kernel,
              dict(z_ptr=z, t_ptr=t, w_ptr=mtp, p_ptr=p, pw_ptr=pw, lse_ptr="*fp32", grad_ptr="*fp32", dz_ptr=z, n_rows=TOKENS,

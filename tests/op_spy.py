@@ -32,9 +32,9 @@ def spied_ops(base, calls):
     def spy(name):
         op = getattr(base, name)
 
-        def call(*args):
+        def call(*args, **kwargs):
             calls.append((name, [(a.dtype, tuple(a.shape)) for a in args if torch.is_tensor(a)]))
-            return op(*args)
+            return op(*args, **kwargs)
 
         return staticmethod(call)
 

@@ -249,9 +249,11 @@ def test_compiled_flex_paired_heads_match_the_eager_blocked_attention():
 
 def test_compiled_flex_forward_head_shaped_is_the_cpu_attentions(tmp_path):
     """HEAD's switches (XSA and DC among them) with the CUDA attention, compiled fullgraph by inductor: a
-    batch's loss is the eager CPU attention's (in eval, without FP8: bf16 round-off apart). DC's read
-    runs the same torch code under both (it is not an attention backend's: flex cannot mix heads'
-    probabilities). Four heads: the paired layer's pair sequences need two (see the test above)."""
+    batch's loss is the eager CPU attention's (in eval, without FP8: bf16 round-off apart), and so is the
+    plain next-token loss beside it (next_token=True, the train line's: cross_entropy on the eager
+    model's logits). DC's read runs the same torch code under both (it is not an attention backend's:
+    flex cannot mix heads' probabilities). Four heads: the paired layer's pair sequences need two (see
+    the test above)."""
     trainer = compiled_trainer(tmp_path, tg.FlexAttention(), "flex_head", flags=HEAD_SHAPED + FOUR_HEADS)
     model = trainer.model.eval()
     with torch.no_grad():  # the MUDD gate's XSA and DC columns off their starts, the zero-initialized weights alive
@@ -262,11 +264,18 @@ def test_compiled_flex_forward_head_shaped_is_the_cpu_attentions(tmp_path):
                 p.normal_(0, 0.02)
     windows, weights, tokens = trainer.begin_step(0)
     inputs, targets, _ = trainer.train_loader.next_batch(tokens, trainer.cfg.max_seq_len)
+    cfg = trainer.cfg
     with torch.no_grad():
-        got = trainer.forward(inputs, targets, windows, weights)
-        model.attention = tg.BlockedAttention(trainer.cfg.window_block)
+        got, got_next = trainer.forward(inputs, targets, windows, weights, next_token=True)
+        model.attention = tg.BlockedAttention(cfg.window_block)
         want = model(inputs, targets, windows, weights)
+        # the train line's plain next-token loss: cross_entropy on the eager model's softcapped logits
+        z = model.logits(model.hidden(inputs, windows)).double()
+        capped = cfg.softcap * torch.sigmoid((z + cfg.softcap_offset) / cfg.softcap_temp)
+        want_next = torch.nn.functional.cross_entropy(capped, targets, reduction="sum")
     assert torch.isfinite(got) and (got - want).abs() / inputs.numel() < 1e-3, (got, want)
+    assert (got_next - want_next).abs() / inputs.numel() < 1e-3, (got_next, want_next)
+    assert len(weights) == 3 and got > 1.5 * got_next  # the MTP loss weighs in two more tokens' cross-entropies
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, want", [(False, False, torch.float32), (True, False, torch.bfloat16),
@@ -470,7 +479,8 @@ def test_compiled_gpt2_baseline_training(tmp_path):
 def test_compiled_cpu_loss_matches_the_naive_loss(stablemax, prefix):
     """--compile_elementwise's loss (the blocks of rows compiled by inductor) against a plain
     log-softmax (or log-StableMax) written out here: the loss, its gradient, and the loss without one
-    (validation); 70 rows, so two whole blocks and a partial one."""
+    (validation); 70 rows, so two whole blocks and a partial one. The plain next-token loss returned
+    beside it (next_token=True, the train line's), compiled and eager, is the first target's term."""
     gen = torch.Generator().manual_seed(5)
     n, vocab, cap, temp, offset, weights = 70, 300, 23.0, 7.5, 5.0, torch.tensor([1.0, 0.5])
     z = (4 * torch.randn(n, vocab, generator=gen)).bfloat16()
@@ -481,10 +491,13 @@ def test_compiled_cpu_loss_matches_the_naive_loss(stablemax, prefix):
     ops = tg.compiled_torch_ops()
     op = ops.stablemax_mtp_ce if stablemax else ops.softcap_mtp_ce
 
-    def naive(logits):
+    def log_probs(logits):
         l = cap * torch.sigmoid((logits.float() + offset) / temp)
         a = torch.sign(l) * torch.log1p(l.abs()) if stablemax else l
-        logp = a - torch.logsumexp(a, dim=-1, keepdim=True)
+        return a - torch.logsumexp(a, dim=-1, keepdim=True)
+
+    def naive(logits):
+        logp = log_probs(logits)
         out = torch.zeros(n)
         for k, w in enumerate(weights):
             out[: n - k] -= w * logp[torch.arange(n - k), targets[k:]]
@@ -502,6 +515,13 @@ def test_compiled_cpu_loss_matches_the_naive_loss(stablemax, prefix):
     torch.testing.assert_close(got_z.grad.float(), want_z.grad.float(), rtol=2**-7, atol=1e-5)
     with torch.no_grad():
         torch.testing.assert_close(op(z, targets, weights, cap, temp, offset, *extra), want.detach(), rtol=1e-5, atol=1e-4)
+    plain = -log_probs(z)[torch.arange(n), targets]
+    for table in (ops, tg.TorchOps):
+        fn = table.stablemax_mtp_ce if stablemax else table.softcap_mtp_ce
+        loss, next_token = fn(z.clone().requires_grad_(), targets, weights, cap, temp, offset, *extra, next_token=True)
+        torch.testing.assert_close(loss.detach(), want.detach(), rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(next_token, plain, rtol=1e-5, atol=1e-4)
+        assert loss.requires_grad and not next_token.requires_grad
 
 
 def test_the_cpu_backend_reuses_freed_memory():

@@ -165,6 +165,42 @@ def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, off
     assert_close(dz, rz, TOL[dtype], what + " dlogits")
 
 
+# The plain next-token loss the kernel and its twin return beside the loss when asked (the train
+# line's next_token_loss): the first target's term alone, whatever the weights (w_0 is not 1 in two
+# cases), with and without the softcap and #88's prefix target, against cross_entropy on the
+# softcapped logits written here. It has no gradient, and asking for it changes neither the loss nor
+# the gradient.
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("rows,vocab,weights,cap,offset,prefix", [
+    (64, 3144, (0.3, 0.5, 0.25), 23.0, 5.0, True),
+    (37, 1000, (2.0,), 0.0, 0.0, False),
+    (2, 50, (1.0, 0.5, 0.25), 30.0, 0.0, False),
+])
+def test_softcap_mtp_ce_next_token_is_the_plain_cross_entropy(rows, vocab, weights, cap, offset, prefix, dtype):
+    gen = torch.Generator().manual_seed(7)
+    logits = (4 * torch.randn(rows, vocab, generator=gen)).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    grad = torch.randn(rows, generator=gen)
+    weights = torch.tensor(weights)
+    extra = ()
+    if prefix:
+        prefixes = torch.randint(0, vocab, (rows,), generator=gen)
+        prefixes[::3] = T.NO_PREFIX
+        extra = (prefixes, torch.tensor([0.25]))
+    z = logits.double()
+    want = F.cross_entropy(cap * torch.sigmoid((z + offset) / 7.5) if cap else z, targets, reduction="none")
+    for ops in (T.TritonOps, T.TorchOps):
+        what = f"{ops.name} {rows}x{vocab} w={weights.tolist()} cap={cap} prefix={prefix} {dtype}"
+        both, alone = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+        loss, next_token = ops.softcap_mtp_ce(both, targets, weights, cap, 7.5, offset, *extra, next_token=True)
+        only = ops.softcap_mtp_ce(alone, targets, weights, cap, 7.5, offset, *extra)
+        assert next_token.dtype == torch.float32 and next_token.shape == (rows,) and not next_token.requires_grad
+        assert_close(next_token, want, 1e-5, what + " next-token loss")
+        loss.backward(grad)
+        only.backward(grad)
+        assert torch.equal(loss, only) and torch.equal(both.grad, alone.grad), what
+
+
 # FP8 lm_head (on the CPU, fp32 products of the fp8 operands; torch._scaled_mm on CUDA). Inputs shaped like the head's: RMS-normed rows of width 768,
 # weights of the init std, and the output gradient of the record's loss, summed over tokens: per
 # token, softmax minus the one-hot target (entries from about 1e-5 to 1), which FP8_GRAD_SCALE

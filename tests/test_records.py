@@ -43,7 +43,7 @@ def log_text(final_loss, final_ms, code=CODE, preset="cpu", seed=0, run_id="run0
     return "\n".join([
         code.rstrip("\n"), SEP, VERSIONS, SEP, "config: " + json.dumps(config), *(backend if track else []),
         "step:0/20 val_loss:10.8254 train_time:0ms step_avg:nanms",
-        f"step:5/20 train_loss:6.1234 train_time:{half // 2}ms step_avg:{half / 10:.2f}ms",
+        f"step:5/20 train_loss:6.1234 next_token_loss:5.4321 train_time:{half // 2}ms step_avg:{half / 10:.2f}ms",
         f"step:10/20 val_loss:{final_loss + 1:.4f} train_time:{half}ms step_avg:{half / 10:.2f}ms",
         "sink first_token_share:0.42",
         f"step:15/20 train_loss:4.5 train_time:{3 * half // 2}ms step_avg:{half / 10:.2f}ms",
@@ -97,7 +97,8 @@ def test_parse_recovers_code_config_and_every_step(tmp_path):
     assert math.isnan(log.steps[0].pop("step_avg_ms"))
     assert log.steps == [
         {"step": 0, "total_steps": 20, "val_loss": 10.8254, "train_time_ms": 0},
-        {"step": 5, "total_steps": 20, "train_loss": 6.1234, "train_time_ms": 500, "step_avg_ms": 100.0},
+        {"step": 5, "total_steps": 20, "train_loss": 6.1234, "next_token_loss": 5.4321, "train_time_ms": 500,
+         "step_avg_ms": 100.0},
         {"step": 10, "total_steps": 20, "val_loss": 4.9, "train_time_ms": 1000, "step_avg_ms": 100.0},
         {"step": 15, "total_steps": 20, "train_loss": 4.5, "train_time_ms": 1500, "step_avg_ms": 100.0},
         {"step": 20, "total_steps": 20, "val_loss": 3.9, "train_time_ms": 2000, "step_avg_ms": 100.0},

@@ -646,11 +646,11 @@ def prefix_run(tmp_path, prefix_loss):
     trainer = T.Trainer(cfg, backend, T.RunLog(cfg, backend))
     seen, forward = [], trainer.forward
 
-    def spy(idx, targets, windows, mtp, prefix_weight=None):
+    def spy(idx, targets, windows, mtp, prefix_weight=None, **kwargs):
         if trainer.model.training:
             filled = bool((trainer.model.prefix_table >= 0).any()) if prefix_loss else None
             seen.append((None if prefix_weight is None else prefix_weight.item(), filled))
-        return forward(idx, targets, windows, mtp, prefix_weight)
+        return forward(idx, targets, windows, mtp, prefix_weight, **kwargs)
 
     trainer.forward = spy
     trainer.run()

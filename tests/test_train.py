@@ -65,7 +65,8 @@ def test_smoke_run_log_parses_and_the_console_says_what_happens(tmp_path, monkey
     assert console[1].startswith("config: --preset=cpu ") and console[1].endswith(" (the full config is in the log)")
     assert " --num_steps=3 " in console[1] and " --n_layer=2 " in console[1] and "--seed" not in console[1]
     assert len(console[1]) < 1000 and not any(line.startswith("config: {") for line in console)
-    assert any(line.startswith("note: train_loss is the multi-token-prediction loss") for line in console)
+    note = next(line for line in console if line.startswith("note: train_loss is the multi-token-prediction loss"))
+    assert "next_token_loss is the plain next-token cross-entropy" in note and "#88" not in note
     # every validation announced before it runs, then its result
     starts = [i for i, line in enumerate(console) if line.startswith("validating at step")]
     assert [console[i] for i in starts] == [f"validating at step {s}/3: 2,048 tokens, clock stopped" for s in (0, 2, 3)]
@@ -108,12 +109,18 @@ def test_smoke_run_log_parses_and_the_console_says_what_happens(tmp_path, monkey
     assert kinds[0] == "config" and kinds[-1] == "final"
     assert [m["val_loss"] for m in metrics if m["kind"] == "val"] == pytest.approx([s["val_loss"] for s in vals], abs=1e-4)
     assert metrics[-1]["val_loss"] == val_loss and metrics[-1]["train_time_ms"] == train_ms
+    train_metrics = [m for m in metrics if m["kind"] == "train"]
+    for name in ("train_loss", "next_token_loss"):
+        assert [m[name] for m in train_metrics] == pytest.approx([s[name] for s in trains], abs=1e-4)
     # a fresh model predicts about uniformly over the padded vocabulary: loss ~ ln(50304) = 10.83
     assert vals[0]["val_loss"] == pytest.approx(10.83, abs=0.1)
+    # the first step's (of that model) too, where the MTP loss weighs the next three tokens 1, 0.5, 0.25
+    assert trains[0]["next_token_loss"] == pytest.approx(10.83, abs=0.1)
+    assert trains[0]["train_loss"] == pytest.approx(1.75 * trains[0]["next_token_loss"], rel=0.02)
 
 
 def test_train_loss_falls(tmp_path):
-    (val_loss, _), log, _ = run(
+    (val_loss, _), log, metrics = run(
         tmp_path, "falls", QUIET + ["--num_steps=20", "--extension_steps=0", "--batch_tokens=512,512,512",
                                     "--val_every=10", "--log_every=5", "--mtp=false"])
     vals = {s["step"]: s["val_loss"] for s in log.steps if "val_loss" in s}
@@ -122,6 +129,11 @@ def test_train_loss_falls(tmp_path):
     print("val", vals, "train", trains)
     assert vals[10] < vals[0] - 1.0 and vals[20] < vals[10]
     assert trains[-1] < trains[0] - 0.5
+    # without MTP (and the prefix loss) the step minimizes the plain next-token loss itself
+    assert [s["next_token_loss"] for s in log.steps if "train_loss" in s] == trains
+    train_metrics = [m for m in metrics if m["kind"] == "train"]
+    assert len(train_metrics) == 4
+    assert [m["next_token_loss"] for m in train_metrics] == pytest.approx([m["train_loss"] for m in train_metrics], rel=1e-6)
 
 
 def test_missing_data_directory(tmp_path):
@@ -173,9 +185,9 @@ def test_warmup_compiles_every_graph_the_run_uses_and_no_other(tmp_path, monkeyp
     calls = []  # per forward: what its graph depends on, and how many graphs it compiled
     forward, warmup, marks = trainer.forward, trainer.warmup, {}
 
-    def spy_forward(inputs, targets, windows, weights, prefix_weight=None):
+    def spy_forward(inputs, targets, windows, weights, prefix_weight=None, **kwargs):
         before = counters["stats"]["unique_graphs"]
-        loss = forward(inputs, targets, windows, weights, prefix_weight)
+        loss = forward(inputs, targets, windows, weights, prefix_weight, **kwargs)
         key = (inputs.numel(), windows, weights.numel(), rotary.attn_scale, model.tied, model.training, prefix_weight is None)
         calls.append((key, counters["stats"]["unique_graphs"] - before))
         return loss
