@@ -3,13 +3,15 @@ trains) against the peak measured on the CPU, for a few small shapes. Prints a m
 
     python bench/memory.py
 
-Measured: a fresh process imports torch and train_gpt, runs one small matmul and its backward (the
-runtime's own first-use memory: kernels, thread pools), reads its high-water resident memory
-(ru_maxrss), trains four steps of the shape (Adam steps on steps 1 and 3, so its moments and its
-gradients held in between are there, as through the rest of a run) and validates at the end, and
-reads it again: the difference is what the run added at its peak. It includes what the estimate
-leaves out (the token shards the loaders hold, Python objects, the allocator's fragmentation),
-which is why the shapes are large enough for the tensors to dominate.
+Each shape trains four steps (Adam steps on steps 1 and 3, so its moments and the gradients it
+holds in between are there, as through the rest of a run) and validates at the end. Measured twice:
+the tensors: the most bytes of tensors alive at once, from torch.profiler's memory timeline (the
+CPU's counterpart of CUDA's max_memory_allocated, what the record's log reports), which is what the
+estimate counts;
+the process: in a fresh process that has imported torch and train_gpt and run one small matmul and
+its backward (the runtime's first-use memory: kernels, thread pools), how far the run raises its
+high-water resident memory (ru_maxrss): the tensors plus what glibc's heap holds beyond them
+(fragmentation; freed memory is kept for reuse, keep_freed_memory) and the token shards the loaders read.
 """
 import json
 import os
@@ -62,11 +64,34 @@ print(json.dumps(high_water() - before))
 """
 
 
+def live_peak(timeline):
+    """The most bytes of tensors alive at once in a torch.profiler memory timeline."""
+    live, total, peak = {}, 0, 0
+    for _, action, (key, _), size in timeline:
+        if action.name in ("PREEXISTING", "CREATE"):
+            total += size - live.get(key, 0)
+            live[key] = size
+        elif action.name == "DESTROY":
+            total -= live.pop(key, 0)
+        peak = max(peak, total)
+    return peak
+
+
+def tensor_peak(argv):
+    """The most bytes of tensors alive at once while train_gpt `argv` runs (in this process, on the CPU)."""
+    profiler = torch.profiler
+    with tempfile.TemporaryDirectory() as tmp:
+        with profiler.profile(activities=[profiler.ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
+                              with_stack=True) as prof:
+            T.main(argv + [f"--log_dir={tmp}"])
+    return live_peak(prof._memory_profile().timeline)  # torch's own (private) accounting behind export_memory_timeline
+
+
 def flags(shape):
     return RUN + SAMPLE + SHAPES[shape]
 
 
-def measure(argv):
+def process_peak(argv):
     """Bytes a run of train_gpt `argv` (on the CPU) adds to its process's high-water resident memory."""
     with tempfile.TemporaryDirectory() as tmp:
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
@@ -84,11 +109,12 @@ def estimate(argv):
 
 
 def main():
-    print("| shape (layers x width) | estimated peak (MiB) | at the | measured peak (MiB) | measured / estimated |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| shape (layers x width) | estimated peak (MiB) | at the | tensors' peak (MiB) | / estimate | process's peak (MiB) | / estimate |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for shape in SHAPES:
-        est, got = estimate(flags(shape)), measure(flags(shape))
-        print(f"| {shape} | {est.peak / 2**20:,.0f} | {est.phase} | {got / 2**20:,.0f} | {got / est.peak:.2f} |", flush=True)
+        est, tensors, process = estimate(flags(shape)), tensor_peak(flags(shape)), process_peak(flags(shape))
+        print(f"| {shape} | {est.peak / 2**20:,.0f} | {est.phase} | {tensors / 2**20:,.0f} | {tensors / est.peak:.3f} | "
+              f"{process / 2**20:,.0f} | {process / est.peak:.2f} |", flush=True)
 
 
 if __name__ == "__main__":
