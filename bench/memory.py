@@ -10,7 +10,7 @@ CPU's counterpart of CUDA's max_memory_allocated, what the record's log reports)
 estimate counts;
 the process: in a fresh process that has imported torch and train_gpt and run one small matmul and
 its backward (the runtime's first-use memory: kernels, thread pools), how far the run raises its
-high-water resident memory (ru_maxrss): the tensors plus what glibc's heap holds beyond them
+high-water resident memory (VmHWM, Linux): the tensors plus what glibc's heap holds beyond them
 (fragmentation; freed memory is kept for reuse, keep_freed_memory) and the token shards the loaders read.
 """
 import json
@@ -37,20 +37,22 @@ FOUR_LAYERS = ["--n_layer=4", "--d_model=256", "--n_head=4", "--head_dim=64", "-
 # name -> train_gpt flags (after RUN and SAMPLE)
 SHAPES = {
     "2 x 64, 1,024-token batches": TWO_LAYERS + ["--batch_tokens=1024,1024,1024", "--val_batch_tokens=1024"],
-    "2 x 64, 4,096-token batches": TWO_LAYERS + ["--batch_tokens=4096,4096,4096", "--val_batch_tokens=1024"],
     "2 x 64, 8,192-token validation passes": TWO_LAYERS + ["--batch_tokens=1024,1024,1024", "--val_batch_tokens=8192"],
     "4 x 256, 4,096-token batches": FOUR_LAYERS + ["--batch_tokens=4096,4096,4096", "--val_batch_tokens=1024"],
     "4 x 256, 4,096-token batches, checkpointed": FOUR_LAYERS + ["--batch_tokens=4096,4096,4096", "--val_batch_tokens=1024",
                                                                 "--activation_checkpointing=true"],
 }
 
+# ru_maxrss would not do: it carries over the high water of the process that started this one (Linux
+# keeps it across exec); VmHWM is this process's own
 CHILD = """
-import json, resource, sys
+import json, sys
 import torch
 import train_gpt as T
 
 def high_water():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    with open("/proc/self/status") as f:
+        return 1024 * int(next(line.split()[1] for line in f if line.startswith("VmHWM:")))  # kB
 
 argv = json.loads(sys.argv[1])
 dtype = T.cpu_compute_dtype(T.parse_args(argv).cpu_dtype)
