@@ -76,6 +76,7 @@ class Config:
     wandb: str = ""  # also send the metrics to this Weights & Biases project (WANDB_MODE=offline keeps them local); empty = off
     tensorboard: bool = False  # also write the metrics as TensorBoard events to <log_dir>/tensorboard/<run_id>/
     dry_run: bool = False  # print the config, the schedule and the parameter table (model on the meta device), then exit
+    memory_check: bool = True  # stop before training, with the flags that would fit, when the estimated peak memory exceeds the device's; false: train anyway
     # model shape
     vocab_size: int = 50257  # GPT-2's 50,257 tokens
     vocab_multiple: int = 128  # the embedding and head are padded to a multiple of this
@@ -897,6 +898,9 @@ def fp8_unsupported(device):
     return None
 
 
+ROCM_LDS_BYTES = 65536  # an MI300X's (CDNA3) local data share per workgroup, where Triton keeps its tiles
+
+
 def fall_back(cfg, device):
     """Turn off the switches `device` cannot run; a line for each, for the log."""
     reason, notes = fp8_unsupported(device), []
@@ -904,6 +908,13 @@ def fall_back(cfg, device):
         if getattr(cfg, name) and reason:
             setattr(cfg, name, False)
             notes.append(f"--{name}=false here: {reason}; that matmul runs in the compute dtype (the numbers differ slightly)")
+    if device.type == "cuda" and torch.version.hip and cfg.triton:
+        cfg.triton = False
+        tiles = 2 * (MM_BLOCK_M + MM_BLOCK_N) * MM_BLOCK_K  # bytes of one pipeline stage of linear_relu2's bf16 tiles
+        notes.append(f"--triton=false here: ROCm; the Triton kernels' launch configs are sized for NVIDIA shared memory "
+                     f"(linear_relu2 keeps {MM_STAGES} stages of {tiles:,} bytes of tiles, an MI300X has "
+                     f"{ROCM_LDS_BYTES:,} per workgroup) and untested on AMD GPUs; their torch twins run instead (the same math, "
+                     "rounded as torch rounds)")
     return notes
 
 
@@ -961,9 +972,22 @@ def attempt_store(world_size):
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
+def device_ops(cfg, cuda):
+    """(ops, attention, compute dtype, tables' storage dtype) of a run on CUDA, or on the CPU."""
+    triton_ops = globals().get("TritonOps")
+    if cuda:
+        ops = triton_ops if cfg.triton and triton_ops is not None else TorchOps
+    else:
+        ops = compiled_torch_ops() if cfg.compile_elementwise else TorchOps
+    attention = FlexAttention() if cuda else BlockedAttention(cfg.window_block)
+    compute_dtype = COMPUTE_DTYPE if cuda else cpu_compute_dtype(cfg.cpu_dtype)
+    table_dtype = COMPUTE_DTYPE if cuda and cfg.bf16_tables else None
+    return ops, attention, compute_dtype, table_dtype
+
+
 def setup_backend(cfg):
-    """Pick the device, start the process group (NCCL on CUDA, gloo on CPU), the attention, the ops,
-    the matmul dtype and the tables' storage dtype."""
+    """Pick the device, turn off what it cannot run, start the process group (NCCL on CUDA, gloo on
+    CPU), the attention, the ops, the matmul dtype and the tables' storage dtype."""
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device=cuda but no CUDA device is available")
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
@@ -974,12 +998,8 @@ def setup_backend(cfg):
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    triton_ops = globals().get("TritonOps")
-    if use_cuda:
-        ops = triton_ops if cfg.triton and triton_ops is not None else TorchOps
-    else:
-        ops = compiled_torch_ops() if cfg.compile_elementwise else TorchOps
         keep_freed_memory()
+    notes = tuple(fall_back(cfg, device))  # before the ops are chosen: it may turn --triton off
     if world_size > 1:
         # torch._dynamo (which the optimizers and torch.compile import) imports torch.distributed
         # modules whose functions default to group=WORLD, a value taken at import: imported after
@@ -990,18 +1010,14 @@ def setup_backend(cfg):
 
         dist.init_process_group("nccl" if use_cuda else "gloo", store=attempt_store(world_size), rank=rank,
                                 world_size=world_size, device_id=device if use_cuda else None)
-    attention = FlexAttention() if use_cuda else BlockedAttention(cfg.window_block)
-    compute_dtype = COMPUTE_DTYPE if use_cuda else cpu_compute_dtype(cfg.cpu_dtype)
-    table_dtype = COMPUTE_DTYPE if use_cuda and cfg.bf16_tables else None
-    return Backend(device, rank, world_size, ops, attention, compute_dtype, table_dtype, tuple(fall_back(cfg, device)))
+    return Backend(device, rank, world_size, *device_ops(cfg, use_cuda), notes)
 
 
-def meta_backend(cfg):
-    """The backend of --dry_run: the meta device (shapes, no memory), one rank and no process group,
-    the torch ops and blocked attention; the model and its optimizer groups build as on any device,
-    the tables in the dtype a CUDA run stores them in unless --device=cpu."""
-    table_dtype = None if cfg.device == "cpu" else COMPUTE_DTYPE
-    return Backend(torch.device("meta"), 0, 1, TorchOps, BlockedAttention(cfg.window_block), table_dtype=table_dtype)
+def meta_backend(cfg, world_size=1):
+    """The backend of --dry_run and of the memory estimate: the meta device (shapes, no memory), rank 0
+    of `world_size` and no process group; the ops, attention and dtypes of a run on CUDA, or on the CPU
+    with --device=cpu. The model and its optimizer groups build as on any device."""
+    return Backend(torch.device("meta"), 0, world_size, *device_ops(cfg, cfg.device != "cpu"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -4067,6 +4083,255 @@ def split_batch(cfg, world):
     )
 
 
+# ------------------------------------------------------------------------------------------------
+# Memory: the peak a configuration needs on a device, estimated before training
+# ------------------------------------------------------------------------------------------------
+
+GIB = 2**30
+FP32_BYTES = 4
+# eager autograd keeps these copies of a [tokens, d] residual stream per layer: the block's input before
+# the x0 mix (the lambdas' product keeps it), after it (the attention's norm) and after the attention (the
+# MLP's norm); outside the layers: the embedding, x0 and the final norm's input
+STREAM_SAVES = 3
+QKV_MATMULS = 3  # autocast casts an activation anew for each matmul (it caches only the weights' casts): the normed input, once per Q, K and V
+SCORE_SAVES = 2  # blocked attention keeps its fp32 scores twice: masked (for the log-sum-exp) and exponentiated (the softmax)
+EVAL_SCORE_COPIES = 3  # fp32 copies of a layer's blocked scores alive at once without gradients (scaled and masked, shifted, exponentiated)
+LOSS_ROW_COPIES = 4  # fp32 [CE_ROWS, V] tensors the torch loss holds at once while it works on a block of rows
+UPDATE_COPIES = 4  # temporaries of a tensor's size an optimizer update makes (the Nesterov mix, Polar Express's iterate and products, the normalized update; Adam's square, root, update and mask)
+LOOKUP_KINDS = ("embed", "value_embed", "bigram")  # tables read by lookup, never multiplied: no compute-dtype copy
+CGROUP_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # cgroup v2, v1
+
+
+class MemoryEstimate(NamedTuple):
+    """A run's estimated peak per process, in bytes, and what it is made of."""
+    peak: int
+    phase: str  # where the peak falls: training, validation or the optimizer step
+    parts: dict  # name -> bytes: the state that lives through the run and each phase's own
+    train_tokens: int  # tokens of a micro-batch at the training phase's largest stage
+    val_tokens: int  # tokens of a validation forward pass
+
+
+def state_bytes(cfg, backend):
+    """What lives through the whole run on one rank of backend.world_size, and the optimizer step's
+    temporaries, from the model and the optimizers built on the meta device (exact dtypes and shards)."""
+    meta = dataclasses.replace(backend, device=torch.device("meta"), rank=0, notes=())
+    with torch.device("meta"):
+        model = GPT(cfg, meta.ops, meta.attention, meta.compute_dtype, meta.table_dtype)
+    optimizers = Optimizers(model, cfg, meta)
+    world, c = meta.world_size, meta.compute_dtype.itemsize
+    params = [p for p in model.parameters()]
+    nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
+    adam = [p for group in optimizers.adam.param_groups for p in group["params"]]
+    adam_state, adam_largest = 0, 0
+    for p in adam:
+        numel = -(-p.size(0) // world) * (p.numel() // p.size(0)) if optimizers.adam.split(p) else p.numel()  # its rows here
+        share = numel * p.element_size()
+        adam_state += 2 * share  # exp_avg and exp_avg_sq, in the gradient's dtype
+        adam_largest = max(adam_largest, share)
+    muon_state = stacks = gathered = muon_largest = 0
+    for group in (optimizers.muon.param_groups if optimizers.muon else []):
+        first = group["params"][0]
+        count = sum(p.muon_blocks for p in group["params"])
+        per_rank = -(-count // world)
+        share = torch.empty(per_rank, *muon_view(first, first).shape[1:], dtype=first.dtype, device="meta")
+        state = optimizers.muon._state(group, share, [1.0] * min(per_rank, count))  # NorMuon's own, on meta tensors
+        muon_state += nbytes(t for t in state.values() if torch.is_tensor(t))
+        stacks += nbytes([share]) * (world + (world > 1))  # the stacked gradients, and this rank's averaged share
+        gathered += nbytes([share]) * world  # the updated weights, gathered (one rank: its own)
+        muon_largest = max(muon_largest, share.numel() * FP32_BYTES)
+    copies = [p for p in params if p.dim() >= 2 and p.kind not in LOOKUP_KINDS and p.dtype != meta.compute_dtype]
+    return dict(parameters=nbytes(params) + nbytes(model.buffers()), gradients=nbytes(params), adam_gradients=nbytes(adam),
+                optimizer=adam_state + muon_state, weight_copies=sum(p.numel() for p in copies) * c,
+                step=stacks + gathered + UPDATE_COPIES * max(muon_largest, adam_largest), adam_every=optimizers.adam_every)
+
+
+def layer_window(cfg, layer, windows):
+    """The window in tokens layer `layer` attends over, of the (long, short) `windows`."""
+    return windows[0 if layer in cfg.long_window_layers else 1]
+
+
+def attention_keys(cfg, window):
+    """Keys a block of window_block queries of the blocked attention scores: the window, in whole blocks, and its own block."""
+    b = cfg.window_block
+    return -(-window // b) * b + b
+
+
+def layer_activation_bytes(cfg, layer, window, c, s, blocked, fused_mlp):
+    """Bytes per token layer `layer` keeps for its backward, counted from the ops of Block, Attention
+    and MLP as eager autograd saves them (c: the compute dtype's bytes, s: the stream's). The #55-#85
+    extras (value-embedding gates, MUDD, DC, XSA, paired heads) are not counted: small beside these,
+    but for DC's second set of scores."""
+    d, inner, heads = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_head
+    total = STREAM_SAVES * s * d
+    if layer not in cfg.no_attn_layers:
+        total += (QKV_MATMULS if c != s else 1) * c * d + (s * d if cfg.attn_gate else 0)  # the normed input, cast per matmul
+        total += 2 * c * inner if cfg.qk_norm else 0  # q and k before their norms
+        if blocked:
+            keys = attention_keys(cfg, window)
+            total += c * inner * (cfg.window_block + 2 * keys) // cfg.window_block  # the query blocks, the key and value blocks
+            total += heads * keys * (SCORE_SAVES * FP32_BYTES + (c if c != FP32_BYTES else 0))  # scores, softmax, its cast
+        else:
+            total += 4 * c * inner + FP32_BYTES * heads  # flex attention's q, k, v, output and log-sum-exp
+        total += (2 if cfg.attn_gate else 1) * c * inner  # the output before the gate, and the projection's input
+    return total + c * d + (1 if fused_mlp else 2) * c * cfg.mlp_hidden  # the MLP's input and hidden (eager: relu and its square)
+
+
+def layer_eval_bytes(cfg, layer, window, c, s, blocked, fused_mlp):
+    """Bytes per token a layer holds at once in a forward without gradients (validation): its largest temporaries."""
+    mlp = (1 if fused_mlp else 2) * c * cfg.mlp_hidden
+    scores = (EVAL_SCORE_COPIES * FP32_BYTES * cfg.n_head * attention_keys(cfg, window)
+              if blocked and layer not in cfg.no_attn_layers else 0)
+    return STREAM_SAVES * s * cfg.d_model + max(mlp, scores)
+
+
+def memory_estimate(cfg, backend, state=None):
+    """The peak memory of one process of a run of `cfg` on `backend` (its device's ops, attention,
+    dtypes and world size), as the largest of three moments, each on top of the parameters and the
+    optimizer state (and, through the warmup, its copy of the parameters):
+    training: the gradients still held then (Adam's between its steps; all, from a step's second
+      micro-batch), the compute-dtype copies of the weights, every layer's saved activations at the
+      largest stage's micro-batch (with activation checkpointing only the blocks' inputs and one
+      block's activations) and the loss's two [tokens, vocab] tensors (logits and their gradient);
+    validation: Adam's gradients if it can fall between Adam's steps, the logits of a validation pass
+      and one layer's temporaries;
+    the optimizer step: every gradient and the step's stacks, gathers and temporaries.
+    Counted from the code, not measured per device: see tests/test_memory.py for how close it comes
+    on the CPU. `state`: state_bytes(cfg, backend), when already known (it depends on neither
+    activation_checkpointing, accum_world_size nor val_batch_tokens)."""
+    state = state or state_bytes(cfg, backend)
+    parts_per_batch, accum, _ = split_batch(cfg, backend.world_size)
+    c = backend.compute_dtype.itemsize
+    s = (backend.table_dtype or torch.float32).itemsize
+    blocked, fused = isinstance(backend.attention, BlockedAttention), backend.ops.name == "triton"
+    vocab = -(-cfg.vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+    loss_rows = 0 if fused else LOSS_ROW_COPIES * CE_ROWS * vocab * FP32_BYTES
+    d = cfg.d_model
+    adam_held = state["adam_gradients"] if state["adam_every"] > 1 else 0  # Adam's, accumulating between its steps
+    train_held = state["gradients"] if accum > 1 else adam_held  # from a step's second micro-batch on: all of them
+    # a validation falls between two of Adam's steps in the warmup, and in the run if val_every is not a multiple of adam_every
+    val_held = adam_held if cfg.warmup_steps or cfg.val_every % state["adam_every"] else 0
+    base = state["parameters"] + state["optimizer"] + (state["parameters"] if cfg.warmup_steps else 0)
+    sched = Schedule(cfg)
+    train, train_tokens, activations = 0, 0, 0
+    for _, start, _ in sched.stage_ranges():
+        tokens, windows = sched.batch_tokens(start) // parts_per_batch, sched.windows(sched.window_blocks(start))
+        layers = [layer_activation_bytes(cfg, i, layer_window(cfg, i, windows), c, s, blocked, fused)
+                  for i in range(cfg.n_layer)]
+        # checkpointed: per layer the stream before and after its x0 mix (the MLP norm's input is inside the
+        # block), and one block's activations while the backward runs it again
+        kept = cfg.n_layer * (STREAM_SAVES - 1) * s * d + max(layers) if cfg.activation_checkpointing else sum(layers)
+        stage_activations = tokens * (kept + STREAM_SAVES * s * d + c * d)  # and the embedding, x0, the head's input
+        loss = 2 * tokens * vocab * c + loss_rows
+        if stage_activations + loss > train:
+            train, train_tokens, activations = stage_activations + loss, tokens, stage_activations
+    val_tokens = cfg.val_batch_tokens // parts_per_batch
+    val_windows = [sched.windows(sched.window_blocks(start)) for start in sched.stage_starts()]
+    val_windows.append(sched.windows(sched.final_window_blocks()))
+    layer_eval = max(layer_eval_bytes(cfg, i, layer_window(cfg, i, w), c, s, blocked, fused)
+                     for i in range(cfg.n_layer) for w in val_windows)
+    validation = val_tokens * (vocab * c + layer_eval) + loss_rows
+    parts = dict(parameters=state["parameters"], gradients=state["gradients"], optimizer=state["optimizer"],
+                 activations=activations, loss=train - activations, validation=validation, step=state["step"])
+    moments = {"training": base + train_held + state["weight_copies"] + train, "validation": base + val_held + validation,
+               "optimizer step": base + state["gradients"] + state["step"]}
+    phase = max(moments, key=moments.get)
+    return MemoryEstimate(moments[phase], phase, parts, train_tokens, val_tokens)
+
+
+def device_memory(device):
+    """Bytes of memory the device has: a GPU's total, or the host's physical memory (its cgroup's limit if lower)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1]
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in CGROUP_LIMITS:
+        try:
+            with open(path) as f:
+                limit = f.read().strip()
+        except OSError:
+            continue
+        if limit.isdigit():
+            total = min(total, int(limit))
+    return total
+
+
+def processes_sharing(backend):
+    """How many of the run's processes share this device's memory: one per GPU; on a CPU, every rank on the host."""
+    if backend.device.type == "cuda":
+        return 1
+    return int(os.environ.get("LOCAL_WORLD_SIZE", backend.world_size))
+
+
+def peak_detail(estimate):
+    """What the phase of the peak adds, in words."""
+    p, gib = estimate.parts, lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
+    if estimate.phase == "training":
+        return f"{gib(p['activations'] + p['loss'])} of activations and loss at {estimate.train_tokens:,} tokens per micro-batch"
+    if estimate.phase == "validation":
+        return f"{gib(p['validation'])} of logits and temporaries at {estimate.val_tokens:,} tokens per validation pass"
+    return f"{gib(p['step'])} of the optimizer step's stacks, gathers and temporaries"
+
+
+def memory_line(estimate, where=""):
+    """`memory: ...`, the estimate as a log line: the peak, what it is made of, and `where` (what the device has)."""
+    p, gib = estimate.parts, lambda n: f"{n / GIB:.2f}"  # noqa: E731
+    return (f"memory: estimated peak {gib(estimate.peak)} GiB per process{where} at the {estimate.phase}: "
+            f"{peak_detail(estimate)} (parameters {gib(p['parameters'])}, gradients {gib(p['gradients'])}, optimizer state "
+            f"{gib(p['optimizer'])}, training activations {gib(p['activations'])} and loss {gib(p['loss'])}, validation "
+            f"{gib(p['validation'])}, optimizer step {gib(p['step'])} GiB); counted from the code, not measured")
+
+
+def splits(cfg, world_size):
+    """Whether `world_size` ranks can split cfg's batches and validation slices (split_batch, ValLoader)."""
+    try:
+        parts, _, _ = split_batch(cfg, world_size)
+    except SystemExit:
+        return False
+    return cfg.val_batch_tokens % parts == 0 and cfg.val_tokens % (cfg.val_batch_tokens // parts * world_size) == 0
+
+
+def fitting_flags(cfg, backend, budget, state):
+    """The first flags, as {name: value}, whose estimate fits in `budget` bytes per process, and that
+    estimate; None if none does. The training micro-batches are kept if anything fits with them (a
+    halved --val_batch_tokens, then with --activation_checkpointing=true, which changes no number);
+    only then is --accum_world_size doubled (finer micro-batches: slightly other numbers)."""
+    accum = cfg.accum_world_size
+    while splits(dataclasses.replace(cfg, accum_world_size=accum), backend.world_size):
+        for checkpointing in sorted({cfg.activation_checkpointing, True}):
+            val = cfg.val_batch_tokens
+            while val >= 1:
+                flags = dict(accum_world_size=accum, activation_checkpointing=checkpointing, val_batch_tokens=val)
+                trial = dataclasses.replace(cfg, **flags)
+                if splits(trial, backend.world_size):
+                    estimate = memory_estimate(trial, backend, state)
+                    if estimate.peak <= budget:
+                        return {k: v for k, v in flags.items() if v != getattr(cfg, k)}, estimate
+                val //= 2
+        accum *= 2
+    return None
+
+
+def check_memory(cfg, backend):
+    """The `memory:` log line of this run; when the estimate exceeds the device's memory (and
+    --memory_check is on), one `error:` line naming the flags that would make it fit."""
+    state = state_bytes(cfg, backend)
+    estimate = memory_estimate(cfg, backend, state)
+    available, sharing = device_memory(backend.device), processes_sharing(backend)
+    ranks = f" x {sharing} processes on this host" if sharing > 1 else ""
+    line = memory_line(estimate, f"{ranks} of {available / GIB:.2f} GiB here")
+    if estimate.peak * sharing <= available or not cfg.memory_check:
+        return line
+    fit = fitting_flags(cfg, backend, available // sharing, state)
+    if fit is None:
+        advice = ("no setting of --val_batch_tokens, --activation_checkpointing and --accum_world_size fits: a smaller "
+                  "--batch_tokens, more devices or more memory would")
+    else:
+        flags, smaller = fit
+        advice = f"{' '.join(f'--{k}={show_value(v)}' for k, v in flags.items())} would need {smaller.peak / GIB:.2f} GiB"
+    raise SystemExit(f"error: out of memory ahead: the estimated peak is {estimate.peak / GIB:.2f} GiB per process{ranks} "
+                     f"(at the {estimate.phase}: {peak_detail(estimate)}) but this {backend.device.type} device has "
+                     f"{available / GIB:.2f} GiB; {advice} (--memory_check=false trains anyway)")
+
+
 class Trainer:
     """Owns the model, optimizers, loaders and schedule; runs steps, validation and the timed loop."""
 
@@ -4074,6 +4339,7 @@ class Trainer:
         self.cfg, self.backend, self.log = cfg, backend, log
         self.schedule = Schedule(cfg)
         self.parts, self.accum, self.loss_factor = split_batch(cfg, backend.world_size)
+        self.memory = check_memory(cfg, backend)  # before anything is allocated: a run that cannot fit stops here
         torch.manual_seed(cfg.seed)
         self.model = GPT(cfg, backend.ops, backend.attention, backend.compute_dtype, backend.table_dtype).to(backend.device)
         if cfg.compile or cfg.compile_elementwise:
@@ -4316,6 +4582,7 @@ class Trainer:
                       f"compile {cfg.compile}, records track {b.records_track(cfg.preset)}")
         for note in b.notes:
             self.log.line("fallback: " + note)
+        self.log.line(self.memory)
         size, first = PEAK_SIZE[b.device.type], self.schedule.windows(self.schedule.window_blocks(0))
         flops = flops_per_token(cfg, first, self.schedule.max_seq_len(0))
         self.log.line(f"throughput: {flops / 1e6:.1f} MFLOP per token at the first stage; matmul peak "
@@ -4540,13 +4807,16 @@ def fresh_run_id(preset, backend):
 
 
 def dry_run(cfg):
-    """--dry_run: the effective config, the schedule by stage and the parameter table, from the model
-    and optimizers built on the meta device: no data, devices or process group, seconds for any preset."""
+    """--dry_run: the effective config, the schedule by stage, the estimated peak memory of one process
+    and the parameter table, from the model and optimizers built on the meta device: no data, devices
+    or process group, seconds for any preset."""
     backend = meta_backend(cfg)
     with torch.device("meta"):
         model = GPT(cfg, backend.ops, backend.attention, backend.compute_dtype, backend.table_dtype)
     lines = [config_summary(cfg).removesuffix(" (the full config is in the log)"), "config: " + json.dumps(config_json(cfg))]
     lines += ["schedule: " + line for line in Schedule(cfg).describe()]
+    device = "cpu" if cfg.device == "cpu" else "cuda"
+    lines.append(memory_line(memory_estimate(cfg, backend), f" as one process on {device} with {backend.ops.name} ops"))
     lines += parameter_table(model, Optimizers(model, cfg, backend))
     print("\n".join(lines), flush=True)
 

@@ -442,12 +442,31 @@ def test_fp8_falls_back_where_the_gpu_has_no_fp8_matmul(monkeypatch, capability,
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
     monkeypatch.setattr(torch.version, "hip", hip)
     cfg = tg.parse_args([])
-    notes = tg.fall_back(cfg, torch.device("cuda", 0))
+    notes = [note for note in tg.fall_back(cfg, torch.device("cuda", 0)) if note.startswith("--fp8")]
     assert cfg.fp8_head is not off and len(notes) == int(off)
     if off:
         assert notes[0].startswith("--fp8_head=false here: ") and ("ROCm" in notes[0] if hip else f"sm_{capability[0]}{capability[1]} has no FP8" in notes[0])
     cpu = tg.parse_args([])
     assert tg.fall_back(cpu, torch.device("cpu")) == [] and cpu.fp8_head
+
+
+def test_rocm_runs_the_torch_twins_and_says_why(monkeypatch):
+    """A ROCm build (torch.version.hip set): besides FP8, --triton falls back, with one line saying that
+    the kernels' launch configs are sized for NVIDIA's shared memory and that the torch twins run instead;
+    the ops chosen after it are the twins. A CUDA build keeps the kernels and says nothing."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 4))  # an MI300X's gfx942
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    cfg = tg.parse_args([])
+    notes = tg.fall_back(cfg, torch.device("cuda", 0))
+    assert not cfg.triton and not cfg.fp8_head
+    triton_lines = [note for note in notes if note.startswith("--triton=false here: ROCm;")]
+    assert len(notes) == 2 and len(triton_lines) == 1 and "\n" not in triton_lines[0]
+    assert "65,536" in triton_lines[0] and "torch twins run instead" in triton_lines[0]
+    assert tg.device_ops(cfg, cuda=True)[0] is tg.TorchOps
+    monkeypatch.setattr(torch.version, "hip", None)
+    nvidia = tg.parse_args([])
+    assert tg.fall_back(nvidia, torch.device("cuda", 0)) == [] and nvidia.triton
+    assert tg.device_ops(nvidia, cuda=True)[0] is getattr(tg, "TritonOps", tg.TorchOps)
 
 
 # --baseline (the GPT-2 recipe) on a small shape: rows of 128 tokens, learned positions, LayerNorm, GELU

@@ -589,15 +589,17 @@ def assert_init_describes(init, value, name):
 
 
 def test_dry_run_cpu_prints_config_schedule_and_the_real_models_table(tmp_path):
-    """The cpu preset's dry run: the config (summary and full JSON), the schedule by stage, then one
-    row per parameter of the real model, built here on the CPU, with its shape, count and init, and
+    """The cpu preset's dry run: the config (summary and full JSON), the schedule by stage, the memory
+    estimate (tests/test_memory.py), then one row per parameter of the real model, built here on the
+    CPU, with its shape, count and init, and
     the optimizer, lr, betas and weight decay its real optimizer groups hold; last `parameters: N`."""
     lines = dry_run(tmp_path, ["--preset=cpu"])
     cfg = tg.parse_args(["--preset=cpu", "--dry_run=true"])
     assert lines[0] == "config: --preset=cpu --dry_run=true"
     assert json.loads(lines[1].removeprefix("config: ")) == tg.config_json(cfg)
     schedule = ["schedule: " + line for line in tg.Schedule(cfg).describe()]
-    assert lines[2 : 2 + len(schedule)] == schedule and lines[2 + len(schedule)].startswith("parameter ")
+    assert lines[2 : 2 + len(schedule)] == schedule and lines[2 + len(schedule)].startswith("memory: estimated peak ")
+    assert lines[3 + len(schedule)].startswith("parameter ")
     rows, total = table_rows(lines)
     assert set(table_dtypes(lines).values()) == {"float32"}  # --device=cpu: no bf16 tables, no #57 weights
     torch.manual_seed(cfg.seed)
