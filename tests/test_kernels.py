@@ -121,6 +121,23 @@ def test_linear_relu2_matches_twin_and_autograd(x_shape, w_shape, dtype):
     assert_close(gw, rw, 2 * TOL[dtype], what + " grad w")
 
 
+def ce_case(rows, vocab, prefix, dtype, seed):
+    """Random logits [rows, vocab] in `dtype`, targets, an output gradient and, with `prefix`, #88's
+    (prefix targets, weight) with a third of the rows NO_PREFIX and a quarter equal to the target (the
+    gradient's one-hot columns then add up), else ()."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (4 * torch.randn(rows, vocab, generator=gen)).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    grad = torch.randn(rows, generator=gen)
+    extra = ()
+    if prefix:
+        prefixes = torch.randint(0, vocab, (rows,), generator=gen)
+        prefixes[::3] = T.NO_PREFIX
+        prefixes[1::4] = targets[1::4]
+        extra = (prefixes, torch.tensor([0.25]))
+    return logits, targets, grad, extra
+
+
 # Record vocabulary 50304 scaled by 1/16 (3144: one full and one partial 2048-block), a vocabulary
 # smaller than a block, fewer rows than MTP weights; softcap on and off; with #88's prefix target
 # (a third of the rows without one, some equal to an MTP target). The model passes the MTP and prefix
@@ -138,17 +155,8 @@ def test_linear_relu2_matches_twin_and_autograd(x_shape, w_shape, dtype):
     (20, 1000, (1.0,), 0.0, 0.0, True),
 ])
 def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, offset, prefix, dtype):
-    gen = torch.Generator().manual_seed(3)
-    logits = (4 * torch.randn(rows, vocab, generator=gen)).to(dtype)
-    targets = torch.randint(0, vocab, (rows,), generator=gen)
-    grad = torch.randn(rows, generator=gen)
+    logits, targets, grad, extra = ce_case(rows, vocab, prefix, dtype, 3)
     weights = torch.tensor(weights)
-    extra = ()
-    if prefix:
-        prefixes = torch.randint(0, vocab, (rows,), generator=gen)
-        prefixes[::3] = T.NO_PREFIX
-        prefixes[1::4] = targets[1::4]  # the gradient's one-hot columns then add up
-        extra = (prefixes, torch.tensor([0.25]))
 
     def kernel(z):
         return T.TritonOps.softcap_mtp_ce(z, targets, weights, cap, 7.5, offset, *extra)
@@ -177,16 +185,8 @@ def test_softcap_mtp_ce_matches_twin_and_autograd(rows, vocab, weights, cap, off
     (2, 50, (1.0, 0.5, 0.25), 30.0, 0.0, False),
 ])
 def test_softcap_mtp_ce_next_token_is_the_plain_cross_entropy(rows, vocab, weights, cap, offset, prefix, dtype):
-    gen = torch.Generator().manual_seed(7)
-    logits = (4 * torch.randn(rows, vocab, generator=gen)).to(dtype)
-    targets = torch.randint(0, vocab, (rows,), generator=gen)
-    grad = torch.randn(rows, generator=gen)
+    logits, targets, grad, extra = ce_case(rows, vocab, prefix, dtype, 7)
     weights = torch.tensor(weights)
-    extra = ()
-    if prefix:
-        prefixes = torch.randint(0, vocab, (rows,), generator=gen)
-        prefixes[::3] = T.NO_PREFIX
-        extra = (prefixes, torch.tensor([0.25]))
     z = logits.double()
     want = F.cross_entropy(cap * torch.sigmoid((z + offset) / 7.5) if cap else z, targets, reduction="none")
     for ops in (T.TritonOps, T.TorchOps):
