@@ -543,23 +543,34 @@ def test_compiled_cpu_loss_matches_the_naive_loss(stablemax, prefix):
         assert loss.requires_grad and not next_token.requires_grad
 
 
-def test_the_cpu_backend_reuses_freed_memory():
-    """After setup_backend on a CPU, a large tensor freed and allocated again reuses its pages (no
-    page faults on the second touch), where by default (the reference: a process without it) each
-    new one faults in every page. In subprocesses: the setting is for the whole process."""
+def test_the_cpu_backend_keeps_freed_memory_for_reuse():
+    """After setup_backend on a CPU, a large tensor freed stays mapped in the process, and eight more
+    allocated and freed in turn grow the heap by at most one tensor (reused, not mapped anew), where
+    by default (the reference: a process without it) the freed memory is unmapped at once. In
+    subprocesses: the setting is for the whole process. The test reads the mappings, not page faults:
+    a CI host once counted a fault per page on a reused tensor's first touch, where this host counts
+    none (faults also count a kernel's NUMA-hinting and swap-cache hits)."""
     import subprocess
     import sys
 
     script = (
-        "import resource, sys, torch, train_gpt as tg\n"
+        "import sys, torch, train_gpt as tg\n"
         "if sys.argv[1] == 'on': tg.setup_backend(tg.parse_args(['--preset=cpu']))\n"
-        "torch.ones(2**24).sum()\n"  # 64 MB, allocated, touched, freed
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
-        "torch.ones(2**24).sum()\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n")
+        "def spans():\n"
+        "    return [(*(int(a, 16) for a in line.split()[0].split('-')), line) for line in open('/proc/self/maps')]\n"
+        "def heap():\n"
+        "    return sum(hi - lo for lo, hi, line in spans() if '[heap]' in line)\n"
+        "x = torch.ones(2**24)\n"  # 64 MB, touched
+        "address = x.data_ptr()\n"
+        "del x\n"
+        "mapped = any(lo <= address < hi for lo, hi, _ in spans())\n"
+        "first = heap()\n"
+        "for _ in range(8):\n"
+        "    torch.ones(2**24).sum()\n"
+        "print(int(mapped), heap() - first)\n")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    faults = {mode: int(subprocess.run([sys.executable, "-c", script, mode], cwd=root, capture_output=True, text=True,
-                                       check=True).stdout) for mode in ("off", "on")}
-    pages = 2**26 // 4096
-    assert faults["off"] > pages // 2, faults  # the reference: a fresh mapping faults page by page
-    assert faults["on"] < pages // 20, faults
+    kept = {mode: [int(v) for v in subprocess.run([sys.executable, "-c", script, mode], cwd=root, capture_output=True,
+                                                  text=True, check=True).stdout.split()] for mode in ("off", "on")}
+    assert kept["off"][0] == 0, kept  # the reference: the freed tensor's pages went back to the OS
+    assert kept["on"][0] == 1, kept  # kept in the process
+    assert kept["on"][1] <= 2**26 + 2**20, kept  # and reused: the heap did not grow by a tensor per allocation
