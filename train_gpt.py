@@ -974,9 +974,8 @@ def attempt_store(world_size):
 
 def device_ops(cfg, cuda):
     """(ops, attention, compute dtype, tables' storage dtype) of a run on CUDA, or on the CPU."""
-    triton_ops = globals().get("TritonOps")
     if cuda:
-        ops = triton_ops if cfg.triton and triton_ops is not None else TorchOps
+        ops = TritonOps if cfg.triton and triton is not None else TorchOps
     else:
         ops = compiled_torch_ops() if cfg.compile_elementwise else TorchOps
     attention = FlexAttention() if cuda else BlockedAttention(cfg.window_block)
