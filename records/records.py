@@ -373,6 +373,17 @@ def welch_p(a, b):
     return float(2 * stats.t.sf(abs(t), dof))
 
 
+def paired_p(a, b):
+    """Two-sided paired t-test p of b - a, pair by pair (runs with the same seed: the same init draw
+    and data order, so the seed-to-seed spread they share drops out)."""
+    if len(a) < 2:
+        return math.nan
+    d = np.asarray(b) - np.asarray(a)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.mean(d) / (np.std(d, ddof=1) / math.sqrt(len(d)))
+    return float(2 * stats.t.sf(abs(t), len(d) - 1))
+
+
 def fmt_pm(mean, std, scale=1.0, digits=4):
     return f"{mean / scale:.{digits}f} +- {std / scale:.{digits}f}"
 
@@ -784,7 +795,7 @@ def rung_result(rung, seeds, outcomes):
 
 def add_statistics(rows, target):
     """Mean +- std, time to target, and the difference and Welch p against the row below (the
-    nearest earlier row with finished runs), or against the row's base (ON_TOP's)."""
+    nearest earlier row with finished runs), or against the row's base (ON_TOP's, with a paired p)."""
     below, by_name = None, {}
     for row in rows:
         logs = row.pop("logs")
@@ -806,10 +817,18 @@ def add_statistics(rows, target):
             row["against"] = against["name"]
             row["d_val_loss"] = row["val_loss_mean"] - against["val_loss_mean"]
             row["p_val_loss"] = welch_p(against["loss"], loss)
-        by_name[row["name"]] = {**row, "loss": loss}
+            if row["base"]:
+                row["paired_seeds"], row["p_paired"] = paired_with(against["by_seed"], done, loss)
+        by_name[row["name"]] = {**row, "loss": loss, "by_seed": {r["seed"]: v for r, v in zip(done, loss)}}
         if not row["base"]:
             below = by_name[row["name"]]
     return rows
+
+
+def paired_with(base_by_seed, done, loss):
+    """(seeds both rows finished, paired p over them) of an ON_TOP row against its base."""
+    pairs = [(base_by_seed[r["seed"]], v) for r, v in zip(done, loss) if r["seed"] in base_by_seed]
+    return len(pairs), paired_p([a for a, _ in pairs], [b for _, b in pairs])
 
 
 def rung_status(row):
@@ -825,7 +844,7 @@ def rung_status(row):
 
 def ladder_table(rows, previous):
     """The markdown table; `previous`: each row's name -> the name of the row above it."""
-    header = ["rung", "record", "switches", "n", "val loss", "d val loss", "p", "train time (s)",
+    header = ["rung", "record", "switches", "n", "val loss", "d val loss", "p", "paired p (seeds)", "train time (s)",
               "time to target (s)", "status"]
     cells = []
     for row in rows:
@@ -837,13 +856,15 @@ def ladder_table(rows, previous):
             if row["target_reached"]:
                 to_target = (f"{fmt_pm(row['target_time_ms_mean'], row['target_time_ms_std'], 1000, 1)} "
                              f"({row['target_reached']}/{row['n']})")
-        delta = p = ""
+        delta = p = paired = ""
         if "d_val_loss" in row:
             named = "" if previous.get(row["name"]) == row["against"] else f" vs {row['against']}"
             delta, p = f"{row['d_val_loss']:+.4f}{named}", fmt_p(row["p_val_loss"])
+        if "p_paired" in row:
+            paired = f"{fmt_p(row['p_paired'])} ({row['paired_seeds']})"
         record = f"#{row['record']}" if row["record"] else f"on {row['base']}"
         cells.append([row["name"], record, " ".join(row["switches"]) or "--baseline=true", str(row["n"]),
-                      loss, delta, p, time, to_target, rung_status(row)])
+                      loss, delta, p, paired, time, to_target, rung_status(row)])
     return format_table(header, cells, markdown=True)
 
 

@@ -649,6 +649,7 @@ if rung in ("muon", "softcap"):
     open(path, "w").write(head + f"error: {why}\\n")
     sys.exit(1)
 loss = {"baseline": 5.0, "skip": 4.8, "prefix_loss": 4.6, "shell": 4.3, "kv_bias": 4.7}[rung] + 0.2 * seed
+loss += 0.05 * seed if rung == "kv_bias" else 0.0  # its seeds differ from the top rung's by 0.1, then 0.15
 ms = 1000 + 100 * seed
 open(path, "w").write(head + f"step:5/10 val_loss:{loss + 0.5:.4f} train_time:{ms // 2}ms step_avg:1.00ms\\n"
                       f"step:10/10 val_loss:{loss:.4f} train_time:{ms}ms step_avg:1.00ms\\n"
@@ -712,8 +713,9 @@ def test_ladder_reports_failed_rungs_and_resumes_only_what_is_missing(tmp_path, 
 
 
 def test_the_seeds_techniques_compare_with_the_top_rung(tmp_path, capsys):
-    """ON_TOP's rows (fake losses: skip 4.8, the top rung prefix_loss 4.6, shell 4.3, kv_bias 4.7, each
-    + 0.2 seed) take their difference and p against the top rung, not against the row above them."""
+    """ON_TOP's rows (fake losses: skip 4.8, the top rung prefix_loss 4.6, shell 4.3, each + 0.2 seed;
+    kv_bias 4.7 + 0.25 seed) take their difference and p against the top rung, not against the row
+    above them, and a paired p over the seeds both ran."""
     fake = tmp_path / "fake.py"
     fake.write_text(LADDER_TRAINER)
     out = tmp_path / "ladder"
@@ -723,10 +725,16 @@ def test_the_seeds_techniques_compare_with_the_top_rung(tmp_path, capsys):
     assert list(rows) == ["skip", "prefix_loss", "shell", "kv_bias"]
     assert rows["prefix_loss"]["against"] == "skip" and rows["prefix_loss"]["d_val_loss"] == pytest.approx(-0.2)
     assert rows["shell"]["against"] == "prefix_loss" and rows["shell"]["d_val_loss"] == pytest.approx(-0.3)
-    assert rows["kv_bias"]["against"] == "prefix_loss" and rows["kv_bias"]["d_val_loss"] == pytest.approx(0.1)
-    assert rows["kv_bias"]["p_val_loss"] == pytest.approx(stats.ttest_ind([4.6, 4.8], [4.7, 4.9], equal_var=False).pvalue)
+    assert rows["kv_bias"]["against"] == "prefix_loss" and rows["kv_bias"]["d_val_loss"] == pytest.approx(0.125)
+    assert rows["kv_bias"]["p_val_loss"] == pytest.approx(stats.ttest_ind([4.6, 4.8], [4.7, 4.95], equal_var=False).pvalue)
+    # paired: differences 0.1 and 0.15, t = 0.125 / (0.025 * sqrt(2) / sqrt(2)) = 5 with 1 degree of
+    # freedom, whose two-sided p is 1 - (2 / pi) atan(5); shell's differences are equal (-0.3): p ~ 0
+    assert rows["kv_bias"]["paired_seeds"] == 2
+    assert rows["kv_bias"]["p_paired"] == pytest.approx(1 - 2 / math.pi * math.atan(5), rel=1e-9)
+    assert rows["shell"]["p_paired"] < 1e-9 and "p_paired" not in rows["prefix_loss"]
     lines = {line.split(" | ")[0][2:]: line for line in (out / "ladder.md").read_text().splitlines() if line.startswith("| ")}
-    assert "| on prefix_loss | --kv_bias=true | 2 |" in lines["kv_bias"] and "| +0.1000 vs prefix_loss |" in lines["kv_bias"]
+    assert "| on prefix_loss | --kv_bias=true | 2 |" in lines["kv_bias"] and "| +0.1250 vs prefix_loss |" in lines["kv_bias"]
+    assert "| 0.126 (2) |" in lines["kv_bias"]
     assert "| on prefix_loss | --shell_lambda=0.008 | 2 |" in lines["shell"]
 
 
