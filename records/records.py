@@ -818,7 +818,7 @@ def add_statistics(rows, target):
             row["d_val_loss"] = row["val_loss_mean"] - against["val_loss_mean"]
             row["p_val_loss"] = welch_p(against["loss"], loss)
             if row["base"]:
-                row["paired_seeds"], row["p_paired"] = paired_with(against["by_seed"], done, loss)
+                row["paired_seeds"], row["d_paired"], row["p_paired"] = paired_with(against["by_seed"], done, loss)
         by_name[row["name"]] = {**row, "loss": loss, "by_seed": {r["seed"]: v for r, v in zip(done, loss)}}
         if not row["base"]:
             below = by_name[row["name"]]
@@ -826,9 +826,10 @@ def add_statistics(rows, target):
 
 
 def paired_with(base_by_seed, done, loss):
-    """(seeds both rows finished, paired p over them) of an ON_TOP row against its base."""
+    """(seeds both rows finished, mean difference over them, paired p) of an ON_TOP row against its base."""
     pairs = [(base_by_seed[r["seed"]], v) for r, v in zip(done, loss) if r["seed"] in base_by_seed]
-    return len(pairs), paired_p([a for a, _ in pairs], [b for _, b in pairs])
+    base, mine = [a for a, _ in pairs], [b for _, b in pairs]
+    return len(pairs), float(np.mean(mine) - np.mean(base)) if pairs else math.nan, paired_p(base, mine)
 
 
 def rung_status(row):
@@ -844,7 +845,7 @@ def rung_status(row):
 
 def ladder_table(rows, previous):
     """The markdown table; `previous`: each row's name -> the name of the row above it."""
-    header = ["rung", "record", "switches", "n", "val loss", "d val loss", "p", "paired p (seeds)", "train time (s)",
+    header = ["rung", "record", "switches", "n", "val loss", "d val loss", "p", "paired: d (p, seeds)", "train time (s)",
               "time to target (s)", "status"]
     cells = []
     for row in rows:
@@ -861,7 +862,7 @@ def ladder_table(rows, previous):
             named = "" if previous.get(row["name"]) == row["against"] else f" vs {row['against']}"
             delta, p = f"{row['d_val_loss']:+.4f}{named}", fmt_p(row["p_val_loss"])
         if "p_paired" in row:
-            paired = f"{fmt_p(row['p_paired'])} ({row['paired_seeds']})"
+            paired = f"{row['d_paired']:+.4f} ({fmt_p(row['p_paired'])}, {row['paired_seeds']})"
         record = f"#{row['record']}" if row["record"] else f"on {row['base']}"
         cells.append([row["name"], record, " ".join(row["switches"]) or "--baseline=true", str(row["n"]),
                       loss, delta, p, paired, time, to_target, rung_status(row)])
@@ -907,7 +908,7 @@ def cmd_ladder(args):
     train_flags = LADDER_DEFAULTS + check_train_flags(args.train_flags)
     rungs = ladder_rungs(tg, preset)
     picked = set(pick_rungs([r.name for r in rungs], args.rungs))
-    todo = [r for r in rungs if r.name in picked and not r.no_change]
+    todo = [] if args.report else [r for r in rungs if r.name in picked and not r.no_change]
     for rung in todo:  # every flag checked before the first run starts
         try:
             tg.parse_args(rung.flags + train_flags)
@@ -1172,7 +1173,7 @@ def build_parser():
     p = sub.add_parser("ladder", help="run the rungs from the baseline to HEAD, N seeds each; table of what each adds",
                        allow_abbrev=False,  # --seed=, --out_...: train flags, not abbreviations of the ladder's
                        usage="records.py ladder [--preset P] [--seeds N] [--rungs R] [--out DIR] [--trainer CMD] "
-                             "[--target X] [--name=value ...]")
+                             "[--target X] [--report] [--name=value ...]")
     p.add_argument("--preset", choices=list(HEAD_AT_SCALE), help="default: speedrun where CUDA is, else cpu")
     p.add_argument("--seeds", type=int, default=LADDER_SEEDS, help=f"seeds 0..N-1 per rung (default {LADDER_SEEDS})")
     p.add_argument("--rungs", help="names and ranges FIRST..LAST, comma-separated (default: every rung)")
@@ -1180,6 +1181,8 @@ def build_parser():
                    "a rerun into it runs only what is missing")
     p.add_argument("--trainer", default=DEFAULT_TRAINER, help="trainer command, run from the repo root")
     p.add_argument("--target", type=float, help="target val loss (default: the track's)")
+    p.add_argument("--report", action="store_true", help="write the table from the logs there so far; run nothing "
+                   "(a ladder running into the same folder rewrites it after each run)")
     p.set_defaults(func=cmd_ladder)
 
     p = sub.add_parser("table", help="regenerate README.md's table and index.json from the folders")

@@ -729,12 +729,18 @@ def test_the_seeds_techniques_compare_with_the_top_rung(tmp_path, capsys):
     assert rows["kv_bias"]["p_val_loss"] == pytest.approx(stats.ttest_ind([4.6, 4.8], [4.7, 4.95], equal_var=False).pvalue)
     # paired: differences 0.1 and 0.15, t = 0.125 / (0.025 * sqrt(2) / sqrt(2)) = 5 with 1 degree of
     # freedom, whose two-sided p is 1 - (2 / pi) atan(5); shell's differences are equal (-0.3): p ~ 0
-    assert rows["kv_bias"]["paired_seeds"] == 2
+    assert rows["kv_bias"]["paired_seeds"] == 2 and rows["kv_bias"]["d_paired"] == pytest.approx(0.125)
     assert rows["kv_bias"]["p_paired"] == pytest.approx(1 - 2 / math.pi * math.atan(5), rel=1e-9)
     assert rows["shell"]["p_paired"] < 1e-9 and "p_paired" not in rows["prefix_loss"]
     lines = {line.split(" | ")[0][2:]: line for line in (out / "ladder.md").read_text().splitlines() if line.startswith("| ")}
     assert "| on prefix_loss | --kv_bias=true | 2 |" in lines["kv_bias"] and "| +0.1250 vs prefix_loss |" in lines["kv_bias"]
-    assert "| 0.126 (2) |" in lines["kv_bias"]
+    assert "| +0.1250 (0.126, 2) |" in lines["kv_bias"]
+    # --report writes the same table from the logs and runs nothing (this trainer would fail every run)
+    table = (out / "ladder.md").read_text()
+    (out / "ladder.md").unlink()
+    assert rt.main(["ladder", "--preset=cpu", "--seeds=2", "--rungs=skip,prefix_loss,shell,kv_bias", "--report",
+                    "--trainer", "false", "--out", str(out)]) == 0
+    assert (out / "ladder.md").read_text() == table
     assert "| on prefix_loss | --shell_lambda=0.008 | 2 |" in lines["shell"]
 
 
