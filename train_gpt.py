@@ -2976,7 +2976,7 @@ class Optimizers:
 
     def __init__(self, model, cfg, backend):
         self.cfg = cfg
-        params = [p for p in model.parameters()]
+        params = list(model.parameters())
         rank, world = backend.rank, backend.world_size
         matrices = [p for p in params if p.kind in ("matrix", "gate")] if cfg.muon else []
         # perpGrad acts on the gradients each optimizer is about to use, right before it steps: Adam's
@@ -4118,7 +4118,7 @@ def state_bytes(cfg, backend):
         model = GPT(cfg, meta.ops, meta.attention, meta.compute_dtype, meta.table_dtype)
     optimizers = Optimizers(model, cfg, meta)
     world, c = meta.world_size, meta.compute_dtype.itemsize
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     nbytes = lambda tensors: sum(t.numel() * t.element_size() for t in tensors)  # noqa: E731
     adam = [p for group in optimizers.adam.param_groups for p in group["params"]]
     adam_state, adam_largest = 0, 0
