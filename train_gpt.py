@@ -209,7 +209,7 @@ class Config:
     sink_metric: bool = False  # log the share of heads that sink on their document's first token
     sink_logit: bool = False  # a learnable per-head extra softmax slot with zero value
     kv_bias: bool = False  # a learnable per-head key and value bias forming an extra attention slot
-    stablemax: bool = False  # train on LogStableMax instead of log-softmax (validation stays CE)
+    stablemax: bool = False  # StableMax in place of softmax: trained and validated on its cross-entropy
     perp_grad: str = "none"  # project gradients orthogonal to their weights: none | matrices | all
     perp_grad_rescale: bool = False  # ... then restore each gradient's norm
 
@@ -2426,8 +2426,9 @@ class GPT(nn.Module):
     def forward(self, idx, targets, windows, mtp_weights, prefix_weight=None, next_token=False):
         z = self.logits(self.hidden(idx, windows))
         cfg = self.cfg
-        # StableMax only trains: validation is always cross-entropy, so runs stay comparable
-        loss_fn = self.ops.stablemax_mtp_ce if cfg.stablemax and self.training else self.ops.softcap_mtp_ce
+        # a StableMax model predicts StableMax(l): its validation is the cross-entropy of that distribution,
+        # -log p(target) as every other model's, where softmax of logits trained for StableMax means nothing
+        loss_fn = self.ops.stablemax_mtp_ce if cfg.stablemax else self.ops.softcap_mtp_ce
         prefix = None if prefix_weight is None else self.prefix_table[targets]  # #88 (training passes the weight)
         losses = loss_fn(z, targets, mtp_weights, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset, prefix, prefix_weight,
                          next_token=next_token)
@@ -4594,8 +4595,7 @@ class Trainer:
             self.log.line("schedule: " + line)
         if cfg.mtp or cfg.prefix_loss:
             prefix = " and, while its weight is on, of the next token's prefix token (#88)" if cfg.prefix_loss else ""
-            stable = (" (with --stablemax, train_loss and next_token_loss are StableMax's, val_loss softmax's)"
-                      if cfg.stablemax else "")
+            stable = " (with --stablemax, each of StableMax's distribution)" if cfg.stablemax else ""
             self.log.line("note: train_loss is the multi-token-prediction loss, a weighted sum of the cross-entropies "
                           f"of the next tokens (README){prefix}; next_token_loss is the plain next-token cross-entropy "
                           f"of the step's tokens, as val_loss is of the validation tokens{stable}")
