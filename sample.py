@@ -69,11 +69,10 @@ def within_context(tokens, limit):
 @torch.no_grad()
 def softcapped_logits(model, idx, windows, last_only=False):
     """fp32 logits [T, padded vocab] (or [1, ...] for the last position) as the loss sees them:
-    the raw head outputs through the training's softcap."""
-    cfg = model.cfg
+    the raw head outputs through the training's softcap (and LogStableMax under --stablemax), so
+    their softmax is the model's distribution."""
     x = model.hidden(idx, windows)
-    z = model.logits(x[-1:] if last_only else x).float()
-    return tg.softcap(z, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset)
+    return tg.predicted_logits(model.logits(x[-1:] if last_only else x), model.cfg)
 
 
 class KVCache:
@@ -112,8 +111,7 @@ class KVCache:
         self.layer = 0
         x = model.hidden(idx[self.start :], self.windows, self, self.start)[-1:]
         self.length = self.end
-        z = F.linear(x.to(model.dtype), self.head).float()
-        return tg.softcap(z, cfg.softcap, cfg.softcap_temp, cfg.softcap_offset)[0]
+        return tg.predicted_logits(F.linear(x.to(model.dtype), self.head), cfg)[0]
 
     def mask(self, docs, window):
         """[step's tokens, context so far]: the keys each query sees, those of its document at most

@@ -1030,6 +1030,13 @@ def softcap(z, cap, temp, offset=0.0):
     return cap * torch.sigmoid((z + offset) / temp) if cap > 0 else z
 
 
+def predicted_logits(z, cfg):
+    """fp32 logits whose softmax is the model's next-token distribution: the head outputs z through
+    the softcap, and under StableMax their log s (StableMax(l) = softmax(log s(l)))."""
+    l = softcap(z.float(), cfg.softcap, cfg.softcap_temp, cfg.softcap_offset)
+    return log_stable(l) if cfg.stablemax else l
+
+
 def log_stable(x):
     """log s(x) for StableMax, s(x) = x + 1 (x >= 0), 1 / (1 - x) (x < 0): sign(x) * log1p(|x|),
     one branch-free expression (no where() whose unused side could be inf), finite for any x."""

@@ -1,6 +1,7 @@
 """sample.py: loading a checkpoint, the logits it samples from, greedy and seeded sampling, the
 context limit and the command line, on a tiny model that learnt a repeating pattern (conftest);
 the KV cache against the full forward on a random model with every switch that shapes it."""
+import copy
 import dataclasses
 import itertools
 
@@ -54,6 +55,21 @@ def test_logits_are_what_the_loss_scores(tiny_checkpoint, loaded):
     with torch.no_grad():
         theirs = model(tokens[:-1], tokens[1:], windows, torch.ones(1))
     # fp32 sums over the 50,304 logits in another order: about 1e-4 per token apart
+    assert ours.item() == pytest.approx(theirs.item(), abs=1e-3 * len(tokens))
+
+
+def test_stablemax_logits_are_what_its_validation_scores(loaded):
+    """Under --stablemax the sampler draws from StableMax's distribution: the cross-entropy of the
+    softmax of its logits equals the model's validation loss, which scores that distribution."""
+    cfg, model = loaded
+    model = copy.deepcopy(model)
+    model.cfg = dataclasses.replace(cfg, stablemax=True)
+    tokens = torch.tensor([tg.BOS_ID] + ENC.encode_ordinary("a b c d e f g h a b c x y"))
+    windows = sample.final_windows(cfg)
+    ours = torch.nn.functional.cross_entropy(sample.softcapped_logits(model, tokens[:-1], windows), tokens[1:],
+                                             reduction="sum")
+    with torch.no_grad():
+        theirs = model(tokens[:-1], tokens[1:], windows, torch.ones(1))
     assert ours.item() == pytest.approx(theirs.item(), abs=1e-3 * len(tokens))
 
 
