@@ -776,15 +776,16 @@ def run_status(outcome):
     return "diverged" if DIVERGED_RE.search(outcome[1]) else "crashed"
 
 
-def rung_result(rung, seeds, outcomes):
-    """One rung's runs, and the logs of those that finished (crashed and diverged runs are listed, not averaged)."""
+def rung_result(rung, seeds, outcomes, out):
+    """One rung's runs, and the logs of those that finished (crashed and diverged runs are listed, not
+    averaged); a log's path is relative to `out`, the ladder's folder, which may move with a repository."""
     runs, good = [], []
     for seed in seeds:
         outcome = outcomes[(rung.name, seed)]
         run = {"seed": seed, "status": run_status(outcome)}
         if outcome and outcome[0] == "done":
             log = outcome[1]
-            run.update(log=log.path, val_loss=log.final["val_loss"], train_time_ms=log.final["train_time_ms"])
+            run.update(log=os.path.relpath(log.path, out), val_loss=log.final["val_loss"], train_time_ms=log.final["train_time_ms"])
             good += [log] if run["status"] == "done" else []
         elif outcome:
             run["why"] = outcome[1]
@@ -943,7 +944,7 @@ def ladder_report(out, preset, rungs, picked, seeds, outcomes, train_flags, targ
     logs = [o[1] for o in outcomes.values() if o and o[0] == "done"]
     track = logs[0].track if logs else preset
     target = TRACKS[track]["target"] if target is None else target
-    rows = add_statistics([rung_result(r, seeds, outcomes) for r in shown], target)
+    rows = add_statistics([rung_result(r, seeds, outcomes, out) for r in shown], target)
     header = {"title": f"Ladder: --preset={preset}, track {track}, target {target}, {len(seeds)} seeds per rung",
               "preset": preset, "track": track, "target": target, "seeds": len(seeds), "train_flags": train_flags}
     skipped = [r.name for r in rungs if r.no_change and r.name in picked]

@@ -688,6 +688,9 @@ def test_ladder_reports_failed_rungs_and_resumes_only_what_is_missing(tmp_path, 
     # time to target 5.1: baseline's seed 0 (5.0) at its last validation, seed 1 (5.2) never; skip's both
     assert base["target_reached"] == 1 and base["target_time_ms_mean"] == pytest.approx(1000)
     assert [r["target_step"] for r in skip["runs"]] == [10, 10] and skip["target_time_ms_mean"] == pytest.approx(1050)
+    # a run's log is named relative to the ladder's folder, so the folder can be committed and moved
+    assert [r["log"] for r in skip["runs"]] == [f"logs/{r}" for r in sorted(os.listdir(out / "logs"))
+                                                if r.startswith("skip-") and r.endswith(".txt")]
     table = (out / "ladder.md").read_text()
     assert table == capsys.readouterr().out.split("ran 10 runs")[0]
     lines = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
