@@ -385,7 +385,9 @@ def paired_p(a, b):
 
 
 def fmt_pm(mean, std, scale=1.0, digits=4):
-    return f"{mean / scale:.{digits}f} +- {std / scale:.{digits}f}"
+    """mean +- std, or the mean alone where there is no spread to show (one run: std nan)."""
+    spread = "" if std is None or math.isnan(std) else f" +- {std / scale:.{digits}f}"
+    return f"{mean / scale:.{digits}f}{spread}"
 
 
 def fmt_p(p):
@@ -917,10 +919,13 @@ def cmd_ladder(args):
             raise RecordsError(f"rung {rung.name}: {e}") from None
     out = os.path.abspath(args.out or LADDER_OUT.format(preset=preset))
     log_dir = os.path.join(out, "logs")
-    os.makedirs(log_dir, exist_ok=True)
     seeds = range(args.seeds)
     ids = {(r.name, seed): ladder_run_id(r, train_flags, seed) for r in rungs for seed in seeds}
     outcomes = {key: run_outcome(os.path.join(log_dir, run_id + ".txt")) for key, run_id in ids.items()}
+    if args.report and not any(outcomes.values()):
+        raise RecordsError(f"{log_dir}: no run of --preset={preset} with these flags and seeds there, nothing to report "
+                           "(the same --out, --preset and train flags as the ladder's runs find them)")
+    os.makedirs(log_dir, exist_ok=True)
     found, ran = sum(map(bool, outcomes.values())), 0
     for seed in seeds:  # the outer loop, as ablate's: a slow drift of the machine hits every rung alike
         for rung in todo:

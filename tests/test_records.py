@@ -694,7 +694,7 @@ def test_ladder_reports_failed_rungs_and_resumes_only_what_is_missing(tmp_path, 
     table = (out / "ladder.md").read_text()
     assert table == capsys.readouterr().out.split("ran 10 runs")[0]
     lines = {line.split(" | ")[0][2:]: line for line in table.splitlines() if line.startswith("| ")}
-    assert "| -0.2000 vs baseline | 0.293 |" in lines["skip"] and "| 1.0 +- nan (1/2) |" in lines["baseline"]
+    assert "| -0.2000 vs baseline | 0.293 |" in lines["skip"] and "| 1.0 (1/2) |" in lines["baseline"]
     assert lines["muon"].endswith("| diverged 2 of 2 (seed 0: error: loss is nan at step 3 (train_loss); "
                                   "seed 1: error: loss is nan at step 3 (train_loss)) |")
     assert lines["x0_mixing"].endswith("| crashed 2 of 2 (seed 0: exit status 3; seed 1: exit status 3) |")
@@ -745,6 +745,13 @@ def test_the_seeds_techniques_compare_with_the_top_rung(tmp_path, capsys):
                     "--trainer", "false", "--out", str(out)]) == 0
     assert (out / "ladder.md").read_text() == table
     assert "| on prefix_loss | --shell_lambda=0.008 | 2 |" in lines["shell"]
+    # ... and with other flags it finds no run: an error, not an empty table
+    capsys.readouterr()
+    assert rt.main(["ladder", "--preset=cpu", "--seeds=2", "--report", "--num_steps=7", "--out", str(out)]) == 1
+    assert capsys.readouterr().err == (f"error: {out / 'logs'}: no run of --preset=cpu with these flags and seeds there, "
+                                       "nothing to report (the same --out, --preset and train flags as the ladder's "
+                                       "runs find them)\n")
+    assert (out / "ladder.md").read_text() == table
 
 
 def test_ladder_refuses_bad_flags_before_running(tmp_path, capsys):
