@@ -393,7 +393,8 @@ def test_every_switch_on_trains(tmp_path):
     assert len(train) == 20 and all("shell" in r and r["shell"] >= 0 for r in train) and train[0]["shell"] > 0
     first, last = (np.mean([r["train_loss"] for r in part]) for part in (train[:3], train[-3:]))
     assert last < first - 0.3, (first, last)
-    assert val[-1] < val[0] - 0.3, val
+    # val is StableMax's cross-entropy (ALL_ON has it): s grows linearly, so it falls slower than softmax's
+    assert val[-1] < val[0] - 0.1, val
     assert len(sinks) == len(val) and all(0 <= s["share"] <= 1 for s in sinks)
     assert np.array(sinks[0]["alpha"]).shape == (2, 2)
     text = open(tmp_path / "all_on.txt").read()
