@@ -787,7 +787,8 @@ def rung_result(rung, seeds, outcomes, out):
         run = {"seed": seed, "status": run_status(outcome)}
         if outcome and outcome[0] == "done":
             log = outcome[1]
-            run.update(log=os.path.relpath(log.path, out), val_loss=log.final["val_loss"], train_time_ms=log.final["train_time_ms"])
+            run.update(log=os.path.relpath(log.path, out), val_loss=log.final["val_loss"],
+                       train_time_ms=log.final["train_time_ms"])
             good += [log] if run["status"] == "done" else []
         elif outcome:
             run["why"] = outcome[1]
