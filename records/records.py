@@ -391,7 +391,8 @@ def fmt_pm(mean, std, scale=1.0, digits=4):
 
 
 def fmt_p(p):
-    return f"{p:.3g}"
+    """p to 3 significant digits, or `-` where a side has too few runs for one (welch_p's nan)."""
+    return "-" if math.isnan(p) else f"{p:.3g}"
 
 
 def comparison_rows(sets):

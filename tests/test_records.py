@@ -462,6 +462,7 @@ def test_compare_public_logs_against_a_public_record_folder(tmp_path, capsys):
     assert "p(mean val_loss <= 3.28): needs at least 2 runs" in out
     row = [line for line in out.splitlines() if line.startswith("new ")][-1].split()
     assert row[:3] == ["new", "1", "3.2770"] and row[3] != "+-"  # one run: its mean, no spread
+    assert "nan" not in row and "-" in row  # ... and no p (one run has no spread to test against)
     assert f"{3.2770 - (3.2781 + 3.2790) / 2:+.4f}" in row  # d val_loss against the record's mean
     assert f"{(118090 - (119690 + 119790) / 2) / 1000:+.2f}" in row  # times from the last val line
     assert f"(none to show: {record / 'run0.txt'} is a public speedrun log, which records no config)" in out
