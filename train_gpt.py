@@ -769,12 +769,27 @@ class FlexAttention:
         return y[0].transpose(0, 1), aux.lse[0].transpose(0, 1)
 
 
+class KeyBlocks(NamedTuple):
+    """BlockedAttention's mask: the keys each block of queries sees, and whether that is plain causal rows."""
+
+    allowed: torch.Tensor  # [blocks, block, span + block]: query i of a block sees key j of the block's keys
+    span: int  # keys kept before each query block
+    row: int  # > 0: the mask is exactly causal attention within rows of this many tokens (llm.c's); else 0
+
+
 class BlockedAttention:
     """The same attention (and window) on CPU without a dense T x T mask: each block of `block`
-    queries sees only its own block and the `window` tokens before it, so memory grows with T * window."""
+    queries sees only its own block and the `window` tokens before it, so memory grows with T * window.
 
-    def __init__(self, block):
-        self.block = block
+    Without the log-sum-exp it runs the CPU's fused attention kernel (SDPA): one causal call over
+    whole rows where the mask is just that, else one call per query block with its boolean mask. The
+    log-sum-exp (a slot, the sink metric) comes from explicit fp32 scores, which a slot's gradient
+    flows through. `row` > 0 says the documents are rows of that many tokens (the model's --context:
+    document id = position // row), which the mask takes on trust: checking the ids would read them
+    on the host in every step."""
+
+    def __init__(self, block, row=0):
+        self.block, self.row = block, row
 
     def mask(self, docs, window):
         n, b = docs.numel(), self.block
@@ -790,7 +805,8 @@ class BlockedAttention:
         k_pos = key_pos.unfold(0, span + b, b)
         delta = q_pos[:, :, None] - k_pos[:, None, :]
         allowed = (q_docs[:, :, None] == k_docs[:, None, :]) & (delta >= 0) & (delta <= window)
-        return allowed, span
+        rows = self.row and n % self.row == 0 and window >= self.row - 1  # every key of a query's row is in its window
+        return KeyBlocks(allowed, span, self.row if rows else 0)
 
     @staticmethod
     def key_blocks(t, span, blocks, b):
@@ -801,27 +817,36 @@ class BlockedAttention:
         return F.pad(t, (0, 0, 0, 0, span, blocks * b - t.size(0)))[rows]
 
     @staticmethod
+    def query_blocks(q, blocks, b):
+        """Queries q [n, H, D] as blocks [blocks, H, b, D], padded at the end."""
+        return F.pad(q, (0, 0, 0, 0, 0, blocks * b - q.size(0))).view(blocks, b, *q.shape[1:]).transpose(1, 2)
+
+    @staticmethod
     def scores(q, k, mask, scale):
         """Masked attention logits per block [blocks, H, block, span + block], fp32."""
-        allowed, span = mask
-        blocks, b, _ = allowed.shape
-        n = q.size(0)
-        q_blocks = F.pad(q, (0, 0, 0, 0, 0, blocks * b - n)).view(blocks, b, *q.shape[1:]).transpose(1, 2)
-        k_blocks = BlockedAttention.key_blocks(k, span, blocks, b).permute(0, 2, 3, 1)
-        s = (q_blocks @ k_blocks).float() * scale
-        return s.masked_fill(~allowed[:, None], float("-inf"))
+        blocks, b, _ = mask.allowed.shape
+        k_blocks = BlockedAttention.key_blocks(k, mask.span, blocks, b).permute(0, 2, 3, 1)
+        s = (BlockedAttention.query_blocks(q, blocks, b) @ k_blocks).float() * scale
+        return s.masked_fill(~mask.allowed[:, None], float("-inf"))
 
     def __call__(self, q, k, v, mask, scale, need_lse):
-        allowed, span = mask
-        blocks, b, _ = allowed.shape
         n = q.size(0)
+        if not need_lse and mask.row:  # [rows, H, L, D] views, no copy of the keys
+            rows = [t.reshape(n // mask.row, mask.row, *t.shape[1:]).transpose(1, 2) for t in (q, k, v)]
+            y = F.scaled_dot_product_attention(*rows, is_causal=True, scale=scale)
+            return y.transpose(1, 2).reshape(q.shape), None
+        blocks, b, _ = mask.allowed.shape
+        v_blocks = self.key_blocks(v, mask.span, blocks, b).transpose(1, 2)
+        if not need_lse:
+            k_blocks = self.key_blocks(k, mask.span, blocks, b).transpose(1, 2)
+            y = F.scaled_dot_product_attention(self.query_blocks(q, blocks, b), k_blocks, v_blocks,
+                                               attn_mask=mask.allowed[:, None], scale=scale)
+            return y.transpose(1, 2).reshape(blocks * b, *v.shape[1:])[:n], None
         s = self.scores(q, k, mask, scale)
         lse = s.logsumexp(-1)
         p = (s - lse[..., None]).exp().to(v.dtype)
-        v_blocks = self.key_blocks(v, span, blocks, b).transpose(1, 2)
         y = (p @ v_blocks).transpose(1, 2).reshape(blocks * b, *v.shape[1:])[:n]
-        lse = lse.transpose(1, 2).reshape(blocks * b, -1)[:n]
-        return y, (lse if need_lse else None)
+        return y, lse.transpose(1, 2).reshape(blocks * b, -1)[:n]
 
 
 @dataclass
@@ -978,7 +1003,7 @@ def device_ops(cfg, cuda):
         ops = TritonOps if cfg.triton and triton is not None else TorchOps
     else:
         ops = compiled_torch_ops() if cfg.compile_elementwise else TorchOps
-    attention = FlexAttention() if cuda else BlockedAttention(cfg.window_block)
+    attention = FlexAttention() if cuda else BlockedAttention(cfg.window_block, cfg.context)
     compute_dtype = COMPUTE_DTYPE if cuda else cpu_compute_dtype(cfg.cpu_dtype)
     table_dtype = COMPUTE_DTYPE if cuda and cfg.bf16_tables else None
     return ops, attention, compute_dtype, table_dtype
@@ -1166,14 +1191,13 @@ class TorchOps:
         w1 [T, H], P_g head g's softmax over the keys `mask` allows (a BlockedAttention mask), from
         fp32 scores as HEAD's kernel has them; [T, H, D] in v's dtype. HEAD fuses it in a Triton
         kernel (dc_triton_kernels.py); this torch form runs on every device (compiled on the GPU)."""
-        allowed, span = mask
-        blocks, b, _ = allowed.shape
+        blocks, b, _ = mask.allowed.shape
         n, h, dh = v.shape
         with torch.autocast(q.device.type, enabled=False):
             p = BlockedAttention.scores(q.float(), k.float(), mask, scale).softmax(-1)  # [blocks, H, b, keys]
             w = F.pad(w1.float(), (0, 0, 0, blocks * b - n)).view(blocks, b, h).transpose(1, 2)
             mixed = (p * w[..., None]).sum(1)  # [blocks, b, keys]: the heads' attention, mixed per query
-        values = BlockedAttention.key_blocks(v, span, blocks, b).flatten(2)  # [blocks, keys, H * D]
+        values = BlockedAttention.key_blocks(v, mask.span, blocks, b).flatten(2)  # [blocks, keys, H * D]
         return (mixed.to(v.dtype) @ values).view(blocks * b, h, dh)[:n]
 
     @classmethod
@@ -4163,6 +4187,15 @@ def attention_keys(cfg, window):
     return -(-window // b) * b + b
 
 
+def blocked_path(cfg, blocked):
+    """How the attention of `cfg` runs: "scores" (BlockedAttention's explicit fp32 scores: a slot needs
+    the log-sum-exp), "blocks" (its fused kernel per query block), or "rows" (one fused causal call per
+    row of --context; flex attention's saves are the same)."""
+    if blocked and (cfg.sink_logit or cfg.kv_bias):
+        return "scores"
+    return "blocks" if blocked and not cfg.context else "rows"
+
+
 def layer_activation_bytes(cfg, layer, window, c, s, blocked, fused_mlp):
     """Bytes per token layer `layer` keeps for its backward, counted from the ops of Block, Attention
     and MLP as eager autograd saves them (c: the compute dtype's bytes, s: the stream's). The #55-#85
@@ -4173,12 +4206,16 @@ def layer_activation_bytes(cfg, layer, window, c, s, blocked, fused_mlp):
     if layer not in cfg.no_attn_layers:
         total += (QKV_MATMULS if c != s else 1) * c * d + (s * d if cfg.attn_gate else 0)  # the normed input, cast per matmul
         total += 2 * c * inner if cfg.qk_norm else 0  # q and k before their norms
-        if blocked:
+        path = blocked_path(cfg, blocked)
+        if path in ("scores", "blocks"):
             keys = attention_keys(cfg, window)
             total += c * inner * (cfg.window_block + 2 * keys) // cfg.window_block  # the query blocks, the key and value blocks
+        if path == "scores":
             total += heads * keys * (SCORE_SAVES * FP32_BYTES + (c if c != FP32_BYTES else 0))  # scores, softmax, its cast
+        elif path == "blocks":
+            total += c * inner + FP32_BYTES * heads  # the fused kernel's output and log-sum-exp
         else:
-            total += 4 * c * inner + FP32_BYTES * heads  # flex attention's q, k, v, output and log-sum-exp
+            total += 4 * c * inner + FP32_BYTES * heads  # the fused kernel's q, k, v, output and log-sum-exp
         total += (2 if cfg.attn_gate else 1) * c * inner  # the output before the gate, and the projection's input
     return total + c * d + (1 if fused_mlp else 2) * c * cfg.mlp_hidden  # the MLP's input and hidden (eager: relu and its square)
 
@@ -4187,7 +4224,7 @@ def layer_eval_bytes(cfg, layer, window, c, s, blocked, fused_mlp):
     """Bytes per token a layer holds at once in a forward without gradients (validation): its largest temporaries."""
     mlp = (1 if fused_mlp else 2) * c * cfg.mlp_hidden
     scores = (EVAL_SCORE_COPIES * FP32_BYTES * cfg.n_head * attention_keys(cfg, window)
-              if blocked and layer not in cfg.no_attn_layers else 0)
+              if blocked_path(cfg, blocked) == "scores" and layer not in cfg.no_attn_layers else 0)
     return STREAM_SAVES * s * cfg.d_model + max(mlp, scores)
 
 

@@ -41,6 +41,8 @@ SHAPES = {
     "4 x 256, 4,096-token batches": FOUR_LAYERS + ["--batch_tokens=4096,4096,4096", "--val_batch_tokens=1024"],
     "4 x 256, 4,096-token batches, checkpointed": FOUR_LAYERS + ["--batch_tokens=4096,4096,4096", "--val_batch_tokens=1024",
                                                                 "--activation_checkpointing=true"],
+    "4 x 256, 4,096-token batches of 1,024-token rows": FOUR_LAYERS + ["--batch_tokens=4096,4096,4096", "--val_batch_tokens=1024",
+                                                                      "--context=1024"],
 }
 
 # ru_maxrss would not do: it carries over the high water of the process that started this one (Linux

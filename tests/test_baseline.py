@@ -118,23 +118,26 @@ def gpt2_weights(model, n_layer):
 def small_model():
     cfg = tg.parse_args(SMALL)
     torch.manual_seed(0)
-    model = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block), torch.float32)
+    model = tg.GPT(cfg, tg.TorchOps, tg.device_ops(cfg, cuda=False)[1], torch.float32)  # the CPU run's attention
     return cfg, model
 
 
-def test_forward_matches_an_eager_gpt2():
+@pytest.mark.parametrize("tokens, row", [(40, 0), (48, 16)])
+def test_forward_matches_an_eager_gpt2(tokens, row):
     """Rows of 16 tokens: 40 tokens are two whole rows and half of one, each attending only within
-    itself, positions counted from its start; logits and the summed loss as GPT-2's."""
+    itself, positions counted from its start; logits and the summed loss as GPT-2's. 48 tokens are
+    three whole rows, which the CPU's attention runs as one causal call over the rows."""
     cfg, model = small_model()
     w = gpt2_weights(model, cfg.n_layer)
-    idx = torch.randint(0, cfg.vocab_size, (41,), generator=torch.Generator().manual_seed(2))
+    idx = torch.randint(0, cfg.vocab_size, (tokens + 1,), generator=torch.Generator().manual_seed(2))
     inputs, targets = idx[:-1], idx[1:]
     windows = tg.Schedule(cfg).windows((1, 1))
+    assert model.attention.mask(torch.arange(tokens) // cfg.context, windows[0]).row == row
     with torch.no_grad():
         logits = model.logits(model.hidden(inputs, windows)).double()
         loss = model(inputs, targets, windows, torch.ones(1))
     want = eager_gpt2(w, inputs, cfg.n_layer, cfg.n_head, cfg.context)
-    assert logits.shape == want.shape == (40, 384)  # 300 tokens padded to a multiple of 128
+    assert logits.shape == want.shape == (tokens, 384)  # 300 tokens padded to a multiple of 128
     torch.testing.assert_close(logits, want, rtol=1e-4, atol=1e-4)
     want_loss = torch.nn.functional.cross_entropy(want, targets, reduction="sum")
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)

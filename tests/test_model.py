@@ -111,6 +111,62 @@ def test_blocked_attention_bf16(packed):
     assert y.dtype == torch.bfloat16 and torch.allclose(y.float(), want, atol=3e-2)
 
 
+def explicit_attention(q, k, v, mask, scale):
+    """softmax(q k^T * scale, over the keys `mask` [T, T] allows) v in float64, head by head: the reference
+    the fused kernel's paths are checked against (a kernel of their own, not SDPA)."""
+    s = torch.einsum("thd,shd->hts", q.double(), k.double()) * scale
+    p = s.masked_fill(~mask, float("-inf")).softmax(-1)
+    return torch.einsum("hts,shd->thd", p, v.double())
+
+
+@pytest.mark.parametrize("rows, told, window, row", [
+    ([0] * 64 + [1] * 64 + [2] * 64, 64, 63, 64),  # llm.c's rows: one causal call over [rows, H, L, D]
+    ([5] * 64 + [6] * 64 + [7] * 64, 64, 100, 64),  # ids from any start; a window past the row is the row
+    ([0] * 64 + [1] * 64 + [2] * 64, 64, 62, 0),  # a window shorter than a row: per query block
+    ([0] * 64 + [1] * 64 + [2] * 60, 64, 63, 0),  # a short last row
+    ([0] * 64 + [1] * 64 + [2] * 64, 0, 63, 0),  # rows the attention is not told of
+    ([0] * 60 + [1] * 68 + [2] * 64, 0, 127, 0),  # documents of other lengths
+])
+def test_blocked_attention_fused_paths_match_explicit_softmax(rows, told, window, row):
+    """Without the log-sum-exp, BlockedAttention runs the CPU's fused kernel: causal per row where it
+    is told the documents are rows and the window spans one, else per query block with its mask.
+    Output and gradients of q, k, v equal an explicit float64 softmax's; with the log-sum-exp asked
+    the explicit fp32 path gives the same output."""
+    torch.manual_seed(1)
+    docs = torch.tensor(rows)
+    T, H, D = docs.numel(), 2, 16
+    q, k, v = (torch.randn(T, H, D, requires_grad=True) for _ in range(3))
+    blocked = tg.BlockedAttention(32, told)
+    mask = blocked.mask(docs, window)
+    assert mask.row == row
+    y, none = blocked(q, k, v, mask, 0.3, False)
+    assert none is None
+    g = torch.randn(T, H, D)
+    got = torch.autograd.grad(y, (q, k, v), g)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want_y = explicit_attention(*leaves, dense_mask(docs, window), 0.3)
+    want = torch.autograd.grad(want_y, leaves, g.double())
+    torch.testing.assert_close(y.double(), want_y.detach(), atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+    y_lse, lse = blocked(q, k, v, mask, 0.3, True)
+    torch.testing.assert_close(y_lse.double(), want_y.detach(), atol=1e-5, rtol=1e-5)
+    assert lse.shape == (T, H)
+
+
+def test_causal_rows_in_bf16_are_close_to_the_exact_attention():
+    """The GPT-2 rungs call the row path on bf16 q, k, v under autocast: bf16 out, close to float64."""
+    torch.manual_seed(2)
+    docs = torch.arange(256) // 128
+    q, k, v = (torch.randn(256, 2, 32) for _ in range(3))
+    blocked = tg.BlockedAttention(64, 128)
+    mask = blocked.mask(docs, 127)
+    assert mask.row == 128
+    y, _ = blocked(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask, 32**-0.5, False)
+    want = explicit_attention(q, k, v, dense_mask(docs, 127), 32**-0.5)
+    assert y.dtype == torch.bfloat16 and torch.allclose(y.double(), want, atol=3e-2)
+
+
 @pytest.mark.parametrize("flags", [[], ["--xsa_layers=0,2", "--dc_layers=3"]])
 def test_gpt_forward_same_with_flex_and_blocked(flags):
     """The whole model (docs from BOS, two windows, key offset, gates; XSA and DC) gives the same hidden
@@ -1016,8 +1072,8 @@ def test_gpt_paired_layers_use_the_pair_masks_and_flex_equals_blocked(monkeypatc
     docs = (idx == BOS).cumsum(0)
     short_only = tg.GPT(tg.parse_args(PAIRED + ["--paired_head_layers=0"]), tg.TorchOps, None, torch.float32)
     long_mask, short_mask = short_only.paired_masks(tg.BlockedAttention(32), idx, windows)
-    want_allowed, _ = tg.BlockedAttention(32).mask(docs.repeat_interleave(2), windows[1])
-    assert long_mask is None and torch.equal(short_mask[0], want_allowed)
+    want = tg.BlockedAttention(32).mask(docs.repeat_interleave(2), windows[1])
+    assert long_mask is None and torch.equal(short_mask.allowed, want.allowed)
 
     def refuse(*args):
         raise AssertionError("a pair mask built with the switch off")
