@@ -1769,6 +1769,11 @@ class OutputGate(nn.Module):
         return y * self.act(F.linear(x, self.weight.type_as(x)))  # type_as: bf16 with bf16_weights (#57)
 
 
+def has_slot(cfg):
+    """Whether attention gets an extra softmax slot (--sink_logit, --kv_bias): it needs the log-sum-exp."""
+    return cfg.sink_logit or cfg.kv_bias
+
+
 def output_gate(cfg, act):
     return OutputGate(cfg.d_model, act) if act != "none" else None
 
@@ -1870,7 +1875,7 @@ class Attention(nn.Module):
         gate_kind = "adam_gate" if cfg.attn_gate_adam else "gate"
         self.gate = tag(zeros(cfg.n_head, self.gate_dims), gate_kind, gate_lr_mul) if has_gate else None
         # the extra slot starts at logit 0 with value 0; its logit is the sink logit plus the key bias's score
-        self.has_slot = cfg.sink_logit or cfg.kv_bias
+        self.has_slot = has_slot(cfg)
         self.sink = tag(zeros(cfg.n_head), "scalar") if cfg.sink_logit else None
         self.key_bias = tag(zeros(cfg.n_head, cfg.head_dim), "scalar") if cfg.kv_bias else None
         self.value_bias = tag(zeros(cfg.n_head, cfg.head_dim), "scalar") if cfg.kv_bias else None
@@ -4191,7 +4196,7 @@ def blocked_path(cfg, blocked):
     """How the attention of `cfg` runs: "scores" (BlockedAttention's explicit fp32 scores: a slot needs
     the log-sum-exp), "blocks" (its fused kernel per query block), or "rows" (one fused causal call per
     row of --context; flex attention's saves are the same)."""
-    if blocked and (cfg.sink_logit or cfg.kv_bias):
+    if blocked and has_slot(cfg):
         return "scores"
     return "blocks" if blocked and not cfg.context else "rows"
 
