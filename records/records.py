@@ -674,6 +674,7 @@ LADDER_SEEDS = 3  # default seeds per rung: the fewest whose spread says much
 LADDER_DEFAULTS = ["--save_final=false"]  # no checkpoint per run (passed-through flags may override)
 LADDER_OUT = os.path.join(REPO_ROOT, "logs", "ladder-{preset}")  # default --out
 DIVERGED_RE = re.compile(r"\b(nan|inf)\b")  # the trainer's `error: loss is nan at step S (...)`
+REPEAT_FIELDS = ("train_loss", "val_loss", "grad_norm")  # what two runs must log alike at every step to be one computation
 
 
 @dataclass
@@ -779,13 +780,39 @@ def run_status(outcome):
     return "diverged" if DIVERGED_RE.search(outcome[1]) else "crashed"
 
 
-def rung_result(rung, seeds, outcomes, out):
+def same_numbers(log, other):
+    """Whether two runs logged the same numbers at the same steps (times aside): the same computation."""
+    def numbers(log):
+        return [(s["step"], *(s.get(k) for k in REPEAT_FIELDS)) for s in log.steps] + [log.final["val_loss"]]
+    return numbers(log) == numbers(other)
+
+
+def repeated_rungs(rungs, outcomes, first_seed):
+    """{rung: the rung below it} for each LADDER rung whose first seed's run logged the very numbers of
+    the rung below's: its switches change nothing on this device and data (bf16 tables on a CPU, a
+    document cut longer than any document of the corpus), so its other seeds would repeat that rung's."""
+    repeated, below = {}, None
+    for rung in rungs:
+        if rung.no_change or rung.base:
+            continue
+        mine, theirs = outcomes[(rung.name, first_seed)], below and outcomes[(below.name, first_seed)]
+        if below and run_status(mine) == run_status(theirs) == "done" and same_numbers(mine[1], theirs[1]):
+            repeated[rung.name] = below.name
+        below = rung
+    return repeated
+
+
+def rung_result(rung, seeds, outcomes, out, repeated):
     """One rung's runs, and the logs of those that finished (crashed and diverged runs are listed, not
-    averaged); a log's path is relative to `out`, the ladder's folder, which may move with a repository."""
+    averaged); a log's path is relative to `out`, the ladder's folder, which may move with a repository.
+    A rung in `repeated` takes the runs it did not make from the rung it repeats (named in `as`)."""
     runs, good = [], []
     for seed in seeds:
-        outcome = outcomes[(rung.name, seed)]
-        run = {"seed": seed, "status": run_status(outcome)}
+        outcome, name = outcomes[(rung.name, seed)], rung.name
+        while outcome is None and name in repeated:
+            name = repeated[name]
+            outcome = outcomes[(name, seed)]
+        run = {"seed": seed, "status": run_status(outcome), **({"as": name} if name != rung.name else {})}
         if outcome and outcome[0] == "done":
             log = outcome[1]
             run.update(log=os.path.relpath(log.path, out), val_loss=log.final["val_loss"],
@@ -845,7 +872,12 @@ def rung_status(row):
         if runs:
             why = "; ".join(f"seed {r['seed']}: {r['why']}" for r in runs if r.get("why"))
             parts.append(f"{status} {len(runs)} of {len(row['runs'])}" + (f" ({why})" if why else ""))
-    return ", ".join(parts) or "ok"
+    borrowed = {}
+    for run in row["runs"]:
+        if "as" in run:
+            borrowed.setdefault(run["as"], []).append(str(run["seed"]))
+    return "; ".join([", ".join(parts) or "ok"] + [f"seed{'s' if len(s) > 1 else ''} {', '.join(s)}: the runs of {name}"
+                                                   for name, s in borrowed.items()])
 
 
 def ladder_table(rows, previous):
@@ -932,7 +964,7 @@ def cmd_ladder(args):
     for seed in seeds:  # the outer loop, as ablate's: a slow drift of the machine hits every rung alike
         for rung in todo:
             key = (rung.name, seed)
-            if outcomes[key]:
+            if outcomes[key] or (seed != seeds[0] and rung.name in repeated_rungs(rungs, outcomes, seeds[0])):
                 continue
             clear_run(log_dir, ids[key])
             why = run_trainer(f"[ladder] {rung.name} seed {seed}", args.trainer, rung.flags + train_flags, seed,
@@ -951,7 +983,8 @@ def ladder_report(out, preset, rungs, picked, seeds, outcomes, train_flags, targ
     logs = [o[1] for o in outcomes.values() if o and o[0] == "done"]
     track = logs[0].track if logs else preset
     target = TRACKS[track]["target"] if target is None else target
-    rows = add_statistics([rung_result(r, seeds, outcomes, out) for r in shown], target)
+    repeated = repeated_rungs(rungs, outcomes, seeds[0])
+    rows = add_statistics([rung_result(r, seeds, outcomes, out, repeated) for r in shown], target)
     header = {"title": f"Ladder: --preset={preset}, track {track}, target {target}, {len(seeds)} seeds per rung",
               "preset": preset, "track": track, "target": target, "seeds": len(seeds), "train_flags": train_flags}
     skipped = [r.name for r in rungs if r.no_change and r.name in picked]
@@ -959,6 +992,11 @@ def ladder_report(out, preset, rungs, picked, seeds, outcomes, train_flags, targ
              "val loss is the final validation's, time to target the train time of the first validation at or below it."]
     if skipped:
         notes.append(f"Not run, they change nothing under --preset={preset}: {', '.join(skipped)}.")
+    repeats = [f"{name} (as {below})" for name, below in repeated.items() if name in picked and len(seeds) > 1]
+    if repeats:
+        notes.append(f"Not run past seed {seeds[0]}, whose run logged the rung below's numbers to the last digit (the "
+                     f"switches change nothing on this device and data), so the other seeds are that rung's runs: "
+                     f"{', '.join(repeats)}.")
     return write_ladder(out, header, rows, notes)
 
 

@@ -649,10 +649,12 @@ if rung in ("muon", "softcap"):
     why = "loss is nan at step 3 (train_loss)" if rung == "muon" else "cannot allocate 12 GiB"
     open(path, "w").write(head + f"error: {why}\\n")
     sys.exit(1)
-loss = {"baseline": 5.0, "skip": 4.8, "prefix_loss": 4.6, "shell": 4.3, "kv_bias": 4.7}[rung] + 0.2 * seed
+loss = {"baseline": 5.0, "skip": 4.8, "prefix_loss": 4.6, "shell": 4.3, "kv_bias": 4.7, "documents": 4.9,
+        "window_schedule": 4.9 - seed, "value_embeds": 4.9, "lr_floor": 4.5}[rung] + 0.2 * seed
 loss += 0.05 * seed if rung == "kv_bias" else 0.0  # its seeds differ from the top rung's by 0.1, then 0.15
-ms = 1000 + 100 * seed
-open(path, "w").write(head + f"step:5/10 val_loss:{loss + 0.5:.4f} train_time:{ms // 2}ms step_avg:1.00ms\\n"
+ms = 1000 + 100 * seed + (7 if rung == "window_schedule" else 0)
+mid = loss + (0.6 if rung == "value_embeds" else 0.5)
+open(path, "w").write(head + f"step:5/10 val_loss:{mid:.4f} train_time:{ms // 2}ms step_avg:1.00ms\\n"
                       f"step:10/10 val_loss:{loss:.4f} train_time:{ms}ms step_avg:1.00ms\\n"
                       f"final val_loss:{loss:.4f} train_time:{ms}ms tokens:100 peak_memory:1MiB\\n")
 '''
@@ -753,6 +755,38 @@ def test_the_seeds_techniques_compare_with_the_top_rung(tmp_path, capsys):
                                        "nothing to report (the same --out, --preset and train flags as the ladder's "
                                        "runs find them)\n")
     assert (out / "ladder.md").read_text() == table
+
+
+def test_a_rung_that_repeats_the_rung_below_runs_one_seed(tmp_path, capsys):
+    """Fake trainer: window_schedule's seed 0 logs documents' numbers (its times differ), so its seeds
+    1 and 2 are documents' runs and are not run (they would log 3.9 and 3.1); value_embeds ends at
+    documents' loss but logs another number at step 5, so it runs every seed."""
+    fake = tmp_path / "fake.py"
+    fake.write_text(LADDER_TRAINER)
+    calls = tmp_path / "calls.txt"
+    out = tmp_path / "ladder"
+    argv = ["ladder", "--preset=cpu", "--seeds=3", "--rungs=documents..lr_floor", "--trainer", f"{sys.executable} {fake}",
+            "--out", str(out)]
+    assert rt.main(argv) == 0
+    ran = sorted(c.split("-")[0] + c[-1] for c in calls.read_text().split())
+    assert ran == sorted([f"{r}{s}" for r in ("documents", "value_embeds", "lr_floor") for s in "012"] + ["window_schedule0"])
+    rows = ladder_json(out)
+    docs, same, ve = rows["documents"], rows["window_schedule"], rows["value_embeds"]
+    assert [r.get("as") for r in same["runs"]] == [None, "documents", "documents"]
+    assert [r["log"] for r in same["runs"][1:]] == [r["log"] for r in docs["runs"][1:]]
+    assert same["n"] == 3 and same["val_loss_mean"] == pytest.approx(5.1) and same["d_val_loss"] == pytest.approx(0)
+    assert same["time_ms_mean"] == pytest.approx(docs["time_ms_mean"] + 7 / 3)  # seed 0's own time
+    assert ve["against"] == "window_schedule" and ve["n"] == 3 and all("as" not in r for r in ve["runs"])
+    assert rows["lr_floor"]["against"] == "value_embeds" and rows["lr_floor"]["d_val_loss"] == pytest.approx(-0.4)
+    table = (out / "ladder.md").read_text()
+    assert "| ok; seeds 1, 2: the runs of documents |" in table
+    assert ("Not run past seed 0, whose run logged the rung below's numbers to the last digit (the switches change "
+            "nothing on this device and data), so the other seeds are that rung's runs: window_schedule (as documents).") in table
+    # resumed, it runs nothing; one seed is no evidence of a repeat worth a note
+    calls.write_text("")
+    assert rt.main(argv) == 0 and calls.read_text() == ""
+    assert rt.main(argv[:2] + ["--seeds=1"] + argv[3:]) == 0
+    assert "Not run past" not in (out / "ladder.md").read_text()
 
 
 def test_ladder_refuses_bad_flags_before_running(tmp_path, capsys):
