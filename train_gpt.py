@@ -4314,9 +4314,9 @@ def peak_detail(estimate):
     """What the phase of the peak adds, in words."""
     p, gib = estimate.parts, lambda n: f"{n / GIB:.2f} GiB"  # noqa: E731
     if estimate.phase == "training":
-        return f"{gib(p['activations'] + p['loss'])} of activations and loss at {estimate.train_tokens:,} tokens per micro-batch"
+        return f"{gib(p['activations'] + p['loss'])} of activations and loss at {estimate.train_tokens:,} tokens per micro-batch of each process"
     if estimate.phase == "validation":
-        return f"{gib(p['validation'])} of logits and temporaries at {estimate.val_tokens:,} tokens per validation pass"
+        return f"{gib(p['validation'])} of logits and temporaries at {estimate.val_tokens:,} tokens per validation pass of each process"
     return f"{gib(p['step'])} of the optimizer step's stacks, gathers and temporaries"
 
 
