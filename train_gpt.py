@@ -719,7 +719,11 @@ class FlexAttention:
     A window of `window` tokens means FlashAttention 3's window_size=(window, 0), as the record
     runs it: a query sees itself and the `window` keys before it in its document, window + 1 keys
     at most. Key k is visible from query q iff both lie in one document and 0 <= q - k <= window.
+    `row` > 0 says the documents are rows of that many tokens (--context), as BlockedAttention takes it.
     """
+
+    def __init__(self, row=0):
+        self.row = row
 
     def mask(self, docs, window):
         """The BlockMask for documents `docs` [T] (non-decreasing ids) and a window of `window` tokens.
@@ -730,8 +734,13 @@ class FlexAttention:
         """
         from torch.nn.attention.flex_attention import BlockMask
 
+        row = self.row
+
         def allowed(b, h, q_idx, kv_idx):
-            return (docs[q_idx] == docs[kv_idx]) & (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
+            # rows are told apart by position, reading no tensor: inductor's CPU flex template cannot
+            # take one made in the graph (docs = position // row) that no other op has stored
+            same = (q_idx // row == kv_idx // row) if row else (docs[q_idx] == docs[kv_idx])
+            return same & (kv_idx <= q_idx) & (q_idx - kv_idx <= window)
 
         n, b = docs.numel(), FLEX_BLOCK
         starts = torch.arange(0, n, b, device=docs.device)
@@ -1003,7 +1012,7 @@ def device_ops(cfg, cuda):
         ops = TritonOps if cfg.triton and triton is not None else TorchOps
     else:
         ops = compiled_torch_ops() if cfg.compile_elementwise else TorchOps
-    attention = FlexAttention() if cuda else BlockedAttention(cfg.window_block, cfg.context)
+    attention = FlexAttention(cfg.context) if cuda else BlockedAttention(cfg.window_block, cfg.context)
     compute_dtype = COMPUTE_DTYPE if cuda else cpu_compute_dtype(cfg.cpu_dtype)
     table_dtype = COMPUTE_DTYPE if cuda and cfg.bf16_tables else None
     return ops, attention, compute_dtype, table_dtype

@@ -54,8 +54,20 @@ def listed(counts, indices):
 ])
 def test_block_mask_equals_create_block_mask(n, docs, window, seed):
     doc_ids = packing(n, docs, seed)
-    got = tg.FlexAttention().mask(doc_ids, window)
-    want = reference_mask(doc_ids, window)
+    assert_same_mask(tg.FlexAttention().mask(doc_ids, window), reference_mask(doc_ids, window), seed)
+
+
+@pytest.mark.parametrize("n, row, window", [(1024, 256, 255), (1000, 300, 299), (512, 64, 63), (640, 1024, 1023)])
+def test_rows_block_mask_equals_create_block_mask(n, row, window):
+    """--context's rows (FlexAttention(row): the rows told apart by position): the mask of documents
+    position // row, whole rows and a cut last one."""
+    doc_ids = torch.arange(n) // row
+    assert_same_mask(tg.FlexAttention(row).mask(doc_ids, window), reference_mask(doc_ids, window), n)
+
+
+def assert_same_mask(got, want, seed):
+    """The same tiles listed, and flex attention through both the same."""
+    n = want.seq_lengths[0]
     assert got.seq_lengths == want.seq_lengths == (n, n)
     for counts, indices in [("kv_num_blocks", "kv_indices"), ("full_kv_num_blocks", "full_kv_indices"),
                             ("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")]:

@@ -143,6 +143,49 @@ def test_forward_matches_an_eager_gpt2(tokens, row):
     assert loss.item() == pytest.approx(want_loss.item(), rel=1e-5)
 
 
+def compiled_logits_and_loss(model, inputs, targets, windows):
+    """The model compiled as the trainer compiles it (fullgraph, static shapes): its logits and summed loss."""
+    torch._dynamo.reset()
+    logits = torch.compile(lambda i: model.logits(model.hidden(i, windows)), fullgraph=True, dynamic=False)(inputs)
+    loss = torch.compile(model, fullgraph=True, dynamic=False)(inputs, targets, windows, torch.ones(1))
+    return logits.double(), loss
+
+
+@pytest.mark.parametrize("attention", ["flex", "rows"])
+def test_compiled_baseline_matches_the_eager_gpt2(attention):
+    """The GPT-2 rung compiled, in bf16 as CUDA computes it: with flex attention (the GPU's path: rows of
+    256 tokens over 128-token tiles, so some tiles are whole and some cut by a row's end; forward only,
+    flex has no backward on the CPU) and with the CPU's causal rows (forward and backward). Its logits
+    are GPT-2's written out in float64 to bf16's round-off, as close as the eager model's are, and the
+    compiled gradients are the eager model's."""
+    cfg = tg.parse_args(SMALL + ["--context=256"])
+    torch.manual_seed(0)
+    attend = tg.device_ops(cfg, cuda=attention == "flex")[1]  # the attention a run on CUDA, or on this CPU, gets
+    model = tg.GPT(cfg, tg.TorchOps, attend, torch.bfloat16)
+    w = gpt2_weights(model, cfg.n_layer)
+    idx = torch.randint(0, cfg.vocab_size, (513,), generator=torch.Generator().manual_seed(2))
+    inputs, targets = idx[:-1], idx[1:]
+    windows = tg.Schedule(cfg).windows((1, 1))
+    want = eager_gpt2(w, inputs, cfg.n_layer, cfg.n_head, cfg.context)
+    eager = tg.GPT(cfg, tg.TorchOps, tg.BlockedAttention(cfg.window_block, cfg.context), torch.bfloat16)
+    eager.load_state_dict(model.state_dict())
+    eager_logits = eager.logits(eager.hidden(inputs, windows)).double()
+    eager_error = (eager_logits - want).abs().max().item()
+    if attention == "flex":
+        with torch.no_grad():
+            logits, loss = compiled_logits_and_loss(model, inputs, targets, windows)
+    else:
+        logits, loss = compiled_logits_and_loss(model, inputs, targets, windows)
+        loss.backward()
+        eager(inputs, targets, windows, torch.ones(1)).backward()
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-2 * q.grad.abs().max().item(), msg=name)
+    assert 0 < eager_error < 0.05  # bf16's round-off, not an exact match nor a wrong model
+    assert (logits - want).abs().max().item() <= 2 * eager_error
+    want_loss = torch.nn.functional.cross_entropy(want, targets, reduction="sum").item()
+    assert loss.item() == pytest.approx(want_loss, rel=1e-2)
+
+
 def test_gpt2_init():
     """llm.c's init: N(0, 0.02) for the tied table (its padding rows 0), the positions, Q, K, V and the
     MLP's up; 0.02 / sqrt(2 n_layer) for the projections into the stream; biases 0, gains 1."""
