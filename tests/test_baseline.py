@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+import op_spy
 import train_gpt as tg
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,6 +185,21 @@ def test_compiled_baseline_matches_the_eager_gpt2(attention):
     assert (logits - want).abs().max().item() <= 2 * eager_error
     want_loss = torch.nn.functional.cross_entropy(want, targets, reduction="sum").item()
     assert loss.item() == pytest.approx(want_loss, rel=1e-2)
+
+
+@pytest.mark.parametrize("version", op_spy.SUPPORTED_TORCH, ids=lambda v: "torch%d.%d" % v)
+def test_baseline_feeds_attention_and_the_fused_loss_bf16_under_cuda_rules(version):
+    """The dtype contract on the GPT-2 rung's path (LayerNorm, whose CUDA autocast runs fp32, biases,
+    GELU, position table): a training step under CUDA's autocast rules hands flex attention bf16 q, k, v
+    and the fused loss bf16 logits, as the Triton kernel requires."""
+    flags = ["--baseline", "--no_attn_layers=", "--long_window_layers=", "--context=128"]
+    calls = op_spy.record_op_inputs(flags, cuda_rules=version)
+    seen = {}
+    for name, args in calls:
+        seen.setdefault(name, set()).add(tuple(dtype for dtype, _ in args))
+    assert seen["attention"] == {(torch.bfloat16,) * 3}
+    assert seen["softcap_mtp_ce"] == {(torch.bfloat16, torch.int64, torch.float32)}  # logits, targets, MTP weights
+    assert "linear_relu2" not in seen and "fp8_linear" not in seen  # GELU's MLP and a plain head: no such kernel
 
 
 def test_gpt2_init():
