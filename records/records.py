@@ -38,7 +38,6 @@ from scipy import stats
 
 ROOT = os.path.dirname(os.path.abspath(__file__))  # default records root: this folder
 REPO_ROOT = os.path.dirname(ROOT)  # the trainer runs from here
-DEFAULT_TRAINER = f"{shlex.quote(sys.executable)} train_gpt.py"
 
 SEPARATOR = "=" * 100  # between the source, the version lines and the run in every log
 P_THRESHOLD = 0.01  # a record needs p < this that its mean val loss is <= the target
@@ -960,14 +959,14 @@ def cmd_ladder(args):
         raise RecordsError(f"{log_dir}: no run of --preset={preset} with these flags and seeds there, nothing to report "
                            "(the same --out, --preset and train flags as the ladder's runs find them)")
     os.makedirs(log_dir, exist_ok=True)
-    found, ran = sum(map(bool, outcomes.values())), 0
+    found, ran, trainer = sum(map(bool, outcomes.values())), 0, args.trainer or default_trainer()
     for seed in seeds:  # the outer loop, as ablate's: a slow drift of the machine hits every rung alike
         for rung in todo:
             key = (rung.name, seed)
             if outcomes[key] or (seed != seeds[0] and rung.name in repeated_rungs(rungs, outcomes, seeds[0])):
                 continue
             clear_run(log_dir, ids[key])
-            why = run_trainer(f"[ladder] {rung.name} seed {seed}", args.trainer, rung.flags + train_flags, seed,
+            why = run_trainer(f"[ladder] {rung.name} seed {seed}", trainer, rung.flags + train_flags, seed,
                               ids[key], log_dir)
             ran += 1
             outcomes[key] = run_outcome(os.path.join(log_dir, ids[key] + ".txt")) or ("failed", why or "no log")
@@ -1069,6 +1068,16 @@ def failure_reason(log_path, status):
     return last_error_line(log_path) or f"exit status {status}"
 
 
+def default_trainer():
+    """The trainer on every GPU of this machine, a process each, as run.sh starts it (8 GPUs: the record's
+    layout, not one GPU accumulating 8 micro-batches); on one GPU or none, one process."""
+    import torch  # here, not at the top: only running a trainer needs it
+
+    gpus = torch.cuda.device_count()
+    launcher = f"-m torch.distributed.run --standalone --nproc_per_node={gpus} " if gpus > 1 else ""
+    return f"{shlex.quote(sys.executable)} {launcher}train_gpt.py"
+
+
 def run_trainer(what, trainer, flags, seed, run_id, log_dir):
     """Run the trainer once from the repo root (announced on stderr as `what`); None when it
     succeeded (its log is <log_dir>/<run_id>.txt), else why it failed."""
@@ -1107,7 +1116,7 @@ def cmd_ablate(args):
     labels = args.names.split(",") if args.names else [" ".join(a) or "(no flags)" for a in args.arms]
     if len(labels) != len(args.arms):
         raise RecordsError(f"--names gives {len(labels)} names for {len(args.arms)} arms")
-    logs, failed = run_ablation(args.arms, args.runs, args.seed0, args.trainer, args.log_dir)
+    logs, failed = run_ablation(args.arms, args.runs, args.seed0, args.trainer or default_trainer(), args.log_dir)
     done = [(label, runs) for label, runs, why in zip(labels, logs, failed) if not why]
     if done:
         if failed[0]:
@@ -1203,7 +1212,8 @@ def build_parser():
                        usage="records.py ablate --runs N [options] -- ARGS_A -- ARGS_B [-- ARGS_C ...]")
     p.add_argument("--runs", type=int, required=True, help="seeds per arm")
     p.add_argument("--seed0", type=int, default=0, help="first seed")
-    p.add_argument("--trainer", default=DEFAULT_TRAINER, help="trainer command, run from the repo root")
+    p.add_argument("--trainer", help="trainer command, run from the repo root (default: train_gpt.py on every GPU "
+                   "here, a process each; with one GPU or none, one process)")
     p.add_argument("--log_dir", help="passed to the trainer as --log_dir= (default: its logs/)")
     p.add_argument("--names", help="comma-separated arm labels (default: the arms' flags)")
     p.add_argument("--markdown", action="store_true")
@@ -1225,7 +1235,8 @@ def build_parser():
     p.add_argument("--rungs", help="names and ranges FIRST..LAST, comma-separated (default: every rung)")
     p.add_argument("--out", help="folder of the logs and the table (default: logs/ladder-<preset>); "
                    "a rerun into it runs only what is missing")
-    p.add_argument("--trainer", default=DEFAULT_TRAINER, help="trainer command, run from the repo root")
+    p.add_argument("--trainer", help="trainer command, run from the repo root (default: train_gpt.py on every GPU "
+                   "here, a process each; with one GPU or none, one process)")
     p.add_argument("--target", type=float, help="target val loss (default: the track's)")
     p.add_argument("--report", action="store_true", help="write the table from the logs there so far; run nothing "
                    "(a ladder running into the same folder rewrites it after each run)")

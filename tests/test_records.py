@@ -4,6 +4,7 @@ import json
 import math
 import os
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -538,6 +539,19 @@ def test_ablate_needs_two_arms_and_a_working_trainer(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out == ["arm a: FAILED in 1 of 1 runs, left out of the table: seed 0: exit status 3",
                    "arm b: FAILED in 1 of 1 runs, left out of the table: seed 0: exit status 3"]
+
+
+@pytest.mark.parametrize("gpus, launcher", [(0, []), (1, []), (8, ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=8"])])
+def test_the_default_trainer_runs_on_every_gpu(monkeypatch, gpus, launcher):
+    """Without --trainer, ablate and the ladder start train_gpt.py as run.sh does: on 8 GPUs a process
+    each (torchrun), not one process accumulating the 8 ranks' micro-batches; on one GPU or none, one."""
+    import torch
+
+    started = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(rt.subprocess, "run", lambda cmd, **kw: started.append(cmd) or SimpleNamespace(returncode=3))
+    rt.main(["ablate", "--runs", "1", "--names", "a,b", "--", "--", "--lr=1"])
+    assert started and all(cmd[: len(launcher) + 2] == [sys.executable, *launcher, "train_gpt.py"] for cmd in started)
 
 
 def test_ablate_reports_a_diverged_arm_as_failed_instead_of_averaging_it(tmp_path, capsys):
