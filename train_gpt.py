@@ -2950,7 +2950,7 @@ class Adam(torch.optim.Optimizer):
             if work is not None:
                 work.wait()
         self.reducing = {p: (grad, None) for p, (grad, _) in self.reducing.items()}
-        squares = torch.stack([grad.float().square().sum() / (1 if self.split(p) else self.world_size)
+        squares = torch.stack([at_least_fp32(grad).square().sum() / (1 if self.split(p) else self.world_size)
                                for p, (grad, _) in self.reducing.items()]).sum()
         if self.world_size > 1:
             dist.all_reduce(squares)

@@ -117,7 +117,7 @@ def train(args, nproc, log_dir, run_id):
 def largest_gap(a, b, scale=1.0):
     """max |a - scale * b| over the tensors of two dicts, relative to each tensor's largest entry in a."""
     assert a.keys() == b.keys()
-    return max(((a[k] - scale * b[k]).abs().max() / a[k].abs().max().clamp_min(1e-30)).item() for k in a)
+    return max((((a[k] - scale * b[k]).abs().max() / a[k].abs().max().clamp_min(1e-30)).item() for k in a), default=0.0)
 
 
 def loss_gaps(ref, other, kind, key):
@@ -190,6 +190,7 @@ def ranks_match_one_process(args, worlds, tmp_path, name):
     # only rank 0 writes logs
     files = sorted(f.name for f in tmp_path.iterdir() if f.is_file() and f.name.startswith(name))
     assert files == sorted(f"{name}{w}.{ext}" for w in (1, *worlds) for ext in ("jsonl", "txt"))
+    return metrics
 
 
 def test_one_two_four_and_eight_ranks_match_one_process_with_accumulation(tmp_path, data):
@@ -216,6 +217,22 @@ HEAD_TINY = TINY + [
 
 def test_head_switches_on_two_and_eight_ranks_match_one_process(tmp_path, data):
     ranks_match_one_process(HEAD_TINY + data, (2, 8), tmp_path, "h")
+
+
+# The GPT-2 rung (#1, --baseline): AdamW alone, the rows of its matrices and tables split over the ranks,
+# and the clip to a global gradient norm, which must count each rank's rows once and each replicated
+# vector once, not once per rank; at 0.05 it clips every step
+BASELINE_TINY = TINY + ["--baseline", "--context=64", "--grad_clip=0.05"]
+
+
+def test_gpt2_rung_on_two_and_eight_ranks_matches_one_process(tmp_path, data):
+    """Every parameter is AdamW's, whose hooks average the gradients in place: they reach the
+    comparison through the parameters after the clipped steps (a clip that counted each replicated
+    vector once per rank is 2e-2 off on 2 ranks; the ranks' own norms summed in fp32 from fp64
+    gradients were 2e-8 off on 8, now summed in at least fp32: 7e-14)."""
+    metrics = ranks_match_one_process(BASELINE_TINY + data, (2, 8), tmp_path, "b")
+    # grad_norm: the summed loss's gradient over the step's 256 tokens; the clip is on the mean's
+    assert all(m["grad_norm"] / 256 > 2 * 0.05 for m in metrics["train"])
 
 
 def test_more_ranks_than_accum_world_size(tmp_path, data):
