@@ -4213,8 +4213,8 @@ def blocked_path(cfg, blocked):
 def layer_activation_bytes(cfg, layer, window, c, s, blocked, fused_mlp):
     """Bytes per token layer `layer` keeps for its backward, counted from the ops of Block, Attention
     and MLP as eager autograd saves them (c: the compute dtype's bytes, s: the stream's). The #55-#85
-    extras (value-embedding gates, MUDD, DC, XSA, paired heads) are not counted: small beside these,
-    but for DC's second set of scores."""
+    extras (value-embedding gates, MUDD, DC, XSA, paired heads) are not counted: at the cpu_head preset,
+    which has them all, the measured peak is 1.026 of the estimate (docs/measurements.md)."""
     d, inner, heads = cfg.d_model, cfg.n_head * cfg.head_dim, cfg.n_head
     total = STREAM_SAVES * s * d
     if layer not in cfg.no_attn_layers:
