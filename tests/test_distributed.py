@@ -225,12 +225,12 @@ def test_head_switches_on_two_and_eight_ranks_match_one_process(tmp_path, data):
 BASELINE_TINY = TINY + ["--baseline", "--context=64", "--grad_clip=0.05"]
 
 
-def test_gpt2_rung_on_two_and_eight_ranks_matches_one_process(tmp_path, data):
+def test_gpt2_rung_on_eight_ranks_matches_one_process(tmp_path, data):
     """Every parameter is AdamW's, whose hooks average the gradients in place: they reach the
     comparison through the parameters after the clipped steps (a clip that counted each replicated
-    vector once per rank is 2e-2 off on 2 ranks; the ranks' own norms summed in fp32 from fp64
-    gradients were 2e-8 off on 8, now summed in at least fp32: 7e-14)."""
-    metrics = ranks_match_one_process(BASELINE_TINY + data, (2, 8), tmp_path, "b")
+    vector once per rank is 1e-1 off; the ranks' own norms summed in fp32 from fp64 gradients were
+    2e-8 off, now summed in at least fp32: 7e-14)."""
+    metrics = ranks_match_one_process(BASELINE_TINY + data, (8,), tmp_path, "b")
     # grad_norm: the summed loss's gradient over the step's 256 tokens; the clip is on the mean's
     assert all(m["grad_norm"] / 256 > 2 * 0.05 for m in metrics["train"])
 
