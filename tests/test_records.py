@@ -799,6 +799,9 @@ def test_a_rung_that_repeats_the_rung_below_runs_one_seed(tmp_path, capsys):
     # resumed, it runs nothing; one seed is no evidence of a repeat worth a note
     calls.write_text("")
     assert rt.main(argv) == 0 and calls.read_text() == ""
+    # a subset that leaves window_schedule out still shows its row (it has runs), so the note stays
+    assert rt.main(argv[:3] + ["--rungs=lr_floor"] + argv[4:]) == 0 and calls.read_text() == ""
+    assert "so the other seeds are that rung's runs: window_schedule (as documents)." in (out / "ladder.md").read_text()
     assert rt.main(argv[:2] + ["--seeds=1"] + argv[3:]) == 0
     assert "Not run past" not in (out / "ladder.md").read_text()
 
