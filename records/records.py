@@ -991,7 +991,7 @@ def ladder_report(out, preset, rungs, picked, seeds, outcomes, train_flags, targ
              "val loss is the final validation's, time to target the train time of the first validation at or below it."]
     if skipped:
         notes.append(f"Not run, they change nothing under --preset={preset}: {', '.join(skipped)}.")
-    repeats = [f"{r.name} (as {repeated[r.name]})" for r in shown if r.name in repeated and len(seeds) > 1]
+    repeats = [f"{r.name} (as {repeated[r.name]})" for r in shown if r.name in repeated] if len(seeds) > 1 else []
     if repeats:
         notes.append(f"Not run past seed {seeds[0]}, whose run logged the rung below's numbers to the last digit (the "
                      f"switches change nothing on this device and data), so the other seeds are that rung's runs: "

@@ -152,6 +152,12 @@ def compiled_logits_and_loss(model, inputs, targets, windows):
     return logits.double(), loss
 
 
+# compiled and eager bf16 round the attention's backward differently: up to 2.5% of a gradient's largest
+# entry apart (Q and K of the last layer, on an AMD EPYC host; under 2% on the Intel ones), where a wrong
+# backward is off by the whole gradient
+BF16_GRAD_GAP = 5e-2
+
+
 @pytest.mark.parametrize("attention", ["flex", "rows"])
 def test_compiled_baseline_matches_the_eager_gpt2(attention):
     """The GPT-2 rung compiled, in bf16 as CUDA computes it: with flex attention (the GPU's path: rows of
@@ -180,7 +186,7 @@ def test_compiled_baseline_matches_the_eager_gpt2(attention):
         loss.backward()
         eager(inputs, targets, windows, torch.ones(1)).backward()
         for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=2e-2 * q.grad.abs().max().item(), msg=name)
+            torch.testing.assert_close(p.grad, q.grad, rtol=2e-2, atol=BF16_GRAD_GAP * q.grad.abs().max().item(), msg=name)
     assert 0 < eager_error < 0.05  # bf16's round-off, not an exact match nor a wrong model
     assert (logits - want).abs().max().item() <= 2 * eager_error
     want_loss = torch.nn.functional.cross_entropy(want, targets, reduction="sum").item()

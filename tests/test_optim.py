@@ -338,10 +338,16 @@ def record_steps(model, batches, steps, dims, block, reduce_mean=False):
                                            for k, v in adam.state[params["lm_head"]].items()}
 
 
+# The two sides' largest gap: 1.4e-7 on an AMD EPYC (Zen 4) host, in the value embeddings after the untie's
+# Adam steps, whose float64 BLAS sums in another order than the Intel hosts' (below 1e-7 there); every other
+# parameter within 1e-9. A tenth of the smallest move the test asserts (1e-5), so a wrong rule still shows.
+PRESET_STEP_TOL = 1e-6
+
+
 @pytest.fixture
 def float64():
     """Everything in float64: Adam at eps 1e-8 and lr 0.6 (value embeddings) multiplies a gradient's
-    rounding error by up to lr / eps, so only float64 leaves the two sides comparable to 1e-7."""
+    rounding error by up to lr / eps, so only float64 leaves the two sides comparable to PRESET_STEP_TOL."""
     torch.set_default_dtype(torch.float64)
     yield
     torch.set_default_dtype(torch.float32)
@@ -392,7 +398,7 @@ def test_preset_steps_match_the_record(monkeypatch, float64, start, n):
         else:
             should_move = rr.record_label(name, *dims)[0] != "scalar_adam" or scalars_step
         assert bool((ours - before[name]).abs().max() > 1e-5) == should_move, name
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-7, msg=name)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=PRESET_STEP_TOL, msg=name)
     if start == 0:  # the same rules on a per-token mean loss land elsewhere: Adam's eps is no longer negligible
         mean_ref = copy.deepcopy(ref)
         with torch.no_grad():
