@@ -193,8 +193,9 @@ def ranks_match_one_process(args, worlds, tmp_path, name):
     return metrics
 
 
-def test_one_two_four_and_eight_ranks_match_one_process_with_accumulation(tmp_path, data):
-    ranks_match_one_process(TINY + data, (2, 4, 8), tmp_path, "w")
+def test_two_and_eight_ranks_match_one_process_with_accumulation(tmp_path, data):
+    """2 ranks each accumulate 4 of the 8 micro-batches, 8 ranks take one each."""
+    ranks_match_one_process(TINY + data, (2, 8), tmp_path, "w")
 
 
 # HEAD's switches (the head preset's, on TINY's 3 layers with two heads) and so every optimizer group

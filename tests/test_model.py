@@ -711,6 +711,8 @@ def test_activation_checkpointing_compiles_to_the_same_gradients():
     (plain_loss, plain_grads), (loss, grads) = results
     assert torch.equal(loss, plain_loss) and grads.keys() == plain_grads.keys()
     assert all(torch.equal(grads[n], plain_grads[n]) for n in grads)
+
+
 def test_fp8_mlp_compiled_by_inductor_matches_eager():
     """A small FP8-MLP model's loss, MLP gradients and recorded ReLU^2 amax, compiled by inductor on
     the CPU (fullgraph, the buffer update inside the graph) against the same model run eagerly. The
