@@ -15,6 +15,7 @@ record.json (what the logs cannot say: name, creation time, target, note). `tabl
 """
 import argparse
 import ast
+import collections
 import dataclasses
 import datetime
 import difflib
@@ -58,6 +59,8 @@ STEP_RE = re.compile(r"^step:(\d+)/(\d+) (.*)$")
 # the last line of a public speedrun log (which has no config line and no final line)
 PEAK_RE = re.compile(r"^peak memory allocated: (\d+) MiB reserved: (\d+) MiB$")
 TRACK_RE = re.compile(r"^backend: .*, records track (\S+)$")  # the trainer says which track its run is on
+CPU_RE = re.compile(r"^cpu: (.*?) \| (\d+) cores")  # the trainer's hardware line on a machine without GPUs
+GPU_RE = re.compile(r"^\|\s+\d+\s+(.+?)\s+(?:On|Off)\s+\|")  # a GPU's row in nvidia-smi's table
 PUBLIC_TRACK = "speedrun"  # public speedrun logs are all 8xH100 FineWeb runs
 PER_RUN_KEYS = ("seed", "run_id", "log_dir", "progress")  # config keys that differ between runs of one recipe
 # a public log appends each further source file after a line of 40 '-', `# file name` and another such line
@@ -94,6 +97,16 @@ class Log:
     steps: list  # dicts: step, total_steps, val_loss or train_loss, train_time_ms, step_avg_ms
     final: dict  # val_loss, train_time_ms, and whatever else the final line carries
     named_track: str = None  # the track the trainer's backend line names (logs before 2026-12-02 name none)
+
+    @property
+    def machine(self):
+        """The CPU model and cores, or the GPUs' count and name, that the version lines name (None if neither)."""
+        lines = self.versions.splitlines()
+        cpu = [m for m in map(CPU_RE.match, lines) if m]
+        if cpu:
+            return f"{cpu[0][1]}, {cpu[0][2]} cores"
+        gpus = [m[1] for m in map(GPU_RE.match, lines) if m]
+        return f"{len(gpus)} x {gpus[0]}" if gpus else None
 
     @property
     def track(self):
@@ -815,7 +828,8 @@ def rung_result(rung, seeds, outcomes, out, repeated):
         if outcome and outcome[0] == "done":
             log = outcome[1]
             run.update(log=os.path.relpath(log.path, out), val_loss=log.final["val_loss"],
-                       train_time_ms=log.final["train_time_ms"])
+                       train_time_ms=log.final["train_time_ms"], machine=log.machine,
+                       code=hashlib.sha1(log.code.encode()).hexdigest()[:8])
             good += [log] if run["status"] == "done" else []
         elif outcome:
             run["why"] = outcome[1]
@@ -996,7 +1010,24 @@ def ladder_report(out, preset, rungs, picked, seeds, outcomes, train_flags, targ
         notes.append(f"Not run past seed {seeds[0]}, whose run logged the rung below's numbers to the last digit (the "
                      f"switches change nothing on this device and data), so the other seeds are that rung's runs: "
                      f"{', '.join(repeats)}.")
+    notes += filter(None, [
+        odd_runs_note(rows, "machine", "The runs used {n} machines, most on {most}", "their train times do not compare, "
+                      "and a seed's run on another machine rounds otherwise (another run, not a repeat)"),
+        odd_runs_note(rows, "code", "The runs embed {n} codes (a digest of each log's source), most {most}",
+                      "a run of other code may compute otherwise")])
     return write_ladder(out, header, rows, notes)
+
+
+def odd_runs_note(rows, key, lead, why):
+    """A note naming the runs whose `key` (machine, code) is not most runs', or None when all share one;
+    `lead` is formatted with the number of keys and the commonest."""
+    runs = [(row["name"], run) for row in rows for run in row["runs"] if run.get(key) and "as" not in run]
+    counts = collections.Counter(run[key] for _, run in runs)
+    if len(counts) < 2:
+        return None
+    most = counts.most_common(1)[0][0]
+    others = ", ".join(f"{name} seed {run['seed']} ({run[key]})" for name, run in runs if run[key] != most)
+    return f"{lead.format(n=len(counts), most=most)}; {why}: {others}."
 
 
 # ------------------------------------------------------------------------------------------------

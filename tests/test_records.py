@@ -806,6 +806,40 @@ def test_a_rung_that_repeats_the_rung_below_runs_one_seed(tmp_path, capsys):
     assert "Not run past" not in (out / "ladder.md").read_text()
 
 
+def test_ladder_names_the_runs_made_on_another_machine(tmp_path):
+    """Seed 1 of documents ran on another CPU (the trainer's `cpu:` line): the note names that run and
+    no other; once it is the same CPU's, no note, but one for a log that embeds other code. A public
+    log's machine is nvidia-smi's GPU rows."""
+    machine = '"\\ncpu: " + ("AMD EPYC" if (rung, seed) == ("documents", 1) else "Intel Xeon") + " | 2 cores | x\\n"'
+    fake = tmp_path / "fake.py"
+    fake.write_text(LADDER_TRAINER.replace('"\\nversions\\n"', machine))
+    out = tmp_path / "ladder"
+    argv = ["ladder", "--preset=cpu", "--seeds=2", "--rungs=documents,value_embeds", "--trainer", f"{sys.executable} {fake}",
+            "--out", str(out)]
+    assert rt.main(argv) == 0
+    rows = ladder_json(out)
+    assert [r["machine"] for r in rows["documents"]["runs"]] == ["Intel Xeon, 2 cores", "AMD EPYC, 2 cores"]
+    assert ("The runs used 2 machines, most on Intel Xeon, 2 cores; their train times do not compare, and a seed's run "
+            "on another machine rounds otherwise (another run, not a repeat): documents seed 1 (AMD EPYC, 2 cores).\n"
+            ) in (out / "ladder.md").read_text()
+    assert "codes" not in (out / "ladder.md").read_text()
+    # the same machine, but value_embeds' seed 0 embeds other code
+    log = out / "logs" / rows["documents"]["runs"][1]["log"].split("/")[-1]
+    log.write_text(log.read_text().replace("cpu: AMD EPYC |", "cpu: Intel Xeon |"))
+    other = out / "logs" / rows["value_embeds"]["runs"][0]["log"].split("/")[-1]
+    other.write_text("# edited\n" + other.read_text())
+    assert rt.main(argv + ["--report"]) == 0
+    text, rows = (out / "ladder.md").read_text(), ladder_json(out)
+    digest = rows["value_embeds"]["runs"][0]["code"]
+    assert "machines" not in text and len({r["code"] for row in rows.values() for r in row["runs"]}) == 2
+    assert ("The runs embed 2 codes (a digest of each log's source), most "
+            f"{rows['documents']['runs'][0]['code']}; a run of other code may compute otherwise: value_embeds seed 0 "
+            f"({digest}).\n") in text
+    public = tmp_path / "public.txt"
+    public.write_text(public_log_text(3.2783, 1600))
+    assert rt.parse_log(str(public)).machine == "1 x NVIDIA H100 80GB HBM3"
+
+
 def test_ladder_refuses_bad_flags_before_running(tmp_path, capsys):
     out = ["--out", str(tmp_path / "ladder"), "--trainer", "false"]
     assert rt.main(["ladder", "--preset=cpu", "--seed=3", *out]) == 1
