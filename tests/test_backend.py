@@ -203,7 +203,7 @@ def test_compiled_head_shaped_training_compiles_only_in_the_warmup(tmp_path):
     warmup = len(per_step) - total
     optimizer_graphs = sum(per_optimizer_step)
     assert per_step[warmup:] == [0] * total and per_optimizer_step[warmup:] == [0] * total and optimizer_graphs > 0
-    assert sum(per_step[:warmup]) == stages + optimizer_graphs
+    assert sum(per_step[:warmup]) == stages + optimizer_graphs and stages == 4
     # + the final validation's, compiled in the warmup too
     assert sum(per_forward) == stages + 1 and per_forward[-1] == 0 and graphs() - start == stages + 1 + optimizer_graphs
     assert 5 < val_loss < 11
